@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny random Qwen-VL backbones written to disk once per session, offline."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from modeling_metaembed import MetaEmbedModel  # noqa: E402
+from tiny_metaembed import BACKBONE_FAMILIES, save_tiny_backbone  # noqa: E402
+
+NUM_QUERY_VECTORS = 4
+NUM_CANDIDATE_VECTORS = 8
+
+
+@pytest.fixture(scope="session")
+def backbone_dirs(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("backbones")
+    return {family: save_tiny_backbone(root / family, family) for family in BACKBONE_FAMILIES}
+
+
+def make_model(backbone_dir: str, embedding_dim: int | None = 16, **kwargs) -> MetaEmbedModel:
+    torch.manual_seed(0)
+    model = MetaEmbedModel.from_backbone(
+        backbone_dir, NUM_QUERY_VECTORS, NUM_CANDIDATE_VECTORS, embedding_dim=embedding_dim, **kwargs
+    )
+    # Meta Tokens at the scale of real rows, so they matter in every test.
+    with torch.no_grad():
+        model.meta_tokens.normal_(0.0, 1.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def model(backbone_dirs) -> MetaEmbedModel:
+    return make_model(backbone_dirs["qwen2_5_vl"])
+
+
+def make_images() -> dict[str, Image.Image]:
+    generator = torch.Generator().manual_seed(1)
+
+    def noise(mode: str, size: tuple[int, int]) -> Image.Image:
+        channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+        array = torch.randint(0, 256, (size[1], size[0], channels), generator=generator, dtype=torch.uint8)
+        return Image.fromarray(array.squeeze(-1).numpy() if channels == 1 else array.numpy(), mode=mode)
+
+    return {
+        "rgb": noise("RGB", (84, 56)),
+        "tall": noise("RGB", (56, 140)),
+        "gray": noise("L", (60, 60)),
+        "rgba": noise("RGBA", (70, 50)),
+        "tiny": noise("RGB", (5, 9)),
+    }
+
+
+@pytest.fixture(scope="session")
+def images() -> dict[str, Image.Image]:
+    return make_images()
+
+
+@pytest.fixture(scope="session")
+def mixed_items(images) -> list:
+    return [
+        "a red circle in the top left corner",
+        images["rgb"],
+        {"text": "what is in this picture?", "image": images["tall"]},
+        "short",
+        {"image": images["gray"]},
+        {"text": "a longer piece of text " * 6},
+        images["rgba"],
+        {"text": "tiny", "image": images["tiny"]},
+    ]

@@ -1,0 +1,128 @@
+"""Saving a complete Hub folder and loading it back: locally, through Auto classes, and by repo id offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import ROOT, make_model
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel, AutoProcessor
+
+REMOTE_CODE_FILES = {
+    "configuration_metaembed.py",
+    "modeling_metaembed.py",
+    "processing_metaembed.py",
+    "scoring_metaembed.py",
+}
+
+
+@pytest.fixture(scope="module")
+def saved(backbone_dirs, tmp_path_factory):
+    model = make_model(backbone_dirs["qwen2_5_vl"])
+    folder = tmp_path_factory.mktemp("saved") / "metaembed-tiny"
+    model.save_pretrained(folder)
+    return model, folder
+
+
+def test_saved_folder_is_complete(saved):
+    _, folder = saved
+    files = set(os.listdir(folder))
+    assert files >= REMOTE_CODE_FILES
+    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "README.md"} <= files
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_metaembed.MetaEmbedConfig",
+        "AutoModel": "modeling_metaembed.MetaEmbedModel",
+    }
+    processor_config = json.loads((folder / "processor_config.json").read_text())
+    assert processor_config["auto_map"]["AutoProcessor"] == "processing_metaembed.MetaEmbedProcessor"
+    assert "meta_tokens" in load_file(folder / "model.safetensors")
+
+
+def test_model_card_rendered_with_valid_metadata(saved):
+    model, folder = saved
+    text = (folder / "README.md").read_text()
+    assert "$" not in text
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "transformers"
+    assert card.data.pipeline_tag == "feature-extraction"
+    assert "metaembed" in card.data.tags
+    assert card.data.get("base_model") is None  # built from a local folder: no repo id to name
+    assert f"{model.config.num_candidate_vectors} per candidate" in text
+
+
+def test_round_trip_auto_classes_bit_identical(saved, mixed_items):
+    model, folder = saved
+    loaded = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    assert type(loaded).__name__ == "MetaEmbedModel" and type(processor).__name__ == "MetaEmbedProcessor"
+    assert type(loaded.processor).__name__ == "MetaEmbedProcessor"
+    for task in ("query", "candidate"):
+        assert torch.equal(loaded.encode(mixed_items, task), model.encode(mixed_items, task))
+    features = processor.process_candidates(mixed_items)
+    expected = model.processor.process_candidates(mixed_items)
+    assert features.keys() == expected.keys()
+    assert all(torch.equal(features[key], expected[key]) for key in features)
+    assert loaded.vlm.config._attn_implementation == "sdpa"
+
+
+def test_resave_from_loaded_model(saved, tmp_path, mixed_items):
+    model, folder = saved
+    loaded = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    loaded.save_pretrained(tmp_path / "again")
+    assert (tmp_path / "again" / "README.md").is_file()
+    again = AutoModel.from_pretrained(tmp_path / "again", trust_remote_code=True)
+    assert torch.equal(again.encode_queries(mixed_items), model.encode_queries(mixed_items))
+
+
+def test_missing_weights_fail_loudly(saved, tmp_path):
+    _, folder = saved
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    weights = load_file(broken / "model.safetensors")
+    del weights["meta_tokens"]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="meta_tokens"):
+        AutoModel.from_pretrained(broken, trust_remote_code=True)
+
+
+def test_load_by_repo_id_from_offline_cache(saved, tmp_path, mixed_items):
+    model, folder = saved
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--metaembed-tests--tiny"
+    shutil.copytree(folder, repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.path.insert(0, {str(ROOT / "tests")!r})
+        from conftest import make_images
+        from transformers import AutoModel, AutoProcessor
+        from safetensors.torch import save_file
+        model = AutoModel.from_pretrained("metaembed-tests/tiny", trust_remote_code=True)
+        AutoProcessor.from_pretrained("metaembed-tests/tiny", trust_remote_code=True)
+        images = make_images()
+        items = ["a red circle in the top left corner", images["rgb"], {{"text": "tiny", "image": images["tiny"]}}]
+        save_file({{"q": model.encode_queries(items), "c": model.encode_candidates(items)}}, sys.argv[1])
+        """
+    )
+    environment = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    output = tmp_path / "embeddings.safetensors"
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(output)], env=environment, capture_output=True, text=True, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    embeddings = load_file(output)
+    items = [mixed_items[0], mixed_items[1], mixed_items[7]]
+    assert torch.equal(embeddings["q"], model.encode_queries(items))
+    assert torch.equal(embeddings["c"], model.encode_candidates(items))
