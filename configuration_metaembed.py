@@ -34,6 +34,8 @@ class MetaEmbedConfig(PreTrainedConfig):
             learned row, so the id only needs to be an ordinary (non-image, non-padding) token.
         base_model_name_or_path (`str`, *optional*):
             The backbone checkpoint the model was created from (for the model card).
+        custom_pipelines (`dict`, *optional*):
+            transformers pipelines this model provides (`feature-extraction`, `image-feature-extraction`).
         initializer_range (`float`, defaults to 0.02):
             Standard deviation of the initial Meta Token rows and projection weights.
     """
@@ -48,6 +50,7 @@ class MetaEmbedConfig(PreTrainedConfig):
     shared_meta_tokens: bool = False
     meta_token_id: int | None = None
     base_model_name_or_path: str | None = None
+    custom_pipelines: dict | None = None
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):

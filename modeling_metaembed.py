@@ -27,10 +27,12 @@ from transformers.utils import ModelOutput
 
 try:
     from .configuration_metaembed import MetaEmbedConfig
+    from .pipeline_metaembed import pipeline_registrations
     from .processing_metaembed import MetaEmbedItem, MetaEmbedProcessor, Task, normalize_items
     from .scoring_metaembed import check_num_vectors, late_interaction_scores
 except ImportError:  # a checkout used as plain top-level modules
     from configuration_metaembed import MetaEmbedConfig
+    from pipeline_metaembed import pipeline_registrations
     from processing_metaembed import MetaEmbedItem, MetaEmbedProcessor, Task, normalize_items
     from scoring_metaembed import check_num_vectors, late_interaction_scores
 
@@ -351,6 +353,7 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
             shared_meta_tokens=shared_meta_tokens,
             meta_token_id=meta_token_id,
             base_model_name_or_path=os.fspath(backbone_name_or_path),
+            custom_pipelines=pipeline_registrations(),
         )
         # Building the config resets the sub-configs' attention implementation; keep the backbone's.
         config._attn_implementation = attn_implementation
