@@ -1,0 +1,435 @@
+"""Late-interaction (MaxSim) scoring of MetaEmbed multi-vector embeddings.
+
+    s(q, c) = sum_{i <= r_q} max_{j <= r_c} <q_i, c_j>
+
+MetaEmbed trains every prefix of its vectors to work on its own (Matryoshka Multi-Vector Retrieval), so a
+budget (r_q, r_c) picks how many leading vectors take part. This file is the one scoring kernel of the
+package and the one validation of vector counts; it depends on torch and the standard library only, because
+it travels to the Hub as remote code.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+__all__ = ["TopKScores", "check_num_vectors", "late_interaction_scores"]
+
+# Elements of one fp32 similarity tile [candidate vectors x query vectors]. On CPU a tile of 2**22 (16 MiB)
+# stays cache-resident, so the max-reduction reads it from cache instead of RAM: measured with
+# benchmarks/bench_scoring.py, it runs at close to big-GEMM speed where chunks of thousands of candidates
+# run at half of it. GPUs prefer fewer, larger kernels. The staging buffers obey the same budget, so the
+# extra memory is a few tiles whatever the number of candidates.
+_TILE_ELEMENTS_CPU = 2**22
+_TILE_ELEMENTS_GPU = 2**24
+# Below this many candidates per tile the matmuls get too thin to be efficient: queries are split instead.
+_MIN_CANDIDATES_PER_TILE = 16
+
+
+class TopKScores(NamedTuple):
+    """The `k` best candidates per query, best first."""
+
+    scores: torch.Tensor
+    """float32 `[num_queries, k]`."""
+    indices: torch.Tensor
+    """int64 `[num_queries, k]`: positions in the candidates."""
+
+
+def check_num_vectors(num_vectors: int | None, maximum: int, argument_name: str = "num_vectors") -> int:
+    """Validate a vector count (a budget's r_q or r_c) against the `maximum` available.
+
+    Args:
+        num_vectors: `None` for all `maximum` vectors, or an integer in `1..maximum` (a Python int, a numpy
+            integer or a 0-dim integer tensor).
+        maximum: how many vectors there are.
+        argument_name: the name used in error messages.
+
+    Returns:
+        The count as a Python int.
+
+    Raises:
+        TypeError: `num_vectors` is not an integer (bools, floats, strings, ... are refused).
+        ValueError: it lies outside `1..maximum`.
+    """
+    if isinstance(maximum, bool) or not isinstance(maximum, numbers.Integral) or maximum < 1:
+        raise ValueError(f"maximum must be a positive int, got {maximum!r}")
+    if num_vectors is None:
+        return int(maximum)
+    value = _as_int(num_vectors)
+    if value is None:
+        raise TypeError(
+            f"{argument_name} must be an int between 1 and {maximum} or None, "
+            f"got {type(num_vectors).__name__} {num_vectors!r}"
+        )
+    if not 1 <= value <= maximum:
+        raise ValueError(f"{argument_name} must be between 1 and {maximum} (inclusive), got {value}")
+    return value
+
+
+def late_interaction_scores(
+    queries: torch.Tensor | Sequence[torch.Tensor],
+    candidates: torch.Tensor | Sequence[torch.Tensor],
+    num_query_vectors: int | None = None,
+    num_candidate_vectors: int | None = None,
+    *,
+    query_mask: torch.Tensor | None = None,
+    candidate_mask: torch.Tensor | None = None,
+    top_k: int | None = None,
+    chunk_size: int | None = None,
+    device: str | torch.device | None = None,
+) -> torch.Tensor | TopKScores:
+    """Late-interaction scores of every query against every candidate, for a budget (r_q, r_c).
+
+    `s(q, c) = sum_{i <= r_q} max_{j <= r_c} <q_i, c_j>` over the first r_q real query vectors and the first
+    r_c real candidate vectors (no normalisation: pass L2-normalised vectors, as the model returns them).
+    An item with fewer real vectors than the budget uses all it has; padding never takes part.
+
+    Args:
+        queries: float tensor `[Q, R_q, D]` (padded; see `query_mask`) or a list/tuple of `[R_i, D]`
+            tensors (ragged), all on one device.
+        candidates: the same for candidates, `[N, R_c, D]` or a list of `[R_j, D]` tensors.
+        num_query_vectors: r_q, in `1..R_q` (the padded width); `None` uses all vectors.
+        num_candidate_vectors: r_c, in `1..R_c`; `None` uses all vectors.
+        query_mask: optional bool (or 0/1 integer) `[Q, R_q]` for a padded `queries`, True for real vectors.
+            "The first r_q vectors" then means the first r_q True positions. Not allowed with a list.
+        candidate_mask: the same for candidates, `[N, R_c]`.
+        top_k: if given, return only the `k` best candidates per query (`k` is clipped to N), kept as a
+            running top-k across chunks so memory stays `Q x k`.
+        chunk_size: candidates per chunk. `None` picks it from an element budget so that the extra memory
+            stays within a few tens of MB (CPU) or ~100 MB (GPU) at any N. Results agree across chunk sizes
+            up to float32 rounding (the BLAS may pick another kernel for another matrix shape).
+        device: where to compute and return the result; default: the candidates' device.
+
+    Returns:
+        float32 `[Q, N]` scores on the compute device, or with `top_k` a `TopKScores(scores [Q, k] float32,
+        indices [Q, k] int64)`, best first. Empty inputs give an empty `[Q, N]` (or `[Q, 0]`) result.
+
+    Computation is in float32 whatever the input dtype (half-precision inputs are upcast one chunk at a time;
+    float64 is rounded to float32). It runs without autograd: training losses compute their own similarities.
+    """
+    query_side = _EmbeddingSide(queries, query_mask, "queries", "query_mask")
+    candidate_side = _EmbeddingSide(candidates, candidate_mask, "candidates", "candidate_mask")
+    if query_side.dim is not None and candidate_side.dim is not None and query_side.dim != candidate_side.dim:
+        raise ValueError(
+            f"queries and candidates must have the same vector dim, got {query_side.dim} for queries and "
+            f"{candidate_side.dim} for candidates"
+        )
+    query_side.select_vectors(num_query_vectors, "num_query_vectors")
+    candidate_side.select_vectors(num_candidate_vectors, "num_candidate_vectors")
+    num_queries, num_candidates = query_side.count, candidate_side.count
+    k = None if top_k is None else min(_check_positive_int(top_k, "top_k"), num_candidates)
+    if chunk_size is not None:
+        chunk_size = _check_positive_int(chunk_size, "chunk_size")
+    if device is not None:
+        compute_device = torch.device(device)
+    else:
+        compute_device = candidate_side.device or query_side.device or torch.device("cpu")
+
+    if num_queries == 0 or num_candidates == 0:
+        empty_scores = torch.zeros(num_queries, num_candidates if k is None else k, device=compute_device)
+        if k is None:
+            return empty_scores
+        return TopKScores(empty_scores, torch.zeros(num_queries, k, dtype=torch.long, device=compute_device))
+
+    with torch.no_grad():
+        return _score(query_side, candidate_side, k, chunk_size, compute_device)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Internals
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _is_integer_dtype(dtype: torch.dtype) -> bool:
+    return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
+
+
+def _as_int(value: object) -> int | None:
+    """`value` as a Python int if it is an integer (Python, numpy, 0-dim integer tensor), else None. bool is
+    an Integral, but True meaning "1" is far more likely a bug than intent, so it is refused."""
+    if isinstance(value, torch.Tensor):
+        return int(value.item()) if value.ndim == 0 and _is_integer_dtype(value.dtype) else None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return None
+
+
+def _check_positive_int(value: object, name: str) -> int:
+    integer = _as_int(value)
+    if integer is None:
+        raise TypeError(f"{name} must be a positive int or None, got {type(value).__name__} {value!r}")
+    if integer < 1:
+        raise ValueError(f"{name} must be a positive int or None, got {integer}")
+    return integer
+
+
+class _EmbeddingSide:
+    """One side (queries or candidates) of the scoring, validated, that copies chunks of its items into
+    float32 buffers of a fixed width `num_vectors` (the budget), padding resolved on the way."""
+
+    def __init__(self, embeddings: object, mask: torch.Tensor | None, name: str, mask_name: str) -> None:
+        self.name = name
+        self.padded: torch.Tensor | None = None
+        self.items: list[torch.Tensor] | None = None
+        self.mask: torch.Tensor | None = None
+        self.lengths: list[int] | None = None
+        if isinstance(embeddings, torch.Tensor):
+            self._init_padded(embeddings, mask, mask_name)
+        elif isinstance(embeddings, (list, tuple)):
+            if mask is not None:
+                raise ValueError(
+                    f"{mask_name} only applies to a padded {name} tensor; the items of a list carry their "
+                    f"own number of vectors"
+                )
+            self._init_list(list(embeddings))
+        else:
+            raise TypeError(
+                f"{name} must be a torch.Tensor of shape [num_items, num_vectors, dim] or a list of "
+                f"[num_vectors, dim] tensors, got {type(embeddings).__name__}"
+            )
+        self.num_vectors = self.width
+
+    def _init_padded(self, embeddings: torch.Tensor, mask: torch.Tensor | None, mask_name: str) -> None:
+        name = self.name
+        if embeddings.ndim != 3:
+            hint = f" (for a single item use {name}.unsqueeze(0) or [{name}])" if embeddings.ndim == 2 else ""
+            raise ValueError(
+                f"{name} must have shape [num_items, num_vectors, dim] or be a list of [num_vectors, dim] "
+                f"tensors, got a tensor of shape {list(embeddings.shape)}{hint}"
+            )
+        _check_floating(embeddings, name)
+        self.count, self.width, self.dim = embeddings.shape
+        if self.count > 0 and self.width == 0:
+            raise ValueError(f"{name} has no vectors per item (shape {list(embeddings.shape)})")
+        if self.dim == 0:
+            raise ValueError(f"{name} has vectors of dim 0 (shape {list(embeddings.shape)})")
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor):
+                raise TypeError(f"{mask_name} must be a bool torch.Tensor or None, got {type(mask).__name__}")
+            if mask.dtype != torch.bool and not _is_integer_dtype(mask.dtype):
+                raise TypeError(f"{mask_name} must be a bool (or 0/1 integer) tensor, got dtype {mask.dtype}")
+            if tuple(mask.shape) != (self.count, self.width):
+                raise ValueError(
+                    f"{mask_name} must have shape [{self.count}, {self.width}] to match {name} of shape "
+                    f"{list(embeddings.shape)}, got {list(mask.shape)}"
+                )
+            mask = mask.bool()
+            if self.count > 0:
+                has_vectors = mask.any(dim=1)
+                if not bool(has_vectors.all()):
+                    index = int((~has_vectors).nonzero()[0, 0])
+                    raise ValueError(f"{mask_name}[{index}] is all False: {name}[{index}] has no vectors")
+        self.padded, self.mask, self.device = embeddings, mask, embeddings.device
+
+    def _init_list(self, items: list[object]) -> None:
+        name = self.name
+        self.count, self.dim, self.device = len(items), None, None
+        lengths = []
+        for index, item in enumerate(items):
+            if not isinstance(item, torch.Tensor):
+                raise TypeError(
+                    f"{name}[{index}] is a {type(item).__name__}, expected a torch.Tensor of shape [num_vectors, dim]"
+                )
+            if item.ndim != 2:
+                raise ValueError(
+                    f"{name}[{index}] must have shape [num_vectors, dim], got a tensor of shape {list(item.shape)}"
+                )
+            _check_floating(item, f"{name}[{index}]")
+            if item.shape[0] == 0:
+                raise ValueError(f"{name}[{index}] has no vectors (shape {list(item.shape)})")
+            if self.dim is None:
+                self.dim, self.device = item.shape[1], item.device
+                if self.dim == 0:
+                    raise ValueError(f"{name}[{index}] has vectors of dim 0 (shape {list(item.shape)})")
+            elif item.shape[1] != self.dim:
+                raise ValueError(f"{name}[{index}] has dim {item.shape[1]}, but {name}[0] has dim {self.dim}")
+            elif item.device != self.device:
+                raise ValueError(f"{name}[{index}] is on {item.device}, but {name}[0] is on {self.device}")
+            lengths.append(item.shape[0])
+        self.items, self.lengths = items, lengths
+        self.width = max(lengths, default=0)
+
+    def select_vectors(self, num_vectors: int | None, argument_name: str) -> None:
+        """Keep the first `num_vectors` vectors of each item (all when None)."""
+        if self.width == 0:
+            # An empty list: there is no width to check against, only the type and sign.
+            if num_vectors is not None:
+                _check_positive_int(num_vectors, argument_name)
+            return
+        self.num_vectors = check_num_vectors(num_vectors, self.width, argument_name)
+
+    def as_matrix(self, start: int, end: int, device: torch.device) -> torch.Tensor | None:
+        """Items `start:end` as a float32 `[(end - start) * num_vectors, dim]` view without a copy, or None
+        where that needs one (other dtype or device, padding inside the budget, a layout a matmul can't read).
+        Saves a pass over memory that matters at small budgets, where a copy costs as much as the matmul."""
+        if self.padded is None or self.padded.dtype != torch.float32 or self.padded.device != device:
+            return None
+        if self.mask is not None and not bool(self.mask[start:end, : self.num_vectors].all()):
+            return None
+        chunk = self.padded[start:end, : self.num_vectors]
+        if chunk.stride(2) != 1:
+            return None
+        if self.num_vectors > 1 and (chunk.stride(1) != self.dim or chunk.stride(0) != self.num_vectors * self.dim):
+            return None
+        return chunk.reshape(-1, self.dim)
+
+    def stage(self, start: int, end: int, out: torch.Tensor, pad_with_zeros: bool) -> None:
+        """Copy items `start:end` into `out` (float32 `[end - start, num_vectors, dim]`, contiguous).
+
+        Items with fewer than `num_vectors` real vectors are padded with zero vectors (`pad_with_zeros`,
+        for queries: a zero query vector adds exactly 0 to the sum) or with copies of their own first vector
+        (for candidates: a duplicate never changes a max, where a zero could win it over negative
+        similarities).
+        """
+        if self.items is not None:
+            self._stage_list(start, end, out, pad_with_zeros)
+            return
+        chunk = self.padded[start:end]
+        mask = None if self.mask is None else self.mask[start:end]
+        if mask is None or bool(mask[:, : self.num_vectors].all()):
+            # The first num_vectors positions are all real: a plain copy (and upcast) does.
+            out.copy_(chunk[:, : self.num_vectors])
+            return
+        # Positions of each item's first num_vectors real vectors, True positions first in their order.
+        order = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)[:, : self.num_vectors]
+        real_count = mask.sum(dim=1, keepdim=True).clamp(max=self.num_vectors)
+        is_real = torch.arange(self.num_vectors, device=mask.device) < real_count
+        positions = torch.where(is_real, order, order[:, :1]).to(chunk.device)
+        rows = torch.arange(end - start, device=chunk.device).unsqueeze(1)
+        out.copy_(chunk[rows, positions])
+        if pad_with_zeros:
+            out.masked_fill_(~is_real.to(out.device).unsqueeze(-1), 0.0)
+
+    def _stage_list(self, start: int, end: int, out: torch.Tensor, pad_with_zeros: bool) -> None:
+        num_vectors = self.num_vectors
+        items = self.items[start:end]
+        lengths = [min(length, num_vectors) for length in self.lengths[start:end]]
+        stacked = torch.cat([item[:length] for item, length in zip(items, lengths)])
+        if all(length == num_vectors for length in lengths):
+            out.copy_(stacked.view(out.shape))
+            return
+        lengths_tensor = torch.tensor(lengths, device=stacked.device)
+        offsets = torch.cumsum(lengths_tensor, dim=0) - lengths_tensor
+        is_real = torch.arange(num_vectors, device=stacked.device) < lengths_tensor.unsqueeze(1)
+        # Pad slots point at the item's first vector (offset + 0).
+        rows = offsets.unsqueeze(1) + torch.where(is_real, torch.arange(num_vectors, device=stacked.device), 0)
+        out.view(-1, out.shape[-1]).copy_(stacked[rows.view(-1)])
+        if pad_with_zeros:
+            out.masked_fill_(~is_real.to(out.device).unsqueeze(-1), 0.0)
+
+
+def _check_floating(tensor: torch.Tensor, name: str) -> None:
+    if not tensor.dtype.is_floating_point:
+        raise TypeError(
+            f"{name} has dtype {tensor.dtype}, expected a floating dtype (float32, bfloat16, float16 or float64)"
+        )
+
+
+def _score(
+    query_side: _EmbeddingSide,
+    candidate_side: _EmbeddingSide,
+    k: int | None,
+    chunk_size: int | None,
+    device: torch.device,
+) -> torch.Tensor | TopKScores:
+    """The chunked kernel: per candidate chunk and query tile, one matmul into a reused buffer, a max over
+    each candidate's vectors, a sum over each query's vectors. Inputs are non-empty and validated."""
+    num_queries, num_candidates, dim = query_side.count, candidate_side.count, query_side.dim
+    query_vectors, candidate_vectors = query_side.num_vectors, candidate_side.num_vectors
+    tile_elements = _TILE_ELEMENTS_CPU if device.type == "cpu" else _TILE_ELEMENTS_GPU
+    pair_elements = query_vectors * candidate_vectors
+    if chunk_size is None:
+        queries_per_tile = tile_elements // (pair_elements * _MIN_CANDIDATES_PER_TILE)
+        queries_per_tile = max(1, min(num_queries, queries_per_tile, tile_elements // (query_vectors * dim)))
+        candidates_per_chunk = min(
+            tile_elements // (queries_per_tile * pair_elements), tile_elements // (candidate_vectors * dim)
+        )
+        candidates_per_chunk = max(1, min(num_candidates, candidates_per_chunk))
+    else:
+        candidates_per_chunk = min(chunk_size, num_candidates)
+        queries_per_tile = tile_elements // (pair_elements * candidates_per_chunk)
+        queries_per_tile = max(1, min(num_queries, queries_per_tile, tile_elements // (query_vectors * dim)))
+
+    # Buffers allocated once and reused: a fresh large allocation costs page faults on every chunk, and a
+    # reused tile stays in cache. The staging buffers are only made when some chunk needs a copy.
+    float32 = {"dtype": torch.float32, "device": device}
+    similarity_buffer = torch.empty(
+        candidates_per_chunk * candidate_vectors * queries_per_tile * query_vectors, **float32
+    )
+    max_buffer = torch.empty(candidates_per_chunk * queries_per_tile * query_vectors, **float32)
+    staging_buffers: dict[str, torch.Tensor] = {}
+
+    def as_matrix(side: _EmbeddingSide, start: int, end: int, pad_with_zeros: bool) -> torch.Tensor:
+        """Items `start:end` of `side` as float32 `[(end - start) * num_vectors, dim]` on `device`."""
+        matrix = side.as_matrix(start, end, device)
+        if matrix is not None:
+            return matrix
+        items_per_buffer = queries_per_tile if side is query_side else candidates_per_chunk
+        if side.name not in staging_buffers:
+            staging_buffers[side.name] = torch.empty(items_per_buffer * side.num_vectors * dim, **float32)
+        staged = staging_buffers[side.name][: (end - start) * side.num_vectors * dim]
+        side.stage(start, end, staged.view(end - start, side.num_vectors, dim), pad_with_zeros)
+        return staged.view(-1, dim)
+
+    query_tiles = [
+        (start, min(start + queries_per_tile, num_queries)) for start in range(0, num_queries, queries_per_tile)
+    ]
+    # With a single query tile the queries are prepared once; otherwise again for every candidate chunk,
+    # which costs about 1 / (2 * chunk vectors) of the matmul work.
+    single_query_tile = as_matrix(query_side, 0, num_queries, True) if len(query_tiles) == 1 else None
+
+    scores = torch.empty(num_queries, num_candidates if k is None else candidates_per_chunk, **float32)
+    best_scores: torch.Tensor | None = None
+    best_indices: torch.Tensor | None = None
+    for chunk_start in range(0, num_candidates, candidates_per_chunk):
+        chunk_end = min(chunk_start + candidates_per_chunk, num_candidates)
+        chunk_length = chunk_end - chunk_start
+        chunk = as_matrix(candidate_side, chunk_start, chunk_end, False)
+        chunk_scores = scores[:, chunk_start:chunk_end] if k is None else scores[:, :chunk_length]
+        for query_start, query_end in query_tiles:
+            if single_query_tile is not None:
+                tile_queries = single_query_tile
+            else:
+                tile_queries = as_matrix(query_side, query_start, query_end, True)
+            # [chunk * r_c, tile queries * r_q]: the orientation that makes the max below run over rows.
+            similarities = similarity_buffer[: chunk.shape[0] * tile_queries.shape[0]].view(
+                chunk.shape[0], tile_queries.shape[0]
+            )
+            torch.mm(chunk, tile_queries.T, out=similarities)
+            # Max over each candidate's vectors -> [chunk, tile queries * r_q] (nothing to do at r_c = 1).
+            maxima = similarities
+            if candidate_vectors > 1:
+                maxima = max_buffer[: chunk_length * tile_queries.shape[0]].view(chunk_length, -1)
+                torch.amax(similarities.view(chunk_length, candidate_vectors, -1), dim=1, out=maxima)
+            # Sum over each query's vectors, in float32 -> [chunk, tile queries].
+            tile_scores = maxima
+            if query_vectors > 1:
+                tile_scores = maxima.view(chunk_length, query_end - query_start, query_vectors).sum(dim=2)
+            chunk_scores[query_start:query_end].copy_(tile_scores.T)
+        if k is not None:
+            best_scores, best_indices = _merge_top_k(best_scores, best_indices, chunk_scores, chunk_start, k)
+
+    if k is None:
+        return scores
+    return TopKScores(best_scores, best_indices)
+
+
+def _merge_top_k(
+    best_scores: torch.Tensor | None,
+    best_indices: torch.Tensor | None,
+    chunk_scores: torch.Tensor,
+    chunk_start: int,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running top-k: the best `k` of (the best so far, this chunk's `[Q, chunk]` scores)."""
+    chunk_top = chunk_scores.topk(min(k, chunk_scores.shape[1]), dim=1)
+    chunk_indices = chunk_top.indices + chunk_start
+    if best_scores is None:
+        return chunk_top.values, chunk_indices
+    merged_scores = torch.cat([best_scores, chunk_top.values], dim=1)
+    merged_indices = torch.cat([best_indices, chunk_indices], dim=1)
+    top = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
+    return top.values, merged_indices.gather(1, top.indices)
