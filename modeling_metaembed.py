@@ -40,6 +40,7 @@ except ImportError:  # a checkout used as plain top-level modules
 # prompt templates, so the appended run can't merge with content.
 DEFAULT_META_TOKEN = "<|box_start|>"
 MODEL_CARD_TEMPLATE = "model_card.md"
+ENDPOINT_HANDLER = "handler.py"
 # Keyword arguments of from_pretrained that also locate the processor files.
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "trust_remote_code")
 
@@ -396,13 +397,33 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
             )
         return (model, loading_info) if want_loading_info else model
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *args: Any, sentence_transformers_files: bool = True, **kwargs: Any
+    ) -> None:
         """Write a complete Hub folder: config.json (with `auto_map`), safetensors weights, the remote-code
-        .py files, the processor and tokenizer files, and README.md rendered from the model card template."""
+        .py files, the processor and tokenizer files, README.md rendered from the model card template, and
+        (unless `sentence_transformers_files=False`, as when sentence-transformers saves the model and writes
+        its own) the files that load the folder as a sentence-transformers `MultiVectorEncoder`."""
+        # Imported here, not at the top: that file imports this one. The relative import is also what makes
+        # transformers copy it into saved folders and the dynamic-module cache.
+        try:
+            from .sentence_transformers_metaembed import save_sentence_transformers_config
+        except ImportError:  # a checkout used as plain top-level modules
+            from sentence_transformers_metaembed import save_sentence_transformers_config
+
         super().save_pretrained(save_directory, *args, **kwargs)
         if self.processor is not None:
             self.processor.save_pretrained(save_directory)
-        template = _find_card_template(self.name_or_path)
+        if sentence_transformers_files:
+            save_sentence_transformers_config(save_directory)
+        handler = _find_package_file(ENDPOINT_HANDLER, self.name_or_path)
+        if handler is None:
+            warnings.warn(
+                f"{ENDPOINT_HANDLER} not found; the folder will not serve on Inference Endpoints", stacklevel=2
+            )
+        else:
+            (Path(save_directory) / ENDPOINT_HANDLER).write_text(handler, encoding="utf-8")
+        template = _find_package_file(MODEL_CARD_TEMPLATE, self.name_or_path)
         if template is None:
             warnings.warn(f"{MODEL_CARD_TEMPLATE} not found; README.md not written", stacklevel=2)
             return
@@ -446,12 +467,13 @@ def _with_available_attention(kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def _find_card_template(name_or_path: str | None) -> str | None:
-    """The model card template: beside this file in a checkout, else in the folder the model was loaded from
-    (the dynamic-module cache only holds .py files, so a loaded model finds it in its own Hub folder)."""
-    candidates = [Path(__file__).with_name(MODEL_CARD_TEMPLATE)]
+def _find_package_file(file_name: str, name_or_path: str | None) -> str | None:
+    """Text of a package file that no module imports (the card template, the endpoint handler): beside this
+    file in a checkout, else in the folder or Hub repo the model was loaded from (the dynamic-module cache
+    only holds imported .py files)."""
+    candidates = [Path(__file__).with_name(file_name)]
     if name_or_path:
-        candidates.append(Path(name_or_path) / MODEL_CARD_TEMPLATE)
+        candidates.append(Path(name_or_path) / file_name)
     for candidate in candidates:
         if candidate.is_file():
             return candidate.read_text(encoding="utf-8")
@@ -459,7 +481,7 @@ def _find_card_template(name_or_path: str | None) -> str | None:
         try:
             from huggingface_hub import try_to_load_from_cache
 
-            cached = try_to_load_from_cache(name_or_path, MODEL_CARD_TEMPLATE)
+            cached = try_to_load_from_cache(name_or_path, file_name)
             if isinstance(cached, str):
                 return Path(cached).read_text(encoding="utf-8")
         except ValueError:  # not a repo id

@@ -15,6 +15,8 @@ setup(
         "processing_metaembed",
         "modeling_metaembed",
         "scoring_metaembed",
+        "pipeline_metaembed",
+        "sentence_transformers_metaembed",
         "tiny_metaembed",
         "cli_metaembed",
     ],

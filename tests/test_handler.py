@@ -36,7 +36,7 @@ def served(backbone_dirs, tmp_path_factory):
     model = make_model(backbone_dirs["qwen2_5_vl"])
     folder = tmp_path_factory.mktemp("endpoint") / "metaembed-tiny"
     model.save_pretrained(folder)
-    shutil.copy(ROOT / "handler.py", folder / "handler.py")
+    assert (folder / "handler.py").read_text() == (ROOT / "handler.py").read_text()  # shipped by save_pretrained
     module = load_handler_module(folder)
     return model, module, module.EndpointHandler(str(folder))
 

@@ -80,6 +80,7 @@ def test_resave_from_loaded_model(saved, tmp_path, mixed_items):
     loaded = AutoModel.from_pretrained(folder, trust_remote_code=True)
     loaded.save_pretrained(tmp_path / "again")
     assert (tmp_path / "again" / "README.md").is_file()
+    assert (tmp_path / "again" / "handler.py").read_text() == (folder / "handler.py").read_text()
     again = AutoModel.from_pretrained(tmp_path / "again", trust_remote_code=True)
     assert torch.equal(again.encode_queries(mixed_items), model.encode_queries(mixed_items))
 
