@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -78,3 +79,14 @@ def mixed_items(images) -> list:
         images["rgba"],
         {"text": "tiny", "image": images["tiny"]},
     ]
+
+
+def publish_to_offline_cache(folder: Path, hf_home: Path, repo_id: str) -> dict[str, str]:
+    """Lay `folder` out as the Hub cache entry of `repo_id` under `hf_home`; returns the environment of a
+    fresh offline process that resolves `repo_id` there (HF_HOME is read at import, hence a subprocess)."""
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    return {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}

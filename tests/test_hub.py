@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import ROOT, make_model
+from conftest import ROOT, make_model, publish_to_offline_cache
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoProcessor
@@ -98,11 +98,7 @@ def test_missing_weights_fail_loudly(saved, tmp_path):
 
 def test_load_by_repo_id_from_offline_cache(saved, tmp_path, mixed_items):
     model, folder = saved
-    sha = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hf" / "hub" / "models--metaembed-tests--tiny"
-    shutil.copytree(folder, repo / "snapshots" / sha)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(sha)
+    environment = publish_to_offline_cache(folder, tmp_path / "hf", "metaembed-tests/tiny")
     script = textwrap.dedent(
         f"""
         import sys, torch
@@ -117,7 +113,6 @@ def test_load_by_repo_id_from_offline_cache(saved, tmp_path, mixed_items):
         save_file({{"q": model.encode_queries(items), "c": model.encode_candidates(items)}}, sys.argv[1])
         """
     )
-    environment = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     output = tmp_path / "embeddings.safetensors"
     result = subprocess.run(
         [sys.executable, "-c", script, str(output)], env=environment, capture_output=True, text=True, cwd=tmp_path

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import shutil
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import NUM_CANDIDATE_VECTORS, NUM_QUERY_VECTORS, ROOT, make_model
+from conftest import NUM_CANDIDATE_VECTORS, NUM_QUERY_VECTORS, ROOT, make_model, publish_to_offline_cache
 from safetensors.torch import load_file
 
 from sentence_transformers_metaembed import MODULE_CONFIG_FILE, MetaEmbedModule
@@ -218,11 +216,7 @@ def test_sentence_transformer_never_returns_other_vectors(saved, mixed_items):
 def test_load_by_repo_id_without_the_checkout(saved, tmp_path, mixed_items):
     """From the Hub cache, with this repository not importable: the module file must come from the folder."""
     model, folder, _ = saved
-    sha = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hf" / "hub" / "models--metaembed-tests--tiny-st"
-    shutil.copytree(folder, repo / "snapshots" / sha)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(sha)
+    environment = publish_to_offline_cache(folder, tmp_path / "hf", "metaembed-tests/tiny-st")
     script = textwrap.dedent(
         f"""
         import sys, torch
@@ -239,7 +233,6 @@ def test_load_by_repo_id_without_the_checkout(saved, tmp_path, mixed_items):
         save_file({{"q": queries, "c": documents, "s": encoder.similarity(queries, documents)}}, sys.argv[1])
         """
     )
-    environment = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     output = tmp_path / "embeddings.safetensors"
     result = subprocess.run(
         [sys.executable, "-c", script, str(output)], env=environment, capture_output=True, text=True, cwd=tmp_path
