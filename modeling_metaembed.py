@@ -411,6 +411,13 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         except ImportError:  # a checkout used as plain top-level modules
             from sentence_transformers_metaembed import save_sentence_transformers_config
 
+        if kwargs.get("push_to_hub"):
+            # transformers would upload before the processor, card, handler and sentence-transformers files
+            # exist here, publishing an incomplete repo.
+            raise ValueError(
+                "push_to_hub=True is not supported: save_pretrained(folder) first, then upload the folder with "
+                "huggingface_hub.upload_folder(repo_id=..., folder_path=folder)"
+            )
         super().save_pretrained(save_directory, *args, **kwargs)
         if self.processor is not None:
             self.processor.save_pretrained(save_directory)

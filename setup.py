@@ -25,7 +25,7 @@ setup(
         "transformers>=5.24,<6",
         "huggingface-hub>=1.0",
         "safetensors>=0.4",
-        "sentence-transformers>=5.0",
+        "sentence-transformers>=6.0",
         "pillow>=10.0",
     ],
     extras_require={

@@ -122,3 +122,10 @@ def test_load_by_repo_id_from_offline_cache(saved, tmp_path, mixed_items):
     items = [mixed_items[0], mixed_items[1], mixed_items[7]]
     assert torch.equal(embeddings["q"], model.encode_queries(items))
     assert torch.equal(embeddings["c"], model.encode_candidates(items))
+
+
+def test_push_to_hub_refused_rather_than_publishing_an_incomplete_repo(saved, tmp_path):
+    model, _ = saved
+    with pytest.raises(ValueError, match="upload_folder"):
+        model.save_pretrained(tmp_path / "pushed", push_to_hub=True)
+    assert not (tmp_path / "pushed").exists()
