@@ -359,7 +359,9 @@ def _score(
     similarity_buffer = torch.empty(
         candidates_per_chunk * candidate_vectors * queries_per_tile * query_vectors, **float32
     )
-    max_buffer = torch.empty(candidates_per_chunk * queries_per_tile * query_vectors, **float32)
+    # At r_c = 1 the similarities already are the maxima: no buffer for them.
+    max_elements = candidates_per_chunk * queries_per_tile * query_vectors if candidate_vectors > 1 else 0
+    max_buffer = torch.empty(max_elements, **float32)
     staging_buffers: dict[str, torch.Tensor] = {}
 
     def as_matrix(side: _EmbeddingSide, start: int, end: int, pad_with_zeros: bool) -> torch.Tensor:
