@@ -192,6 +192,37 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         embeddings = F.normalize(vectors.float(), dim=-1)
         return MetaEmbedOutput(embeddings=embeddings, hidden_states=outputs.hidden_states)
 
+    def get_text_features(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        mm_token_type_ids: torch.IntTensor | None = None,
+    ) -> torch.FloatTensor:
+        """The single-vector (budget (1, 1)) candidate embedding `[B, D]` of processed text, as CLIP-style
+        `get_text_features` (tools such as sentence-transformers' `SentenceTransformer` call it)."""
+        return self(
+            input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids, num_vectors=1
+        ).embeddings[:, 0]
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_grid_thw: torch.LongTensor,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        mm_token_type_ids: torch.IntTensor | None = None,
+    ) -> torch.FloatTensor:
+        """The single-vector (budget (1, 1)) candidate embedding `[B, D]` of processed images (with their
+        prompt tokens from `MetaEmbedProcessor.__call__`), as CLIP-style `get_image_features`."""
+        return self(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            mm_token_type_ids=mm_token_type_ids,
+            num_vectors=1,
+        ).embeddings[:, 0]
+
     # ----------------------------------------------------------------------------------------------------
     # Encoding
     # ----------------------------------------------------------------------------------------------------

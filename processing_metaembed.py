@@ -198,6 +198,51 @@ class MetaEmbedProcessor(ProcessorMixin):
         prefix = self.query_prefix if task == "query" else self.candidate_prefix
         return PROMPT_TEMPLATES[self.prompt_style][kind].format(prefix=prefix, text=text or "")
 
+    def __call__(self, text: str | list[str] | None = None, images: Any = None, **kwargs: Any) -> BatchFeature:
+        """Candidate inputs for `text` and/or `images` (the transformers processor convention), so generic
+        tools that call `processor(text=...)` / `processor(images=...)` get MetaEmbed's candidate prompts.
+
+        Given both, item i is text[i] + images[i]. Returns the same fields as `process_items`. Options of the
+        generic convention (`padding`, `truncation`, `return_tensors`, per-modality kwargs dicts) are accepted
+        and fixed by MetaEmbed: left padding to the longest item, content truncation to `max_text_tokens`,
+        PyTorch tensors.
+        """
+        self._check_call_options(kwargs)
+        texts = [text] if isinstance(text, str) else text
+        image_list = [images] if isinstance(images, (PIL.Image.Image, str, os.PathLike)) else images
+        if texts is None and image_list is None:
+            raise ValueError("pass text and/or images")
+        if texts is not None and image_list is not None:
+            if len(texts) != len(image_list):
+                raise ValueError(f"got {len(texts)} texts and {len(image_list)} images; pair them one to one")
+            raw_items: list[Any] = [{"text": t, "image": i} for t, i in zip(texts, image_list)]
+        else:
+            raw_items = list(texts if texts is not None else image_list)
+            if image_list is not None:
+                raw_items = [{"image": image} for image in raw_items]
+            elif not all(isinstance(item, str) for item in raw_items):
+                raise TypeError("text must be a str or a list of str")
+        return self.process_items(normalize_items(raw_items), "candidate")
+
+    @staticmethod
+    def _check_call_options(options: dict[str, Any]) -> None:
+        """Refuse options that would change the output, so none is silently ignored."""
+        fixed = {
+            "padding": (True, "longest"),
+            "return_tensors": ("pt",),
+            "truncation": (True, None, "longest_first"),  # content is always cut to max_text_tokens
+        }
+        for name, value in options.items():
+            if name in ("text_kwargs", "images_kwargs", "audio_kwargs", "videos_kwargs", "common_kwargs"):
+                MetaEmbedProcessor._check_call_options(value or {})
+            elif name in fixed:
+                if value not in fixed[name]:
+                    raise ValueError(f"MetaEmbedProcessor does not support {name}={value!r}")
+            elif name == "max_length":
+                continue  # content is truncated by max_text_tokens; the Meta Tokens must never be cut
+            else:
+                raise TypeError(f"MetaEmbedProcessor got an unsupported option {name}={value!r}")
+
     def process_queries(self, inputs: list[Any]) -> BatchFeature:
         """Model inputs for a list of query items (see `process_items`)."""
         return self.process_items(normalize_items(inputs), "query")

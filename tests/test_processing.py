@@ -107,3 +107,29 @@ def test_corrupt_and_extreme_images(model, tmp_path, images):
         model.encode_candidates(["a", "b", {"image": str(truncated)}])
     with pytest.raises(ValueError, match=r"inputs\[0\].*aspect ratio"):
         model.encode_candidates([Image.new("RGB", (2000, 3))])
+
+
+def test_call_convention_gives_candidate_inputs(model, images):
+    processor = model.processor
+    items = ["hello", "a longer text"]
+    for key, value in processor(text=items).items():
+        assert torch.equal(value, processor.process_candidates(items)[key])
+    pictures = [images["rgb"], images["gray"]]
+    expected = processor.process_candidates(pictures)
+    assert all(torch.equal(value, expected[key]) for key, value in processor(images=pictures).items())
+    pairs = processor(text=items, images=pictures)
+    expected = processor.process_candidates([{"text": t, "image": i} for t, i in zip(items, pictures)])
+    assert all(torch.equal(value, expected[key]) for key, value in pairs.items())
+    assert torch.equal(processor(text="hello")["input_ids"], processor.process_candidates(["hello"])["input_ids"])
+    # Generic options that match MetaEmbed's fixed behaviour are accepted; others are refused.
+    processor(text=items, padding=True, return_tensors="pt", text_kwargs={"truncation": "longest_first"})
+    with pytest.raises(ValueError, match="padding='max_length'"):
+        processor(text=items, padding="max_length")
+    with pytest.raises(TypeError, match="unsupported option"):
+        processor(text=items, do_resize=False)
+    with pytest.raises(ValueError, match="2 texts and 1 images"):
+        processor(text=items, images=pictures[:1])
+    with pytest.raises(ValueError, match="text and/or images"):
+        processor()
+    with pytest.raises(TypeError, match="list of str"):
+        processor(text=["ok", 3])

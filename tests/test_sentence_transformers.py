@@ -199,17 +199,27 @@ def test_remote_code_must_be_trusted(saved):
         MultiVectorEncoder(str(folder), device="cpu")
 
 
-def test_sentence_transformer_never_returns_other_vectors(saved, mixed_items):
-    """`model_type` "MultiVectorEncoder" makes SentenceTransformer ignore modules.json and wrap the bare
-    transformers model, which has no modality it can encode: it must fail, never return vectors."""
-    _, folder, _ = saved
-    try:
-        single_vector = SentenceTransformer(str(folder), trust_remote_code=True, device="cpu")
-    except (ValueError, TypeError, OSError) as error:  # the other acceptable outcome: refusing to load
-        assert "MultiVectorEncoder" in str(error)
-        return
-    for batch in (mixed_items[:1], mixed_items[1:2], mixed_items):
-        with pytest.raises(ValueError, match="not support"):
+def test_sentence_transformer_gives_the_single_vector_budget(saved, images):
+    """`SentenceTransformer(folder)` wraps the transformers model (sentence-transformers' conversion path for a
+    "MultiVectorEncoder" folder) and calls its CLIP-style `get_text_features` / `get_image_features`: one
+    L2-normalised vector per item, exactly the (1, 1) candidate budget, so cosine similarity works."""
+    model, folder, _ = saved
+    single_vector = SentenceTransformer(str(folder), trust_remote_code=True, device="cpu")
+    texts = ["a red circle in the top left corner", "short", "a longer piece of text " * 6]
+    pictures = [images["rgb"], images["gray"], images["tiny"]]
+    for batch in (texts, pictures):
+        expected = model.encode_candidates(batch, num_vectors=1)[:, 0]
+        embeddings = single_vector.encode(batch, convert_to_tensor=True, batch_size=2)
+        torch.testing.assert_close(embeddings, expected, atol=1e-6, rtol=0)  # batching differs: rounding only
+        # encode_query gets no task through this path: it is the same candidate-side vector, by design.
+        query_side = single_vector.encode_query(batch, convert_to_tensor=True, batch_size=2)
+        torch.testing.assert_close(query_side, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        single_vector.similarity(embeddings, embeddings).diagonal(), torch.ones(3), atol=1e-6, rtol=0
+    )
+    # Mixed or text+image items cannot go through the single-modality methods: a clear error, no vectors.
+    for batch in ([{"text": "x", "image": images["rgb"]}], ["text", images["rgb"]]):
+        with pytest.raises(ValueError, match="modalit"):
             single_vector.encode(batch)
 
 
