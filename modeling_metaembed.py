@@ -480,6 +480,9 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
             backbone_type=config.vlm_config.model_type,
             num_query_vectors=config.num_query_vectors,
             num_candidate_vectors=config.num_candidate_vectors,
+            # A mid-sized budget for the usage examples, within this model's vector counts.
+            example_query_vectors=min(8, config.num_query_vectors),
+            example_candidate_vectors=min(16, config.num_candidate_vectors),
             embedding_dim=config.output_dim,
             projection="a linear projection" if config.embedding_dim is not None else "no projection",
         )
