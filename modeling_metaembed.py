@@ -396,7 +396,7 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         if model.projection is not None:
             model.projection.to(embedding_weight.device, embedding_weight.dtype)
         model.processor = processor
-        return model
+        return model.eval()  # like from_pretrained; training code calls .train()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
