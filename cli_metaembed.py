@@ -1,75 +1,129 @@
-"""The `metaembed` command line."""
+"""The `metaembed` command line: `demo` (the end-to-end main job) and `train`."""
 
 from __future__ import annotations
 
 import argparse
-import os
+import json
 import sys
-import tempfile
-import time
+from pathlib import Path
+from typing import Any
 
 
 def run_demo(arguments: argparse.Namespace) -> None:
-    """Create a tiny MetaEmbed model from a random backbone, save it as a Hub folder, load it back through
-    `AutoModel` (remote code) and encode / score text, images and text + image items at several budgets."""
-    import torch
-    from PIL import Image, ImageDraw
-    from transformers import AutoModel
+    """Train a tiny MetaEmbed from scratch with and without MMR on rendered scenes and report every budget."""
+    from demo_metaembed import DemoSettings, run_demo
 
-    from modeling_metaembed import MetaEmbedModel
-    from tiny_metaembed import save_tiny_backbone
-
-    print("NOTE: the backbone and Meta Tokens are random (no MetaEmbed weights are public and this demo does not")
-    print("train); the scores below exercise the pipeline, they do not measure retrieval quality.\n")
-    output_dir = arguments.output_dir or tempfile.mkdtemp(prefix="metaembed-demo-")
-    backbone_dir = save_tiny_backbone(os.path.join(output_dir, "backbone"), arguments.backbone)
-    model = MetaEmbedModel.from_backbone(backbone_dir, num_query_vectors=16, num_candidate_vectors=64, embedding_dim=32)
-    model_dir = os.path.join(output_dir, "metaembed-tiny")
-    model.save_pretrained(model_dir)
-    print(f"saved a complete Hub folder to {model_dir}: {', '.join(sorted(os.listdir(model_dir)))}\n")
-    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True)
-
-    def scene(color: str, corner: tuple[int, int]) -> Image.Image:
-        image = Image.new("RGB", (112, 112), "white")
-        x, y = corner
-        ImageDraw.Draw(image).ellipse((x, y, x + 40, y + 40), fill=color)
-        return image
-
-    queries = ["a red circle in the top left", "a blue circle in the bottom right", scene("red", (10, 10))]
-    candidates = [
-        scene("red", (10, 10)),
-        scene("blue", (60, 60)),
-        {"text": "a green circle", "image": scene("green", (30, 30))},
-        "a page of text about circles",
-    ]
-    budgets = [(1, 1), (2, 4), (4, 8), (8, 16), (16, 64)]
-    start = time.perf_counter()
-    query_embeddings = model.encode_queries(queries)
-    candidate_embeddings = model.encode_candidates(candidates)
-    elapsed = time.perf_counter() - start
-    print(
-        f"encoded {len(queries)} queries {tuple(query_embeddings.shape)} and {len(candidates)} candidates "
-        f"{tuple(candidate_embeddings.shape)} in {elapsed:.2f} s"
+    settings = DemoSettings(
+        steps=arguments.steps, num_candidates=arguments.num_candidates, num_queries=arguments.num_queries
     )
-    print(f"\n{'budget':>9}  {'index bytes/candidate (fp16)':>28}  top candidate per query (score)")
-    for num_query_vectors, num_candidate_vectors in budgets:
-        scores = model.score(query_embeddings, candidate_embeddings, num_query_vectors, num_candidate_vectors)
-        best = scores.max(dim=1)
-        ranked = ", ".join(f"{int(i)} ({float(s):.2f})" for s, i in zip(best.values, best.indices))
-        index_bytes = num_candidate_vectors * candidate_embeddings.shape[-1] * 2
-        print(f"{(num_query_vectors, num_candidate_vectors)!s:>9}  {index_bytes:>28}  {ranked}")
-    prefix = model.encode_candidates(candidates, num_vectors=4)
-    assert torch.allclose(prefix, candidate_embeddings[:, :4], atol=1e-5)
-    print("\nencode_candidates(num_vectors=4) equals the first 4 of 64 vectors (computed with 4 Meta Tokens).")
+    run_demo(settings, arguments.output_dir)
+
+
+def read_jsonl_rows(path: str) -> list[dict[str, Any]]:
+    """Training rows from a JSONL file: {"query": ..., "positive": ..., "negatives": [...]}, each cell a string
+    (text) or {"text": ..., "image": "path"} with image paths relative to the file's folder."""
+    folder = Path(path).resolve().parent
+    rows = []
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number} is not valid JSON: {error}") from error
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number} must be a JSON object with 'query' and 'positive'")
+            rows.append({key: _resolve_images(value, folder) for key, value in row.items()})
+    if not rows:
+        raise ValueError(f"{path} holds no rows")
+    return rows
+
+
+def _resolve_images(value: Any, folder: Path) -> Any:
+    if isinstance(value, list):
+        return [_resolve_images(item, folder) for item in value]
+    if isinstance(value, dict) and isinstance(value.get("image"), str):
+        return {**value, "image": str(folder / value["image"])}
+    return value
+
+
+def run_train(arguments: argparse.Namespace) -> None:
+    """Create (or continue) a MetaEmbed model and train it with the MMR loss; writes a complete Hub folder."""
+    from modeling_metaembed import MetaEmbedModel
+    from training_metaembed import train_metaembed
+
+    if arguments.train_file:
+        train_dataset = read_jsonl_rows(arguments.train_file)
+    else:
+        from datasets import load_from_disk
+
+        train_dataset = load_from_disk(arguments.dataset)
+    load_options = {"dtype": "bfloat16"} if arguments.bf16 else {}
+    if arguments.model:
+        model = MetaEmbedModel.from_pretrained(arguments.model, trust_remote_code=True, **load_options)
+    else:
+        model = MetaEmbedModel.from_backbone(
+            arguments.backbone,
+            arguments.num_query_vectors,
+            arguments.num_candidate_vectors,
+            embedding_dim=arguments.embedding_dim,
+            **load_options,
+        )
+    train_metaembed(
+        model,
+        train_dataset,
+        arguments.output_dir,
+        temperature=arguments.temperature,
+        lora_rank=arguments.lora_rank or None,
+        lora_alpha=arguments.lora_alpha,
+        cached_mini_batch_size=arguments.cached_mini_batch_size,
+        per_device_train_batch_size=arguments.batch_size,
+        learning_rate=arguments.learning_rate,
+        num_train_epochs=arguments.epochs,
+        max_steps=arguments.max_steps,
+        bf16=arguments.bf16,
+        gradient_checkpointing=arguments.gradient_checkpointing,
+        logging_steps=arguments.logging_steps,
+    )
+    print(f"saved the trained model to {arguments.output_dir}")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="metaembed", description="MetaEmbed multimodal retrieval")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="build a tiny random model, save/load it, encode and score")
-    demo.add_argument("--backbone", default="qwen2_5_vl", choices=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
-    demo.add_argument("--output-dir", default=None, help="where to write the model (default: a temp folder)")
+
+    demo = commands.add_parser("demo", help="train a tiny model from scratch with and without MMR, report budgets")
+    demo.add_argument("--steps", type=int, default=1500, help="training steps per model")
+    demo.add_argument("--num-candidates", type=int, default=1000, help="held-out scenes to index")
+    demo.add_argument("--num-queries", type=int, default=1000)
+    demo.add_argument("--output-dir", default=None, help="where to write models and plot (default: a temp folder)")
     demo.set_defaults(handler=run_demo)
+
+    train = commands.add_parser("train", help="train a MetaEmbed model with the MMR loss")
+    source = train.add_mutually_exclusive_group(required=True)
+    source.add_argument("--backbone", help="Qwen2-VL / Qwen2.5-VL / Qwen3-VL folder or repo id to start from")
+    source.add_argument("--model", help="an existing MetaEmbed folder or repo id to continue training")
+    data = train.add_mutually_exclusive_group(required=True)
+    data.add_argument("--train-file", help="JSONL rows {query, positive, negatives?}")
+    data.add_argument("--dataset", help="a datasets folder (save_to_disk) with query / positive / negatives")
+    train.add_argument("--output-dir", required=True)
+    train.add_argument("--num-query-vectors", type=int, default=16)
+    train.add_argument("--num-candidate-vectors", type=int, default=64)
+    train.add_argument("--embedding-dim", type=int, default=None, help="add a projection to this size")
+    train.add_argument("--lora-rank", type=int, default=32, help="0 trains every parameter")
+    train.add_argument("--lora-alpha", type=int, default=32)
+    train.add_argument("--temperature", type=float, default=0.03)
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--cached-mini-batch-size", type=int, default=None, help="gradient cache mini-batch size")
+    train.add_argument("--learning-rate", type=float, default=1e-4)
+    train.add_argument("--epochs", type=float, default=1.0)
+    train.add_argument("--max-steps", type=int, default=-1)
+    train.add_argument("--bf16", action="store_true")
+    train.add_argument("--gradient-checkpointing", action="store_true")
+    train.add_argument("--logging-steps", type=int, default=10)
+    train.set_defaults(handler=run_train)
+
     arguments = parser.parse_args(argv)
     arguments.handler(arguments)
 

@@ -18,6 +18,9 @@ setup(
         "pipeline_metaembed",
         "sentence_transformers_metaembed",
         "tiny_metaembed",
+        "training_metaembed",
+        "conversion_metaembed",
+        "demo_metaembed",
         "cli_metaembed",
     ],
     install_requires=[
@@ -29,7 +32,8 @@ setup(
         "pillow>=10.0",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6", "accelerate>=1.0"],
+        "train": ["peft>=0.15", "datasets>=3.0", "accelerate>=1.0", "matplotlib>=3.8"],
+        "test": ["pytest>=8", "ruff>=0.6", "peft>=0.15", "datasets>=3.0", "accelerate>=1.0", "matplotlib>=3.8"],
     },
     entry_points={"console_scripts": ["metaembed=cli_metaembed:main"]},
 )

@@ -32,15 +32,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import get_device_states, set_device_states
 
+from processing_metaembed import normalize_items
+
 __all__ = [
     "DEFAULT_TEMPERATURE",
+    "LORA_TARGET_MODULES",
     "MMR_GROUPS",
     "CachedMMRLoss",
     "MMRLoss",
     "MMRLossOutput",
+    "MetaEmbedDataCollator",
     "embed_with_model",
     "mmr_loss",
     "split_features",
+    "train_metaembed",
 ]
 
 # ------------------------------------------------------------------------------------------------------------
@@ -879,3 +884,215 @@ def _check_positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return int(value)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Trainer: datasets rows -> processed batches -> MMR loss, on the transformers Trainer
+# ------------------------------------------------------------------------------------------------------------
+
+LORA_TARGET_MODULES = (
+    r"vlm\.(language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    r"|visual\.blocks\..*\.(attn\.qkv|attn\.proj|mlp\.gate_proj|mlp\.up_proj|mlp\.down_proj))"
+)
+"""LoRA targets: q/k/v/o/gate/up/down of the language model and of the vision tower (whose attention packs
+q/k/v into `qkv` and names o `proj`). The reference regex only reaches the vision MLP, through its naming."""
+
+
+def _row_item(value: Any, where: str) -> Any:
+    """A dataset cell as an item. `datasets` fills absent dict keys with None ({"text": None, "image": x} is an
+    image) and may hand nested images over in its storage form {"bytes": ..., "path": ...}."""
+    if isinstance(value, Mapping):
+        value = {key: item for key, item in value.items() if item is not None}
+        if not value:
+            raise ValueError(f"{where} has neither text nor image")
+        image = value.get("image")
+        if isinstance(image, Mapping):
+            if image.get("bytes") is not None:
+                import io
+
+                import PIL.Image
+
+                value["image"] = PIL.Image.open(io.BytesIO(image["bytes"]))
+            elif image.get("path") is not None:
+                value["image"] = image["path"]
+            else:
+                raise ValueError(f"{where}['image'] holds neither bytes nor a path")
+    return value
+
+
+class MetaEmbedDataCollator:
+    """Turns `datasets` rows into the three processed batches the MMR loss takes.
+
+    Each row holds `query_column`, `positive_column` and optionally `negatives_column` (a list with the same
+    number H of hard negatives in every row); each cell is a text, a PIL image, or a {"text", "image"} dict.
+    A dataset item may also be a list of rows, a pre-built batch, which is flattened in order.
+    Returns {"query_features", "candidate_features"[, "hard_negative_features"]} with B (and B x H) items,
+    hard negatives query-major.
+    """
+
+    def __init__(
+        self,
+        processor: Any,
+        query_column: str = "query",
+        positive_column: str = "positive",
+        negatives_column: str | None = "negatives",
+    ) -> None:
+        self.processor = processor
+        self.query_column = query_column
+        self.positive_column = positive_column
+        self.negatives_column = negatives_column
+
+    def _process(self, cells: list[Any], task: str, name: str) -> Any:
+        items = normalize_items([_row_item(cell, f"{name}[{index}]") for index, cell in enumerate(cells)], name)
+        return self.processor.process_items(items, task, item_names=[f"{name}[{index}]" for index in range(len(items))])
+
+    def __call__(self, rows: list[Mapping[str, Any]] | list[list[Mapping[str, Any]]]) -> dict[str, Any]:
+        # Items that are lists are pre-built batches (e.g. free of false negatives): flatten them.
+        rows = [row for item in rows for row in (item if isinstance(item, (list, tuple)) else [item])]
+        for column in (self.query_column, self.positive_column):
+            missing = [index for index, row in enumerate(rows) if column not in row]
+            if missing:
+                raise KeyError(f"rows {missing[:5]} have no column {column!r}")
+        batch = {
+            "query_features": self._process([row[self.query_column] for row in rows], "query", "query"),
+            "candidate_features": self._process([row[self.positive_column] for row in rows], "candidate", "positive"),
+        }
+        negatives = [row.get(self.negatives_column) for row in rows] if self.negatives_column else [None]
+        if any(value is not None for value in negatives):
+            counts = {len(value or []) for value in negatives}
+            if len(counts) != 1 or 0 in counts:
+                raise ValueError(f"every row needs the same number of {self.negatives_column!r}, got {sorted(counts)}")
+            flat = [negative for value in negatives for negative in value]
+            batch["hard_negative_features"] = self._process(flat, "candidate", self.negatives_column)
+        return batch
+
+
+def _trainer_class() -> type:
+    """`MetaEmbedTrainer`, built on first use so that importing this file does not import the Trainer stack."""
+    from transformers import Trainer
+
+    class MetaEmbedTrainer(Trainer):
+        """The transformers `Trainer` with the MMR loss: progress bars, logging, checkpoints, mixed precision,
+        gradient accumulation and multi-GPU (accelerate / torchrun) come from the Trainer; logs add the loss of
+        every budget as `loss_{r_q}x{r_c}`."""
+
+        def __init__(self, *args: Any, loss: MMRLoss | None = None, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.loss_fn = loss or MMRLoss(self.model, gather_across_devices=self.args.world_size > 1)
+            self._group_loss_sums: dict[Budget, float] = {}
+            self._group_loss_steps = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            output = self.loss_fn(
+                inputs["query_features"],
+                inputs["candidate_features"],
+                inputs.get("hard_negative_features"),
+                model=model,
+            )
+            for budget, value in output.group_losses.items():
+                self._group_loss_sums[budget] = self._group_loss_sums.get(budget, 0.0) + float(value.detach())
+            self._group_loss_steps += 1
+            return (output.loss, {}) if return_outputs else output.loss
+
+        def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+            if "loss" in logs and self._group_loss_steps:
+                for (r_q, r_c), total in self._group_loss_sums.items():
+                    logs[f"loss_{r_q}x{r_c}"] = round(total / self._group_loss_steps, 4)
+                self._group_loss_sums, self._group_loss_steps = {}, 0
+            super().log(logs, *args, **kwargs)
+
+    return MetaEmbedTrainer
+
+
+def train_metaembed(
+    model: nn.Module,
+    train_dataset: Any,
+    output_dir: str,
+    *,
+    groups: Sequence[Budget] = MMR_GROUPS,
+    temperature: float = DEFAULT_TEMPERATURE,
+    group_weights: Sequence[float] | None = None,
+    lora_rank: int | None = 32,
+    lora_alpha: int = 32,
+    merge_lora: bool = True,
+    cached_mini_batch_size: int | None = None,
+    query_column: str = "query",
+    positive_column: str = "positive",
+    negatives_column: str | None = "negatives",
+    save: bool = True,
+    callbacks: list[Any] | None = None,
+    **training_arguments: Any,
+) -> nn.Module:
+    """Train a `MetaEmbedModel` with the MMR loss on the transformers Trainer and save a complete Hub folder.
+
+    Args:
+        model: a `MetaEmbedModel` (e.g. from `MetaEmbedModel.from_backbone`), with its processor attached.
+        train_dataset: rows with `query_column`, `positive_column`, optional `negatives_column` (a `datasets`
+            Dataset, or any sequence of dicts); cells are text, PIL images or {"text", "image"} dicts.
+        output_dir: checkpoints and the final model folder.
+        groups / temperature / group_weights: the MMR loss (see `mmr_loss`).
+        lora_rank / lora_alpha: LoRA (peft) on `LORA_TARGET_MODULES`, the reference's r = alpha = 32; the Meta
+            Token table and the projection are trained fully. `lora_rank=None` trains every parameter (for
+            backbones trained from scratch, like the demo's).
+        merge_lora: merge the adapters into the weights before returning and saving, so the folder loads like
+            any MetaEmbed model. With False the returned model is the peft model and nothing is saved.
+        cached_mini_batch_size: use `CachedMMRLoss` with this mini-batch size (large effective batches).
+        save: write the final model to `output_dir` with `save_pretrained`.
+        **training_arguments: `transformers.TrainingArguments` fields (per_device_train_batch_size,
+            learning_rate, max_steps, bf16, gradient_checkpointing, logging_steps, report_to, ...).
+
+    Returns:
+        the trained model (LoRA merged), in eval mode.
+    """
+    from transformers import TrainingArguments
+
+    processor = model.processor
+    if processor is None:
+        raise ValueError("the model has no processor attached; create it with from_backbone or from_pretrained")
+    trained = model
+    if lora_rank is not None:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGET_MODULES)
+        trained = get_peft_model(model, config)
+        # The new parts are trained fully, as in the reference (peft froze everything else).
+        for name, parameter in trained.named_parameters():
+            if name.endswith("meta_tokens") or ".projection." in name:
+                parameter.requires_grad_(True)
+    arguments = {
+        "report_to": "none",
+        "save_strategy": "no",
+        "ddp_find_unused_parameters": True,  # text-only steps leave the vision tower unused
+        **training_arguments,
+        "output_dir": output_dir,
+        "remove_unused_columns": False,  # the collator reads the raw query / positive / negatives columns
+    }
+    args = TrainingArguments(**arguments)
+    loss_options = {
+        "groups": groups,
+        "temperature": temperature,
+        "group_weights": group_weights,
+        "gather_across_devices": args.world_size > 1,
+    }
+    if cached_mini_batch_size is not None:
+        loss = CachedMMRLoss(trained, mini_batch_size=cached_mini_batch_size, **loss_options)
+    else:
+        loss = MMRLoss(trained, **loss_options)
+    collator = MetaEmbedDataCollator(processor, query_column, positive_column, negatives_column)
+    trainer = _trainer_class()(
+        model=trained,
+        args=args,
+        train_dataset=train_dataset,
+        data_collator=collator,
+        loss=loss,
+        callbacks=callbacks,
+    )
+    trainer.train()
+    if lora_rank is not None:
+        if not merge_lora:
+            return trained
+        trained = trained.merge_and_unload()
+    trained.processor = processor
+    if save and trainer.is_world_process_zero():
+        trained.save_pretrained(output_dir)
+    return trained.eval()

@@ -1,4 +1,4 @@
-"""The README's main command, at its real (tiny) size."""
+"""The README's main command (`metaembed demo`), at a few steps."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ import os
 from cli_metaembed import main
 
 
-def test_demo_runs_end_to_end(tmp_path, capsys):
-    main(["demo", "--output-dir", str(tmp_path)])
+def test_demo_command_end_to_end(tmp_path, capsys):
+    main(["demo", "--steps", "2", "--num-candidates", "12", "--num-queries", "6", "--output-dir", str(tmp_path)])
     output = capsys.readouterr().out
-    assert "random" in output
-    assert "(16, 64)" in output and "4096" in output
-    assert "equals the first 4 of 64 vectors" in output
-    assert "README.md" in os.listdir(tmp_path / "metaembed-tiny")
+    assert "| (16, 64) |" in output and "R@1 no-MMR" in output
+    assert os.path.isfile(tmp_path / "quality_vs_budget.png")
+    assert "README.md" in os.listdir(tmp_path / "metaembed-mmr")
