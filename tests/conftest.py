@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from sample_images import make_images  # noqa: E402
 
 from modeling_metaembed import MetaEmbedModel  # noqa: E402
 from tiny_metaembed import BACKBONE_FAMILIES, save_tiny_backbone  # noqa: E402
@@ -45,23 +49,6 @@ def model(backbone_dirs) -> MetaEmbedModel:
     return make_model(backbone_dirs["qwen2_5_vl"])
 
 
-def make_images() -> dict[str, Image.Image]:
-    generator = torch.Generator().manual_seed(1)
-
-    def noise(mode: str, size: tuple[int, int]) -> Image.Image:
-        channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
-        array = torch.randint(0, 256, (size[1], size[0], channels), generator=generator, dtype=torch.uint8)
-        return Image.fromarray(array.squeeze(-1).numpy() if channels == 1 else array.numpy(), mode=mode)
-
-    return {
-        "rgb": noise("RGB", (84, 56)),
-        "tall": noise("RGB", (56, 140)),
-        "gray": noise("L", (60, 60)),
-        "rgba": noise("RGBA", (70, 50)),
-        "tiny": noise("RGB", (5, 9)),
-    }
-
-
 @pytest.fixture(scope="session")
 def images() -> dict[str, Image.Image]:
     return make_images()
@@ -90,3 +77,28 @@ def publish_to_offline_cache(folder: Path, hf_home: Path, repo_id: str) -> dict[
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(sha)
     return {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+
+
+OFFLINE_SCRIPT_HEADER = """
+import sys, torch
+sys.path.insert(0, {tests_dir!r})
+from sample_images import make_images  # tests/ only: the checkout itself stays off sys.path
+from safetensors.torch import save_file
+images = make_images()
+items = ["a red circle in the top left corner", images["rgb"], {{"text": "tiny", "image": images["tiny"]}}]
+"""
+
+
+def run_in_fresh_process(body: str, environment: dict[str, str], tmp_path: Path) -> dict:
+    """Run `body` in a new Python process (e.g. with the environment of `publish_to_offline_cache`). The body
+    sees `items` (mixed_items 0, 1 and 7) and must set `outputs`, a dict of tensors, which is returned."""
+    script = OFFLINE_SCRIPT_HEADER.format(tests_dir=str(ROOT / "tests")) + textwrap.dedent(body)
+    script += "\nsave_file(outputs, sys.argv[1])\n"
+    output = tmp_path / "outputs.safetensors"
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(output)], env=environment, capture_output=True, text=True, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    return load_file(output)

@@ -5,13 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from conftest import ROOT, make_model, publish_to_offline_cache
+from conftest import make_model, publish_to_offline_cache, run_in_fresh_process
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoProcessor
@@ -99,26 +96,16 @@ def test_missing_weights_fail_loudly(saved, tmp_path):
 def test_load_by_repo_id_from_offline_cache(saved, tmp_path, mixed_items):
     model, folder = saved
     environment = publish_to_offline_cache(folder, tmp_path / "hf", "metaembed-tests/tiny")
-    script = textwrap.dedent(
-        f"""
-        import sys, torch
-        sys.path.insert(0, {str(ROOT / "tests")!r})
-        from conftest import make_images
+    embeddings = run_in_fresh_process(
+        """
         from transformers import AutoModel, AutoProcessor
-        from safetensors.torch import save_file
         model = AutoModel.from_pretrained("metaembed-tests/tiny", trust_remote_code=True)
         AutoProcessor.from_pretrained("metaembed-tests/tiny", trust_remote_code=True)
-        images = make_images()
-        items = ["a red circle in the top left corner", images["rgb"], {{"text": "tiny", "image": images["tiny"]}}]
-        save_file({{"q": model.encode_queries(items), "c": model.encode_candidates(items)}}, sys.argv[1])
-        """
+        outputs = {"q": model.encode_queries(items), "c": model.encode_candidates(items)}
+        """,
+        environment,
+        tmp_path,
     )
-    output = tmp_path / "embeddings.safetensors"
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(output)], env=environment, capture_output=True, text=True, cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    embeddings = load_file(output)
     items = [mixed_items[0], mixed_items[1], mixed_items[7]]
     assert torch.equal(embeddings["q"], model.encode_queries(items))
     assert torch.equal(embeddings["c"], model.encode_candidates(items))

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
-from conftest import NUM_CANDIDATE_VECTORS, NUM_QUERY_VECTORS, ROOT, make_model, publish_to_offline_cache
+from conftest import (
+    NUM_CANDIDATE_VECTORS,
+    NUM_QUERY_VECTORS,
+    ROOT,
+    make_model,
+    publish_to_offline_cache,
+    run_in_fresh_process,
+)
 from safetensors.torch import load_file
 
 from sentence_transformers_metaembed import MODULE_CONFIG_FILE, MetaEmbedModule
@@ -227,28 +232,19 @@ def test_load_by_repo_id_without_the_checkout(saved, tmp_path, mixed_items):
     """From the Hub cache, with this repository not importable: the module file must come from the folder."""
     model, folder, _ = saved
     environment = publish_to_offline_cache(folder, tmp_path / "hf", "metaembed-tests/tiny-st")
-    script = textwrap.dedent(
-        f"""
-        import sys, torch
-        sys.path.insert(0, {str(ROOT / "tests")!r})
-        from conftest import make_images
-        from safetensors.torch import save_file
+    embeddings = run_in_fresh_process(
+        """
         from sentence_transformers import MultiVectorEncoder
+        assert "modeling_metaembed" not in sys.modules
         encoder = MultiVectorEncoder("metaembed-tests/tiny-st", trust_remote_code=True, device="cpu")
         assert type(encoder[0]).__module__.startswith("transformers_modules."), type(encoder[0]).__module__
-        images = make_images()
-        items = ["a red circle in the top left corner", images["rgb"], {{"text": "tiny", "image": images["tiny"]}}]
         queries = torch.stack(encoder.encode_query(items, num_vectors=2))
         documents = torch.stack(encoder.encode_document(items))
-        save_file({{"q": queries, "c": documents, "s": encoder.similarity(queries, documents)}}, sys.argv[1])
-        """
+        outputs = {"q": queries, "c": documents, "s": encoder.similarity(queries, documents)}
+        """,
+        environment,
+        tmp_path,
     )
-    output = tmp_path / "embeddings.safetensors"
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(output)], env=environment, capture_output=True, text=True, cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    embeddings = load_file(output)
     items = [mixed_items[0], mixed_items[1], mixed_items[7]]
     queries, candidates = model.encode_queries(items, 2), model.encode_candidates(items)
     assert torch.equal(embeddings["q"], queries)
