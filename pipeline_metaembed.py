@@ -13,10 +13,8 @@ from transformers import Pipeline
 
 try:
     from .processing_metaembed import normalize_item
-    from .scoring_metaembed import check_num_vectors
 except ImportError:  # a checkout used as plain top-level modules
     from processing_metaembed import normalize_item
-    from scoring_metaembed import check_num_vectors
 
 PIPELINE_TASKS = ("feature-extraction", "image-feature-extraction")
 
@@ -64,7 +62,7 @@ class MetaEmbedPipeline(Pipeline):
         return dict(self.model.processor.process_items([checked], task))
 
     def _forward(self, features: dict[str, torch.Tensor], task: str = "candidate", num_vectors: int | None = None):
-        num_vectors = check_num_vectors(num_vectors, self.model.config.num_vectors_for(task))
+        # The model validates num_vectors (one place for it).
         return {"embeddings": self.model(**features, task=task, num_vectors=num_vectors).embeddings}
 
     def postprocess(self, model_outputs: dict[str, torch.Tensor], return_tensors: bool = False):

@@ -19,6 +19,7 @@ This file is a training tool of the repository, not part of the remote code ship
 
 from __future__ import annotations
 
+import io
 import math
 import numbers
 import warnings
@@ -27,6 +28,7 @@ from contextlib import contextmanager, nullcontext
 from functools import partial
 from typing import Any, Literal, NamedTuple, overload
 
+import PIL.Image
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -908,10 +910,6 @@ def _row_item(value: Any, where: str) -> Any:
         image = value.get("image")
         if isinstance(image, Mapping):
             if image.get("bytes") is not None:
-                import io
-
-                import PIL.Image
-
                 value["image"] = PIL.Image.open(io.BytesIO(image["bytes"]))
             elif image.get("path") is not None:
                 value["image"] = image["path"]
