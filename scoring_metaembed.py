@@ -16,7 +16,10 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["TopKScores", "check_num_vectors", "late_interaction_scores"]
+__all__ = ["MMR_BUDGETS", "TopKScores", "check_num_vectors", "late_interaction_scores", "merge_top_k"]
+
+# The budgets (r_q, r_c) the paper trains with MMR and evaluates.
+MMR_BUDGETS: tuple[tuple[int, int], ...] = ((1, 1), (2, 4), (4, 8), (8, 16), (16, 64))
 
 # Elements of one fp32 similarity tile [candidate vectors x query vectors]. On CPU a tile of 2**22 (16 MiB)
 # stays cache-resident, so the max-reduction reads it from cache instead of RAM: measured with
@@ -412,26 +415,40 @@ def _score(
                 tile_scores = maxima.view(chunk_length, query_end - query_start, query_vectors).sum(dim=2)
             chunk_scores[query_start:query_end].copy_(tile_scores.T)
         if k is not None:
-            best_scores, best_indices = _merge_top_k(best_scores, best_indices, chunk_scores, chunk_start, k)
+            best_scores, best_indices = merge_top_k(best_scores, best_indices, chunk_scores, chunk_start, k)
 
     if k is None:
         return scores
     return TopKScores(best_scores, best_indices)
 
 
-def _merge_top_k(
+def merge_top_k(
     best_scores: torch.Tensor | None,
     best_indices: torch.Tensor | None,
-    chunk_scores: torch.Tensor,
-    chunk_start: int,
+    new_scores: torch.Tensor,
+    new_indices: int | torch.Tensor,
     k: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Running top-k: the best `k` of (the best so far, this chunk's `[Q, chunk]` scores)."""
-    chunk_top = chunk_scores.topk(min(k, chunk_scores.shape[1]), dim=1)
-    chunk_indices = chunk_top.indices + chunk_start
+    """Running top-k: the best `k` of the best so far and a new block of scores.
+
+    Args:
+        best_scores / best_indices: `[Q, <= k]` from the previous call, or None at the start.
+        new_scores: `[Q, n]` scores of a block of candidates.
+        new_indices: the candidates of `new_scores`' columns: an int64 `[Q, n]` tensor, or an int offset
+            (column j is candidate `offset + j`).
+        k: how many to keep.
+
+    Returns:
+        (scores, indices) `[Q, min(k, ...)]`, best first.
+    """
+    top = new_scores.topk(min(k, new_scores.shape[1]), dim=1)
+    if isinstance(new_indices, torch.Tensor):
+        top_indices = new_indices.gather(1, top.indices)
+    else:
+        top_indices = top.indices + new_indices
     if best_scores is None:
-        return chunk_top.values, chunk_indices
-    merged_scores = torch.cat([best_scores, chunk_top.values], dim=1)
-    merged_indices = torch.cat([best_indices, chunk_indices], dim=1)
+        return top.values, top_indices
+    merged_scores = torch.cat([best_scores, top.values], dim=1)
+    merged_indices = torch.cat([best_indices, top_indices], dim=1)
     top = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
     return top.values, merged_indices.gather(1, top.indices)

@@ -22,6 +22,8 @@ setup(
         "conversion_metaembed",
         "demo_metaembed",
         "cli_metaembed",
+        "index_metaembed",
+        "qdrant_metaembed",
     ],
     install_requires=[
         "torch>=2.4",
@@ -33,7 +35,17 @@ setup(
     ],
     extras_require={
         "train": ["peft>=0.15", "datasets>=3.0", "accelerate>=1.0", "matplotlib>=3.8"],
-        "test": ["pytest>=8", "ruff>=0.6", "peft>=0.15", "datasets>=3.0", "accelerate>=1.0", "matplotlib>=3.8"],
+        "search": ["faiss-cpu>=1.8", "qdrant-client>=1.12"],
+        "test": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "peft>=0.15",
+            "datasets>=3.0",
+            "accelerate>=1.0",
+            "matplotlib>=3.8",
+            "faiss-cpu>=1.8",
+            "qdrant-client>=1.12",
+        ],
     },
     entry_points={"console_scripts": ["metaembed=cli_metaembed:main"]},
 )

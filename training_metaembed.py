@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.checkpoint import get_device_states, set_device_states
 
 from processing_metaembed import normalize_items
+from scoring_metaembed import MMR_BUDGETS
 
 __all__ = [
     "DEFAULT_TEMPERATURE",
@@ -54,8 +55,8 @@ __all__ = [
 # MMR loss
 # ------------------------------------------------------------------------------------------------------------
 
-MMR_GROUPS: tuple[tuple[int, int], ...] = ((1, 1), (2, 4), (4, 8), (8, 16), (16, 64))
-"""The paper's budgets (r_q, r_c), from single-vector to the full 16 query x 64 candidate vectors."""
+MMR_GROUPS = MMR_BUDGETS
+"""The loss's default groups: the paper's budgets (r_q, r_c), from one vector to 16 query x 64 candidate."""
 DEFAULT_TEMPERATURE = 0.03
 """The paper's InfoNCE temperature tau: logits are s(q, c) / tau."""
 

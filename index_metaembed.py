@@ -1,0 +1,536 @@
+"""`MetaEmbedIndex`: a multi-vector index of MetaEmbed candidates, stored as memory-mapped safetensors shards,
+searched exhaustively at any budget or in two stages (approximate nearest neighbours over the first vector,
+then exact budgeted late-interaction rerank of the shortlist).
+
+Layout of a saved index folder:
+
+    index.json                          dim, vectors per candidate, storage dtype, model it came from
+    shard-00000-of-00001.safetensors    "embeddings" [n, R_c, D] (float32 / float16 / int8),
+                                        "scales" [n, R_c] float32 (int8 storage only)
+    shard-00000-of-00001.json           ids and metadata of that shard's candidates
+    ann-1.faiss                         optional: the first-stage ANN index (faiss, built by `build_ann`)
+
+Each process of a multi-process encode writes its own shard pair (see `cli_metaembed.py`), so shards need no
+coordination; `load` checks that all shards of each group are there.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import numbers
+import os
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from safetensors.torch import save_file
+
+from scoring_metaembed import check_num_vectors, late_interaction_scores, merge_top_k
+
+__all__ = ["STORAGE_DTYPES", "MetaEmbedIndex", "SearchResults", "write_shard"]
+
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
+INDEX_FORMAT = "metaembed-index"
+_SHARD_PATTERN = re.compile(r"shard-(\d{5})-of-(\d{5})\.safetensors$")
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "I8": torch.int8}
+# Candidates dequantised (int8) or gathered (shortlists) at a time: bounds the extra memory of a search.
+_BLOCK_ELEMENTS = 2**24
+
+
+class SearchResults(NamedTuple):
+    """The `k` best candidates per query, best first."""
+
+    scores: torch.Tensor
+    """float32 `[num_queries, k]`."""
+    indices: torch.Tensor
+    """int64 `[num_queries, k]`: positions in the index (0 .. len(index) - 1)."""
+    ids: list[list[Any]]
+    """the candidates' ids, `num_queries` lists of `k`."""
+
+
+class _Shard(NamedTuple):
+    embeddings: torch.Tensor  # [n, R_c, D] in the storage dtype (memory-mapped once saved and loaded)
+    scales: torch.Tensor | None  # [n, R_c] float32, int8 storage only
+    ids: list[Any]
+    metadata: list[Any] | None
+
+
+class MetaEmbedIndex:
+    """Candidate multi-vectors with ids and optional metadata; search at any budget (r_q, r_c).
+
+    Args:
+        dim: vector dimension D.
+        num_vectors: vectors stored per candidate (R_c, or fewer: a budget's r_c cannot exceed it).
+        storage: "float32", "float16" (half the bytes, same ranking in practice) or "int8" (a quarter, one
+            float32 scale per vector: `vector = int8 * scale`). Scores are always computed in float32.
+        model_name_or_path: recorded in `index.json`, so `metaembed search` knows which model encodes queries.
+
+    Example:
+        >>> index = MetaEmbedIndex(dim=128, num_vectors=64, storage="float16")
+        >>> index.add(model.encode_candidates(images), ids=paths)
+        >>> results = index.search(model.encode_queries(["a red car"]), 4, 8, top_k=10)
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_vectors: int,
+        storage: str = "float32",
+        model_name_or_path: str | None = None,
+    ) -> None:
+        for name, value in (("dim", dim), ("num_vectors", num_vectors)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if storage not in STORAGE_DTYPES:
+            raise ValueError(f"storage must be one of {sorted(STORAGE_DTYPES)}, got {storage!r}")
+        self.dim, self.num_vectors, self.storage = int(dim), int(num_vectors), storage
+        self.model_name_or_path = model_name_or_path
+        self._shards: list[_Shard] = []
+        self._id_positions: dict[Any, int] = {}
+        self._ann: Any = None
+        self._ann_vectors = 0
+
+    # -- adding --------------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return sum(len(shard.ids) for shard in self._shards)
+
+    @property
+    def has_metadata(self) -> bool:
+        return any(shard.metadata is not None for shard in self._shards)
+
+    def add(
+        self,
+        embeddings: torch.Tensor | Any,
+        ids: Sequence[Any] | None = None,
+        metadata: Sequence[Any] | None = None,
+    ) -> None:
+        """Append candidates.
+
+        Args:
+            embeddings: float `[n, R, D]` (tensor or numpy array) with R >= `num_vectors`; the first
+                `num_vectors` are kept. Convert from the model's output unchanged (L2-normalised).
+            ids: `n` unique str or int ids (default: the positions `len(index) ... len(index) + n - 1`).
+            metadata: `n` JSON-serialisable values returned with results (e.g. file paths, captions).
+
+        Nothing is added if any argument is invalid. An ANN index built before is dropped (rebuild it).
+        """
+        if not isinstance(embeddings, torch.Tensor):
+            try:
+                embeddings = torch.as_tensor(embeddings)
+            except (TypeError, ValueError, RuntimeError) as error:
+                raise TypeError(
+                    f"embeddings must be a float tensor or array [n, R, D], got {type(embeddings).__name__}"
+                ) from error
+        if embeddings.ndim != 3 or not embeddings.dtype.is_floating_point:
+            raise ValueError(
+                f"embeddings must be a float tensor of shape [n, R, D], got {embeddings.dtype} {list(embeddings.shape)}"
+            )
+        count, width, dim = embeddings.shape
+        if dim != self.dim:
+            raise ValueError(f"embeddings have dim {dim}, the index holds dim {self.dim}")
+        if width < self.num_vectors:
+            raise ValueError(f"embeddings have {width} vectors per item, the index stores {self.num_vectors}")
+        if count == 0:
+            raise ValueError("embeddings is empty: nothing to add")
+        if not bool(torch.isfinite(embeddings).all()):
+            row = int((~torch.isfinite(embeddings)).flatten(1).any(1).nonzero()[0, 0])
+            raise ValueError(f"embeddings[{row}] contains NaN or infinite values")
+        ids = self._check_ids(ids, count)
+        if metadata is not None:
+            metadata = list(metadata)
+            if len(metadata) != count:
+                raise ValueError(f"got {len(metadata)} metadata values for {count} embeddings")
+            for index, value in enumerate(metadata):
+                try:
+                    json.dumps(value)
+                except (TypeError, ValueError) as error:
+                    raise TypeError(f"metadata[{index}] is not JSON-serialisable: {error}") from error
+        stored, scales = _quantize(embeddings[:, : self.num_vectors].detach().cpu(), self.storage)
+        start = len(self)
+        self._shards.append(_Shard(stored, scales, ids, metadata))
+        self._id_positions.update((identifier, start + offset) for offset, identifier in enumerate(ids))
+        self._ann = None
+
+    def _check_ids(self, ids: Sequence[Any] | None, count: int) -> list[Any]:
+        start = len(self)
+        if ids is None:
+            ids = list(range(start, start + count))
+        else:
+            if isinstance(ids, (str, bytes)):
+                raise TypeError("ids must be a sequence of str or int, got a single string")
+            ids = list(ids)
+            if len(ids) != count:
+                raise ValueError(f"got {len(ids)} ids for {count} embeddings")
+        seen = set()
+        for index, identifier in enumerate(ids):
+            if isinstance(identifier, bool) or not isinstance(identifier, (str, numbers.Integral)):
+                raise TypeError(f"ids[{index}] must be a str or int, got {type(identifier).__name__}")
+            if identifier in seen or identifier in self._id_positions:
+                raise ValueError(f"ids[{index}] = {identifier!r} is already in the index")
+            seen.add(identifier)
+        return [identifier if isinstance(identifier, str) else int(identifier) for identifier in ids]
+
+    # -- reading -------------------------------------------------------------------------------------------
+
+    @property
+    def ids(self) -> list[Any]:
+        return [identifier for shard in self._shards for identifier in shard.ids]
+
+    def metadata(self, position: int) -> Any:
+        """The metadata of the candidate at `position` (None if it has none)."""
+        shard, local = self._locate(position)
+        return None if shard.metadata is None else shard.metadata[local]
+
+    def position(self, identifier: Any) -> int:
+        """The position of the candidate with id `identifier`."""
+        if identifier not in self._id_positions:
+            raise KeyError(f"id {identifier!r} is not in the index")
+        return self._id_positions[identifier]
+
+    def get_embeddings(self, positions: Sequence[int] | torch.Tensor, num_vectors: int | None = None) -> torch.Tensor:
+        """float32 `[len(positions), num_vectors, D]`: stored candidates (dequantised), in the order given."""
+        num_vectors = check_num_vectors(num_vectors, self.num_vectors, "num_vectors")
+        positions = torch.as_tensor(positions, dtype=torch.long).reshape(-1)
+        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= len(self)):
+            raise IndexError(f"positions must lie in 0..{len(self) - 1}")
+        result = torch.empty(positions.numel(), num_vectors, self.dim)
+        start = 0
+        for shard in self._shards:
+            end = start + len(shard.ids)
+            selected = ((positions >= start) & (positions < end)).nonzero().flatten()
+            if selected.numel():
+                local = positions[selected] - start
+                result[selected] = _dequantize(
+                    shard.embeddings[local, :num_vectors],
+                    None if shard.scales is None else shard.scales[local, :num_vectors],
+                )
+            start = end
+        return result
+
+    def _locate(self, position: int) -> tuple[_Shard, int]:
+        if not 0 <= position < len(self):
+            raise IndexError(f"position {position} is out of range for an index of {len(self)} candidates")
+        for shard in self._shards:
+            if position < len(shard.ids):
+                return shard, position
+            position -= len(shard.ids)
+        raise AssertionError("unreachable")
+
+    def _blocks(self, num_vectors: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(start position, candidates `[n, >= num_vectors, D]`) over the whole index, float32 / float16 shards as
+        they are (the scorer reads only the first `num_vectors`), int8 ones dequantised a block at a time."""
+        start = 0
+        for shard in self._shards:
+            if shard.scales is None:
+                yield start, shard.embeddings
+            else:
+                block = max(1, _BLOCK_ELEMENTS // (num_vectors * self.dim))
+                for offset in range(0, len(shard.ids), block):
+                    end = offset + block
+                    yield (
+                        start + offset,
+                        _dequantize(shard.embeddings[offset:end, :num_vectors], shard.scales[offset:end, :num_vectors]),
+                    )
+            start += len(shard.ids)
+
+    # -- search --------------------------------------------------------------------------------------------
+
+    def search(
+        self,
+        queries: torch.Tensor,
+        num_query_vectors: int | None = None,
+        num_candidate_vectors: int | None = None,
+        top_k: int = 10,
+        shortlist_size: int | None = None,
+    ) -> SearchResults:
+        """The `top_k` best candidates per query at the budget (r_q, r_c).
+
+        Args:
+            queries: float `[Q, R_q, D]` query embeddings (e.g. `model.encode_queries(texts)`).
+            num_query_vectors / num_candidate_vectors: the budget; `None` uses all vectors.
+            top_k: results per query (clipped to the index size).
+            shortlist_size: `None` scores every candidate (exact). An int S runs two stages: the ANN index
+                (`build_ann`, built on first use) returns the S candidates whose first vectors best match the
+                query's first vector(s), and only those are scored exactly at the budget.
+
+        Returns:
+            `SearchResults(scores [Q, k] float32, indices [Q, k] int64, ids)`, best first.
+        """
+        if len(self) == 0:
+            raise ValueError("the index is empty: add candidates before searching")
+        queries = _check_queries(queries, self.dim)
+        num_candidate_vectors = check_num_vectors(num_candidate_vectors, self.num_vectors, "num_candidate_vectors")
+        num_query_vectors = check_num_vectors(num_query_vectors, queries.shape[1], "num_query_vectors")
+        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
+            raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+        top_k = min(int(top_k), len(self))
+        queries = queries[:, :num_query_vectors].float()
+        if shortlist_size is None:
+            scores, indices = self._search_exhaustive(queries, num_candidate_vectors, top_k)
+        else:
+            if isinstance(shortlist_size, bool) or not isinstance(shortlist_size, numbers.Integral):
+                raise TypeError(f"shortlist_size must be a positive int or None, got {shortlist_size!r}")
+            if shortlist_size < top_k:
+                raise ValueError(f"shortlist_size ({shortlist_size}) must be at least top_k ({top_k})")
+            scores, indices = self._search_two_stage(queries, num_candidate_vectors, top_k, int(shortlist_size))
+        all_ids = self.ids
+        return SearchResults(scores, indices, [[all_ids[int(i)] for i in row] for row in indices])
+
+    def _search_exhaustive(
+        self, queries: torch.Tensor, num_candidate_vectors: int, top_k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        best_scores = best_indices = None
+        for start, block in self._blocks(num_candidate_vectors):
+            top = late_interaction_scores(queries, block, None, num_candidate_vectors, top_k=top_k)
+            best_scores, best_indices = merge_top_k(best_scores, best_indices, top.scores, top.indices + start, top_k)
+        return best_scores, best_indices
+
+    def _search_two_stage(
+        self, queries: torch.Tensor, num_candidate_vectors: int, top_k: int, shortlist_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._ann is None:
+            self.build_ann()
+        shortlist_size = min(shortlist_size, len(self))
+        shortlists = self.ann_search(queries, shortlist_size)
+        scores = torch.empty(len(queries), top_k)
+        indices = torch.empty(len(queries), top_k, dtype=torch.long)
+        for row, shortlist in enumerate(shortlists):
+            candidates = self.get_embeddings(shortlist, num_candidate_vectors)
+            top = late_interaction_scores(queries[row : row + 1], candidates, top_k=top_k)
+            scores[row], indices[row] = top.scores[0], shortlist[top.indices[0]]
+        return scores, indices
+
+    # -- first stage: approximate nearest neighbours -------------------------------------------------------
+
+    def build_ann(self, num_vectors: int = 1, hnsw_neighbors: int = 32, ef_search: int | None = None) -> None:
+        """Build the first-stage index: faiss HNSW (inner product) over each candidate's first `num_vectors`
+        vectors (1 = the (1,1) MMR vector; more recalls better at the cost of a larger graph). Needs the
+        `[search]` extra (faiss-cpu)."""
+        faiss = _import_faiss()
+        num_vectors = check_num_vectors(num_vectors, self.num_vectors, "num_vectors")
+        index = faiss.IndexHNSWFlat(self.dim, hnsw_neighbors, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = max(40, 2 * hnsw_neighbors)
+        for _, block in self._blocks(num_vectors):
+            index.add(block[:, :num_vectors].float().reshape(-1, self.dim).contiguous().numpy())
+        self._ann, self._ann_vectors, self._ann_ef_search = index, num_vectors, ef_search
+
+    def ann_search(self, queries: torch.Tensor, shortlist_size: int) -> list[torch.Tensor]:
+        """First stage: per query, up to `shortlist_size` candidate positions (int64 `[<= S]`) whose first
+        vectors are nearest (inner product) to the query's first vector. Every indexed vector of a candidate
+        counts, so with `build_ann(num_vectors > 1)` a shortlist holds the owners of the best vectors."""
+        if self._ann is None:
+            self.build_ann()
+        queries = _check_queries(queries, self.dim)
+        searched = shortlist_size * self._ann_vectors  # several vectors of one candidate may come back
+        # Search parameters per call, not set on the shared index: concurrent searches stay independent.
+        parameters = _import_faiss().SearchParametersHNSW(efSearch=max(self._ann_ef_search or 0, searched))
+        _, vector_ids = self._ann.search(queries[:, 0].float().contiguous().numpy(), searched, params=parameters)
+        shortlists = []
+        for row in vector_ids:
+            # Owners in ANN rank order, each once (dict keeps the first occurrence); -1 marks missing hits.
+            owners = dict.fromkeys(int(vector) // self._ann_vectors for vector in row if vector >= 0)
+            shortlists.append(torch.tensor(list(owners)[:shortlist_size], dtype=torch.long))
+        return shortlists
+
+    # -- persistence ---------------------------------------------------------------------------------------
+
+    def save(self, folder: str, max_shard_candidates: int | None = None) -> None:
+        """Write the index as safetensors shards + JSON (see the module docstring) and the ANN index, if built.
+
+        Args:
+            folder: created if missing; an index already there is replaced.
+            max_shard_candidates: split into shards of at most this many candidates (default: one per `add`).
+        """
+        os.makedirs(folder, exist_ok=True)
+        for stale in glob.glob(os.path.join(folder, "shard-*")) + glob.glob(os.path.join(folder, "ann-*.faiss")):
+            os.remove(stale)
+        pieces = list(self._pieces(max_shard_candidates))
+        for number, (embeddings, scales, ids, metadata) in enumerate(pieces):
+            write_shard(folder, number, len(pieces), embeddings, scales, ids, metadata)
+        self._write_manifest(folder)
+        if self._ann is not None:
+            _import_faiss().write_index(self._ann, os.path.join(folder, f"ann-{self._ann_vectors}.faiss"))
+
+    def _pieces(self, max_shard_candidates: int | None) -> Iterator[tuple[Any, ...]]:
+        for shard in self._shards:
+            size = max_shard_candidates or len(shard.ids)
+            for offset in range(0, len(shard.ids), size):
+                end = offset + size
+                yield (
+                    shard.embeddings[offset:end],
+                    None if shard.scales is None else shard.scales[offset:end],
+                    shard.ids[offset:end],
+                    None if shard.metadata is None else shard.metadata[offset:end],
+                )
+
+    def _write_manifest(self, folder: str) -> None:
+        manifest = {
+            "format": INDEX_FORMAT,
+            "version": 1,
+            "dim": self.dim,
+            "num_vectors": self.num_vectors,
+            "storage": self.storage,
+            "model_name_or_path": self.model_name_or_path,
+        }
+        _write_json_atomically(os.path.join(folder, "index.json"), manifest)
+
+    @classmethod
+    def load(cls, folder: str, mmap: bool = True) -> MetaEmbedIndex:
+        """Open a saved index. With `mmap` (default) the shards are memory-mapped: opening is instant and
+        only the pages a search touches are read (a budget's first r_c vectors)."""
+        manifest_path = os.path.join(folder, "index.json")
+        if not os.path.isfile(manifest_path):
+            raise FileNotFoundError(f"{folder} is not a MetaEmbed index (no index.json)")
+        with open(manifest_path, encoding="utf-8") as file:
+            manifest = json.load(file)
+        if manifest.get("format") != INDEX_FORMAT:
+            raise ValueError(f"{manifest_path} is not a MetaEmbed index manifest")
+        index = cls(manifest["dim"], manifest["num_vectors"], manifest["storage"], manifest.get("model_name_or_path"))
+        shard_files = sorted(path for path in os.listdir(folder) if _SHARD_PATTERN.match(path))
+        if not shard_files:
+            raise ValueError(f"{folder} holds no shards")
+        groups: dict[int, set[int]] = {}
+        for name in shard_files:
+            number, total = map(int, _SHARD_PATTERN.match(name).groups())
+            groups.setdefault(total, set()).add(number)
+        for total, numbers_found in groups.items():
+            missing = sorted(set(range(total)) - numbers_found)
+            if missing:
+                raise ValueError(f"{folder}: shard(s) {missing} of {total} are missing (an interrupted encode?)")
+        for name in shard_files:
+            path = os.path.join(folder, name)
+            tensors = _read_safetensors(path, mmap)
+            with open(path.removesuffix(".safetensors") + ".json", encoding="utf-8") as file:
+                sidecar = json.load(file)
+            embeddings, scales = tensors["embeddings"], tensors.get("scales")
+            if (
+                embeddings.shape[1:] != (index.num_vectors, index.dim)
+                or embeddings.dtype != STORAGE_DTYPES[index.storage]
+            ):
+                raise ValueError(
+                    f"{path} holds {embeddings.dtype} {list(embeddings.shape)}, expected {index.storage} "
+                    f"[n, {index.num_vectors}, {index.dim}]"
+                )
+            if len(sidecar["ids"]) != len(embeddings):
+                raise ValueError(f"{path}: {len(sidecar['ids'])} ids for {len(embeddings)} candidates")
+            start = len(index)
+            index._shards.append(_Shard(embeddings, scales, sidecar["ids"], sidecar.get("metadata")))
+            for offset, identifier in enumerate(sidecar["ids"]):
+                if identifier in index._id_positions:
+                    raise ValueError(f"{path}: id {identifier!r} appears in more than one shard")
+                index._id_positions[identifier] = start + offset
+        ann_files = glob.glob(os.path.join(folder, "ann-*.faiss"))
+        if ann_files:
+            faiss = _import_faiss()
+            index._ann = faiss.read_index(ann_files[0])
+            index._ann_vectors = int(re.search(r"ann-(\d+)\.faiss$", ann_files[0]).group(1))
+            index._ann_ef_search = None
+            if index._ann.ntotal != len(index) * index._ann_vectors:
+                index._ann = None  # stale: shards were added after it was built
+        return index
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Helpers
+# ------------------------------------------------------------------------------------------------------------
+
+
+def write_shard(
+    folder: str,
+    number: int,
+    total: int,
+    embeddings: torch.Tensor,
+    scales: torch.Tensor | None,
+    ids: list[Any],
+    metadata: list[Any] | None,
+) -> None:
+    """Write shard `number` of `total` (stored embeddings `[n, R, D]`, int8 scales `[n, R]`, ids, metadata).
+    Files are written under a temporary name and renamed, so a reader never sees half a shard."""
+    stem = os.path.join(folder, f"shard-{number:05d}-of-{total:05d}")
+    tensors = {"embeddings": embeddings.contiguous()}
+    if scales is not None:
+        tensors["scales"] = scales.contiguous()
+    save_file(tensors, stem + ".safetensors.tmp")
+    _write_json_atomically(stem + ".json", {"ids": ids, "metadata": metadata})
+    os.replace(stem + ".safetensors.tmp", stem + ".safetensors")
+
+
+def _write_json_atomically(path: str, value: Any) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as file:
+        json.dump(value, file)
+    os.replace(path + ".tmp", path)
+
+
+def _read_safetensors(path: str, mmap: bool) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file; with `mmap`, views of a copy-on-write memory map of the file (the same
+    mechanism as `torch.load(mmap=True)`), so nothing is read until used."""
+    if not mmap:
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    with open(path, "rb") as file:
+        header_size = int.from_bytes(file.read(8), "little")
+        header = json.loads(file.read(header_size))
+    size = os.path.getsize(path)
+    storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
+    data_start = 8 + header_size
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+        begin, _ = entry["data_offsets"]
+        element_size = torch.empty((), dtype=dtype).element_size()
+        offset = data_start + begin
+        if offset % element_size:
+            raise ValueError(f"{path}: tensor {name} is not aligned for memory mapping")
+        tensor = torch.empty(0, dtype=dtype)
+        tensor.set_(storage, offset // element_size, entry["shape"])
+        tensors[name] = tensor
+    return tensors
+
+
+def _quantize(embeddings: torch.Tensor, storage: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`embeddings` in the storage dtype; int8 with one float32 scale per vector (symmetric, max-abs)."""
+    if storage != "int8":
+        return embeddings.to(STORAGE_DTYPES[storage]).contiguous(), None
+    embeddings = embeddings.float()
+    scales = embeddings.abs().amax(dim=-1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
+    quantized = torch.round(embeddings / scales.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
+    return quantized.contiguous(), scales.contiguous()
+
+
+def _dequantize(stored: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    """float32 `[n, r, D]` from stored vectors (and int8 scales `[n, r]`)."""
+    if scales is None:
+        return stored.float()
+    return stored.float() * scales.float().unsqueeze(-1)
+
+
+def _check_queries(queries: Any, dim: int) -> torch.Tensor:
+    if not isinstance(queries, torch.Tensor):
+        raise TypeError(f"queries must be a float tensor [Q, R_q, D], got {type(queries).__name__}")
+    if queries.ndim == 2:
+        raise ValueError(
+            f"queries must have shape [Q, R_q, D]; for one query use queries.unsqueeze(0), got {list(queries.shape)}"
+        )
+    if queries.ndim != 3 or not queries.dtype.is_floating_point or queries.shape[0] == 0:
+        raise ValueError(
+            f"queries must be a non-empty float tensor [Q, R_q, D], got {queries.dtype} {list(queries.shape)}"
+        )
+    if queries.shape[2] != dim:
+        raise ValueError(f"queries have dim {queries.shape[2]}, the index holds dim {dim}")
+    return queries.detach().cpu()
+
+
+def _import_faiss() -> Any:
+    try:
+        import faiss
+    except ImportError as error:
+        raise ImportError(
+            "two-stage search needs faiss: pip install 'metaembed[search]' (or faiss-cpu / faiss-gpu)"
+        ) from error
+    return faiss

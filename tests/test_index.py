@@ -1,0 +1,239 @@
+"""MetaEmbedIndex: exact search against a plain reference, storage dtypes, memory-mapped shards, two-stage
+search, bad input, threads; the Qdrant adapter against the index."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from index_metaembed import MetaEmbedIndex
+from scoring_metaembed import MMR_BUDGETS
+
+DIM, NUM_VECTORS = 16, 64
+
+
+def unit_vectors(*shape: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=generator), dim=-1)
+
+
+def reference_top_k(queries, candidates, r_q, r_c, k):
+    """Plain MaxSim: sum over the first r_q query vectors of the max over the first r_c candidate vectors."""
+    scores = torch.einsum("qid,cjd->qcij", queries[:, :r_q].double(), candidates[:, :r_c].double())
+    scores = scores.amax(dim=3).sum(dim=2)
+    top = scores.topk(k, dim=1)
+    return top.values, top.indices
+
+
+@pytest.fixture(scope="module")
+def candidates():
+    return unit_vectors(700, NUM_VECTORS, DIM, seed=0)
+
+
+@pytest.fixture(scope="module")
+def queries():
+    return unit_vectors(5, 16, DIM, seed=1)
+
+
+def build(candidates, storage="float32", metadata=True):
+    index = MetaEmbedIndex(DIM, NUM_VECTORS, storage=storage)
+    ids = [f"doc-{i}" for i in range(len(candidates))]
+    values = [{"n": i} for i in range(len(candidates))] if metadata else None
+    split = len(candidates) * 3 // 7  # two adds: results must not depend on how the candidates were added
+    for part in (slice(0, split), slice(split, None)):
+        index.add(candidates[part], ids[part], None if values is None else values[part])
+    return index
+
+
+@pytest.mark.parametrize("budget", MMR_BUDGETS)
+def test_exhaustive_search_matches_reference(candidates, queries, budget):
+    index = build(candidates)
+    r_q, r_c = budget
+    results = index.search(queries, r_q, r_c, top_k=10)
+    expected_scores, expected_indices = reference_top_k(queries, candidates, r_q, r_c, 10)
+    assert results.scores.dtype == torch.float32 and results.indices.dtype == torch.int64
+    assert results.scores.shape == (5, 10)
+    torch.testing.assert_close(results.scores.double(), expected_scores, atol=1e-5, rtol=0)
+    assert torch.equal(results.indices, expected_indices)
+    assert results.ids == [[f"doc-{int(i)}" for i in row] for row in expected_indices]
+    assert index.metadata(int(results.indices[0, 0])) == {"n": int(results.indices[0, 0])}
+
+
+@pytest.mark.parametrize(("storage", "tolerance"), [("float16", 1e-3), ("int8", 5e-3)])
+def test_storage_dtypes_dequantise_closely_and_search_what_is_stored(candidates, queries, storage, tolerance):
+    index = build(candidates, storage)
+    stored = index.get_embeddings(range(len(candidates)))
+    assert stored.dtype == torch.float32
+    assert (stored - candidates).abs().max() <= tolerance
+    results = index.search(queries, 4, 8, top_k=10)
+    expected_scores, expected_indices = reference_top_k(queries, stored, 4, 8, 10)
+    torch.testing.assert_close(results.scores.double(), expected_scores, atol=1e-5, rtol=0)
+    assert torch.equal(results.indices, expected_indices)
+
+
+def test_int8_is_a_quarter_of_float32_plus_scales(candidates, tmp_path):
+    sizes = {}
+    for storage in ("float32", "float16", "int8"):
+        build(candidates, storage).save(str(tmp_path / storage))
+        folder = tmp_path / storage
+        sizes[storage] = sum(os.path.getsize(folder / name) for name in os.listdir(folder) if name.endswith("tensors"))
+    payload = len(candidates) * NUM_VECTORS * DIM
+    assert sizes["float32"] == pytest.approx(4 * payload, rel=0.01)
+    assert sizes["float16"] == pytest.approx(2 * payload, rel=0.01)
+    assert sizes["int8"] == pytest.approx(payload + 4 * len(candidates) * NUM_VECTORS, rel=0.01)
+
+
+@pytest.mark.parametrize("storage", ["float32", "float16", "int8"])
+def test_save_load_round_trip_is_exact_and_memory_mapped(candidates, queries, tmp_path, storage):
+    index = build(candidates, storage)
+    index.save(str(tmp_path), max_shard_candidates=256)
+    shard_files = sorted(name for name in os.listdir(tmp_path) if name.endswith(".safetensors"))
+    # Each add is split on its own: 300 -> 256 + 44, 400 -> 256 + 144.
+    assert shard_files == [f"shard-0000{i}-of-00004.safetensors" for i in range(4)]
+    loaded = MetaEmbedIndex.load(str(tmp_path))
+    assert len(loaded) == len(index) and loaded.ids == index.ids and loaded.storage == storage
+    assert torch.equal(loaded.get_embeddings(range(len(index))), index.get_embeddings(range(len(index))))
+    embeddings = loaded._shards[0].embeddings
+    # A view into a mapping of the whole file, not a copy of the tensor.
+    assert embeddings.untyped_storage().nbytes() == os.path.getsize(tmp_path / shard_files[0])
+    for r_q, r_c in ((1, 1), (16, 64)):
+        before, after = index.search(queries, r_q, r_c, top_k=7), loaded.search(queries, r_q, r_c, top_k=7)
+        assert torch.equal(before.scores, after.scores) and torch.equal(before.indices, after.indices)
+    assert loaded.metadata(5) == {"n": 5} and loaded.position("doc-650") == 650
+    not_mapped = MetaEmbedIndex.load(str(tmp_path), mmap=False)
+    assert torch.equal(not_mapped.get_embeddings([0, 699]), index.get_embeddings([0, 699]))
+
+
+def test_load_refuses_missing_shards_and_foreign_folders(candidates, tmp_path):
+    build(candidates).save(str(tmp_path), max_shard_candidates=300)
+    os.remove(tmp_path / "shard-00001-of-00003.safetensors")
+    with pytest.raises(ValueError, match=r"shard\(s\) \[1\] of 3 are missing"):
+        MetaEmbedIndex.load(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"no index\.json"):
+        MetaEmbedIndex.load(str(tmp_path / "nowhere"))
+
+
+def test_two_stage_search_reranks_the_ann_shortlist_exactly(candidates, queries):
+    index = build(candidates)
+    index.build_ann()
+    # A shortlist of everything is the exhaustive search.
+    full = index.search(queries, 16, 64, top_k=10, shortlist_size=len(candidates))
+    exhaustive = index.search(queries, 16, 64, top_k=10)
+    assert torch.equal(full.indices, exhaustive.indices)
+    torch.testing.assert_close(full.scores, exhaustive.scores, atol=1e-5, rtol=0)
+    # A short list: the first stage finds the first vectors nearest the query's first vector ...
+    shortlists = index.ann_search(queries, 50)
+    first_vector_scores = queries[:, 0] @ candidates[:, 0].T
+    for shortlist, scores in zip(shortlists, first_vector_scores):
+        assert len(shortlist) == 50 == len(set(shortlist.tolist()))
+        brute_force = set(scores.topk(50).indices.tolist())
+        assert len(brute_force & set(shortlist.tolist())) >= 45  # approximate, but close on 700 points
+    # ... and the second stage scores those exactly, keeping the best.
+    results = index.search(queries, 16, 64, top_k=10, shortlist_size=50)
+    for row, shortlist in enumerate(shortlists):
+        expected_scores, expected_positions = reference_top_k(queries[row : row + 1], candidates[shortlist], 16, 64, 10)
+        assert torch.equal(results.indices[row], shortlist[expected_positions[0]])
+        torch.testing.assert_close(results.scores[row].double(), expected_scores[0], atol=1e-5, rtol=0)
+
+
+def test_ann_over_several_vectors_returns_each_candidate_once(candidates, queries, tmp_path):
+    index = build(candidates)
+    index.build_ann(num_vectors=4)
+    for shortlist in index.ann_search(queries, 40):
+        assert len(shortlist) == 40 == len(set(shortlist.tolist()))
+    index.save(str(tmp_path))
+    loaded = MetaEmbedIndex.load(str(tmp_path))
+    assert loaded._ann is not None and loaded._ann_vectors == 4
+    assert [s.tolist() for s in loaded.ann_search(queries, 40)] == [s.tolist() for s in index.ann_search(queries, 40)]
+
+
+def test_bad_input_names_the_problem_and_adds_nothing(candidates, queries):
+    index = build(candidates[:10], metadata=False)
+    cases = [
+        (lambda: index.add(candidates[:2, :, :8]), ValueError, "dim 8"),
+        (lambda: index.add(candidates[:2, :4]), ValueError, "4 vectors per item"),
+        (lambda: index.add(candidates[:2], ids=["a", "doc-3"]), ValueError, r"ids\[1\] = 'doc-3' is already"),
+        (lambda: index.add(candidates[:2], ids=["a", "a"]), ValueError, r"ids\[1\] = 'a'"),
+        (lambda: index.add(candidates[:2], ids=["a", 1.5]), TypeError, r"ids\[1\]"),
+        (lambda: index.add(candidates[:2], ids=["a"]), ValueError, "1 ids for 2"),
+        (lambda: index.add(candidates[:2], metadata=[{}, {"x": object()}]), TypeError, r"metadata\[1\]"),
+        (lambda: index.add(torch.cat([candidates[:1], torch.full((1, 64, 16), float("nan"))])), ValueError, r"\[1\]"),
+        (lambda: index.add(candidates[:0]), ValueError, "empty"),
+        (lambda: index.add("vectors"), TypeError, "float tensor"),
+        (lambda: index.search(queries[0]), ValueError, "unsqueeze"),
+        (lambda: index.search(queries, 17, 8), ValueError, "num_query_vectors"),
+        (lambda: index.search(queries, 1, 65), ValueError, "num_candidate_vectors"),
+        (lambda: index.search(queries, 1, 1, top_k=0), ValueError, "top_k"),
+        (lambda: index.search(queries, 1, 1, top_k=10, shortlist_size=5), ValueError, "at least top_k"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+    assert len(index) == 10 and index.ids == [f"doc-{i}" for i in range(10)]
+    with pytest.raises(ValueError, match="empty"):
+        MetaEmbedIndex(DIM, NUM_VECTORS).search(queries)
+    with pytest.raises(ValueError, match="storage"):
+        MetaEmbedIndex(DIM, NUM_VECTORS, storage="bfloat8")
+
+
+def test_concurrent_searches_equal_sequential(candidates, queries):
+    index = build(candidates, "int8")
+    index.build_ann()
+    settings = [(1, 1, None), (4, 8, None), (16, 64, 40), (2, 4, 100)] * 3
+    expected = [index.search(queries, r_q, r_c, 5, shortlist) for r_q, r_c, shortlist in settings]
+    results = [None] * len(settings)
+
+    def run(slot):
+        r_q, r_c, shortlist = settings[slot]
+        results[slot] = index.search(queries, r_q, r_c, 5, shortlist)
+
+    threads = [threading.Thread(target=run, args=(slot,)) for slot in range(len(settings))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for got, want in zip(results, expected):
+        assert torch.equal(got.indices, want.indices) and torch.equal(got.scores, want.scores)
+
+
+def test_saved_index_files_are_json_and_safetensors_only(candidates, tmp_path):
+    index = MetaEmbedIndex(DIM, NUM_VECTORS)
+    index.add(candidates[:10])
+    index.add(candidates[10:20])
+    index.build_ann()
+    index.save(str(tmp_path))
+    names = sorted(os.listdir(tmp_path))
+    shards = [f"shard-0000{i}-of-00002.{extension}" for i in range(2) for extension in ("json", "safetensors")]
+    assert names == ["ann-1.faiss", "index.json", *shards]
+    manifest = json.loads((tmp_path / "index.json").read_text())
+    assert manifest["dim"] == DIM and manifest["num_vectors"] == NUM_VECTORS and manifest["storage"] == "float32"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Qdrant
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_qdrant_local_mode_returns_the_index_results(candidates, queries):
+    qdrant_client = pytest.importorskip("qdrant_client")
+    from qdrant_metaembed import MetaEmbedQdrant
+
+    index = build(candidates[:200])
+    store = MetaEmbedQdrant(qdrant_client.QdrantClient(":memory:"), "metaembed")
+    store.create(DIM)
+    store.add_index(index)
+    for r_q, r_c in MMR_BUDGETS:
+        expected = index.search(queries, r_q, r_c, top_k=10)
+        got, payloads = store.search(queries, r_q, r_c, top_k=10, with_payload=True)
+        assert got.ids == expected.ids
+        torch.testing.assert_close(got.scores, expected.scores, atol=1e-5, rtol=0)
+        assert payloads[0][0] == {"n": int(expected.indices[0, 0])}
+    with pytest.raises(ValueError, match="not stored"):
+        store.search(queries, 1, 2)
+    with pytest.raises(ValueError, match="up to 64"):
+        store.add(candidates[:2, :8])
