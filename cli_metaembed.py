@@ -1,9 +1,10 @@
-"""The `metaembed` command line: `demo` (the end-to-end main job) and `train`."""
+"""The `metaembed` command line: `demo` (the end-to-end main job), `train`, `index` and `search`."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,140 @@ def run_train(arguments: argparse.Namespace) -> None:
     print(f"saved the trained model to {arguments.output_dir}")
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def read_corpus(path: str) -> tuple[list[Any], list[Any], list[Any]]:
+    """(items, ids, metadata) of a corpus to index.
+
+    - a folder: every image file below it (sorted); id = the path relative to the folder.
+    - a .jsonl file: one object per line with "text" and/or "image" (path relative to the file) and an optional
+      "id"; any other fields become the metadata.
+    - any other file: one text per non-empty line; id = the line number.
+    """
+    if os.path.isdir(path):
+        files = sorted(
+            os.path.relpath(os.path.join(folder, name), path)
+            for folder, _, names in os.walk(path)
+            for name in names
+            if name.lower().endswith(IMAGE_EXTENSIONS)
+        )
+        if not files:
+            raise ValueError(f"{path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        return [{"image": os.path.join(path, name)} for name in files], files, [{"path": name} for name in files]
+    items, ids, metadata = [], [], []
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            if not path.endswith(".jsonl"):
+                items.append(line.rstrip("\n"))
+                ids.append(number)
+                metadata.append({"text": line.strip()})
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number} is not valid JSON: {error}") from error
+            if not isinstance(row, dict) or not ({"text", "image"} & row.keys()):
+                raise ValueError(f"{path}:{number} must be a JSON object with 'text' and/or 'image'")
+            item = {key: row[key] for key in ("text", "image") if key in row}
+            items.append(_resolve_images(item, Path(path).resolve().parent))
+            ids.append(row.get("id", number))
+            metadata.append({key: value for key, value in row.items() if key != "id"})
+    if not items:
+        raise ValueError(f"{path} holds no items")
+    return items, ids, metadata
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) from the environment torchrun / accelerate launch set; (0, 1) otherwise."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def load_model(name_or_path: str, dtype: str, device: str | None) -> Any:
+    from transformers import AutoModel
+
+    options: dict[str, Any] = {"trust_remote_code": True}
+    if dtype != "auto":
+        options["dtype"] = dtype
+    model = AutoModel.from_pretrained(name_or_path, **options)
+    if device is None and os.environ.get("LOCAL_RANK") is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+    return model.to(device) if device else model
+
+
+def run_index(arguments: argparse.Namespace) -> None:
+    """Encode a corpus into a MetaEmbedIndex folder. Under torchrun / accelerate launch every process encodes
+    its share of the shards (no communication); shards already written are skipped, so a rerun resumes."""
+    from index_metaembed import MetaEmbedIndex, quantize, write_shard
+
+    items, ids, metadata = read_corpus(arguments.input)
+    rank, world_size = distributed_rank()
+    model = load_model(arguments.model, arguments.dtype, arguments.device)
+    num_vectors = arguments.num_vectors or model.config.num_candidate_vectors
+    os.makedirs(arguments.output_dir, exist_ok=True)
+    # index.json first (every process writes the same, atomically), so a half-written index is recognisable.
+    model_path = os.path.abspath(arguments.model) if os.path.isdir(arguments.model) else arguments.model
+    MetaEmbedIndex(model.config.output_dim, num_vectors, arguments.storage, model_path).write_manifest(
+        arguments.output_dir
+    )
+    shards = [
+        (start, min(start + arguments.shard_size, len(items))) for start in range(0, len(items), arguments.shard_size)
+    ]
+    for number in range(rank, len(shards), world_size):
+        start, end = shards[number]
+        stem = os.path.join(arguments.output_dir, f"shard-{number:05d}-of-{len(shards):05d}")
+        if os.path.isfile(stem + ".safetensors") and os.path.isfile(stem + ".json"):
+            print(f"[rank {rank}] shard {number + 1}/{len(shards)} exists, skipped", flush=True)
+            continue
+        print(f"[rank {rank}] shard {number + 1}/{len(shards)}: items {start}..{end - 1}", flush=True)
+        embeddings = model.encode_candidates(
+            items[start:end], num_vectors=num_vectors, batch_size=arguments.batch_size, show_progress_bar=True
+        )
+        stored, scales = quantize(embeddings, arguments.storage)
+        write_shard(arguments.output_dir, number, len(shards), stored, scales, ids[start:end], metadata[start:end])
+    print(f"[rank {rank}] done: {arguments.output_dir}", flush=True)
+
+
+def run_search(arguments: argparse.Namespace) -> None:
+    """Encode queries and print the best candidates of an index with their scores."""
+    from index_metaembed import MetaEmbedIndex
+
+    index = MetaEmbedIndex.load(arguments.index)
+    model_name = arguments.model or index.model_name_or_path
+    if not model_name:
+        raise ValueError(f"{arguments.index} records no model: pass --model")
+    model = load_model(model_name, arguments.dtype, arguments.device)
+    queries: list[Any] = list(arguments.queries)
+    if arguments.image:
+        queries += [{"image": path} for path in arguments.image]
+    if not queries:
+        raise ValueError("give at least one query text or --image")
+    num_query_vectors, num_candidate_vectors = arguments.budget
+    embeddings = model.encode_queries(queries, num_vectors=num_query_vectors)
+    results = index.search(
+        embeddings, num_query_vectors, num_candidate_vectors, arguments.top_k, shortlist_size=arguments.shortlist
+    )
+    output = []
+    for query, scores, positions, row_ids in zip(queries, results.scores, results.indices, results.ids):
+        hits = [
+            {"rank": rank, "score": round(float(score), 6), "id": identifier, "metadata": index.metadata(int(position))}
+            for rank, (score, position, identifier) in enumerate(zip(scores, positions, row_ids), start=1)
+        ]
+        output.append({"query": query, "results": hits})
+    if arguments.json:
+        print(json.dumps(output, indent=2))
+        return
+    for entry in output:
+        print(f"query: {entry['query']}")
+        for hit in entry["results"]:
+            print(f"  {hit['rank']:>3}  {hit['score']:9.4f}  {hit['id']}  {json.dumps(hit['metadata'])}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="metaembed", description="MetaEmbed multimodal retrieval")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +258,33 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--gradient-checkpointing", action="store_true")
     train.add_argument("--logging-steps", type=int, default=10)
     train.set_defaults(handler=run_train)
+
+    index = commands.add_parser("index", help="encode a folder of images, a text file or a JSONL file into an index")
+    index.add_argument("model", help="a MetaEmbed folder or repo id")
+    index.add_argument("input", help="a folder of images, a .jsonl file ({text?, image?, id?, ...}) or a text file")
+    index.add_argument("output_dir")
+    index.add_argument("--storage", choices=["float32", "float16", "int8"], default="float16")
+    index.add_argument("--num-vectors", type=int, default=None, help="candidate vectors kept (default: all R_c)")
+    index.add_argument("--batch-size", type=int, default=32)
+    index.add_argument("--shard-size", type=int, default=50_000, help="candidates per shard file")
+    index.add_argument("--dtype", default="auto", help="model dtype: auto, float32, bfloat16, float16")
+    index.add_argument("--device", default=None, help="e.g. cuda:0 (default: the model's; LOCAL_RANK's GPU)")
+    index.set_defaults(handler=run_index)
+
+    search = commands.add_parser("search", help="search an index: queries -> ranked ids with scores")
+    search.add_argument("index")
+    search.add_argument("queries", nargs="*", help="query texts")
+    search.add_argument("--image", action="append", help="an image query (path); repeatable")
+    search.add_argument(
+        "--budget", type=int, nargs=2, default=(None, None), metavar=("R_Q", "R_C"), help="default: all vectors"
+    )
+    search.add_argument("--top-k", type=int, default=10)
+    search.add_argument("--shortlist", type=int, default=None, help="two-stage search with this ANN shortlist")
+    search.add_argument("--model", default=None, help="override the model recorded in the index")
+    search.add_argument("--dtype", default="auto")
+    search.add_argument("--device", default=None)
+    search.add_argument("--json", action="store_true", help="print JSON")
+    search.set_defaults(handler=run_search)
 
     arguments = parser.parse_args(argv)
     arguments.handler(arguments)

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from scoring_metaembed import check_num_vectors, late_interaction_scores, merge_top_k
 
-__all__ = ["STORAGE_DTYPES", "MetaEmbedIndex", "SearchResults", "write_shard"]
+__all__ = ["STORAGE_DTYPES", "MetaEmbedIndex", "SearchResults", "quantize", "write_shard"]
 
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
 INDEX_FORMAT = "metaembed-index"
@@ -148,7 +148,7 @@ class MetaEmbedIndex:
                     json.dumps(value)
                 except (TypeError, ValueError) as error:
                     raise TypeError(f"metadata[{index}] is not JSON-serialisable: {error}") from error
-        stored, scales = _quantize(embeddings[:, : self.num_vectors].detach().cpu(), self.storage)
+        stored, scales = quantize(embeddings[:, : self.num_vectors].detach().cpu(), self.storage)
         start = len(self)
         self._shards.append(_Shard(stored, scales, ids, metadata))
         self._id_positions.update((identifier, start + offset) for offset, identifier in enumerate(ids))
@@ -350,7 +350,7 @@ class MetaEmbedIndex:
         pieces = list(self._pieces(max_shard_candidates))
         for number, (embeddings, scales, ids, metadata) in enumerate(pieces):
             write_shard(folder, number, len(pieces), embeddings, scales, ids, metadata)
-        self._write_manifest(folder)
+        self.write_manifest(folder)
         if self._ann is not None:
             _import_faiss().write_index(self._ann, os.path.join(folder, f"ann-{self._ann_vectors}.faiss"))
 
@@ -366,7 +366,7 @@ class MetaEmbedIndex:
                     None if shard.metadata is None else shard.metadata[offset:end],
                 )
 
-    def _write_manifest(self, folder: str) -> None:
+    def write_manifest(self, folder: str) -> None:
         manifest = {
             "format": INDEX_FORMAT,
             "version": 1,
@@ -493,8 +493,9 @@ def _read_safetensors(path: str, mmap: bool) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _quantize(embeddings: torch.Tensor, storage: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`embeddings` in the storage dtype; int8 with one float32 scale per vector (symmetric, max-abs)."""
+def quantize(embeddings: torch.Tensor, storage: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Float `[n, R, D]` embeddings in a storage dtype: (stored `[n, R, D]`, None), or for "int8" (int8
+    `[n, R, D]`, float32 scales `[n, R]`) with one symmetric max-abs scale per vector."""
     if storage != "int8":
         return embeddings.to(STORAGE_DTYPES[storage]).contiguous(), None
     embeddings = embeddings.float()

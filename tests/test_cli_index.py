@@ -1,0 +1,120 @@
+"""`metaembed index` / `metaembed search`: corpora from folders, JSONL and text files; sharded multi-process
+encoding that equals a single process; resuming; search output equal to the Python API."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, make_model
+from sample_images import make_images
+
+from cli_metaembed import main, read_corpus
+from index_metaembed import MetaEmbedIndex
+
+
+@pytest.fixture(scope="module")
+def model_dir(backbone_dirs, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    make_model(backbone_dirs["qwen2_5_vl"]).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    os.makedirs(folder / "nested")
+    for number, (name, image) in enumerate(make_images().items()):
+        image.convert("RGB").save(folder / ("nested" if number % 2 else "") / f"{name}.png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_read_corpus_folder_jsonl_and_text(image_folder, tmp_path):
+    items, ids, metadata = read_corpus(str(image_folder))
+    assert ids == sorted(ids) and all(name.endswith(".png") for name in ids) and "nested/tall.png" in ids
+    assert items[0] == {"image": os.path.join(str(image_folder), ids[0])} and metadata[0] == {"path": ids[0]}
+    jsonl = tmp_path / "corpus.jsonl"
+    jsonl.write_text(
+        json.dumps({"id": "a", "text": "a caption", "source": "web"})
+        + "\n\n"
+        + json.dumps({"image": "pic.png", "text": "with text"})
+        + "\n"
+    )
+    items, ids, metadata = read_corpus(str(jsonl))
+    assert ids == ["a", 3] and items[0] == {"text": "a caption"}
+    assert items[1] == {"image": str(tmp_path / "pic.png"), "text": "with text"}
+    assert metadata[0] == {"text": "a caption", "source": "web"}
+    text = tmp_path / "corpus.txt"
+    text.write_text("first line\n\nthird line\n")
+    assert read_corpus(str(text))[:2] == (["first line", "third line"], [1, 3])
+    jsonl.write_text('{"text": "ok"}\n{"caption": "no text or image"}\n')
+    with pytest.raises(ValueError, match=r"corpus\.jsonl:2"):
+        read_corpus(str(jsonl))
+    os.makedirs(tmp_path / "empty_folder")
+    with pytest.raises(ValueError, match="no image files"):
+        read_corpus(str(tmp_path / "empty_folder"))
+
+
+def test_index_then_search_equals_the_python_api(model_dir, image_folder, tmp_path, capsys):
+    from transformers import AutoModel
+
+    output = tmp_path / "index"
+    main(["index", model_dir, str(image_folder), str(output), "--storage", "float32", "--shard-size", "3"])
+    index = MetaEmbedIndex.load(str(output))
+    items, ids, _ = read_corpus(str(image_folder))
+    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True)
+    expected = model.encode_candidates(items)
+    assert index.ids == ids and index.model_name_or_path == model_dir
+    torch.testing.assert_close(index.get_embeddings(range(len(index))), expected, atol=1e-5, rtol=0)
+    capsys.readouterr()
+
+    main(["search", str(output), "a red circle", "--image", items[1]["image"], "--budget", "2", "4", "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    queries = model.encode_queries(["a red circle", {"image": items[1]["image"]}])
+    reference = index.search(queries, 2, 4, top_k=10)
+    assert [[hit["id"] for hit in entry["results"]] for entry in printed] == reference.ids
+    assert printed[1]["results"][0]["metadata"] == {"path": reference.ids[1][0]}
+    torch.testing.assert_close(
+        torch.tensor([[hit["score"] for hit in entry["results"]] for entry in printed]),
+        reference.scores,
+        atol=1e-5,
+        rtol=0,
+    )
+    main(["search", str(output), "a red circle", "--top-k", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "query: a red circle" and len(lines) == 3
+
+
+def test_two_processes_write_the_shards_of_one_index_and_resume(model_dir, image_folder, tmp_path):
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    main(["index", model_dir, str(image_folder), str(single), "--storage", "int8", "--shard-size", "2"])
+    command = [sys.executable, "-m", "cli_metaembed", "index", model_dir, str(image_folder), str(sharded)]
+    command += ["--storage", "int8", "--shard-size", "2"]
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "WORLD_SIZE": "2", "HF_HUB_OFFLINE": "1"}
+    processes = [
+        subprocess.Popen(command, env={**environment, "RANK": str(rank)}, stdout=subprocess.PIPE, text=True)
+        for rank in (0, 1)
+    ]
+    outputs = [process.communicate()[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0]
+    assert "[rank 0] shard 1/" in outputs[0] and "[rank 1] shard 2/" in outputs[1]
+    one, two = MetaEmbedIndex.load(str(single)), MetaEmbedIndex.load(str(sharded))
+    assert two.ids == one.ids and len(two._shards) == len(one._shards) > 2
+    torch.testing.assert_close(
+        two.get_embeddings(range(len(two))), one.get_embeddings(range(len(one))), atol=1e-4, rtol=0
+    )
+
+    # Resume: an interrupted run leaves a shard missing; loading says so, a rerun writes only that one.
+    total = len(one._shards)
+    os.remove(sharded / f"shard-00001-of-{total:05d}.safetensors")
+    with pytest.raises(ValueError, match=rf"shard\(s\) \[1\] of {total} are missing"):
+        MetaEmbedIndex.load(str(sharded))
+    rerun = subprocess.run(command, env=environment | {"RANK": "0", "WORLD_SIZE": "1"}, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert rerun.stdout.count("exists, skipped") == total - 1 and f"shard 2/{total}: items 2..3" in rerun.stdout
+    assert MetaEmbedIndex.load(str(sharded)).ids == one.ids
