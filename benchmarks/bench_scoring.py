@@ -45,7 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--query-vectors", type=int, default=16, help="R_q stored per query")
     parser.add_argument("--candidate-vectors", type=int, default=64, help="R_c stored per candidate")
     parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--budgets", nargs="+", default=["1,1", "8,16", "16,64"], help="budgets r_q,r_c to time")
+    parser.add_argument(
+        "--budgets", nargs="+", default=["1,1", "2,4", "4,8", "8,16", "16,64"], help="budgets r_q,r_c to time"
+    )
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--square-size", type=int, default=None, help="default 4096 on CPU, 8192 on GPU")
@@ -57,6 +59,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--with-sentence-transformers",
         action="store_true",
         help="also time sentence_transformers' util.maxsim",
+    )
+    parser.add_argument(
+        "--colpali-python",
+        default=None,
+        help="python of a virtualenv with colpali-engine: also time its score_multi_vector (peer_colpali.py)",
+    )
+    parser.add_argument("--plot", default=None, help="write throughput per budget (and memory) as this PNG")
+    parser.add_argument(
+        "--memory-candidates",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also measure peak extra memory at (16,64) for these candidate counts (for the plot)",
     )
     # Internal: one memory measurement in a fresh process (see measure_cpu_memory).
     parser.add_argument("--memory-probe", nargs=2, metavar=("METHOD", "BUDGET"), help=argparse.SUPPRESS)
@@ -119,6 +134,37 @@ def sentence_transformers_maxsim(
     from sentence_transformers.util import maxsim  # imported here: slow, and only wanted with the flag
 
     return maxsim(queries[:, :num_query_vectors], candidates[:, :num_candidate_vectors])
+
+
+def run_colpali(args: argparse.Namespace, budget: tuple[int, int]) -> tuple[float, torch.Tensor]:
+    """colpali-engine's score_multi_vector in its own virtualenv on the same inputs: (best seconds, scores)."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as folder:
+        output = os.path.join(folder, "scores.safetensors")
+        forwarded = [argument for argument in sys.argv[1:] if argument not in ("--with-sentence-transformers",)]
+        forwarded = strip_option(forwarded, "--colpali-python", "--plot", "--memory-candidates")
+        command = [args.colpali_python, str(Path(__file__).with_name("peer_colpali.py")), output]
+        command += [f"{budget[0]},{budget[1]}", *forwarded]
+        result = subprocess.run(command, check=True, capture_output=True, text=True)
+        seconds = json.loads(result.stdout.strip().splitlines()[-1])["seconds"]
+        return seconds, load_file(output)["scores"]
+
+
+def strip_option(arguments: list[str], *options: str) -> list[str]:
+    """`arguments` without the given options and their values."""
+    kept, skipping = [], False
+    for argument in arguments:
+        if argument in options:
+            skipping = True
+            continue
+        if skipping and not argument.startswith("--"):
+            continue
+        skipping = False
+        kept.append(argument)
+    return kept
 
 
 def synchronize(device: str) -> None:
@@ -191,7 +237,12 @@ def memory_probe(args: argparse.Namespace) -> None:
 
 
 def measure_cpu_memory(args: argparse.Namespace, method: str, budget: tuple[int, int]) -> dict[str, int]:
-    command = [sys.executable, __file__, *sys.argv[1:], "--memory-probe", method, f"{budget[0]},{budget[1]}"]
+    command = [
+        sys.executable,
+        __file__,
+        *strip_option(sys.argv[1:], "--colpali-python", "--plot", "--memory-candidates"),
+    ]
+    command += ["--num-candidates", str(args.num_candidates), "--memory-probe", method, f"{budget[0]},{budget[1]}"]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -234,35 +285,39 @@ def main() -> None:
         gflop = 2 * args.num_queries * budget[0] * args.num_candidates * budget[1] * args.dim / 1e9
         best = time_budget(args, queries, candidates, budget)
         ours = late_interaction_scores(queries, candidates, *budget)
-        difference = (ours - plain_chunked_scores(queries, candidates, *budget, args.plain_chunk_size)).abs().max()
-        rows.append((budget, gflop, best, difference.item()))
+        differences = {
+            name: (ours - function(queries, candidates, *budget)).abs().max().item()
+            for name, function in methods(args).items()
+            if name != "ours"
+        }
+        if args.colpali_python:
+            best["colpali"], colpali_scores = run_colpali(args, budget)
+            differences["colpali"] = (ours - colpali_scores.to(ours.device)).abs().max().item()
+        rows.append((budget, gflop, best, differences))
         del ours
 
     # Measured again after the budgets, best of both: a burst of background load must not lower the ceiling.
     square_gflops = max(square_gflops, square_gemm_gflops(args)[1])
     print(f"(a) square fp32 GEMM {size}x{size}x{size}: {square_gflops:.1f} GFLOP/s (best before/after)")
 
-    extra_columns = [name for name in methods(args) if name not in ("plain", "ours")]
-    header = (
-        f"{'budget':>8} {'GFLOP':>8} {'plain s':>8} {'plain GF/s':>10} {'ours s':>8} {'ours GF/s':>10} "
-        f"{'ours/GEMM':>9} {'ours/plain':>10}"
-        + "".join(f" {name + ' s':>12}" for name in extra_columns)
-        + f" {'max |ours-plain|':>16}"
-    )
+    extra_columns = [name for name in rows[0][2] if name not in ("plain", "ours")]
     print(
         "\n(b) plain chunked matmul+amax+sum vs (c) late_interaction_scores (best of up to "
-        f"{args.repeats} runs; ratios are throughput ratios)"
+        f"{args.repeats} runs); ours/x = how many times faster ours is; max |diff| against ours"
     )
+    header = "| budget | GFLOP | ours s | ours GFLOP/s | ours/GEMM | plain s | ours/plain |"
+    header += "".join(f" {name} s | ours/{name} |" for name in extra_columns) + " max abs diff |"
     print(header)
-    for budget, gflop, best, difference in rows:
-        plain_rate, ours_rate = gflop / best["plain"], gflop / best["ours"]
-        print(
-            f"{f'({budget[0]},{budget[1]})':>8} {gflop:8.2f} {best['plain']:8.3f} {plain_rate:10.1f} "
-            f"{best['ours']:8.3f} {ours_rate:10.1f} {ours_rate / square_gflops:9.2f} "
-            f"{ours_rate / plain_rate:10.2f}"
-            + "".join(f" {best[name]:12.3f}" for name in extra_columns)
-            + f" {difference:16.2e}"
+    print("|" + "---|" * (header.count("|") - 1))
+    for budget, gflop, best, differences in rows:
+        ours_rate = gflop / best["ours"]
+        line = (
+            f"| ({budget[0]},{budget[1]}) | {gflop:.2f} | {best['ours']:.3f} | {ours_rate:.1f} | "
+            f"{ours_rate / square_gflops:.2f} | {best['plain']:.3f} | {best['plain'] / best['ours']:.2f} |"
         )
+        line += "".join(f" {best[name]:.3f} | {best[name] / best['ours']:.2f} |" for name in extra_columns)
+        line += f" {max(differences.values()):.1e} |"
+        print(line)
 
     if args.skip_memory:
         return
@@ -288,6 +343,55 @@ def main() -> None:
             bound = "<=" if memory["extra"] <= memory["slack"] else ""
             cells.append(f"{bound + format(memory['extra'] / 2**20, '.1f'):>10}")
         print(f"{f'({budget[0]},{budget[1]})':>8} {cells[0]} {cells[1]}")
+    memory_rows = []
+    if args.memory_candidates and not on_cuda:
+        print("\nPeak extra memory at (16,64) vs candidates (MiB; includes the result)")
+        print("| candidates | plain | ours |\n|---|---|---|")
+        for count in args.memory_candidates:
+            probe_args = argparse.Namespace(**{**vars(args), "num_candidates": count})
+            plain, ours = (
+                measure_cpu_memory(probe_args, method, (16, 64))["extra"] / 2**20 for method in ("plain", "ours")
+            )
+            memory_rows.append((count, plain, ours))
+            print(f"| {count} | {plain:.0f} | {ours:.0f} |")
+    if args.plot:
+        save_plot(args.plot, rows, square_gflops, memory_rows)
+
+
+def save_plot(path: str, rows: list, square_gflops: float, memory_rows: list) -> None:
+    """Throughput (GFLOP/s) per budget and method, the GEMM ceiling as a line; memory vs candidates."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2 if memory_rows else 1, figsize=(11 if memory_rows else 6, 3.8), squeeze=False)
+    axis = axes[0][0]
+    labels = [f"({budget[0]},{budget[1]})" for budget, *_ in rows]
+    names = list(rows[0][2])
+    width = 0.8 / len(names)
+    for offset, name in enumerate(names):
+        rates = [gflop / best[name] for _, gflop, best, _ in rows]
+        axis.bar([i + offset * width for i in range(len(rows))], rates, width, label=name)
+    axis.axhline(square_gflops, color="black", ls="--", lw=0.8, label="square fp32 GEMM")
+    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], labels)
+    axis.set_ylabel("GFLOP/s")
+    axis.set_xlabel("budget (r_q, r_c)")
+    axis.set_title("late-interaction scoring throughput")
+    axis.legend(fontsize=8)
+    if memory_rows:
+        axis = axes[0][1]
+        counts = [row[0] for row in memory_rows]
+        axis.plot(counts, [row[1] for row in memory_rows], marker="o", label="plain")
+        axis.plot(counts, [row[2] for row in memory_rows], marker="s", label="ours")
+        axis.set_xscale("log")
+        axis.set_xlabel("candidates")
+        axis.set_ylabel("peak extra MiB at (16,64)")
+        axis.set_title("memory vs candidates")
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    print(f"plot: {path}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,190 @@
+"""Search benchmark on the trained demo model: quality, latency and index size per budget; storage dtypes;
+two-stage search (faiss HNSW over the first vector, exact rerank) against exhaustive search.
+
+    python benchmarks/bench_search.py                       # 100k candidates, 200 queries
+    python benchmarks/bench_search.py --num-candidates 5000 --num-queries 20 --steps 20   # smoke test
+
+The first run trains the demo's MMR model (`metaembed demo` settings, a few minutes on CPU) and encodes the
+candidates; both are cached in --work-dir, so later runs only search. Candidates are random 3 x 3 scenes of
+coloured discs, queries name one object (text) or show it (image); a scene is relevant if it has that
+object in that cell. Writes search_budgets.png and search_two_stage.png next to --work-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from demo_metaembed import DemoSettings, SceneTask, train_demo_model
+from index_metaembed import MetaEmbedIndex
+from scoring_metaembed import MMR_BUDGETS
+from tiny_metaembed import save_tiny_backbone
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work-dir", default=".bench/search")
+    parser.add_argument("--num-candidates", type=int, default=100_000)
+    parser.add_argument("--num-queries", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=DemoSettings.steps, help="demo training steps (first run)")
+    parser.add_argument("--shortlists", type=int, nargs="+", default=[100, 250, 500, 1000, 2000, 4000])
+    parser.add_argument("--ann-vectors", type=int, default=1, help="candidate vectors indexed by the ANN stage")
+    parser.add_argument("--batch-size", type=int, default=256)
+    return parser.parse_args()
+
+
+def prepare(args: argparse.Namespace) -> tuple[torch.nn.Module, MetaEmbedIndex, list, torch.Tensor]:
+    """The trained model, the fp32 index of the candidates, the queries and their relevance [Q, N]."""
+    from transformers import AutoModel
+
+    work = Path(args.work_dir)
+    model_dir = work / f"model-{args.steps}"
+    if not (model_dir / "config.json").exists():
+        settings = DemoSettings(steps=args.steps)
+        backbone = save_tiny_backbone(str(work / "backbone"), "qwen2_5_vl", max_image_tokens=9, hidden_size=64)
+        start = time.perf_counter()
+        train_demo_model(backbone, str(model_dir), settings, mmr=True)
+        print(f"trained the demo model in {time.perf_counter() - start:.0f} s")
+    model = AutoModel.from_pretrained(str(model_dir), trust_remote_code=True)
+    task, rng = SceneTask(), random.Random(2024)
+    scenes = [task.random_scene(rng) for _ in range(args.num_candidates)]
+    index_dir = work / f"index-{args.steps}-{args.num_candidates}"
+    if not (index_dir / "index.json").exists():
+        index = MetaEmbedIndex(model.config.output_dim, model.config.num_candidate_vectors, "float32", str(model_dir))
+        start = time.perf_counter()
+        block = 10_000
+        for offset in range(0, len(scenes), block):
+            images = [task.draw(scene) for scene in scenes[offset : offset + block]]
+            index.add(model.encode_candidates(images, batch_size=args.batch_size, show_progress_bar=True))
+        seconds = time.perf_counter() - start
+        print(f"encoded {len(scenes)} candidates in {seconds:.0f} s ({len(scenes) / seconds:.0f} items/s)")
+        index.save(str(index_dir))
+    index = MetaEmbedIndex.load(str(index_dir))
+    targets = []
+    while len(targets) < args.num_queries:
+        scene = rng.choice(scenes)
+        filled = [position for position, color in scene.items() if color is not None]
+        if filled:
+            position = rng.choice(filled)
+            targets.append((scene[position], position, len(targets) % 3 != 2))
+    queries = [task.query(color, position, as_text) for color, position, as_text in targets]
+    relevant = torch.tensor([[scene[position] == color for scene in scenes] for color, position, _ in targets])
+    return model, index, queries, relevant
+
+
+def timed(function, repeats: int = 3):
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = function()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def overlap_at_k(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Mean fraction of `want`'s top-k (per row) that `got` also returned."""
+    return sum(len(set(g.tolist()) & set(w.tolist())) / len(w) for g, w in zip(got, want)) / len(want)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.manual_seed(0)
+    model, index, queries, relevant = prepare(args)
+    query_embeddings = model.encode_queries(queries, batch_size=args.batch_size)
+    num_queries, dim = len(queries), index.dim
+    print(
+        f"\ntorch {torch.__version__}, CPU {torch.get_num_threads()} threads; {len(index)} candidates, "
+        f"{num_queries} queries, D={dim}, R_q={query_embeddings.shape[1]}, R_c={index.num_vectors}"
+    )
+
+    # 1. Exhaustive search per budget: quality, latency, index size.
+    print("\n| budget | R@1 | R@10 (capped) | ms / query (exhaustive, batch of queries) | index MB (fp32) |")
+    print("|---|---|---|---|---|")
+    budget_rows, exhaustive = [], {}
+    for r_q, r_c in MMR_BUDGETS:
+        seconds, results = timed(lambda r_q=r_q, r_c=r_c: index.search(query_embeddings, r_q, r_c, top_k=10))
+        exhaustive[(r_q, r_c)] = (seconds, results)
+        hits = relevant.gather(1, results.indices).float()
+        recall_1 = float(hits[:, 0].mean())
+        recall_10 = float((hits.sum(1) / relevant.sum(1).clamp(max=10)).mean())
+        megabytes = len(index) * r_c * dim * 4 / 1e6
+        budget_rows.append(((r_q, r_c), recall_1, recall_10, seconds / num_queries * 1e3, megabytes))
+        milliseconds = seconds / num_queries * 1e3
+        print(f"| ({r_q},{r_c}) | {recall_1:.3f} | {recall_10:.3f} | {milliseconds:.2f} | {megabytes:.0f} |")
+
+    # 2. Storage dtypes: the same search on a float16 and an int8 copy; recall@10 of the float32 top-10.
+    print("\n| storage | bytes / vector | overlap@10 with float32 at (16,64) | overlap@10 at (1,1) |")
+    print("|---|---|---|---|")
+    everything = index.get_embeddings(range(len(index)))
+    for storage, size in (("float32", 4 * dim), ("float16", 2 * dim), ("int8", dim + 4)):
+        copy = MetaEmbedIndex(dim, index.num_vectors, storage)
+        copy.add(everything)
+        cells = []
+        for budget in ((16, 64), (1, 1)):
+            got = copy.search(query_embeddings, *budget, top_k=10).indices
+            cells.append(overlap_at_k(got, exhaustive[budget][1].indices))
+        print(f"| {storage} | {size} | {cells[0]:.4f} | {cells[1]:.4f} |")
+    del everything
+
+    # 3. Two-stage search at (16, 64) against exhaustive.
+    start = time.perf_counter()
+    index.build_ann(num_vectors=args.ann_vectors)
+    print(f"\nfaiss HNSW over {args.ann_vectors} vector(s) per candidate built in {time.perf_counter() - start:.1f} s")
+    exhaustive_seconds, exhaustive_results = exhaustive[(16, 64)]
+    print("| shortlist | recall@10 of exhaustive | ms / query | speed-up vs exhaustive |")
+    print("|---|---|---|---|")
+    stage_rows = []
+    for shortlist in args.shortlists:
+        seconds, results = timed(
+            lambda shortlist=shortlist: index.search(query_embeddings, 16, 64, top_k=10, shortlist_size=shortlist)
+        )
+        recall = overlap_at_k(results.indices, exhaustive_results.indices)
+        speedup = exhaustive_seconds / seconds
+        stage_rows.append((shortlist, recall, seconds / num_queries * 1e3, speedup))
+        print(f"| {shortlist} | {recall:.4f} | {seconds / num_queries * 1e3:.2f} | {speedup:.1f}x |")
+    print(f"exhaustive (16,64): {exhaustive_seconds / num_queries * 1e3:.2f} ms / query")
+    save_plots(Path(args.work_dir), budget_rows, stage_rows)
+
+
+def save_plots(folder: Path, budget_rows: list, stage_rows: list) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"({r_q},{r_c})" for (r_q, r_c), *_ in budget_rows]
+    figure, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    axes[0].plot(labels, [row[1] for row in budget_rows], marker="o", label="R@1")
+    axes[0].plot(labels, [row[2] for row in budget_rows], marker="s", label="R@10")
+    axes[0].set_title("quality")
+    axes[0].legend()
+    axes[1].bar(labels, [row[3] for row in budget_rows])
+    axes[1].set_title("ms / query (exhaustive)")
+    axes[2].bar(labels, [row[4] for row in budget_rows])
+    axes[2].set_title("index MB (fp32)")
+    for axis in axes:
+        axis.set_xlabel("budget (r_q, r_c)")
+    figure.tight_layout()
+    figure.savefig(folder / "search_budgets.png", dpi=110)
+    figure, axis = plt.subplots(figsize=(5, 3.6))
+    axis.plot([row[3] for row in stage_rows], [row[1] for row in stage_rows], marker="o")
+    for shortlist, recall, _, speedup in stage_rows:
+        axis.annotate(str(shortlist), (speedup, recall), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    axis.axhline(0.99, color="grey", ls="--", lw=0.8)
+    axis.set_xlabel("speed-up vs exhaustive at (16,64)")
+    axis.set_ylabel("recall@10 of exhaustive")
+    axis.set_title("two-stage search (labels: shortlist size)")
+    figure.tight_layout()
+    figure.savefig(folder / "search_two_stage.png", dpi=110)
+    print(f"plots: {folder / 'search_budgets.png'}, {folder / 'search_two_stage.png'}")
+
+
+if __name__ == "__main__":
+    main()
