@@ -197,17 +197,14 @@ class MetaEmbedIndex:
         if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= len(self)):
             raise IndexError(f"positions must lie in 0..{len(self) - 1}")
         result = torch.empty(positions.numel(), num_vectors, self.dim)
-        start = 0
-        for shard in self._shards:
-            end = start + len(shard.ids)
-            selected = ((positions >= start) & (positions < end)).nonzero().flatten()
-            if selected.numel():
-                local = positions[selected] - start
-                result[selected] = _dequantize(
-                    shard.embeddings[local, :num_vectors],
-                    None if shard.scales is None else shard.scales[local, :num_vectors],
-                )
-            start = end
+        ends = torch.tensor([len(shard.ids) for shard in self._shards]).cumsum(0)
+        shard_numbers = torch.searchsorted(ends, positions, right=True)
+        for number in torch.unique(shard_numbers).tolist():
+            shard = self._shards[number]
+            selected = (shard_numbers == number).nonzero().flatten()
+            local = positions[selected] - (int(ends[number]) - len(shard.ids))
+            stored = shard.embeddings[local, :num_vectors]
+            result[selected] = _dequantize(stored, None if shard.scales is None else shard.scales[local, :num_vectors])
         return result
 
     def _locate(self, position: int) -> tuple[_Shard, int]:
@@ -245,6 +242,7 @@ class MetaEmbedIndex:
         num_candidate_vectors: int | None = None,
         top_k: int = 10,
         shortlist_size: int | None = None,
+        ann_query_vectors: int = 1,
     ) -> SearchResults:
         """The `top_k` best candidates per query at the budget (r_q, r_c).
 
@@ -252,9 +250,11 @@ class MetaEmbedIndex:
             queries: float `[Q, R_q, D]` query embeddings (e.g. `model.encode_queries(texts)`).
             num_query_vectors / num_candidate_vectors: the budget; `None` uses all vectors.
             top_k: results per query (clipped to the index size).
-            shortlist_size: `None` scores every candidate (exact). An int S runs two stages: the ANN index
-                (`build_ann`, built on first use) returns the S candidates whose first vectors best match the
-                query's first vector(s), and only those are scored exactly at the budget.
+            shortlist_size: `None` scores every candidate (exact). An int S runs two stages: each of the
+                query's first `ann_query_vectors` vectors fetches its S nearest indexed vectors from the ANN
+                index (`build_ann`, an HNSW over first vectors built on first use), and only their owners are
+                scored exactly at the budget. Rows get -inf / -1 / None past the last candidate found.
+            ann_query_vectors: query vectors sent to the first stage (more: better recall, more to rerank).
 
         Returns:
             `SearchResults(scores [Q, k] float32, indices [Q, k] int64, ids)`, best first.
@@ -275,9 +275,13 @@ class MetaEmbedIndex:
                 raise TypeError(f"shortlist_size must be a positive int or None, got {shortlist_size!r}")
             if shortlist_size < top_k:
                 raise ValueError(f"shortlist_size ({shortlist_size}) must be at least top_k ({top_k})")
-            scores, indices = self._search_two_stage(queries, num_candidate_vectors, top_k, int(shortlist_size))
+            scores, indices = self._search_two_stage(
+                queries, num_candidate_vectors, top_k, int(shortlist_size), ann_query_vectors
+            )
         all_ids = self.ids
-        return SearchResults(scores, indices, [[all_ids[int(i)] for i in row] for row in indices])
+        return SearchResults(
+            scores, indices, [[all_ids[i] if i >= 0 else None for i in row.tolist()] for row in indices]
+        )
 
     def _search_exhaustive(
         self, queries: torch.Tensor, num_candidate_vectors: int, top_k: int
@@ -289,50 +293,90 @@ class MetaEmbedIndex:
         return best_scores, best_indices
 
     def _search_two_stage(
-        self, queries: torch.Tensor, num_candidate_vectors: int, top_k: int, shortlist_size: int
+        self,
+        queries: torch.Tensor,
+        num_candidate_vectors: int,
+        top_k: int,
+        shortlist_size: int,
+        ann_query_vectors: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._ann is None:
-            self.build_ann()
-        shortlist_size = min(shortlist_size, len(self))
-        shortlists = self.ann_search(queries, shortlist_size)
-        scores = torch.empty(len(queries), top_k)
-        indices = torch.empty(len(queries), top_k, dtype=torch.long)
-        for row, shortlist in enumerate(shortlists):
-            candidates = self.get_embeddings(shortlist, num_candidate_vectors)
-            top = late_interaction_scores(queries[row : row + 1], candidates, top_k=top_k)
-            scores[row], indices[row] = top.scores[0], shortlist[top.indices[0]]
+        shortlists = self.ann_search(queries, shortlist_size, ann_query_vectors)
+        scores = torch.full((len(queries), top_k), float("-inf"))
+        indices = torch.full((len(queries), top_k), -1, dtype=torch.long)
+        # Shortlists of several queries are gathered at once (one pass over the shards), within the block budget.
+        budget = max(1, _BLOCK_ELEMENTS // (num_candidate_vectors * self.dim))
+        group_start = 0
+        while group_start < len(queries):
+            group_end, total = group_start, 0
+            while group_end < len(queries) and (
+                group_end == group_start or total + len(shortlists[group_end]) <= budget
+            ):
+                total += len(shortlists[group_end])
+                group_end += 1
+            gathered = self.get_embeddings(torch.cat(shortlists[group_start:group_end]), num_candidate_vectors)
+            offset = 0
+            for row in range(group_start, group_end):
+                shortlist = shortlists[row]
+                candidates = gathered[offset : offset + len(shortlist)]
+                offset += len(shortlist)
+                top = late_interaction_scores(queries[row : row + 1], candidates, top_k=min(top_k, len(shortlist)))
+                found = top.scores.shape[1]
+                scores[row, :found], indices[row, :found] = top.scores[0], shortlist[top.indices[0]]
+            group_start = group_end
         return scores, indices
 
     # -- first stage: approximate nearest neighbours -------------------------------------------------------
 
-    def build_ann(self, num_vectors: int = 1, hnsw_neighbors: int = 32, ef_search: int | None = None) -> None:
-        """Build the first-stage index: faiss HNSW (inner product) over each candidate's first `num_vectors`
-        vectors (1 = the (1,1) MMR vector; more recalls better at the cost of a larger graph). Needs the
-        `[search]` extra (faiss-cpu)."""
+    def build_ann(
+        self, num_vectors: int = 1, kind: str = "hnsw", hnsw_neighbors: int = 32, ef_search: int | None = None
+    ) -> None:
+        """Build the first-stage index over each candidate's first `num_vectors` vectors (1 = the (1,1) MMR
+        vector; more vectors recall better and cost a larger index), with faiss (the `[search]` extra).
+
+        Args:
+            num_vectors: leading vectors per candidate put into the ANN index.
+            kind: "hnsw" (faiss IndexHNSWFlat, inner product: sub-linear, approximate) or "flat" (IndexFlatIP:
+                exact brute force over the first vectors; fine up to a few million small vectors).
+            hnsw_neighbors / ef_search: HNSW graph degree M and the least efSearch (default: the number of
+                neighbours asked for).
+        """
         faiss = _import_faiss()
         num_vectors = check_num_vectors(num_vectors, self.num_vectors, "num_vectors")
-        index = faiss.IndexHNSWFlat(self.dim, hnsw_neighbors, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = max(40, 2 * hnsw_neighbors)
+        if kind == "hnsw":
+            index = faiss.IndexHNSWFlat(self.dim, hnsw_neighbors, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = max(40, 2 * hnsw_neighbors)
+        elif kind == "flat":
+            index = faiss.IndexFlatIP(self.dim)
+        else:
+            raise ValueError(f"kind must be 'hnsw' or 'flat', got {kind!r}")
         for _, block in self._blocks(num_vectors):
             index.add(block[:, :num_vectors].float().reshape(-1, self.dim).contiguous().numpy())
         self._ann, self._ann_vectors, self._ann_ef_search = index, num_vectors, ef_search
 
-    def ann_search(self, queries: torch.Tensor, shortlist_size: int) -> list[torch.Tensor]:
-        """First stage: per query, up to `shortlist_size` candidate positions (int64 `[<= S]`) whose first
-        vectors are nearest (inner product) to the query's first vector. Every indexed vector of a candidate
-        counts, so with `build_ann(num_vectors > 1)` a shortlist holds the owners of the best vectors."""
+    def ann_search(self, queries: torch.Tensor, shortlist_size: int, num_query_vectors: int = 1) -> list[torch.Tensor]:
+        """First stage: per query, the candidates (int64 positions, each once, best first) owning the
+        `shortlist_size` indexed vectors nearest (inner product) to each of the query's first
+        `num_query_vectors` vectors: at most `num_query_vectors * shortlist_size` candidates."""
+        faiss = _import_faiss()
         if self._ann is None:
             self.build_ann()
         queries = _check_queries(queries, self.dim)
-        searched = shortlist_size * self._ann_vectors  # several vectors of one candidate may come back
-        # Search parameters per call, not set on the shared index: concurrent searches stay independent.
-        parameters = _import_faiss().SearchParametersHNSW(efSearch=max(self._ann_ef_search or 0, searched))
-        _, vector_ids = self._ann.search(queries[:, 0].float().contiguous().numpy(), searched, params=parameters)
+        num_query_vectors = check_num_vectors(num_query_vectors, queries.shape[1], "ann_query_vectors")
+        neighbours = min(shortlist_size, self._ann.ntotal)
+        vectors = queries[:, :num_query_vectors].float().reshape(-1, self.dim).contiguous().numpy()
+        if isinstance(self._ann, faiss.IndexHNSW):
+            # Search parameters per call, not set on the shared index: concurrent searches stay independent.
+            parameters = faiss.SearchParametersHNSW(efSearch=max(self._ann_ef_search or 0, neighbours))
+            _, vector_ids = self._ann.search(vectors, neighbours, params=parameters)
+        else:
+            _, vector_ids = self._ann.search(vectors, neighbours)
+        # [Q, rank, query vector]: owners in order of rank across the query's vectors, each once.
+        vector_ids = torch.from_numpy(vector_ids).view(len(queries), num_query_vectors, neighbours).transpose(1, 2)
         shortlists = []
         for row in vector_ids:
-            # Owners in ANN rank order, each once (dict keeps the first occurrence); -1 marks missing hits.
-            owners = dict.fromkeys(int(vector) // self._ann_vectors for vector in row if vector >= 0)
-            shortlists.append(torch.tensor(list(owners)[:shortlist_size], dtype=torch.long))
+            row = row.flatten()
+            owners = dict.fromkeys((row[row >= 0] // self._ann_vectors).tolist())  # -1: fewer hits than asked
+            shortlists.append(torch.tensor(list(owners), dtype=torch.long))
         return shortlists
 
     # -- persistence ---------------------------------------------------------------------------------------

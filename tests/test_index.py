@@ -141,15 +141,37 @@ def test_two_stage_search_reranks_the_ann_shortlist_exactly(candidates, queries)
         torch.testing.assert_close(results.scores[row].double(), expected_scores[0], atol=1e-5, rtol=0)
 
 
-def test_ann_over_several_vectors_returns_each_candidate_once(candidates, queries, tmp_path):
+def test_flat_first_stage_is_the_exact_union_over_query_and_candidate_vectors(candidates, queries, tmp_path):
     index = build(candidates)
-    index.build_ann(num_vectors=4)
-    for shortlist in index.ann_search(queries, 40):
-        assert len(shortlist) == 40 == len(set(shortlist.tolist()))
+    index.build_ann(num_vectors=4, kind="flat")
+    shortlists = index.ann_search(queries, 40, num_query_vectors=2)
+    # Reference: per query vector, the 40 best of all first-4 candidate vectors; their owners, each once.
+    similarities = torch.einsum("qmd,cvd->qmcv", queries[:, :2], candidates[:, :4]).flatten(2)
+    for shortlist, per_query in zip(shortlists, similarities):
+        owners = {int(vector) // 4 for vector_scores in per_query for vector in vector_scores.topk(40).indices}
+        assert len(shortlist) == len(set(shortlist.tolist())) == len(owners)
+        assert set(shortlist.tolist()) == owners
     index.save(str(tmp_path))
     loaded = MetaEmbedIndex.load(str(tmp_path))
-    assert loaded._ann is not None and loaded._ann_vectors == 4
-    assert [s.tolist() for s in loaded.ann_search(queries, 40)] == [s.tolist() for s in index.ann_search(queries, 40)]
+    assert loaded._ann_vectors == 4
+    reloaded = loaded.ann_search(queries, 40, num_query_vectors=2)
+    assert [s.tolist() for s in reloaded] == [s.tolist() for s in shortlists]
+    results = loaded.search(queries, 16, 64, top_k=10, shortlist_size=40, ann_query_vectors=2)
+    for row, shortlist in enumerate(shortlists):
+        _, expected = reference_top_k(queries[row : row + 1], candidates[shortlist], 16, 64, 10)
+        assert torch.equal(results.indices[row], shortlist[expected[0]])
+
+
+def test_two_stage_pads_when_the_shortlist_has_fewer_candidates_than_top_k(queries):
+    # One candidate owns all 64 vectors nearest the query: 5 neighbours are 1 candidate.
+    candidates = unit_vectors(30, NUM_VECTORS, DIM, seed=3)
+    candidates[7] = queries[0, 0]
+    index = MetaEmbedIndex(DIM, NUM_VECTORS)
+    index.add(candidates)
+    index.build_ann(num_vectors=NUM_VECTORS, kind="flat")
+    results = index.search(queries[:1], 1, 64, top_k=5, shortlist_size=5)
+    assert results.indices[0].tolist() == [7, -1, -1, -1, -1] and results.ids[0] == [7, None, None, None, None]
+    assert torch.isinf(results.scores[0, 1:]).all() and results.scores[0, 0] == pytest.approx(1.0)
 
 
 def test_bad_input_names_the_problem_and_adds_nothing(candidates, queries):
@@ -170,6 +192,8 @@ def test_bad_input_names_the_problem_and_adds_nothing(candidates, queries):
         (lambda: index.search(queries, 1, 65), ValueError, "num_candidate_vectors"),
         (lambda: index.search(queries, 1, 1, top_k=0), ValueError, "top_k"),
         (lambda: index.search(queries, 1, 1, top_k=10, shortlist_size=5), ValueError, "at least top_k"),
+        (lambda: index.search(queries, 2, 4, shortlist_size=20, ann_query_vectors=3), ValueError, "ann_query_vectors"),
+        (lambda: index.build_ann(kind="ivf"), ValueError, "kind"),
     ]
     for call, error, message in cases:
         with pytest.raises(error, match=message):
