@@ -30,6 +30,11 @@ _TILE_ELEMENTS_CPU = 2**22
 _TILE_ELEMENTS_GPU = 2**24
 # Below this many candidates per tile the matmuls get too thin to be efficient: queries are split instead.
 _MIN_CANDIDATES_PER_TILE = 16
+# Up to this many query vectors in a tile (e.g. one query at r_q <= 16, the serving case), similarities are
+# laid out [query vectors, candidate vectors] so the max runs along contiguous memory: a max over the middle
+# axis of [candidates, r_c, 16] is 3x slower on CPU (measured). Wider tiles keep [candidate vectors, query
+# vectors], where the max vectorises across the query vectors.
+_MAX_QUERY_VECTORS_FOR_ROW_LAYOUT = 16
 
 
 class TopKScores(NamedTuple):
@@ -399,20 +404,32 @@ def _score(
                 tile_queries = single_query_tile
             else:
                 tile_queries = as_matrix(query_side, query_start, query_end, True)
-            # [chunk * r_c, tile queries * r_q]: the orientation that makes the max below run over rows.
-            similarities = similarity_buffer[: chunk.shape[0] * tile_queries.shape[0]].view(
-                chunk.shape[0], tile_queries.shape[0]
-            )
+            tile_length, query_width = query_end - query_start, tile_queries.shape[0]
+            elements = chunk.shape[0] * query_width
+            if query_width <= _MAX_QUERY_VECTORS_FOR_ROW_LAYOUT:
+                # [tile queries * r_q, chunk * r_c]; max over each candidate's r_c contiguous columns.
+                similarities = similarity_buffer[:elements].view(query_width, chunk.shape[0])
+                torch.mm(tile_queries, chunk.T, out=similarities)
+                maxima = similarities
+                if candidate_vectors > 1:
+                    maxima = max_buffer[: query_width * chunk_length].view(query_width, chunk_length)
+                    torch.amax(similarities.view(query_width, chunk_length, candidate_vectors), dim=2, out=maxima)
+                # Sum over each query's vectors, in float32 -> [tile queries, chunk].
+                tile_scores = maxima.view(tile_length, query_vectors, chunk_length).sum(dim=1)
+                chunk_scores[query_start:query_end].copy_(tile_scores)
+                continue
+            # [chunk * r_c, tile queries * r_q]: the max below runs over rows, vectorised across query vectors.
+            similarities = similarity_buffer[:elements].view(chunk.shape[0], query_width)
             torch.mm(chunk, tile_queries.T, out=similarities)
             # Max over each candidate's vectors -> [chunk, tile queries * r_q] (nothing to do at r_c = 1).
             maxima = similarities
             if candidate_vectors > 1:
-                maxima = max_buffer[: chunk_length * tile_queries.shape[0]].view(chunk_length, -1)
+                maxima = max_buffer[: chunk_length * query_width].view(chunk_length, -1)
                 torch.amax(similarities.view(chunk_length, candidate_vectors, -1), dim=1, out=maxima)
             # Sum over each query's vectors, in float32 -> [chunk, tile queries].
             tile_scores = maxima
             if query_vectors > 1:
-                tile_scores = maxima.view(chunk_length, query_end - query_start, query_vectors).sum(dim=2)
+                tile_scores = maxima.view(chunk_length, tile_length, query_vectors).sum(dim=2)
             chunk_scores[query_start:query_end].copy_(tile_scores.T)
         if k is not None:
             best_scores, best_indices = merge_top_k(best_scores, best_indices, chunk_scores, chunk_start, k)

@@ -451,3 +451,17 @@ def test_check_num_vectors_uses_argument_name():
         check_num_vectors(1.0, 16, "num_query_vectors")
     with pytest.raises(ValueError, match="maximum"):
         check_num_vectors(1, 0)
+
+
+@pytest.mark.parametrize("budget", [(1, 1), (4, 8), (16, 64)])
+def test_one_query_and_a_wide_batch_use_either_layout_and_agree(budget):
+    # One query at r_q <= 16 takes the [query vectors, candidate vectors] layout, 40 queries the other one.
+    generator = torch.Generator().manual_seed(7)
+    queries = torch.nn.functional.normalize(torch.randn(40, 16, 32, generator=generator), dim=-1)
+    candidates = torch.nn.functional.normalize(torch.randn(300, 64, 32, generator=generator), dim=-1)
+    expected = reference_scores(list(queries), list(candidates), *budget)
+    batch = late_interaction_scores(queries, candidates, *budget)
+    assert_close_to_reference(batch, expected)
+    for row in (0, 17, 39):
+        single = late_interaction_scores(queries[row : row + 1], candidates, *budget)
+        assert_same_up_to_rounding(single, batch[row : row + 1])
