@@ -21,6 +21,7 @@ import json
 import numbers
 import os
 import re
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -91,6 +92,10 @@ class MetaEmbedIndex:
         self._id_positions: dict[Any, int] = {}
         self._ann: Any = None
         self._ann_vectors = 0
+        self._ann_ef_search: int | None = None
+        # Searches may run from several threads; only building the ANN index on first use needs a lock.
+        # add / save / build_ann themselves must not run while other threads search.
+        self._ann_lock = threading.Lock()
 
     # -- adding --------------------------------------------------------------------------------------------
 
@@ -179,6 +184,21 @@ class MetaEmbedIndex:
     def ids(self) -> list[Any]:
         return [identifier for shard in self._shards for identifier in shard.ids]
 
+    def _ids_at(self, positions: torch.Tensor) -> list[list[Any]]:
+        """The ids at int64 positions `[Q, k]` (None where a position is -1), without listing every id."""
+        shard_numbers, local = self._split_positions(positions.clamp(min=0))
+        return [
+            [self._shards[number].ids[offset] if position >= 0 else None for number, offset, position in zip(*row)]
+            for row in zip(shard_numbers.tolist(), local.tolist(), positions.tolist())
+        ]
+
+    def _split_positions(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(shard number, position within the shard) of each of the valid int64 `positions`."""
+        sizes = torch.tensor([len(shard.ids) for shard in self._shards])
+        ends = sizes.cumsum(0)
+        shard_numbers = torch.searchsorted(ends, positions, right=True)
+        return shard_numbers, positions - (ends - sizes)[shard_numbers]
+
     def metadata(self, position: int) -> Any:
         """The metadata of the candidate at `position` (None if it has none)."""
         shard, local = self._locate(position)
@@ -197,24 +217,26 @@ class MetaEmbedIndex:
         if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= len(self)):
             raise IndexError(f"positions must lie in 0..{len(self) - 1}")
         result = torch.empty(positions.numel(), num_vectors, self.dim)
-        ends = torch.tensor([len(shard.ids) for shard in self._shards]).cumsum(0)
-        shard_numbers = torch.searchsorted(ends, positions, right=True)
+        shard_numbers, local_positions = self._split_positions(positions)
         for number in torch.unique(shard_numbers).tolist():
             shard = self._shards[number]
-            selected = (shard_numbers == number).nonzero().flatten()
-            local = positions[selected] - (int(ends[number]) - len(shard.ids))
-            stored = shard.embeddings[local, :num_vectors]
-            result[selected] = _dequantize(stored, None if shard.scales is None else shard.scales[local, :num_vectors])
+            selected = None if len(self._shards) == 1 else (shard_numbers == number).nonzero().flatten()
+            local = local_positions if selected is None else local_positions[selected]
+            # index_select copies only the selected rows' first num_vectors vectors (one pass over memory).
+            stored = torch.index_select(shard.embeddings[:, :num_vectors], 0, local)
+            if shard.scales is not None:
+                stored = _dequantize(stored, torch.index_select(shard.scales[:, :num_vectors], 0, local))
+            if selected is None:
+                result.copy_(stored)
+            else:
+                result.index_copy_(0, selected, stored.float())
         return result
 
     def _locate(self, position: int) -> tuple[_Shard, int]:
-        if not 0 <= position < len(self):
-            raise IndexError(f"position {position} is out of range for an index of {len(self)} candidates")
-        for shard in self._shards:
-            if position < len(shard.ids):
-                return shard, position
-            position -= len(shard.ids)
-        raise AssertionError("unreachable")
+        if isinstance(position, bool) or not isinstance(position, numbers.Integral) or not 0 <= position < len(self):
+            raise IndexError(f"position {position!r} is out of range for an index of {len(self)} candidates")
+        shard_number, local = self._split_positions(torch.tensor([int(position)]))
+        return self._shards[int(shard_number)], int(local)
 
     def _blocks(self, num_vectors: int) -> Iterator[tuple[int, torch.Tensor]]:
         """(start position, candidates `[n, >= num_vectors, D]`) over the whole index, float32 / float16 shards as
@@ -278,10 +300,7 @@ class MetaEmbedIndex:
             scores, indices = self._search_two_stage(
                 queries, num_candidate_vectors, top_k, int(shortlist_size), ann_query_vectors
             )
-        all_ids = self.ids
-        return SearchResults(
-            scores, indices, [[all_ids[i] if i >= 0 else None for i in row.tolist()] for row in indices]
-        )
+        return SearchResults(scores, indices, self._ids_at(indices))
 
     def _search_exhaustive(
         self, queries: torch.Tensor, num_candidate_vectors: int, top_k: int
@@ -358,8 +377,9 @@ class MetaEmbedIndex:
         `shortlist_size` indexed vectors nearest (inner product) to each of the query's first
         `num_query_vectors` vectors: at most `num_query_vectors * shortlist_size` candidates."""
         faiss = _import_faiss()
-        if self._ann is None:
-            self.build_ann()
+        with self._ann_lock:
+            if self._ann is None:
+                self.build_ann()
         queries = _check_queries(queries, self.dim)
         num_query_vectors = check_num_vectors(num_query_vectors, queries.shape[1], "ann_query_vectors")
         neighbours = min(shortlist_size, self._ann.ntotal)

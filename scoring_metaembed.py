@@ -21,12 +21,13 @@ __all__ = ["MMR_BUDGETS", "TopKScores", "check_num_vectors", "late_interaction_s
 # The budgets (r_q, r_c) the paper trains with MMR and evaluates.
 MMR_BUDGETS: tuple[tuple[int, int], ...] = ((1, 1), (2, 4), (4, 8), (8, 16), (16, 64))
 
-# Elements of one fp32 similarity tile [candidate vectors x query vectors]. On CPU a tile of 2**22 (16 MiB)
-# stays cache-resident, so the max-reduction reads it from cache instead of RAM: measured with
-# benchmarks/bench_scoring.py, it runs at close to big-GEMM speed where chunks of thousands of candidates
-# run at half of it. GPUs prefer fewer, larger kernels. The staging buffers obey the same budget, so the
-# extra memory is a few tiles whatever the number of candidates.
-_TILE_ELEMENTS_CPU = 2**22
+# Elements of one fp32 similarity tile [candidate vectors x query vectors]. On CPU a tile of 2**21 (8 MiB)
+# stays cache-resident, so the max-reduction reads it from cache instead of RAM: measured on 2 cores (32
+# queries, D = 128), 2**21 gives 0.8-0.85x of a big square GEMM at (16, 64) and 0.6x at (4, 8), where
+# 2**22 gives 0.85-0.9x and 0.45x, and chunks of thousands of candidates about half. GPUs prefer fewer,
+# larger kernels. The staging buffers obey the same budget, so the extra memory is a few tiles whatever the
+# number of candidates.
+_TILE_ELEMENTS_CPU = 2**21
 _TILE_ELEMENTS_GPU = 2**24
 # Below this many candidates per tile the matmuls get too thin to be efficient: queries are split instead.
 _MIN_CANDIDATES_PER_TILE = 16

@@ -34,7 +34,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num-layers", type=int, default=8)
     parser.add_argument("--image-tokens", type=int, default=1024, help="merged image tokens per candidate image")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--attn-implementation", default="sdpa")
@@ -53,17 +53,21 @@ def make_items(image_tokens: int, count: int) -> dict[str, list]:
     }
 
 
-def best_time(function, repeats: int, device: str) -> float:
-    function()  # warm-up
-    best = float("inf")
+def best_times(functions: dict[str, object], repeats: int, device: str) -> dict[str, float]:
+    """Best wall time of each function; they take turns in every repeat, so drifts in machine speed (turbo,
+    neighbours) hit all of them alike."""
+    for function in functions.values():
+        function()  # warm-up
+    best = dict.fromkeys(functions, float("inf"))
     for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        function()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
+        for name, function in functions.items():
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            function()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
@@ -98,18 +102,22 @@ def main() -> None:
             processor = model.processor.process_candidates if task == "candidate" else model.processor.process_queries
             inputs = processor(batch).to(args.device)
             content = inputs["input_ids"].shape[1]
-            bare = best_time(lambda inputs=inputs: model.vlm(**inputs, use_cache=False), args.repeats, args.device)
             for r_q, r_c in MMR_BUDGETS:
                 num_vectors = r_c if task == "candidate" else r_q
-                seconds = best_time(
-                    lambda inputs=inputs, n=num_vectors, task=task: model(**inputs, task=task, num_vectors=n),
+                best = best_times(
+                    {
+                        "bare": lambda inputs=inputs: model.vlm(**inputs, use_cache=False),
+                        "metaembed": lambda inputs=inputs, n=num_vectors, task=task: model(
+                            **inputs, task=task, num_vectors=n
+                        ),
+                    },
                     args.repeats,
                     args.device,
                 )
                 appended = model.config.meta_tokens_to_append(task, num_vectors)
                 print(
-                    f"| {name} | {content} | {task[0]}={num_vectors} | {appended} | {seconds / bare:.3f}x | "
-                    f"{len(batch) / seconds:.1f} |"
+                    f"| {name} | {content} | {task[0]}={num_vectors} | {appended} | "
+                    f"{best['metaembed'] / best['bare']:.3f}x | {len(batch) / best['metaembed']:.1f} |"
                 )
 
 
