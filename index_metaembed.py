@@ -216,20 +216,28 @@ class MetaEmbedIndex:
         positions = torch.as_tensor(positions, dtype=torch.long).reshape(-1)
         if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= len(self)):
             raise IndexError(f"positions must lie in 0..{len(self) - 1}")
-        result = torch.empty(positions.numel(), num_vectors, self.dim)
-        shard_numbers, local_positions = self._split_positions(positions)
-        for number in torch.unique(shard_numbers).tolist():
-            shard = self._shards[number]
-            selected = None if len(self._shards) == 1 else (shard_numbers == number).nonzero().flatten()
-            local = local_positions if selected is None else local_positions[selected]
-            # index_select copies only the selected rows' first num_vectors vectors (one pass over memory).
-            stored = torch.index_select(shard.embeddings[:, :num_vectors], 0, local)
-            if shard.scales is not None:
-                stored = _dequantize(stored, torch.index_select(shard.scales[:, :num_vectors], 0, local))
-            if selected is None:
-                result.copy_(stored)
+        order = torch.argsort(positions, stable=True)
+        gathered = self._gather_sorted(positions[order], num_vectors)
+        if bool((order[1:] > order[:-1]).all()):
+            return gathered  # already in ascending order: no reordering copy
+        return torch.empty_like(gathered).index_copy_(0, order, gathered)
+
+    def _gather_sorted(self, positions: torch.Tensor, num_vectors: int) -> torch.Tensor:
+        """float32 `[n, num_vectors, D]` for ascending positions: each shard's candidates are one contiguous
+        run of the output, gathered straight into it (one pass over memory for float32 storage)."""
+        result = torch.empty(len(positions), num_vectors, self.dim)
+        shard_numbers, local = self._split_positions(positions)
+        bounds = torch.searchsorted(shard_numbers, torch.arange(len(self._shards) + 1)).tolist()
+        for shard, start, end in zip(self._shards, bounds[:-1], bounds[1:]):
+            if start == end:
+                continue
+            rows = local[start:end]
+            if shard.embeddings.dtype == torch.float32:
+                torch.index_select(shard.embeddings[:, :num_vectors], 0, rows, out=result[start:end])
             else:
-                result.index_copy_(0, selected, stored.float())
+                stored = torch.index_select(shard.embeddings[:, :num_vectors], 0, rows)
+                scales = None if shard.scales is None else torch.index_select(shard.scales[:, :num_vectors], 0, rows)
+                result[start:end] = _dequantize(stored, scales)
         return result
 
     def _locate(self, position: int) -> tuple[_Shard, int]:
@@ -319,29 +327,17 @@ class MetaEmbedIndex:
         shortlist_size: int,
         ann_query_vectors: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        shortlists = self.ann_search(queries, shortlist_size, ann_query_vectors)
+        # Ascending positions: gathers walk each shard forwards, and a shard's run lands in one slice.
+        shortlists = [
+            shortlist.sort().values for shortlist in self.ann_search(queries, shortlist_size, ann_query_vectors)
+        ]
         scores = torch.full((len(queries), top_k), float("-inf"))
         indices = torch.full((len(queries), top_k), -1, dtype=torch.long)
-        # Shortlists of several queries are gathered at once (one pass over the shards), within the block budget.
-        budget = max(1, _BLOCK_ELEMENTS // (num_candidate_vectors * self.dim))
-        group_start = 0
-        while group_start < len(queries):
-            group_end, total = group_start, 0
-            while group_end < len(queries) and (
-                group_end == group_start or total + len(shortlists[group_end]) <= budget
-            ):
-                total += len(shortlists[group_end])
-                group_end += 1
-            gathered = self.get_embeddings(torch.cat(shortlists[group_start:group_end]), num_candidate_vectors)
-            offset = 0
-            for row in range(group_start, group_end):
-                shortlist = shortlists[row]
-                candidates = gathered[offset : offset + len(shortlist)]
-                offset += len(shortlist)
-                top = late_interaction_scores(queries[row : row + 1], candidates, top_k=min(top_k, len(shortlist)))
-                found = top.scores.shape[1]
-                scores[row, :found], indices[row, :found] = top.scores[0], shortlist[top.indices[0]]
-            group_start = group_end
+        for row, shortlist in enumerate(shortlists):
+            candidates = self._gather_sorted(shortlist, num_candidate_vectors)
+            top = late_interaction_scores(queries[row : row + 1], candidates, top_k=min(top_k, len(shortlist)))
+            found = top.scores.shape[1]
+            scores[row, :found], indices[row, :found] = top.scores[0], shortlist[top.indices[0]]
         return scores, indices
 
     # -- first stage: approximate nearest neighbours -------------------------------------------------------
