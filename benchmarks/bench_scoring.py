@@ -319,11 +319,23 @@ def main() -> None:
         line += f" {max(differences.values()):.1e} |"
         print(line)
 
-    if args.skip_memory:
-        return
+    memory_rows = [] if args.skip_memory else report_memory(args, budgets, on_cuda, queries, candidates)
+    if args.plot:
+        save_plot(args.plot, rows, square_gflops, memory_rows)
+
+
+def report_memory(
+    args: argparse.Namespace,
+    budgets: list[tuple[int, int]],
+    on_cuda: bool,
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+) -> list[tuple[int, float, float]]:
+    """Print peak extra memory per budget (and per candidate count with --memory-candidates); returns the
+    (candidates, plain MiB, ours MiB) rows of the latter for the plot."""
     if not on_cuda and not os.path.exists("/proc/self/status"):
         print("\nPeak memory: needs Linux's /proc/self/status; skipped")
-        return
+        return []
     result_mb = args.num_queries * args.num_candidates * 4 / 2**20
     how = (
         "torch.cuda.max_memory_allocated minus allocated before the call"
@@ -354,8 +366,7 @@ def main() -> None:
             )
             memory_rows.append((count, plain, ours))
             print(f"| {count} | {plain:.0f} | {ours:.0f} |")
-    if args.plot:
-        save_plot(args.plot, rows, square_gflops, memory_rows)
+    return memory_rows
 
 
 def save_plot(path: str, rows: list, square_gflops: float, memory_rows: list) -> None:

@@ -237,6 +237,7 @@ def save_plots(folder: Path, budget_rows: dict, stage_rows: dict) -> None:
     axis.axhline(0.99, color="grey", ls="--", lw=0.8)
     axis.axvline(20, color="grey", ls=":", lw=0.8)
     axis.set_xscale("log")
+    axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axis.set_xlabel("speed-up vs exhaustive at (16,64)")
     axis.set_ylabel("recall@10 of exhaustive")
     axis.set_title("two-stage search (kind:c-vectors:q-vectors)")
