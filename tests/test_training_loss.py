@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import socket
@@ -459,7 +460,14 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, result_file:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    # A collective that waits longer than this raises (naming the rank) instead of hanging the test run.
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=240),
+    )
     begin = sum(LOCAL_BATCH_SIZES[:rank])
     local = slice(begin, begin + LOCAL_BATCH_SIZES[rank])
     (queries, candidates, hard_negatives), features = _distributed_inputs()
@@ -531,7 +539,8 @@ def test_distributed_gather_matches_single_process(tmp_path):
     outputs = []
     try:
         for process in processes:
-            outputs.append(process.communicate(timeout=180)[0])
+            # Generous: each rank takes ~8 s alone, but CI machines can be many times slower under load.
+            outputs.append(process.communicate(timeout=600)[0])
     finally:
         for process in processes:
             if process.poll() is None:
