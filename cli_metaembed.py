@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -128,11 +129,19 @@ def read_corpus(path: str) -> tuple[list[Any], list[Any], list[Any]]:
             if not isinstance(row, dict) or not ({"text", "image"} & row.keys()):
                 raise ValueError(f"{path}:{number} must be a JSON object with 'text' and/or 'image'")
             item = {key: row[key] for key in ("text", "image") if key in row}
+            identifier = row.get("id", number)
+            if isinstance(identifier, bool) or not isinstance(identifier, (str, int)):
+                raise ValueError(f"{path}:{number}: 'id' must be a string or an integer, got {identifier!r}")
             items.append(_resolve_images(item, Path(path).resolve().parent))
-            ids.append(row.get("id", number))
+            ids.append(identifier)
             metadata.append({key: value for key, value in row.items() if key != "id"})
     if not items:
         raise ValueError(f"{path} holds no items")
+    seen: set[Any] = set()
+    for identifier in ids:
+        if identifier in seen:
+            raise ValueError(f"{path}: id {identifier!r} appears more than once (ids default to line numbers)")
+        seen.add(identifier)
     return items, ids, metadata
 
 
@@ -165,19 +174,27 @@ def run_index(arguments: argparse.Namespace) -> None:
     rank, world_size = distributed_rank()
     model = load_model(arguments.model, arguments.dtype, arguments.device)
     num_vectors = arguments.num_vectors or model.config.num_candidate_vectors
-    os.makedirs(arguments.output_dir, exist_ok=True)
-    # index.json first (every process writes the same, atomically), so a half-written index is recognisable.
     model_path = os.path.abspath(arguments.model) if os.path.isdir(arguments.model) else arguments.model
-    MetaEmbedIndex(model.config.output_dim, num_vectors, arguments.storage, model_path).write_manifest(
-        arguments.output_dir
-    )
+    corpus = {"input": os.path.abspath(arguments.input), "items": len(items), "shard_size": arguments.shard_size}
+    index = MetaEmbedIndex(model.config.output_dim, num_vectors, arguments.storage, model_path)
+    manifest_path = os.path.join(arguments.output_dir, "index.json")
+    if os.path.isfile(manifest_path):
+        if arguments.overwrite:
+            if world_size > 1:
+                raise ValueError("--overwrite needs a single process (ranks would delete each other's shards)")
+            shutil.rmtree(arguments.output_dir)
+        else:
+            _check_resumable(manifest_path, index, corpus)
+    os.makedirs(arguments.output_dir, exist_ok=True)
+    # index.json first (every process writes the same, atomically): a rerun can check it resumes the same job.
+    index.write_manifest(arguments.output_dir, corpus)
     shards = [
         (start, min(start + arguments.shard_size, len(items))) for start in range(0, len(items), arguments.shard_size)
     ]
     for number in range(rank, len(shards), world_size):
         start, end = shards[number]
         stem = os.path.join(arguments.output_dir, f"shard-{number:05d}-of-{len(shards):05d}")
-        if os.path.isfile(stem + ".safetensors") and os.path.isfile(stem + ".json"):
+        if _shard_is_complete(stem, ids[start:end]):
             print(f"[rank {rank}] shard {number + 1}/{len(shards)} exists, skipped", flush=True)
             continue
         print(f"[rank {rank}] shard {number + 1}/{len(shards)}: items {start}..{end - 1}", flush=True)
@@ -187,6 +204,34 @@ def run_index(arguments: argparse.Namespace) -> None:
         stored, scales = quantize(embeddings, arguments.storage)
         write_shard(arguments.output_dir, number, len(shards), stored, scales, ids[start:end], metadata[start:end])
     print(f"[rank {rank}] done: {arguments.output_dir}", flush=True)
+
+
+def _check_resumable(manifest_path: str, index: Any, corpus: dict[str, Any]) -> None:
+    """Refuse to resume into an index made by another model, storage, vector count or corpus layout."""
+    with open(manifest_path, encoding="utf-8") as file:
+        existing = json.load(file)
+    wanted = {
+        "model_name_or_path": index.model_name_or_path,
+        "storage": index.storage,
+        "num_vectors": index.num_vectors,
+        "dim": index.dim,
+        "corpus": corpus,
+    }
+    different = [key for key, value in wanted.items() if existing.get(key) != value]
+    if different:
+        details = ", ".join(f"{key}: {existing.get(key)!r} there, {wanted[key]!r} now" for key in different)
+        raise ValueError(
+            f"{os.path.dirname(manifest_path)} holds an index made differently ({details}); "
+            "use another folder or --overwrite"
+        )
+
+
+def _shard_is_complete(stem: str, ids: list[Any]) -> bool:
+    """A finished shard of this corpus: both files there and the same ids in the same order."""
+    if not (os.path.isfile(stem + ".safetensors") and os.path.isfile(stem + ".json")):
+        return False
+    with open(stem + ".json", encoding="utf-8") as file:
+        return json.load(file).get("ids") == ids
 
 
 def run_search(arguments: argparse.Namespace) -> None:
@@ -210,9 +255,13 @@ def run_search(arguments: argparse.Namespace) -> None:
     )
     output = []
     for query, scores, positions, row_ids in zip(queries, results.scores, results.indices, results.ids):
+        # Two-stage rows can end early (position -1) when the shortlist held fewer candidates than --top-k.
+        found = [
+            (float(score), int(position), identifier) for score, position, identifier in zip(scores, positions, row_ids)
+        ]
         hits = [
-            {"rank": rank, "score": round(float(score), 6), "id": identifier, "metadata": index.metadata(int(position))}
-            for rank, (score, position, identifier) in enumerate(zip(scores, positions, row_ids), start=1)
+            {"rank": rank, "score": round(score, 6), "id": identifier, "metadata": index.metadata(position)}
+            for rank, (score, position, identifier) in enumerate([hit for hit in found if hit[1] >= 0], start=1)
         ]
         output.append({"query": query, "results": hits})
     if arguments.json:
@@ -269,6 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     index.add_argument("--shard-size", type=int, default=50_000, help="candidates per shard file")
     index.add_argument("--dtype", default="auto", help="model dtype: auto, float32, bfloat16, float16")
     index.add_argument("--device", default=None, help="e.g. cuda:0 (default: the model's; LOCAL_RANK's GPU)")
+    index.add_argument("--overwrite", action="store_true", help="replace an index already in output_dir")
     index.set_defaults(handler=run_index)
 
     search = commands.add_parser("search", help="search an index: queries -> ranked ids with scores")

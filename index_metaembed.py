@@ -8,7 +8,7 @@ Layout of a saved index folder:
     shard-00000-of-00001.safetensors    "embeddings" [n, R_c, D] (float32 / float16 / int8),
                                         "scales" [n, R_c] float32 (int8 storage only)
     shard-00000-of-00001.json           ids and metadata of that shard's candidates
-    ann-1.faiss                         optional: the first-stage ANN index (faiss, built by `build_ann`)
+    ann.faiss                           optional: the first-stage ANN index (faiss, built by `build_ann`)
 
 Each process of a multi-process encode writes its own shard pair (see `cli_metaembed.py`), so shards need no
 coordination; `load` checks that all shards of each group are there.
@@ -21,6 +21,8 @@ import json
 import numbers
 import os
 import re
+import shutil
+import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
@@ -91,8 +93,8 @@ class MetaEmbedIndex:
         self._shards: list[_Shard] = []
         self._id_positions: dict[Any, int] = {}
         self._ann: Any = None
-        self._ann_vectors = 0
-        self._ann_ef_search: int | None = None
+        # How the ANN index is (re)built: kept across add (which drops a built index) and save / load.
+        self._ann_settings: dict[str, Any] = {"num_vectors": 1, "kind": "hnsw", "hnsw_neighbors": 32, "ef_search": None}
         # Searches may run from several threads; only building the ANN index on first use needs a lock.
         # add / save / build_ann themselves must not run while other threads search.
         self._ann_lock = threading.Lock()
@@ -154,6 +156,8 @@ class MetaEmbedIndex:
                 except (TypeError, ValueError) as error:
                     raise TypeError(f"metadata[{index}] is not JSON-serialisable: {error}") from error
         stored, scales = quantize(embeddings[:, : self.num_vectors].detach().cpu(), self.storage)
+        if stored.untyped_storage().data_ptr() == embeddings.untyped_storage().data_ptr():
+            stored = stored.clone()  # never keep the caller's memory: later writes to it would change the index
         start = len(self)
         self._shards.append(_Shard(stored, scales, ids, metadata))
         self._id_positions.update((identifier, start + offset) for offset, identifier in enumerate(ids))
@@ -161,7 +165,8 @@ class MetaEmbedIndex:
 
     def _check_ids(self, ids: Sequence[Any] | None, count: int) -> list[Any]:
         start = len(self)
-        if ids is None:
+        default_ids = ids is None
+        if default_ids:
             ids = list(range(start, start + count))
         else:
             if isinstance(ids, (str, bytes)):
@@ -174,7 +179,8 @@ class MetaEmbedIndex:
             if isinstance(identifier, bool) or not isinstance(identifier, (str, numbers.Integral)):
                 raise TypeError(f"ids[{index}] must be a str or int, got {type(identifier).__name__}")
             if identifier in seen or identifier in self._id_positions:
-                raise ValueError(f"ids[{index}] = {identifier!r} is already in the index")
+                given = "the default id (the position)" if default_ids else f"ids[{index}] ="
+                raise ValueError(f"{given} {identifier!r} is already in the index; pass unique ids")
             seen.add(identifier)
         return [identifier if isinstance(identifier, str) else int(identifier) for identifier in ids]
 
@@ -334,6 +340,8 @@ class MetaEmbedIndex:
         scores = torch.full((len(queries), top_k), float("-inf"))
         indices = torch.full((len(queries), top_k), -1, dtype=torch.long)
         for row, shortlist in enumerate(shortlists):
+            if len(shortlist) == 0:
+                continue  # nothing found: the row stays padded
             candidates = self._gather_sorted(shortlist, num_candidate_vectors)
             top = late_interaction_scores(queries[row : row + 1], candidates, top_k=min(top_k, len(shortlist)))
             found = top.scores.shape[1]
@@ -366,23 +374,30 @@ class MetaEmbedIndex:
             raise ValueError(f"kind must be 'hnsw' or 'flat', got {kind!r}")
         for _, block in self._blocks(num_vectors):
             index.add(block[:, :num_vectors].float().reshape(-1, self.dim).contiguous().numpy())
-        self._ann, self._ann_vectors, self._ann_ef_search = index, num_vectors, ef_search
+        self._ann = index
+        self._ann_settings = {
+            "num_vectors": num_vectors,
+            "kind": kind,
+            "hnsw_neighbors": hnsw_neighbors,
+            "ef_search": ef_search,
+        }
 
     def ann_search(self, queries: torch.Tensor, shortlist_size: int, num_query_vectors: int = 1) -> list[torch.Tensor]:
         """First stage: per query, the candidates (int64 positions, each once, best first) owning the
         `shortlist_size` indexed vectors nearest (inner product) to each of the query's first
-        `num_query_vectors` vectors: at most `num_query_vectors * shortlist_size` candidates."""
+        `num_query_vectors` vectors: at most `num_query_vectors * shortlist_size` candidates. Builds the ANN
+        index on first use, with the settings of the last `build_ann` (default: HNSW over first vectors)."""
         faiss = _import_faiss()
         with self._ann_lock:
             if self._ann is None:
-                self.build_ann()
+                self.build_ann(**self._ann_settings)
         queries = _check_queries(queries, self.dim)
         num_query_vectors = check_num_vectors(num_query_vectors, queries.shape[1], "ann_query_vectors")
         neighbours = min(shortlist_size, self._ann.ntotal)
         vectors = queries[:, :num_query_vectors].float().reshape(-1, self.dim).contiguous().numpy()
         if isinstance(self._ann, faiss.IndexHNSW):
             # Search parameters per call, not set on the shared index: concurrent searches stay independent.
-            parameters = faiss.SearchParametersHNSW(efSearch=max(self._ann_ef_search or 0, neighbours))
+            parameters = faiss.SearchParametersHNSW(efSearch=max(self._ann_settings["ef_search"] or 0, neighbours))
             _, vector_ids = self._ann.search(vectors, neighbours, params=parameters)
         else:
             _, vector_ids = self._ann.search(vectors, neighbours)
@@ -391,7 +406,8 @@ class MetaEmbedIndex:
         shortlists = []
         for row in vector_ids:
             row = row.flatten()
-            owners = dict.fromkeys((row[row >= 0] // self._ann_vectors).tolist())  # -1: fewer hits than asked
+            # -1 marks fewer hits than asked for.
+            owners = dict.fromkeys((row[row >= 0] // self._ann_settings["num_vectors"]).tolist())
             shortlists.append(torch.tensor(list(owners), dtype=torch.long))
         return shortlists
 
@@ -404,15 +420,31 @@ class MetaEmbedIndex:
             folder: created if missing; an index already there is replaced.
             max_shard_candidates: split into shards of at most this many candidates (default: one per `add`).
         """
+        if max_shard_candidates is not None and (
+            isinstance(max_shard_candidates, bool)
+            or not isinstance(max_shard_candidates, numbers.Integral)
+            or max_shard_candidates < 1
+        ):
+            raise ValueError(f"max_shard_candidates must be a positive int or None, got {max_shard_candidates!r}")
+        if len(self) == 0:
+            raise ValueError("the index is empty: nothing to save")
         os.makedirs(folder, exist_ok=True)
-        for stale in glob.glob(os.path.join(folder, "shard-*")) + glob.glob(os.path.join(folder, "ann-*.faiss")):
-            os.remove(stale)
-        pieces = list(self._pieces(max_shard_candidates))
-        for number, (embeddings, scales, ids, metadata) in enumerate(pieces):
-            write_shard(folder, number, len(pieces), embeddings, scales, ids, metadata)
-        self.write_manifest(folder)
-        if self._ann is not None:
-            _import_faiss().write_index(self._ann, os.path.join(folder, f"ann-{self._ann_vectors}.faiss"))
+        # Written beside the old index first and swapped in at the end: a failure leaves the old one whole
+        # (also when saving a memory-mapped index over the files it maps).
+        staging = tempfile.mkdtemp(prefix=".saving-", dir=folder)
+        try:
+            pieces = [piece for piece in self._pieces(max_shard_candidates) if len(piece[2])]
+            for number, (embeddings, scales, ids, metadata) in enumerate(pieces):
+                write_shard(staging, number, len(pieces), embeddings, scales, ids, metadata)
+            if self._ann is not None:
+                _import_faiss().write_index(self._ann, os.path.join(staging, "ann.faiss"))
+            self.write_manifest(staging)
+            for stale in glob.glob(os.path.join(folder, "shard-*")) + glob.glob(os.path.join(folder, "ann*.faiss")):
+                os.remove(stale)
+            for name in sorted(os.listdir(staging), key=lambda name: name == "index.json"):  # manifest last
+                os.replace(os.path.join(staging, name), os.path.join(folder, name))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def _pieces(self, max_shard_candidates: int | None) -> Iterator[tuple[Any, ...]]:
         for shard in self._shards:
@@ -426,7 +458,8 @@ class MetaEmbedIndex:
                     None if shard.metadata is None else shard.metadata[offset:end],
                 )
 
-    def write_manifest(self, folder: str) -> None:
+    def write_manifest(self, folder: str, corpus: dict[str, Any] | None = None) -> None:
+        """Write `index.json` (atomically); `corpus` records how the shards were made (`metaembed index`)."""
         manifest = {
             "format": INDEX_FORMAT,
             "version": 1,
@@ -434,6 +467,8 @@ class MetaEmbedIndex:
             "num_vectors": self.num_vectors,
             "storage": self.storage,
             "model_name_or_path": self.model_name_or_path,
+            "ann": self._ann_settings,
+            "corpus": corpus,
         }
         _write_json_atomically(os.path.join(folder, "index.json"), manifest)
 
@@ -480,16 +515,15 @@ class MetaEmbedIndex:
             index._shards.append(_Shard(embeddings, scales, sidecar["ids"], sidecar.get("metadata")))
             for offset, identifier in enumerate(sidecar["ids"]):
                 if identifier in index._id_positions:
-                    raise ValueError(f"{path}: id {identifier!r} appears in more than one shard")
+                    raise ValueError(f"{path}: id {identifier!r} appears more than once in the index")
                 index._id_positions[identifier] = start + offset
-        ann_files = glob.glob(os.path.join(folder, "ann-*.faiss"))
-        if ann_files:
-            faiss = _import_faiss()
-            index._ann = faiss.read_index(ann_files[0])
-            index._ann_vectors = int(re.search(r"ann-(\d+)\.faiss$", ann_files[0]).group(1))
-            index._ann_ef_search = None
-            if index._ann.ntotal != len(index) * index._ann_vectors:
-                index._ann = None  # stale: shards were added after it was built
+        index._ann_settings.update(manifest.get("ann") or {})
+        ann_path = os.path.join(folder, "ann.faiss")
+        if os.path.isfile(ann_path):
+            ann = _import_faiss().read_index(ann_path)
+            # Stale if the shards changed after it was built: then it is rebuilt on first use.
+            if ann.ntotal == len(index) * index._ann_settings["num_vectors"]:
+                index._ann = ann
         return index
 
 
@@ -513,15 +547,19 @@ def write_shard(
     tensors = {"embeddings": embeddings.contiguous()}
     if scales is not None:
         tensors["scales"] = scales.contiguous()
-    save_file(tensors, stem + ".safetensors.tmp")
+    temporary = f"{stem}.safetensors.tmp-{os.getpid()}"
+    save_file(tensors, temporary)
     _write_json_atomically(stem + ".json", {"ids": ids, "metadata": metadata})
-    os.replace(stem + ".safetensors.tmp", stem + ".safetensors")
+    os.replace(temporary, stem + ".safetensors")
 
 
 def _write_json_atomically(path: str, value: Any) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as file:
+    """Write under a temporary name unique to this writer, then rename: readers and other processes writing
+    the same file (every rank writes the manifest) never see or clobber a partial file."""
+    descriptor, temporary = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path) or ".")
+    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
         json.dump(value, file)
-    os.replace(path + ".tmp", path)
+    os.replace(temporary, path)
 
 
 def _read_safetensors(path: str, mmap: bool) -> dict[str, torch.Tensor]:
@@ -535,18 +573,26 @@ def _read_safetensors(path: str, mmap: bool) -> dict[str, torch.Tensor]:
         header_size = int.from_bytes(file.read(8), "little")
         header = json.loads(file.read(header_size))
     size = os.path.getsize(path)
-    storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
     data_start = 8 + header_size
+    entries = {name: entry for name, entry in header.items() if name != "__metadata__"}
+    needed = data_start + max((entry["data_offsets"][1] for entry in entries.values()), default=0)
+    if size < needed:
+        raise ValueError(f"{path} is truncated: {size} bytes, its header describes {needed}")
+    storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
     tensors = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
-        begin, _ = entry["data_offsets"]
+    for name, entry in entries.items():
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {name} has dtype {entry['dtype']}, expected F32, F16 or I8")
+        offset = data_start + entry["data_offsets"][0]
         element_size = torch.empty((), dtype=dtype).element_size()
-        offset = data_start + begin
         if offset % element_size:
-            raise ValueError(f"{path}: tensor {name} is not aligned for memory mapping")
+            # Not aligned for a view (files written by other tools can be): this one tensor is read instead.
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as file:
+                tensors[name] = file.get_tensor(name)
+            continue
         tensor = torch.empty(0, dtype=dtype)
         tensor.set_(storage, offset // element_size, entry["shape"])
         tensors[name] = tensor
@@ -584,7 +630,11 @@ def _check_queries(queries: Any, dim: int) -> torch.Tensor:
         )
     if queries.shape[2] != dim:
         raise ValueError(f"queries have dim {queries.shape[2]}, the index holds dim {dim}")
-    return queries.detach().cpu()
+    queries = queries.detach().cpu()
+    if not bool(torch.isfinite(queries).all()):
+        row = int((~torch.isfinite(queries)).flatten(1).any(1).nonzero()[0, 0])
+        raise ValueError(f"queries[{row}] contains NaN or infinite values")
+    return queries
 
 
 def _import_faiss() -> Any:

@@ -8,6 +8,8 @@ Qdrant shards and replicates the collection across nodes. Needs the `[search]` e
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,9 +18,16 @@ import torch
 from index_metaembed import MetaEmbedIndex, SearchResults
 from scoring_metaembed import MMR_BUDGETS, check_num_vectors
 
-__all__ = ["MetaEmbedQdrant"]
+__all__ = ["MetaEmbedQdrant", "point_id"]
 
 ID_FIELD = "metaembed_id"
+
+
+def point_id(identifier: str | int) -> int:
+    """The Qdrant point id of a MetaEmbed id: a 63-bit hash, so the same id always maps to the same point
+    (adding it again replaces it) and writers in different processes never collide."""
+    digest = hashlib.blake2b(json.dumps(identifier).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 def vector_name(num_candidate_vectors: int) -> str:
@@ -49,7 +58,6 @@ class MetaEmbedQdrant:
             check_num_vectors(count, 2**31 - 1, "candidate_vector_counts")
         self.client, self.collection_name = client, collection_name
         self.candidate_vector_counts = sorted(set(counts))
-        self._next_point_id = 0
 
     def create(self, dim: int, on_disk: bool = False) -> None:
         """Create the collection (error if it exists): one DOT / MAX_SIM multivector per stored r_c."""
@@ -73,8 +81,9 @@ class MetaEmbedQdrant:
         metadata: Sequence[dict[str, Any]] | None = None,
         batch_size: int = 256,
     ) -> None:
-        """Upload candidates `[n, R_c, D]` (R_c >= the largest stored r_c) with ids (str / int, kept in the
-        payload field "metaembed_id"; Qdrant's point ids are consecutive integers) and payload dicts."""
+        """Upload candidates `[n, R_c, D]` (R_c >= the largest stored r_c) with str / int ids (default: the
+        next positions, counted in the collection) kept in the payload field "metaembed_id", and payload
+        dicts. An id already in the collection is replaced (Qdrant upsert)."""
         from qdrant_client import models
 
         if not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 3 or len(embeddings) == 0:
@@ -85,23 +94,28 @@ class MetaEmbedQdrant:
                 f"{self.candidate_vector_counts[-1]}"
             )
         count = len(embeddings)
-        ids = list(range(self._next_point_id, self._next_point_id + count)) if ids is None else list(ids)
+        if ids is None:
+            start = self.client.count(self.collection_name, exact=True).count
+            ids = list(range(start, start + count))
+        ids = list(ids)
         if len(ids) != count or (metadata is not None and len(metadata) != count):
             raise ValueError(f"ids and metadata must have one entry per embedding ({count})")
+        for index, identifier in enumerate(ids):
+            if isinstance(identifier, bool) or not isinstance(identifier, (str, int)):
+                raise TypeError(f"ids[{index}] must be a str or int, got {type(identifier).__name__}")
         for index, payload in enumerate(metadata or ()):
             if payload is not None and not isinstance(payload, dict):
                 raise TypeError(f"metadata[{index}] must be a dict (a Qdrant payload), got {type(payload).__name__}")
         vectors = embeddings.detach().float().cpu()
         points = (
             models.PointStruct(
-                id=self._next_point_id + row,
+                id=point_id(ids[row]),
                 vector={name: vectors[row, :count_r].tolist() for name, count_r in self._names()},
                 payload={**((metadata[row] or {}) if metadata is not None else {}), ID_FIELD: ids[row]},
             )
             for row in range(count)
         )
         self.client.upload_points(self.collection_name, points, batch_size=batch_size, wait=True)
-        self._next_point_id += count
 
     def add_index(self, index: MetaEmbedIndex, batch_size: int = 256) -> None:
         """Upload every candidate of a `MetaEmbedIndex` (dequantised), with its ids and dict metadata."""
@@ -133,8 +147,8 @@ class MetaEmbedQdrant:
         """The `top_k` best candidates per query at the budget (r_q, r_c); r_c must be a stored count.
 
         Returns:
-            `SearchResults(scores [Q, k] float32, indices [Q, k] int64 Qdrant point ids, ids)`, and with
-            `with_payload` also the payloads, per query.
+            `SearchResults(scores [Q, k] float32, indices [Q, k] int64 Qdrant point ids (see `point_id`),
+            ids)`, and with `with_payload` also the payloads, per query.
         """
         if num_candidate_vectors not in self.candidate_vector_counts:
             raise ValueError(

@@ -118,3 +118,39 @@ def test_two_processes_write_the_shards_of_one_index_and_resume(model_dir, image
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert rerun.stdout.count("exists, skipped") == total - 1 and f"shard 2/{total}: items 2..3" in rerun.stdout
     assert MetaEmbedIndex.load(str(sharded)).ids == one.ids
+
+
+def test_jsonl_ids_must_be_unique_strings_or_integers(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "a", "id": 2}\n{"text": "b"}\n')  # line 2's default id is 2 too
+    with pytest.raises(ValueError, match="id 2 appears more than once"):
+        read_corpus(str(corpus))
+    corpus.write_text('{"text": "a", "id": [1]}\n')
+    with pytest.raises(ValueError, match=r"corpus\.jsonl:1: 'id' must be"):
+        read_corpus(str(corpus))
+
+
+def test_rerun_into_an_index_made_differently_is_refused_unless_overwritten(model_dir, image_folder, tmp_path):
+    output = str(tmp_path / "index")
+    main(["index", model_dir, str(image_folder), output, "--storage", "float16", "--shard-size", "3"])
+    with pytest.raises(ValueError, match=r"made differently.*storage"):
+        main(["index", model_dir, str(image_folder), output, "--storage", "int8", "--shard-size", "3"])
+    with pytest.raises(ValueError, match=r"made differently.*shard_size"):
+        main(["index", model_dir, str(image_folder), output, "--storage", "float16", "--shard-size", "2"])
+    main(["index", model_dir, str(image_folder), output, "--storage", "int8", "--shard-size", "2", "--overwrite"])
+    index = MetaEmbedIndex.load(output)
+    assert index.storage == "int8" and len(index._shards) == (len(index) + 1) // 2
+
+
+def test_search_prints_only_found_candidates_when_a_two_stage_row_ends_early(model_dir, image_folder, tmp_path, capsys):
+    output = str(tmp_path / "index")
+    main(["index", model_dir, str(image_folder), output, "--storage", "float32"])
+    index = MetaEmbedIndex.load(output)
+    # Every candidate vector indexed: 3 nearest vectors may belong to fewer than 3 candidates.
+    index.build_ann(num_vectors=index.num_vectors, kind="flat")
+    index.save(output)
+    capsys.readouterr()
+    main(["search", output, "a red circle", "--top-k", "3", "--shortlist", "3", "--json"])
+    hits = json.loads(capsys.readouterr().out)[0]["results"]
+    assert 1 <= len(hits) <= 3 and all(hit["metadata"] is not None for hit in hits)
+    assert [hit["rank"] for hit in hits] == list(range(1, len(hits) + 1))

@@ -153,7 +153,7 @@ def test_flat_first_stage_is_the_exact_union_over_query_and_candidate_vectors(ca
         assert set(shortlist.tolist()) == owners
     index.save(str(tmp_path))
     loaded = MetaEmbedIndex.load(str(tmp_path))
-    assert loaded._ann_vectors == 4
+    assert loaded._ann_settings["num_vectors"] == 4 and loaded._ann is not None
     reloaded = loaded.ann_search(queries, 40, num_query_vectors=2)
     assert [s.tolist() for s in reloaded] == [s.tolist() for s in shortlists]
     results = loaded.search(queries, 16, 64, top_k=10, shortlist_size=40, ann_query_vectors=2)
@@ -233,7 +233,7 @@ def test_saved_index_files_are_json_and_safetensors_only(candidates, tmp_path):
     index.save(str(tmp_path))
     names = sorted(os.listdir(tmp_path))
     shards = [f"shard-0000{i}-of-00002.{extension}" for i in range(2) for extension in ("json", "safetensors")]
-    assert names == ["ann-1.faiss", "index.json", *shards]
+    assert names == ["ann.faiss", "index.json", *shards]
     manifest = json.loads((tmp_path / "index.json").read_text())
     assert manifest["dim"] == DIM and manifest["num_vectors"] == NUM_VECTORS and manifest["storage"] == "float32"
 
@@ -261,3 +261,127 @@ def test_qdrant_local_mode_returns_the_index_results(candidates, queries):
         store.search(queries, 1, 2)
     with pytest.raises(ValueError, match="up to 64"):
         store.add(candidates[:2, :8])
+
+
+def test_add_copies_the_callers_memory(candidates, queries):
+    source = candidates[:20].clone()
+    index = MetaEmbedIndex(DIM, NUM_VECTORS)
+    index.add(source)
+    array = candidates[20:30].clone().numpy()
+    index.add(array)
+    before = index.search(queries, 4, 8, top_k=5)
+    source.zero_()  # the caller reuses its buffers
+    array[:] = float("nan")
+    assert torch.equal(index.get_embeddings(range(30)), candidates[:30])
+    after = index.search(queries, 4, 8, top_k=5)
+    assert torch.equal(before.indices, after.indices) and torch.equal(before.scores, after.scores)
+
+
+def test_int8_search_over_several_dequantised_blocks(candidates, queries, monkeypatch):
+    import index_metaembed
+
+    whole = build(candidates, "int8").search(queries, 16, 64, top_k=10)
+    monkeypatch.setattr(index_metaembed, "_BLOCK_ELEMENTS", 64 * DIM * 50)  # blocks of 50 candidates
+    blocked = build(candidates, "int8").search(queries, 16, 64, top_k=10)
+    assert torch.equal(blocked.indices, whole.indices)
+    torch.testing.assert_close(blocked.scores, whole.scores, atol=1e-5, rtol=0)
+
+
+def test_save_checks_its_argument_and_keeps_the_old_index_on_failure(candidates, tmp_path, monkeypatch):
+    import index_metaembed
+
+    index = build(candidates)
+    index.save(str(tmp_path))
+    for bad in (-1, 0, 2.5, True):
+        with pytest.raises(ValueError, match="max_shard_candidates"):
+            index.save(str(tmp_path), max_shard_candidates=bad)
+
+    def failing_write(*arguments, **options):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(index_metaembed, "write_shard", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        build(candidates[:10]).save(str(tmp_path))
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="empty"):
+        MetaEmbedIndex(DIM, NUM_VECTORS).save(str(tmp_path))
+    loaded = MetaEmbedIndex.load(str(tmp_path))
+    assert loaded.ids == index.ids and sorted(os.listdir(tmp_path))[0] == "index.json"
+    # Saving a memory-mapped index over its own files works.
+    loaded.save(str(tmp_path), max_shard_candidates=500)
+    assert torch.equal(MetaEmbedIndex.load(str(tmp_path)).get_embeddings([0, 699]), index.get_embeddings([0, 699]))
+
+
+def test_ann_settings_survive_save_load_and_add(candidates, queries, tmp_path):
+    index = build(candidates)
+    index.build_ann(num_vectors=4, kind="flat")
+    index.save(str(tmp_path))
+    loaded = MetaEmbedIndex.load(str(tmp_path))
+    assert loaded._ann_settings == {"num_vectors": 4, "kind": "flat", "hnsw_neighbors": 32, "ef_search": None}
+    loaded.add(unit_vectors(3, NUM_VECTORS, DIM, seed=9), ids=["x", "y", "z"])
+    assert loaded._ann is None  # dropped by add, rebuilt on first use with the same settings
+    loaded.ann_search(queries, 10)
+    assert loaded._ann.ntotal == 703 * 4 and type(loaded._ann).__name__ == "IndexFlatIP"
+
+
+def test_queries_with_nan_are_refused(candidates, queries):
+    index = build(candidates[:20], metadata=False)
+    bad = queries.clone()
+    bad[3, 2, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"queries\[3\] contains NaN"):
+        index.search(bad)
+    with pytest.raises(ValueError, match=r"queries\[3\] contains NaN"):
+        index.search(bad, 2, 4, top_k=2, shortlist_size=5)
+
+
+def test_first_use_builds_the_ann_once_under_concurrent_searches(candidates, queries, monkeypatch):
+    index = build(candidates)
+    expected = build(candidates).search(queries, 4, 8, 5, shortlist_size=50)
+    builds = []
+    original = MetaEmbedIndex.build_ann
+
+    def counting_build(self, *arguments, **options):
+        builds.append(1)
+        return original(self, *arguments, **options)
+
+    monkeypatch.setattr(MetaEmbedIndex, "build_ann", counting_build)
+    results = [None] * 6
+
+    def run(slot):
+        results[slot] = index.search(queries, 4, 8, 5, shortlist_size=50)
+
+    threads = [threading.Thread(target=run, args=(slot,)) for slot in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(builds) == 1
+    for result in results:
+        assert torch.equal(result.indices, expected.indices)
+
+
+def test_memory_map_refuses_a_truncated_shard(candidates, tmp_path):
+    build(candidates[:10], metadata=False).save(str(tmp_path))
+    shard = next(tmp_path.glob("shard-00000-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="truncated"):
+        MetaEmbedIndex.load(str(tmp_path))
+
+
+def test_qdrant_collection_reopened_by_another_writer_keeps_existing_points(candidates, queries):
+    qdrant_client = pytest.importorskip("qdrant_client")
+    from qdrant_metaembed import MetaEmbedQdrant
+
+    client = qdrant_client.QdrantClient(":memory:")
+    first = MetaEmbedQdrant(client, "shared", candidate_vector_counts=[8])
+    first.create(DIM)
+    first.add(candidates[:3], ids=["a0", "a1", "a2"])
+    second = MetaEmbedQdrant(client, "shared", candidate_vector_counts=[8])  # e.g. another process
+    second.add(candidates[3:5], ids=["b0", "b1"])
+    second.add(candidates[5:6])  # default id: the next position, 5
+    assert client.count("shared").count == 6
+    index = MetaEmbedIndex(DIM, NUM_VECTORS)
+    index.add(candidates[:6], ids=["a0", "a1", "a2", "b0", "b1", 5])
+    assert second.search(queries, 2, 8, top_k=6).ids == index.search(queries, 2, 8, top_k=6).ids
+    second.add(candidates[6:7], ids=["a1"])  # the same id again replaces that point
+    assert client.count("shared").count == 6
