@@ -256,12 +256,10 @@ def run_search(arguments: argparse.Namespace) -> None:
     output = []
     for query, scores, positions, row_ids in zip(queries, results.scores, results.indices, results.ids):
         # Two-stage rows can end early (position -1) when the shortlist held fewer candidates than --top-k.
-        found = [
-            (float(score), int(position), identifier) for score, position, identifier in zip(scores, positions, row_ids)
-        ]
+        found = [hit for hit in zip(scores.tolist(), positions.tolist(), row_ids) if hit[1] >= 0]
         hits = [
             {"rank": rank, "score": round(score, 6), "id": identifier, "metadata": index.metadata(position)}
-            for rank, (score, position, identifier) in enumerate([hit for hit in found if hit[1] >= 0], start=1)
+            for rank, (score, position, identifier) in enumerate(found, start=1)
         ]
         output.append({"query": query, "results": hits})
     if arguments.json:

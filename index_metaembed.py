@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import torch
 from safetensors.torch import save_file
 
-from scoring_metaembed import check_num_vectors, late_interaction_scores, merge_top_k
+from scoring_metaembed import check_num_vectors, check_positive_int, late_interaction_scores, merge_top_k
 
 __all__ = ["STORAGE_DTYPES", "MetaEmbedIndex", "SearchResults", "quantize", "write_shard"]
 
@@ -38,7 +38,7 @@ STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": to
 INDEX_FORMAT = "metaembed-index"
 _SHARD_PATTERN = re.compile(r"shard-(\d{5})-of-(\d{5})\.safetensors$")
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "I8": torch.int8}
-# Candidates dequantised (int8) or gathered (shortlists) at a time: bounds the extra memory of a search.
+# int8 candidates dequantised at a time in an exhaustive search: bounds its extra memory.
 _BLOCK_ELEMENTS = 2**24
 
 
@@ -83,12 +83,10 @@ class MetaEmbedIndex:
         storage: str = "float32",
         model_name_or_path: str | None = None,
     ) -> None:
-        for name, value in (("dim", dim), ("num_vectors", num_vectors)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
         if storage not in STORAGE_DTYPES:
             raise ValueError(f"storage must be one of {sorted(STORAGE_DTYPES)}, got {storage!r}")
-        self.dim, self.num_vectors, self.storage = int(dim), int(num_vectors), storage
+        self.dim, self.num_vectors = check_positive_int(dim, "dim"), check_positive_int(num_vectors, "num_vectors")
+        self.storage = storage
         self.model_name_or_path = model_name_or_path
         self._shards: list[_Shard] = []
         self._id_positions: dict[Any, int] = {}
@@ -300,19 +298,16 @@ class MetaEmbedIndex:
         queries = _check_queries(queries, self.dim)
         num_candidate_vectors = check_num_vectors(num_candidate_vectors, self.num_vectors, "num_candidate_vectors")
         num_query_vectors = check_num_vectors(num_query_vectors, queries.shape[1], "num_query_vectors")
-        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
-            raise ValueError(f"top_k must be a positive int, got {top_k!r}")
-        top_k = min(int(top_k), len(self))
+        top_k = min(check_positive_int(top_k, "top_k"), len(self))
         queries = queries[:, :num_query_vectors].float()
         if shortlist_size is None:
             scores, indices = self._search_exhaustive(queries, num_candidate_vectors, top_k)
         else:
-            if isinstance(shortlist_size, bool) or not isinstance(shortlist_size, numbers.Integral):
-                raise TypeError(f"shortlist_size must be a positive int or None, got {shortlist_size!r}")
+            shortlist_size = check_positive_int(shortlist_size, "shortlist_size", none_allowed=True)
             if shortlist_size < top_k:
                 raise ValueError(f"shortlist_size ({shortlist_size}) must be at least top_k ({top_k})")
             scores, indices = self._search_two_stage(
-                queries, num_candidate_vectors, top_k, int(shortlist_size), ann_query_vectors
+                queries, num_candidate_vectors, top_k, shortlist_size, ann_query_vectors
             )
         return SearchResults(scores, indices, self._ids_at(indices))
 

@@ -16,7 +16,14 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["MMR_BUDGETS", "TopKScores", "check_num_vectors", "late_interaction_scores", "merge_top_k"]
+__all__ = [
+    "MMR_BUDGETS",
+    "TopKScores",
+    "check_num_vectors",
+    "check_positive_int",
+    "late_interaction_scores",
+    "merge_top_k",
+]
 
 # The budgets (r_q, r_c) the paper trains with MMR and evaluates.
 MMR_BUDGETS: tuple[tuple[int, int], ...] = ((1, 1), (2, 4), (4, 8), (8, 16), (16, 64))
@@ -129,9 +136,9 @@ def late_interaction_scores(
     query_side.select_vectors(num_query_vectors, "num_query_vectors")
     candidate_side.select_vectors(num_candidate_vectors, "num_candidate_vectors")
     num_queries, num_candidates = query_side.count, candidate_side.count
-    k = None if top_k is None else min(_check_positive_int(top_k, "top_k"), num_candidates)
+    k = None if top_k is None else min(check_positive_int(top_k, "top_k", none_allowed=True), num_candidates)
     if chunk_size is not None:
-        chunk_size = _check_positive_int(chunk_size, "chunk_size")
+        chunk_size = check_positive_int(chunk_size, "chunk_size", none_allowed=True)
     if device is not None:
         compute_device = torch.device(device)
     else:
@@ -166,12 +173,18 @@ def _as_int(value: object) -> int | None:
     return None
 
 
-def _check_positive_int(value: object, name: str) -> int:
+def check_positive_int(value: object, name: str, none_allowed: bool = False) -> int:
+    """`value` as a Python int if it is an integer >= 1 (Python, numpy or 0-dim tensor; bools refused).
+
+    Raises:
+        TypeError: not an integer. ValueError: below 1. The message names `name` (and "or None" when the
+        caller accepts None and handles it itself)."""
+    expected = "a positive int or None" if none_allowed else "a positive int"
     integer = _as_int(value)
     if integer is None:
-        raise TypeError(f"{name} must be a positive int or None, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
     if integer < 1:
-        raise ValueError(f"{name} must be a positive int or None, got {integer}")
+        raise ValueError(f"{name} must be {expected}, got {integer}")
     return integer
 
 
@@ -266,7 +279,7 @@ class _EmbeddingSide:
         if self.width == 0:
             # An empty list: there is no width to check against, only the type and sign.
             if num_vectors is not None:
-                _check_positive_int(num_vectors, argument_name)
+                check_positive_int(num_vectors, argument_name, none_allowed=True)
             return
         self.num_vectors = check_num_vectors(num_vectors, self.width, argument_name)
 

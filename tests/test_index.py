@@ -244,7 +244,8 @@ def test_saved_index_files_are_json_and_safetensors_only(candidates, tmp_path):
 
 
 def test_qdrant_local_mode_returns_the_index_results(candidates, queries):
-    qdrant_client = pytest.importorskip("qdrant_client")
+    import qdrant_client  # in the [test] extra: a missing install fails here, not skips
+
     from qdrant_metaembed import MetaEmbedQdrant
 
     index = build(candidates[:200])
@@ -369,7 +370,8 @@ def test_memory_map_refuses_a_truncated_shard(candidates, tmp_path):
 
 
 def test_qdrant_collection_reopened_by_another_writer_keeps_existing_points(candidates, queries):
-    qdrant_client = pytest.importorskip("qdrant_client")
+    import qdrant_client  # in the [test] extra: a missing install fails here, not skips
+
     from qdrant_metaembed import MetaEmbedQdrant
 
     client = qdrant_client.QdrantClient(":memory:")
