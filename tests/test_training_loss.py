@@ -466,7 +466,7 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, result_file:
         init_method=f"file://{init_file}",
         rank=rank,
         world_size=world_size,
-        timeout=datetime.timedelta(seconds=500),
+        timeout=datetime.timedelta(seconds=300),
     )
     begin = sum(LOCAL_BATCH_SIZES[:rank])
     local = slice(begin, begin + LOCAL_BATCH_SIZES[rank])
@@ -507,7 +507,11 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, result_file:
         },
         result_file,
     )
-    dist.destroy_process_group()
+    # Leave without interpreter teardown: destroying a gloo group while a DDP reducer still holds it can deadlock
+    # in torch (the group's worker thread waits for the GIL that the joining main thread holds); seen when the
+    # parent's stdin is closed, as under CI.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def test_distributed_gather_matches_single_process(tmp_path):
@@ -521,32 +525,36 @@ def test_distributed_gather_matches_single_process(tmp_path):
     if any(name == "lo" for _, name in socket.if_nameindex()):
         environment["GLOO_SOCKET_IFNAME"] = "lo"  # keep gloo's connections on the loopback interface
     init_file = tmp_path / "store"
-    processes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "import test_training_loss as t; "
-                f"t._distributed_worker({rank}, {world_size}, {str(init_file)!r}, {str(tmp_path / f'{rank}.pt')!r})",
-            ],
-            env=environment,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(world_size)
-    ]
-    outputs = []
+    logs = [tmp_path / f"{rank}.log" for rank in range(world_size)]
+    processes = []
+    for rank, log in enumerate(logs):
+        with open(log, "w") as log_file:  # a file, not a pipe: a rank blocked on a full pipe would stall the other
+            processes.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-c",
+                        "import test_training_loss as t; "
+                        f"t._distributed_worker({rank}, {world_size}, {str(init_file)!r}, "
+                        f"{str(tmp_path / f'{rank}.pt')!r})",
+                    ],
+                    env=environment,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                )
+            )
     try:
         for process in processes:
             # Generous: each rank takes ~8 s alone, but CI machines can be many times slower under load.
-            outputs.append(process.communicate(timeout=900)[0])
+            process.wait(timeout=600)
     finally:
         for process in processes:
             if process.poll() is None:
                 process.kill()
-    for process, output in zip(processes, outputs):
-        assert process.returncode == 0, output
+                process.wait()
+    for rank, process in enumerate(processes):
+        assert process.returncode == 0, f"rank {rank}:\n{logs[rank].read_text()}"
     results = [torch.load(tmp_path / f"{rank}.pt") for rank in range(world_size)]
 
     # Single process, concatenated batch.
