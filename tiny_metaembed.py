@@ -52,8 +52,11 @@ def build_tiny_backbone_config(
     num_layers: int = 2,
     num_heads: int = 4,
     vision_depth: int = 2,
+    initializer_range: float = 0.02,
 ):
-    """Config of a small `family` backbone whose special-token ids match `tokenizer`."""
+    """Config of a small `family` backbone whose special-token ids match `tokenizer`.
+
+    `initializer_range` is the std of the random weights (language model and vision tower)."""
     tokenizer = tokenizer or build_tiny_tokenizer()
     token_id = tokenizer.convert_tokens_to_ids
     head_dim = hidden_size // num_heads
@@ -69,18 +72,27 @@ def build_tiny_backbone_config(
         head_dim=head_dim,
         vocab_size=len(tokenizer),
         max_position_embeddings=32768,
+        initializer_range=initializer_range,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
         bos_token_id=token_id("<|endoftext|>"),
         eos_token_id=token_id("<|im_end|>"),
         pad_token_id=token_id("<|endoftext|>"),
     )
     special_ids = dict(
+        initializer_range=initializer_range,
         image_token_id=token_id("<|image_pad|>"),
         video_token_id=token_id("<|video_pad|>"),
         vision_start_token_id=token_id("<|vision_start|>"),
         vision_end_token_id=token_id("<|vision_end|>"),
     )
-    vision = dict(depth=vision_depth, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    vision = dict(
+        depth=vision_depth,
+        num_heads=2,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        initializer_range=initializer_range,
+    )
     if family == "qwen2_vl":
         vision_config = dict(vision, embed_dim=32, hidden_size=hidden_size, mlp_ratio=2)
         return Qwen2VLConfig(text_config=text_config, vision_config=vision_config, **special_ids)
