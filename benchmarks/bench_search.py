@@ -24,10 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from demo_metaembed import DemoSettings, SceneTask, train_demo_model
+from demo_metaembed import DemoSettings, SceneTask, save_demo_backbone, train_demo_model
 from index_metaembed import MetaEmbedIndex
 from scoring_metaembed import MMR_BUDGETS
-from tiny_metaembed import save_tiny_backbone
 
 
 def parse_args() -> argparse.Namespace:
@@ -56,7 +55,7 @@ def prepare(args: argparse.Namespace) -> tuple[torch.nn.Module, MetaEmbedIndex, 
     model_dir = work / f"model-{args.steps}"
     if not (model_dir / "config.json").exists():
         settings = DemoSettings(steps=args.steps)
-        backbone = save_tiny_backbone(str(work / "backbone"), "qwen2_5_vl", max_image_tokens=9, hidden_size=64)
+        backbone = save_demo_backbone(str(work / "backbone"), settings)
         start = time.perf_counter()
         train_demo_model(backbone, str(model_dir), settings, mmr=True)
         print(f"trained the demo model in {time.perf_counter() - start:.0f} s")

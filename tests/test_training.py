@@ -9,10 +9,12 @@ import pytest
 import torch
 from conftest import make_model
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import AutoModel
 
 from cli_metaembed import main, read_jsonl_rows
-from demo_metaembed import DemoSettings, SceneTask, evaluation_set, run_demo
+from demo_metaembed import PALETTE, DemoSettings, SceneTask, cell_tint, evaluation_set, run_demo
+from tiny_metaembed import save_tiny_backbone
 from training_metaembed import MetaEmbedDataCollator, train_metaembed
 
 
@@ -133,6 +135,23 @@ def test_scene_batches_have_no_false_negatives():
         assert len(set(targets)) == 32
     data = evaluation_set(task, num_candidates=50, num_queries=20)
     assert data.relevant.shape == (20, 50) and bool(data.relevant.any(1).all())
+
+
+def test_scene_board_shows_position_in_pixels():
+    task = SceneTask()
+    # The same disc in two cells differs in its surroundings; an empty cell shows the cell's own tint.
+    top_left, bottom_right = task.draw({(0, 0): "red"}), task.draw({(2, 2): "red"})
+    assert top_left.getpixel((1, 1)) == cell_tint(0, 0) != bottom_right.getpixel((57, 57)) == cell_tint(2, 2)
+    assert top_left.getpixel((14, 14)) == bottom_right.getpixel((70, 70)) == PALETTE["red"]
+    assert len({cell_tint(row, column) for row, column in task.positions}) == 9
+
+
+@pytest.mark.parametrize("initializer_range", [0.02, 0.1])
+def test_tiny_backbone_initializer_range(tmp_path, initializer_range):
+    folder = save_tiny_backbone(tmp_path, "qwen2_5_vl", initializer_range=initializer_range)
+    weights = load_file(os.path.join(folder, "model.safetensors"))
+    for name in ("language_model.layers.0.mlp.up_proj.weight", "visual.blocks.0.attn.qkv.weight"):
+        assert weights[name].std().item() == pytest.approx(initializer_range, rel=0.1), name
 
 
 def test_demo_small_run(tmp_path, capsys):
