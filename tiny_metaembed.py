@@ -78,7 +78,7 @@ def build_tiny_backbone_config(
         eos_token_id=token_id("<|im_end|>"),
         pad_token_id=token_id("<|endoftext|>"),
     )
-    special_ids = dict(
+    composite_options = dict(  # the top-level config: its init std and special-token ids
         initializer_range=initializer_range,
         image_token_id=token_id("<|image_pad|>"),
         video_token_id=token_id("<|video_pad|>"),
@@ -95,7 +95,7 @@ def build_tiny_backbone_config(
     )
     if family == "qwen2_vl":
         vision_config = dict(vision, embed_dim=32, hidden_size=hidden_size, mlp_ratio=2)
-        return Qwen2VLConfig(text_config=text_config, vision_config=vision_config, **special_ids)
+        return Qwen2VLConfig(text_config=text_config, vision_config=vision_config, **composite_options)
     if family == "qwen2_5_vl":
         vision_config = dict(
             vision,
@@ -105,7 +105,7 @@ def build_tiny_backbone_config(
             window_size=56,
             fullatt_block_indexes=[vision_depth - 1],
         )
-        return Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config, **special_ids)
+        return Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config, **composite_options)
     if family == "qwen3_vl":
         vision_config = dict(
             vision,
@@ -115,7 +115,7 @@ def build_tiny_backbone_config(
             deepstack_visual_indexes=[vision_depth - 1],
             num_position_embeddings=64,
         )
-        return Qwen3VLConfig(text_config=text_config, vision_config=vision_config, **special_ids)
+        return Qwen3VLConfig(text_config=text_config, vision_config=vision_config, **composite_options)
     raise ValueError(f"family must be one of {BACKBONE_FAMILIES}, got {family!r}")
 
 

@@ -146,9 +146,11 @@ def test_scene_board_shows_position_in_pixels():
     assert len({cell_tint(row, column) for row, column in task.positions}) == 9
 
 
-@pytest.mark.parametrize("initializer_range", [0.02, 0.1])
-def test_tiny_backbone_initializer_range(tmp_path, initializer_range):
-    folder = save_tiny_backbone(tmp_path, "qwen2_5_vl", initializer_range=initializer_range)
+@pytest.mark.parametrize(
+    ("family", "initializer_range"), [("qwen2_5_vl", 0.02), ("qwen2_vl", 0.1), ("qwen2_5_vl", 0.1), ("qwen3_vl", 0.1)]
+)
+def test_tiny_backbone_initializer_range(tmp_path, family, initializer_range):
+    folder = save_tiny_backbone(tmp_path, family, initializer_range=initializer_range)
     weights = load_file(os.path.join(folder, "model.safetensors"))
     for name in ("language_model.layers.0.mlp.up_proj.weight", "visual.blocks.0.attn.qkv.weight"):
         assert weights[name].std().item() == pytest.approx(initializer_range, rel=0.1), name
