@@ -210,13 +210,8 @@ def _check_resumable(manifest_path: str, index: Any, corpus: dict[str, Any]) -> 
     """Refuse to resume into an index made by another model, storage, vector count or corpus layout."""
     with open(manifest_path, encoding="utf-8") as file:
         existing = json.load(file)
-    wanted = {
-        "model_name_or_path": index.model_name_or_path,
-        "storage": index.storage,
-        "num_vectors": index.num_vectors,
-        "dim": index.dim,
-        "corpus": corpus,
-    }
+    # ANN settings are not part of what the shards hold; everything else must match.
+    wanted = {key: value for key, value in index.manifest(corpus).items() if key != "ann"}
     different = [key for key, value in wanted.items() if existing.get(key) != value]
     if different:
         details = ", ".join(f"{key}: {existing.get(key)!r} there, {wanted[key]!r} now" for key in different)

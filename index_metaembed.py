@@ -24,7 +24,8 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -453,9 +454,9 @@ class MetaEmbedIndex:
                     None if shard.metadata is None else shard.metadata[offset:end],
                 )
 
-    def write_manifest(self, folder: str, corpus: dict[str, Any] | None = None) -> None:
-        """Write `index.json` (atomically); `corpus` records how the shards were made (`metaembed index`)."""
-        manifest = {
+    def manifest(self, corpus: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The content of `index.json`; `corpus` records how the shards were made (`metaembed index`)."""
+        return {
             "format": INDEX_FORMAT,
             "version": 1,
             "dim": self.dim,
@@ -465,7 +466,10 @@ class MetaEmbedIndex:
             "ann": self._ann_settings,
             "corpus": corpus,
         }
-        _write_json_atomically(os.path.join(folder, "index.json"), manifest)
+
+    def write_manifest(self, folder: str, corpus: dict[str, Any] | None = None) -> None:
+        """Write `index.json` (atomically), see `manifest`."""
+        _write_json_atomically(os.path.join(folder, "index.json"), self.manifest(corpus))
 
     @classmethod
     def load(cls, folder: str, mmap: bool = True) -> MetaEmbedIndex:
@@ -542,19 +546,29 @@ def write_shard(
     tensors = {"embeddings": embeddings.contiguous()}
     if scales is not None:
         tensors["scales"] = scales.contiguous()
-    temporary = f"{stem}.safetensors.tmp-{os.getpid()}"
-    save_file(tensors, temporary)
     _write_json_atomically(stem + ".json", {"ids": ids, "metadata": metadata})
-    os.replace(temporary, stem + ".safetensors")
+    _write_atomically(stem + ".safetensors", lambda temporary: save_file(tensors, temporary))  # last: shard done
+
+
+def _write_atomically(path: str, write: Callable[[str], None]) -> None:
+    """`write(temporary)` to a temporary name unique to this writer, then rename to `path`: readers and other
+    processes writing the same file (every rank writes the manifest) never see or clobber a partial file."""
+    # A fresh name rather than mkstemp, whose file would keep mode 0600 after the rename.
+    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def _write_json_atomically(path: str, value: Any) -> None:
-    """Write under a temporary name unique to this writer, then rename: readers and other processes writing
-    the same file (every rank writes the manifest) never see or clobber a partial file."""
-    descriptor, temporary = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path) or ".")
-    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-        json.dump(value, file)
-    os.replace(temporary, path)
+    def write(temporary: str) -> None:
+        with open(temporary, "w", encoding="utf-8") as file:
+            json.dump(value, file)
+
+    _write_atomically(path, write)
 
 
 def _read_safetensors(path: str, mmap: bool) -> dict[str, torch.Tensor]:
