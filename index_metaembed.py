@@ -553,10 +553,14 @@ def write_shard(
 def _write_atomically(path: str, write: Callable[[str], None]) -> None:
     """`write(temporary)` to a temporary name unique to this writer, then rename to `path`: readers and other
     processes writing the same file (every rank writes the manifest) never see or clobber a partial file."""
-    # A fresh name rather than mkstemp, whose file would keep mode 0600 after the rename.
     temporary = f"{path}.tmp-{uuid.uuid4().hex}"
     try:
+        # The mode a new file gets under the user's umask: kept, as safetensors' writer (and mkstemp) would
+        # leave 0600 and lock other readers of a shared index out.
+        with open(temporary, "x"):
+            mode = os.stat(temporary).st_mode & 0o777
         write(temporary)
+        os.chmod(temporary, mode)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

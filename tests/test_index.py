@@ -387,3 +387,12 @@ def test_qdrant_collection_reopened_by_another_writer_keeps_existing_points(cand
     assert second.search(queries, 2, 8, top_k=6).ids == index.search(queries, 2, 8, top_k=6).ids
     second.add(candidates[6:7], ids=["a1"])  # the same id again replaces that point
     assert client.count("shared").count == 6
+
+
+def test_saved_files_get_the_usual_file_mode(candidates, tmp_path):
+    # safetensors' writer leaves 0600; a shared index must stay readable as any new file under the umask is.
+    build(candidates, "int8").save(str(tmp_path / "index"))
+    (tmp_path / "probe").touch()
+    usual = os.stat(tmp_path / "probe").st_mode & 0o777
+    modes = {name: os.stat(tmp_path / "index" / name).st_mode & 0o777 for name in os.listdir(tmp_path / "index")}
+    assert modes and set(modes.values()) == {usual}, modes
