@@ -36,6 +36,7 @@ from __future__ import annotations
 import base64
 import binascii
 import importlib
+import importlib.util
 import io
 import logging
 from pathlib import Path
@@ -112,8 +113,7 @@ class EndpointHandler:
             ("max_image_pixels", max_image_pixels),
             ("max_request_pixels", max_request_pixels),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            _hub_module("scoring_metaembed").check_positive_int(value, name)
         if not image_formats:
             raise ValueError("image_formats must name at least one PIL format")
         path = path or str(Path(__file__).resolve().parent)
@@ -294,6 +294,18 @@ class EndpointHandler:
         except Exception as error:
             raise RequestError(f"{where} could not be decoded: {type(error).__name__}: {error}") from error
         return image
+
+
+def _hub_module(name: str) -> Any:
+    """A Hub-set module before any model is loaded: the copy beside this file (the saved folder is not a
+    package, so it is imported by path), else the installed top-level module."""
+    sibling = Path(__file__).with_name(f"{name}.py")
+    if not sibling.is_file():
+        return importlib.import_module(name)
+    spec = importlib.util.spec_from_file_location(f"_metaembed_handler_{name}", sibling)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _without_image(item: Any) -> Any:

@@ -11,6 +11,7 @@ r vectors runs r rows), which gives the same vectors for less compute.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import string
 import sys
@@ -28,19 +29,39 @@ from transformers.utils import ModelOutput
 try:
     from .configuration_metaembed import MetaEmbedConfig
     from .pipeline_metaembed import pipeline_registrations
-    from .processing_metaembed import MetaEmbedItem, MetaEmbedProcessor, Task, normalize_items
-    from .scoring_metaembed import check_num_vectors, late_interaction_scores
-except ImportError:  # a checkout used as plain top-level modules
+    from .processing_metaembed import MetaEmbedItem, MetaEmbedProcessor, Task, check_task, normalize_items
+    from .scoring_metaembed import check_num_vectors, check_positive_int, late_interaction_scores
+except ImportError:  # a checkout or an installed package: plain top-level modules
     from configuration_metaembed import MetaEmbedConfig
     from pipeline_metaembed import pipeline_registrations
-    from processing_metaembed import MetaEmbedItem, MetaEmbedProcessor, Task, normalize_items
-    from scoring_metaembed import check_num_vectors, late_interaction_scores
+    from processing_metaembed import MetaEmbedItem, MetaEmbedProcessor, Task, check_task, normalize_items
+    from scoring_metaembed import check_num_vectors, check_positive_int, late_interaction_scores
 
 # Placeholder appended once per Meta Token; its embedding is replaced by the learned row. Never used by the
 # prompt templates, so the appended run can't merge with content.
 DEFAULT_META_TOKEN = "<|box_start|>"
 MODEL_CARD_TEMPLATE = "model_card.md"
-ENDPOINT_HANDLER = "handler.py"
+HUB_FILES = (
+    "configuration_metaembed.py",
+    "modeling_metaembed.py",
+    "processing_metaembed.py",
+    "scoring_metaembed.py",
+    "pipeline_metaembed.py",
+    "sentence_transformers_metaembed.py",
+    "handler.py",
+    "model_card.md",
+    "requirements.txt",
+)
+"""The Hub set: the code and templates every saved folder carries, copied by `save_pretrained`. They sit at the
+top of the repository; an installed package keeps the files that are not modules in `INSTALLED_HUB_FILES`."""
+INSTALLED_HUB_FILES = Path("metaembed", "hub_files")
+"""Where, beside the installed top-level modules, `setup.py` puts the Hub files that are not importable modules
+(a module named `handler` must not be installed)."""
+# sentence-transformers' view of a saved folder (`sentence_transformers_metaembed.py` reads these names): the
+# module's own config file (not config.json, which belongs to the model) and its keys.
+SENTENCE_TRANSFORMERS_MODULE = "sentence_transformers_metaembed.MetaEmbedModule"
+SENTENCE_TRANSFORMERS_CONFIG_FILE = "sentence_metaembed_config.json"
+SENTENCE_TRANSFORMERS_CONFIG_KEYS = ("query_num_vectors", "document_num_vectors")
 # Keyword arguments of from_pretrained that also locate the processor files.
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "trust_remote_code")
 
@@ -151,11 +172,34 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         Returns:
             [`MetaEmbedOutput`] with `embeddings` of shape `(batch_size, num_vectors, embedding_dim)`, float32.
         """
-        if task not in ("query", "candidate"):
-            raise ValueError(f"task must be 'query' or 'candidate', got {task!r}")
+        task = check_task(task)
+        num_vectors = check_num_vectors(num_vectors, self.config.num_vectors_for(task))
+        return self._embed(
+            task,
+            num_vectors,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            mm_token_type_ids=mm_token_type_ids,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+
+    def _embed(
+        self,
+        task: Task,
+        num_vectors: int,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        mm_token_type_ids: torch.IntTensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        **backbone_inputs: Any,
+    ) -> MetaEmbedOutput:
+        """`forward` with `task` and `num_vectors` already checked by the public entry point; `backbone_inputs`
+        (`pixel_values`, `output_hidden_states`, ...) go to the backbone."""
         if self.config.meta_token_id is None:
             raise ValueError("config.meta_token_id is not set; create the model with MetaEmbedModel.from_backbone")
-        num_vectors = check_num_vectors(num_vectors, self.config.num_vectors_for(task))
         if bool((input_ids[:, -1] == self.config.meta_token_id).any()):
             raise ValueError("input_ids already end with the Meta Token placeholder; pass content tokens only")
         batch_size = input_ids.shape[0]
@@ -178,13 +222,11 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            pixel_values=pixel_values,
             image_grid_thw=image_grid_thw,
             mm_token_type_ids=mm_token_type_ids,
             use_cache=False,
-            output_hidden_states=output_hidden_states,
             return_dict=True,
-            **kwargs,
+            **backbone_inputs,
         )
         vectors = outputs.last_hidden_state[:, -num_vectors:]
         if self.projection is not None:
@@ -280,11 +322,9 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         Returns:
             float32 tensor `[len(inputs), num_vectors, D]`, each vector L2-normalised.
         """
-        if task not in ("query", "candidate"):
-            raise ValueError(f"task must be 'query' or 'candidate', got {task!r}")
+        task = check_task(task)
         num_vectors = check_num_vectors(num_vectors, self.config.num_vectors_for(task))
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        batch_size = check_positive_int(batch_size, "batch_size")
         items = normalize_items(inputs)
         result = torch.empty(len(items), num_vectors, self.config.output_dim, dtype=torch.float32)
         if items:
@@ -304,10 +344,10 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
             from tqdm.auto import tqdm
 
             for batch in tqdm(batches, desc=f"Encoding {task}s", disable=not show_progress_bar):
-                features = self.processor.process_items(
-                    [items[index] for index in batch], task, item_names=[f"inputs[{index}]" for index in batch]
+                features = self.processor.process_checked_items(
+                    [items[index] for index in batch], task, [f"inputs[{index}]" for index in batch]
                 ).to(input_device)
-                embeddings = self(**features, task=task, num_vectors=num_vectors).embeddings
+                embeddings = self._embed(task, num_vectors, **features).embeddings
                 result[batch] = embeddings.to("cpu", torch.float32)
         if convert_to_numpy:
             return result.numpy()
@@ -435,13 +475,6 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         .py files, the processor and tokenizer files, README.md rendered from the model card template, and
         (unless `sentence_transformers_files=False`, as when sentence-transformers saves the model and writes
         its own) the files that load the folder as a sentence-transformers `MultiVectorEncoder`."""
-        # Imported here, not at the top: that file imports this one. The relative import is also what makes
-        # transformers copy it into saved folders and the dynamic-module cache.
-        try:
-            from .sentence_transformers_metaembed import save_sentence_transformers_config
-        except ImportError:  # a checkout used as plain top-level modules
-            from sentence_transformers_metaembed import save_sentence_transformers_config
-
         if kwargs.get("push_to_hub"):
             # transformers would upload before the processor, card, handler and sentence-transformers files
             # exist here, publishing an incomplete repo.
@@ -454,19 +487,22 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
             self.processor.save_pretrained(save_directory)
         if sentence_transformers_files:
             save_sentence_transformers_config(save_directory)
-        handler = _find_package_file(ENDPOINT_HANDLER, self.name_or_path)
-        if handler is None:
+        missing = []
+        for file_name in HUB_FILES:
+            content = _hub_file(file_name, self.name_or_path)
+            if content is None:
+                missing.append(file_name)
+            else:
+                (Path(save_directory) / file_name).write_bytes(content)
+        if missing:
             warnings.warn(
-                f"{ENDPOINT_HANDLER} not found; the folder will not serve on Inference Endpoints", stacklevel=2
+                f"{missing} not found beside {__file__} or in {self.name_or_path!r}; the folder is incomplete "
+                "(install the metaembed package to save complete folders)",
+                stacklevel=2,
             )
-        else:
-            (Path(save_directory) / ENDPOINT_HANDLER).write_text(handler, encoding="utf-8")
-        template = _find_package_file(MODEL_CARD_TEMPLATE, self.name_or_path)
-        if template is None:
-            warnings.warn(f"{MODEL_CARD_TEMPLATE} not found; README.md not written", stacklevel=2)
-            return
-        (Path(save_directory) / MODEL_CARD_TEMPLATE).write_text(template, encoding="utf-8")
-        (Path(save_directory) / "README.md").write_text(self.render_model_card(template), encoding="utf-8")
+        if MODEL_CARD_TEMPLATE not in missing:
+            template = (Path(save_directory) / MODEL_CARD_TEMPLATE).read_text(encoding="utf-8")
+            (Path(save_directory) / "README.md").write_text(self.render_model_card(template), encoding="utf-8")
 
     def render_model_card(self, template: str) -> str:
         """Fill the model card template (`$name` placeholders) with this model's settings."""
@@ -508,28 +544,61 @@ def _with_available_attention(kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def _find_package_file(file_name: str, name_or_path: str | None) -> str | None:
-    """Text of a package file that no module imports (the card template, the endpoint handler): beside this
-    file in a checkout, else in the folder or Hub repo the model was loaded from (the dynamic-module cache
-    only holds imported .py files)."""
-    candidates = [Path(__file__).with_name(file_name)]
+def _hub_file(file_name: str, name_or_path: str | None) -> bytes | None:
+    """Content of a Hub-set file: beside this module (a checkout, or the installed top-level modules), in the
+    installed package's `INSTALLED_HUB_FILES`, else in the folder or Hub repo the model was loaded from (remote
+    code runs from the dynamic-module cache, which holds only the modules that `modeling_metaembed` imports)."""
+    here = Path(__file__).resolve().parent
+    candidates = [here / file_name, here / INSTALLED_HUB_FILES / file_name]
     if name_or_path:
         candidates.append(Path(name_or_path) / file_name)
     for candidate in candidates:
         if candidate.is_file():
-            return candidate.read_text(encoding="utf-8")
+            return candidate.read_bytes()
     if name_or_path and not Path(name_or_path).exists():
         try:
             from huggingface_hub import try_to_load_from_cache
 
             cached = try_to_load_from_cache(name_or_path, file_name)
             if isinstance(cached, str):
-                return Path(cached).read_text(encoding="utf-8")
+                return Path(cached).read_bytes()
         except ValueError:  # not a repo id
             return None
     return None
 
 
+def save_sentence_transformers_config(save_directory: str | os.PathLike) -> None:
+    """Write the files that make a saved MetaEmbed folder load with
+    `MultiVectorEncoder(save_directory, trust_remote_code=True)`: `modules.json` (one `MetaEmbedModule` in the
+    root), `config_sentence_transformers.json` (model type, empty prompts, MaxSim) and the module's config with
+    its defaults. The contents are what `MultiVectorEncoder.save` writes for such a model."""
+    model_config = {
+        "model_type": "MultiVectorEncoder",
+        # Empty: the processor adds MetaEmbed's templates and prefixes (see sentence_transformers_metaembed.py).
+        "prompts": {"query": "", "document": ""},
+        "default_prompt_name": None,
+        # s(q, c) = sum_i max_j <q_i, c_j>, as MetaEmbedModel.score.
+        "similarity_fn_name": "maxsim",
+    }
+    files = {
+        # The bare file name: sentence-transformers resolves it in the model folder (as remote code).
+        "modules.json": [{"idx": 0, "name": "0", "path": "", "type": SENTENCE_TRANSFORMERS_MODULE}],
+        "config_sentence_transformers.json": model_config,
+        # The module constructor's defaults (None = all vectors).
+        SENTENCE_TRANSFORMERS_CONFIG_FILE: dict.fromkeys(SENTENCE_TRANSFORMERS_CONFIG_KEYS),
+    }
+    for file_name, content in files.items():
+        with open(os.path.join(save_directory, file_name), "w", encoding="utf-8") as file:
+            json.dump(content, file, indent=2, sort_keys=True)
+            file.write("\n")
+
+
 MetaEmbedModel.register_for_auto_class("AutoModel")
 
-__all__ = ["MetaEmbedModel", "MetaEmbedOutput", "MetaEmbedPreTrainedModel"]
+__all__ = [
+    "HUB_FILES",
+    "MetaEmbedModel",
+    "MetaEmbedOutput",
+    "MetaEmbedPreTrainedModel",
+    "save_sentence_transformers_config",
+]

@@ -12,9 +12,11 @@ import torch
 from transformers import Pipeline
 
 try:
-    from .processing_metaembed import normalize_item
-except ImportError:  # a checkout used as plain top-level modules
-    from processing_metaembed import normalize_item
+    from .processing_metaembed import check_task, normalize_item
+    from .scoring_metaembed import check_num_vectors
+except ImportError:  # a checkout or an installed package: plain top-level modules
+    from processing_metaembed import check_task, normalize_item
+    from scoring_metaembed import check_num_vectors
 
 PIPELINE_TASKS = ("feature-extraction", "image-feature-extraction")
 
@@ -46,9 +48,7 @@ class MetaEmbedPipeline(Pipeline):
             raise TypeError(f"unexpected MetaEmbed pipeline parameters: {sorted(kwargs)}")
         preprocess_parameters, forward_parameters, postprocess_parameters = {}, {}, {}
         if task is not None:
-            if task not in ("query", "candidate"):
-                raise ValueError(f"task must be 'query' or 'candidate', got {task!r}")
-            preprocess_parameters["task"] = forward_parameters["task"] = task
+            preprocess_parameters["task"] = forward_parameters["task"] = check_task(task)
         if num_vectors is not None:
             forward_parameters["num_vectors"] = num_vectors
         if return_tensors is not None:
@@ -59,11 +59,12 @@ class MetaEmbedPipeline(Pipeline):
         if self.task == "image-feature-extraction" and isinstance(item, str):
             item = {"image": item}
         checked = normalize_item(item, "inputs")
-        return dict(self.model.processor.process_items([checked], task))
+        return dict(self.model.processor.process_checked_items([checked], task, ["inputs"]))
 
     def _forward(self, features: dict[str, torch.Tensor], task: str = "candidate", num_vectors: int | None = None):
-        # The model validates num_vectors (one place for it).
-        return {"embeddings": self.model(**features, task=task, num_vectors=num_vectors).embeddings}
+        # The task was checked by _sanitize_parameters; the count is checked here, once the task is known.
+        num_vectors = check_num_vectors(num_vectors, self.model.config.num_vectors_for(task))
+        return {"embeddings": self.model._embed(task, num_vectors, **features).embeddings}
 
     def postprocess(self, model_outputs: dict[str, torch.Tensor], return_tensors: bool = False):
         embeddings = model_outputs["embeddings"][0].to("cpu", torch.float32)

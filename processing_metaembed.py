@@ -15,6 +15,11 @@ import PIL.Image
 import torch
 from transformers import BatchFeature, ProcessorMixin
 
+try:
+    from .scoring_metaembed import check_positive_int
+except ImportError:  # a checkout or an installed package: plain top-level modules
+    from scoring_metaembed import check_positive_int
+
 # Reference prompt layout (facebookresearch/MetaEmbed). `{prefix}` is "Query: " for queries, empty for
 # candidates; task instructions are part of `{text}`.
 _VISION = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -50,6 +55,13 @@ class MetaEmbedItem:
 
     text: str | None
     image: ImageLike | None
+
+
+def check_task(task: Any) -> Task:
+    """`task` if it is "query" or "candidate"; the one check of a MetaEmbed task, at each public entry point."""
+    if task not in ("query", "candidate"):
+        raise ValueError(f"task must be 'query' or 'candidate', got {task!r}")
+    return task
 
 
 def _describe(value: Any) -> str:
@@ -178,8 +190,7 @@ class MetaEmbedProcessor(ProcessorMixin):
     ):
         if prompt_style not in PROMPT_TEMPLATES:
             raise ValueError(f"prompt_style must be one of {sorted(PROMPT_TEMPLATES)}, got {prompt_style!r}")
-        if not isinstance(max_text_tokens, int) or max_text_tokens < 1:
-            raise ValueError(f"max_text_tokens must be a positive int, got {max_text_tokens!r}")
+        check_positive_int(max_text_tokens, "max_text_tokens")
         self.query_prefix = query_prefix
         self.candidate_prefix = candidate_prefix
         self.prompt_style = prompt_style
@@ -260,11 +271,14 @@ class MetaEmbedProcessor(ProcessorMixin):
         (1 at image tokens), and, when any item has an image, `pixel_values` [num_patches, C * T * P * P]
         and `image_grid_thw` [num_images, 3] in item order. `item_names` label items in errors.
         """
-        if task not in ("query", "candidate"):
-            raise ValueError(f"task must be 'query' or 'candidate', got {task!r}")
         if not items:
             raise ValueError("process_items needs at least one item")
-        item_names = item_names or [f"inputs[{index}]" for index in range(len(items))]
+        return self.process_checked_items(
+            items, check_task(task), item_names or [f"inputs[{index}]" for index in range(len(items))]
+        )
+
+    def process_checked_items(self, items: list[MetaEmbedItem], task: Task, item_names: list[str]) -> BatchFeature:
+        """`process_items` for callers that checked `task` already (e.g. `MetaEmbedModel.encode`)."""
         images = [load_image(item.image, f"{name}['image']") for item, name in zip(items, item_names) if item.image]
         image_inputs: dict[str, torch.Tensor] = {}
         image_token_counts: list[int] = []
@@ -314,4 +328,4 @@ class MetaEmbedProcessor(ProcessorMixin):
 
 MetaEmbedProcessor.register_for_auto_class()
 
-__all__ = ["PROMPT_TEMPLATES", "MetaEmbedItem", "MetaEmbedProcessor", "load_image", "normalize_items"]
+__all__ = ["PROMPT_TEMPLATES", "MetaEmbedItem", "MetaEmbedProcessor", "check_task", "load_image", "normalize_items"]

@@ -173,16 +173,22 @@ def _as_int(value: object) -> int | None:
     return None
 
 
+class NotAnIntegerError(TypeError, ValueError):
+    """A count or size that is not an integer: a wrong type and an invalid value alike, so callers catching
+    either (TypeError as Python does, ValueError as argument checks usually do) see it."""
+
+
 def check_positive_int(value: object, name: str, none_allowed: bool = False) -> int:
-    """`value` as a Python int if it is an integer >= 1 (Python, numpy or 0-dim tensor; bools refused).
+    """`value` as a Python int if it is an integer >= 1 (Python, numpy or 0-dim tensor; bools refused). The one
+    positive-int check of the package.
 
     Raises:
-        TypeError: not an integer. ValueError: below 1. The message names `name` (and "or None" when the
-        caller accepts None and handles it itself)."""
+        NotAnIntegerError (a TypeError and a ValueError): not an integer. ValueError: below 1. The message names
+        `name` (and "or None" when the caller accepts None and handles it itself)."""
     expected = "a positive int or None" if none_allowed else "a positive int"
     integer = _as_int(value)
     if integer is None:
-        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
+        raise NotAnIntegerError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
     if integer < 1:
         raise ValueError(f"{name} must be {expected}, got {integer}")
     return integer

@@ -9,10 +9,10 @@
 
 `MetaEmbedModel.save_pretrained` writes the three files sentence-transformers reads (`modules.json`,
 `config_sentence_transformers.json` and this module's `sentence_metaembed_config.json`) through
-`save_sentence_transformers_config`; `MultiVectorEncoder.save` writes them itself. The folder holds one
-`MetaEmbedModule`: the whole MetaEmbed model as a sentence-transformers input module, whose `preprocess` is the
-model's processor and whose `forward` is the model's forward, so embeddings equal `encode_queries` /
-`encode_candidates`.
+`modeling_metaembed.save_sentence_transformers_config`; `MultiVectorEncoder.save` writes them itself. The
+folder holds one `MetaEmbedModule`: the whole MetaEmbed model as a sentence-transformers input module, whose
+`preprocess` is the model's processor and whose `forward` is the model's forward, so embeddings equal
+`encode_queries` / `encode_candidates`.
 
 Tasks and prompts map onto MetaEmbed as follows. sentence-transformers' task "query" is a MetaEmbed query,
 "document" (and no task, i.e. plain `encode`) a MetaEmbed candidate. The processor owns MetaEmbed's prompt
@@ -20,13 +20,12 @@ templates and the "Query: " prefix, so the saved sentence-transformers prompts a
 is an instruction that goes in front of the item's text inside the template (MMEB-style task instructions are
 part of the text in the reference code), and is never dropped or placed before the template.
 
-This file travels with the model (modeling imports it), so it must import without sentence-transformers.
+This file travels with the model (it is in the Hub set); it imports without sentence-transformers, so a folder
+never needs that package to load with transformers.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,23 +34,31 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 try:
-    from .modeling_metaembed import MetaEmbedModel
+    from .modeling_metaembed import (
+        SENTENCE_TRANSFORMERS_CONFIG_FILE,
+        SENTENCE_TRANSFORMERS_CONFIG_KEYS,
+        MetaEmbedModel,
+        save_sentence_transformers_config,
+    )
     from .processing_metaembed import MetaEmbedItem, MetaEmbedProcessor, Task, normalize_item, normalize_items
     from .scoring_metaembed import check_num_vectors
 except ImportError:  # a checkout used as plain top-level modules
-    from modeling_metaembed import MetaEmbedModel
+    from modeling_metaembed import (
+        SENTENCE_TRANSFORMERS_CONFIG_FILE,
+        SENTENCE_TRANSFORMERS_CONFIG_KEYS,
+        MetaEmbedModel,
+        save_sentence_transformers_config,
+    )
     from processing_metaembed import MetaEmbedItem, MetaEmbedProcessor, Task, normalize_item, normalize_items
     from scoring_metaembed import check_num_vectors
 
 try:
     from sentence_transformers.base.modules import InputModule
 except ImportError:
-    # sentence-transformers < 6 (no MultiVectorEncoder) or not installed: the module class is never used then, but
-    # this file must still import, because MetaEmbedModel.save_pretrained writes the files through it.
+    # sentence-transformers < 6 (no MultiVectorEncoder) or not installed: the module class is never used then.
     InputModule = nn.Module
 
-# The module's own config file. Not config.json: in the folder root that file belongs to the MetaEmbed model.
-MODULE_CONFIG_FILE = "sentence_metaembed_config.json"
+MODULE_CONFIG_FILE = SENTENCE_TRANSFORMERS_CONFIG_FILE
 # sentence-transformers task -> MetaEmbed task. `None` is plain `encode`, which embeds candidates.
 METAEMBED_TASKS: dict[str | None, Task] = {None: "candidate", "query": "query", "document": "candidate"}
 
@@ -81,7 +88,7 @@ class MetaEmbedModule(InputModule):
     """
 
     config_file_name = MODULE_CONFIG_FILE
-    config_keys = ["query_num_vectors", "document_num_vectors"]
+    config_keys = list(SENTENCE_TRANSFORMERS_CONFIG_KEYS)
     # Both reach `preprocess` and `forward` from `encode(..., task=..., num_vectors=...)`.
     forward_kwargs = {"task", "num_vectors"}
 
@@ -159,7 +166,7 @@ class MetaEmbedModule(InputModule):
         items = normalize_items(list(inputs), "batch")
         if prompt:
             items = self._with_instruction(items, prompt, side)
-        features = self.processor.process_items(items, side, item_names=[f"batch[{i}]" for i in range(len(items))])
+        features = self.processor.process_checked_items(items, side, [f"batch[{i}]" for i in range(len(items))])
         return {**features, "task": "query" if side == "query" else "document"}
 
     def _with_instruction(self, items: list[MetaEmbedItem], prompt: str, side: Task) -> list[MetaEmbedItem]:
@@ -264,33 +271,6 @@ class MetaEmbedModule(InputModule):
                 model_name_or_path, **{**hub_kwargs, **processor_kwargs}
             )
         return cls(model, **config)
-
-
-def save_sentence_transformers_config(save_directory: str | os.PathLike) -> None:
-    """Write the files that make a saved MetaEmbed folder load with
-    `MultiVectorEncoder(save_directory, trust_remote_code=True)`: `modules.json` (one `MetaEmbedModule` in the
-    root), `config_sentence_transformers.json` (model type, empty prompts, MaxSim) and the module's config with
-    its defaults. The contents are what `MultiVectorEncoder.save` writes for such a model."""
-    # The bare file name: sentence-transformers resolves it in the model folder (as remote code).
-    module_type = f"{__name__.rsplit('.', 1)[-1]}.{MetaEmbedModule.__name__}"
-    model_config = {
-        "model_type": "MultiVectorEncoder",
-        # Empty: the processor adds MetaEmbed's templates and prefixes (see the top of this file).
-        "prompts": {"query": "", "document": ""},
-        "default_prompt_name": None,
-        # s(q, c) = sum_i max_j <q_i, c_j>, as MetaEmbedModel.score.
-        "similarity_fn_name": "maxsim",
-    }
-    files = {
-        "modules.json": [{"idx": 0, "name": "0", "path": "", "type": module_type}],
-        "config_sentence_transformers.json": model_config,
-        # The constructor's defaults (None = all vectors).
-        MODULE_CONFIG_FILE: dict.fromkeys(MetaEmbedModule.config_keys),
-    }
-    for file_name, content in files.items():
-        with open(os.path.join(save_directory, file_name), "w", encoding="utf-8") as file:
-            json.dump(content, file, indent=2, sort_keys=True)
-            file.write("\n")
 
 
 __all__ = [

@@ -13,19 +13,15 @@ follow the query ones), so the overhead ratio depends on how long the content is
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from metaembed.testing import save_tiny_backbone
 from modeling_metaembed import MetaEmbedModel
 from scoring_metaembed import MMR_BUDGETS
-from tiny_metaembed import save_tiny_backbone
 
 
 def parse_args() -> argparse.Namespace:

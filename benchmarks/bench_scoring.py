@@ -31,8 +31,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from scoring_metaembed import late_interaction_scores
 
 _RANDOM_BLOCK_CANDIDATES = 256

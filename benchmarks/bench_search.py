@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from demo_metaembed import DemoSettings, SceneTask, save_demo_backbone, train_demo_model
-from index_metaembed import MetaEmbedIndex
+from metaembed.demo import DemoSettings, SceneTask, save_demo_backbone, train_demo_model
+from metaembed.search.index import MetaEmbedIndex
 from scoring_metaembed import MMR_BUDGETS
 
 

@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import tempfile
 import time
 
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
+from metaembed.testing import save_tiny_backbone
 from modeling_metaembed import MetaEmbedModel
 from scoring_metaembed import late_interaction_scores
-from tiny_metaembed import save_tiny_backbone
 
 DEVICE = "cuda"
 

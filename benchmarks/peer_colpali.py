@@ -15,9 +15,6 @@ import json
 import sys
 import time
 import types
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_scoring import make_inputs, parse_args, parse_budget
 

@@ -20,8 +20,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from sample_images import make_images  # noqa: E402
 
+from metaembed.testing import BACKBONE_FAMILIES, save_tiny_backbone  # noqa: E402
 from modeling_metaembed import MetaEmbedModel  # noqa: E402
-from tiny_metaembed import BACKBONE_FAMILIES, save_tiny_backbone  # noqa: E402
 
 NUM_QUERY_VECTORS = 4
 NUM_CANDIDATE_VECTORS = 8

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from cli_metaembed import main
+from metaembed.cli import main
 
 
 def test_demo_command_end_to_end(tmp_path, capsys):

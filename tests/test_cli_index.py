@@ -13,8 +13,8 @@ import torch
 from conftest import ROOT, make_model
 from sample_images import make_images
 
-from cli_metaembed import main, read_corpus
-from index_metaembed import MetaEmbedIndex
+from metaembed.cli import main, read_corpus
+from metaembed.search.index import MetaEmbedIndex
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_index_then_search_equals_the_python_api(model_dir, image_folder, tmp_pa
 def test_two_processes_write_the_shards_of_one_index_and_resume(model_dir, image_folder, tmp_path):
     single, sharded = tmp_path / "single", tmp_path / "sharded"
     main(["index", model_dir, str(image_folder), str(single), "--storage", "int8", "--shard-size", "2"])
-    command = [sys.executable, "-m", "cli_metaembed", "index", model_dir, str(image_folder), str(sharded)]
+    command = [sys.executable, "-m", "metaembed.cli", "index", model_dir, str(image_folder), str(sharded)]
     command += ["--storage", "int8", "--shard-size", "2"]
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "WORLD_SIZE": "2", "HF_HUB_OFFLINE": "1"}
     processes = [

@@ -16,7 +16,7 @@ from conftest import NUM_CANDIDATE_VECTORS, NUM_QUERY_VECTORS, make_model
 from safetensors.torch import save_file
 from torch import nn
 
-from conversion_metaembed import (
+from metaembed.conversion import (
     ReferenceCheckpointError,
     backbone_name,
     import_reference_checkpoint,

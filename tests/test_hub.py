@@ -8,10 +8,12 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_model, publish_to_offline_cache, run_in_fresh_process
+from conftest import ROOT, make_model, publish_to_offline_cache, run_in_fresh_process
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoProcessor
+
+from modeling_metaembed import HUB_FILES
 
 REMOTE_CODE_FILES = {
     "configuration_metaembed.py",
@@ -43,6 +45,17 @@ def test_saved_folder_is_complete(saved):
     processor_config = json.loads((folder / "processor_config.json").read_text())
     assert processor_config["auto_map"]["AutoProcessor"] == "processing_metaembed.MetaEmbedProcessor"
     assert "meta_tokens" in load_file(folder / "model.safetensors")
+
+
+def test_saved_folder_carries_exactly_the_declared_hub_set(saved):
+    """`HUB_FILES` is the one list of what travels: a module that modeling imports (transformers copies relative
+    imports) but that is not declared, or a declared file that is not written, fails here."""
+    _, folder = saved
+    files = set(os.listdir(folder))
+    assert {name for name in files if name.endswith(".py")} == {name for name in HUB_FILES if name.endswith(".py")}
+    assert set(HUB_FILES) <= files
+    for name in HUB_FILES:
+        assert (folder / name).read_bytes() == (ROOT / name).read_bytes(), name
 
 
 def test_model_card_rendered_with_valid_metadata(saved):

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from index_metaembed import MetaEmbedIndex
+from metaembed.search.index import MetaEmbedIndex
 from scoring_metaembed import MMR_BUDGETS
 
 DIM, NUM_VECTORS = 16, 64
@@ -246,7 +246,7 @@ def test_saved_index_files_are_json_and_safetensors_only(candidates, tmp_path):
 def test_qdrant_local_mode_returns_the_index_results(candidates, queries):
     import qdrant_client  # in the [test] extra: a missing install fails here, not skips
 
-    from qdrant_metaembed import MetaEmbedQdrant
+    from metaembed.search.qdrant import MetaEmbedQdrant
 
     index = build(candidates[:200])
     store = MetaEmbedQdrant(qdrant_client.QdrantClient(":memory:"), "metaembed")
@@ -279,17 +279,17 @@ def test_add_copies_the_callers_memory(candidates, queries):
 
 
 def test_int8_search_over_several_dequantised_blocks(candidates, queries, monkeypatch):
-    import index_metaembed
+    import metaembed.search.index as index_module
 
     whole = build(candidates, "int8").search(queries, 16, 64, top_k=10)
-    monkeypatch.setattr(index_metaembed, "_BLOCK_ELEMENTS", 64 * DIM * 50)  # blocks of 50 candidates
+    monkeypatch.setattr(index_module, "_BLOCK_ELEMENTS", 64 * DIM * 50)  # blocks of 50 candidates
     blocked = build(candidates, "int8").search(queries, 16, 64, top_k=10)
     assert torch.equal(blocked.indices, whole.indices)
     torch.testing.assert_close(blocked.scores, whole.scores, atol=1e-5, rtol=0)
 
 
 def test_save_checks_its_argument_and_keeps_the_old_index_on_failure(candidates, tmp_path, monkeypatch):
-    import index_metaembed
+    import metaembed.search.index as index_module
 
     index = build(candidates)
     index.save(str(tmp_path))
@@ -300,7 +300,7 @@ def test_save_checks_its_argument_and_keeps_the_old_index_on_failure(candidates,
     def failing_write(*arguments, **options):
         raise OSError("disk full")
 
-    monkeypatch.setattr(index_metaembed, "write_shard", failing_write)
+    monkeypatch.setattr(index_module, "write_shard", failing_write)
     with pytest.raises(OSError, match="disk full"):
         build(candidates[:10]).save(str(tmp_path))
     monkeypatch.undo()
@@ -372,7 +372,7 @@ def test_memory_map_refuses_a_truncated_shard(candidates, tmp_path):
 def test_qdrant_collection_reopened_by_another_writer_keeps_existing_points(candidates, queries):
     import qdrant_client  # in the [test] extra: a missing install fails here, not skips
 
-    from qdrant_metaembed import MetaEmbedQdrant
+    from metaembed.search.qdrant import MetaEmbedQdrant
 
     client = qdrant_client.QdrantClient(":memory:")
     first = MetaEmbedQdrant(client, "shared", candidate_vector_counts=[8])

@@ -12,10 +12,10 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModel
 
-from cli_metaembed import main, read_jsonl_rows
-from demo_metaembed import PALETTE, DemoSettings, SceneTask, cell_tint, evaluation_set, run_demo
-from tiny_metaembed import save_tiny_backbone
-from training_metaembed import MetaEmbedDataCollator, train_metaembed
+from metaembed.cli import main, read_jsonl_rows
+from metaembed.demo import PALETTE, DemoSettings, SceneTask, cell_tint, evaluation_set, run_demo
+from metaembed.testing import save_tiny_backbone
+from metaembed.training import MetaEmbedDataCollator, train_metaembed
 
 
 def rows(images, count: int = 8) -> list[dict]:

@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scoring_metaembed import late_interaction_scores
-from training_metaembed import (
+from metaembed.training import (
     MMR_GROUPS,
     CachedMMRLoss,
     MMRLoss,
@@ -24,6 +23,7 @@ from training_metaembed import (
     mmr_loss,
     split_features,
 )
+from scoring_metaembed import late_interaction_scores
 
 SMALL_GROUPS = ((1, 1), (2, 3), (4, 6))
 
@@ -437,7 +437,8 @@ def test_split_features_and_cached_loss_with_metaembed(backbone_dirs, images):
     assert len(gradients) == len(trainable)
     assert model.meta_tokens.grad.abs().sum() > 0
     for gradient, expected_gradient in zip(gradients, expected_gradients):
-        torch.testing.assert_close(gradient, expected_gradient, rtol=1e-3, atol=1e-6)
+        # float32 sums over differently padded mini-batches: a few elements near zero differ by ~1e-6 on some CPUs.
+        torch.testing.assert_close(gradient, expected_gradient, rtol=1e-3, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Any
 
 def run_demo(arguments: argparse.Namespace) -> None:
     """Train a tiny MetaEmbed from scratch with and without MMR on rendered scenes and report every budget."""
-    from demo_metaembed import DemoSettings, run_demo
+    from .demo import DemoSettings, run_demo
 
     settings = DemoSettings(
         steps=arguments.steps, num_candidates=arguments.num_candidates, num_queries=arguments.num_queries
@@ -53,7 +53,8 @@ def _resolve_images(value: Any, folder: Path) -> Any:
 def run_train(arguments: argparse.Namespace) -> None:
     """Create (or continue) a MetaEmbed model and train it with the MMR loss; writes a complete Hub folder."""
     from modeling_metaembed import MetaEmbedModel
-    from training_metaembed import train_metaembed
+
+    from .training import train_metaembed
 
     if arguments.train_file:
         train_dataset = read_jsonl_rows(arguments.train_file)
@@ -168,7 +169,8 @@ def load_model(name_or_path: str, dtype: str, device: str | None) -> Any:
 def run_index(arguments: argparse.Namespace) -> None:
     """Encode a corpus into a MetaEmbedIndex folder. Under torchrun / accelerate launch every process encodes
     its share of the shards (no communication); shards already written are skipped, so a rerun resumes."""
-    from index_metaembed import MetaEmbedIndex, quantize, write_shard
+    from .search import storage
+    from .search.index import MetaEmbedIndex
 
     items, ids, metadata = read_corpus(arguments.input)
     rank, world_size = distributed_rank()
@@ -177,14 +179,14 @@ def run_index(arguments: argparse.Namespace) -> None:
     model_path = os.path.abspath(arguments.model) if os.path.isdir(arguments.model) else arguments.model
     corpus = {"input": os.path.abspath(arguments.input), "items": len(items), "shard_size": arguments.shard_size}
     index = MetaEmbedIndex(model.config.output_dim, num_vectors, arguments.storage, model_path)
-    manifest_path = os.path.join(arguments.output_dir, "index.json")
-    if os.path.isfile(manifest_path):
+    existing = storage.read_manifest(arguments.output_dir) if os.path.isdir(arguments.output_dir) else None
+    if existing is not None:
         if arguments.overwrite:
             if world_size > 1:
                 raise ValueError("--overwrite needs a single process (ranks would delete each other's shards)")
             shutil.rmtree(arguments.output_dir)
         else:
-            _check_resumable(manifest_path, index, corpus)
+            _check_resumable(arguments.output_dir, existing, index.manifest(corpus))
     os.makedirs(arguments.output_dir, exist_ok=True)
     # index.json first (every process writes the same, atomically): a rerun can check it resumes the same job.
     index.write_manifest(arguments.output_dir, corpus)
@@ -193,45 +195,32 @@ def run_index(arguments: argparse.Namespace) -> None:
     ]
     for number in range(rank, len(shards), world_size):
         start, end = shards[number]
-        stem = os.path.join(arguments.output_dir, f"shard-{number:05d}-of-{len(shards):05d}")
-        if _shard_is_complete(stem, ids[start:end]):
+        if storage.shard_is_complete(arguments.output_dir, number, len(shards), ids[start:end]):
             print(f"[rank {rank}] shard {number + 1}/{len(shards)} exists, skipped", flush=True)
             continue
         print(f"[rank {rank}] shard {number + 1}/{len(shards)}: items {start}..{end - 1}", flush=True)
         embeddings = model.encode_candidates(
             items[start:end], num_vectors=num_vectors, batch_size=arguments.batch_size, show_progress_bar=True
         )
-        stored, scales = quantize(embeddings, arguments.storage)
-        write_shard(arguments.output_dir, number, len(shards), stored, scales, ids[start:end], metadata[start:end])
+        stored, scales = storage.quantize(embeddings, arguments.storage)
+        storage.write_shard(
+            arguments.output_dir, number, len(shards), stored, scales, ids[start:end], metadata[start:end]
+        )
     print(f"[rank {rank}] done: {arguments.output_dir}", flush=True)
 
 
-def _check_resumable(manifest_path: str, index: Any, corpus: dict[str, Any]) -> None:
+def _check_resumable(folder: str, existing: dict[str, Any], wanted: dict[str, Any]) -> None:
     """Refuse to resume into an index made by another model, storage, vector count or corpus layout."""
-    with open(manifest_path, encoding="utf-8") as file:
-        existing = json.load(file)
     # ANN settings are not part of what the shards hold; everything else must match.
-    wanted = {key: value for key, value in index.manifest(corpus).items() if key != "ann"}
-    different = [key for key, value in wanted.items() if existing.get(key) != value]
+    different = [key for key, value in wanted.items() if key != "ann" and existing.get(key) != value]
     if different:
         details = ", ".join(f"{key}: {existing.get(key)!r} there, {wanted[key]!r} now" for key in different)
-        raise ValueError(
-            f"{os.path.dirname(manifest_path)} holds an index made differently ({details}); "
-            "use another folder or --overwrite"
-        )
-
-
-def _shard_is_complete(stem: str, ids: list[Any]) -> bool:
-    """A finished shard of this corpus: both files there and the same ids in the same order."""
-    if not (os.path.isfile(stem + ".safetensors") and os.path.isfile(stem + ".json")):
-        return False
-    with open(stem + ".json", encoding="utf-8") as file:
-        return json.load(file).get("ids") == ids
+        raise ValueError(f"{folder} holds an index made differently ({details}); use another folder or --overwrite")
 
 
 def run_search(arguments: argparse.Namespace) -> None:
     """Encode queries and print the best candidates of an index with their scores."""
-    from index_metaembed import MetaEmbedIndex
+    from .search.index import MetaEmbedIndex
 
     index = MetaEmbedIndex.load(arguments.index)
     model_name = arguments.model or index.model_name_or_path

@@ -2,16 +2,7 @@
 searched exhaustively at any budget or in two stages (approximate nearest neighbours over the first vector,
 then exact budgeted late-interaction rerank of the shortlist).
 
-Layout of a saved index folder:
-
-    index.json                          dim, vectors per candidate, storage dtype, model it came from
-    shard-00000-of-00001.safetensors    "embeddings" [n, R_c, D] (float32 / float16 / int8),
-                                        "scales" [n, R_c] float32 (int8 storage only)
-    shard-00000-of-00001.json           ids and metadata of that shard's candidates
-    ann.faiss                           optional: the first-stage ANN index (faiss, built by `build_ann`)
-
-Each process of a multi-process encode writes its own shard pair (see `cli_metaembed.py`), so shards need no
-coordination; `load` checks that all shards of each group are there.
+The folder layout is `storage`'s (the module that owns the file format).
 """
 
 from __future__ import annotations
@@ -20,25 +11,31 @@ import glob
 import json
 import numbers
 import os
-import re
 import shutil
 import tempfile
 import threading
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
-from safetensors.torch import save_file
 
 from scoring_metaembed import check_num_vectors, check_positive_int, late_interaction_scores, merge_top_k
 
-__all__ = ["STORAGE_DTYPES", "MetaEmbedIndex", "SearchResults", "quantize", "write_shard"]
+from .storage import (
+    ANN_FILE,
+    INDEX_FORMAT,
+    STORAGE_DTYPES,
+    dequantize,
+    quantize,
+    read_manifest,
+    read_shard,
+    shard_files,
+    write_manifest,
+    write_shard,
+)
 
-STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
-INDEX_FORMAT = "metaembed-index"
-_SHARD_PATTERN = re.compile(r"shard-(\d{5})-of-(\d{5})\.safetensors$")
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "I8": torch.int8}
+__all__ = ["MetaEmbedIndex", "SearchResults"]
+
 # int8 candidates dequantised at a time in an exhaustive search: bounds its extra memory.
 _BLOCK_ELEMENTS = 2**24
 
@@ -242,7 +239,7 @@ class MetaEmbedIndex:
             else:
                 stored = torch.index_select(shard.embeddings[:, :num_vectors], 0, rows)
                 scales = None if shard.scales is None else torch.index_select(shard.scales[:, :num_vectors], 0, rows)
-                result[start:end] = _dequantize(stored, scales)
+                result[start:end] = dequantize(stored, scales)
         return result
 
     def _locate(self, position: int) -> tuple[_Shard, int]:
@@ -264,7 +261,7 @@ class MetaEmbedIndex:
                     end = offset + block
                     yield (
                         start + offset,
-                        _dequantize(shard.embeddings[offset:end, :num_vectors], shard.scales[offset:end, :num_vectors]),
+                        dequantize(shard.embeddings[offset:end, :num_vectors], shard.scales[offset:end, :num_vectors]),
                     )
             start += len(shard.ids)
 
@@ -416,12 +413,8 @@ class MetaEmbedIndex:
             folder: created if missing; an index already there is replaced.
             max_shard_candidates: split into shards of at most this many candidates (default: one per `add`).
         """
-        if max_shard_candidates is not None and (
-            isinstance(max_shard_candidates, bool)
-            or not isinstance(max_shard_candidates, numbers.Integral)
-            or max_shard_candidates < 1
-        ):
-            raise ValueError(f"max_shard_candidates must be a positive int or None, got {max_shard_candidates!r}")
+        if max_shard_candidates is not None:
+            check_positive_int(max_shard_candidates, "max_shard_candidates", none_allowed=True)
         if len(self) == 0:
             raise ValueError("the index is empty: nothing to save")
         os.makedirs(folder, exist_ok=True)
@@ -433,7 +426,7 @@ class MetaEmbedIndex:
             for number, (embeddings, scales, ids, metadata) in enumerate(pieces):
                 write_shard(staging, number, len(pieces), embeddings, scales, ids, metadata)
             if self._ann is not None:
-                _import_faiss().write_index(self._ann, os.path.join(staging, "ann.faiss"))
+                _import_faiss().write_index(self._ann, os.path.join(staging, ANN_FILE))
             self.write_manifest(staging)
             for stale in glob.glob(os.path.join(folder, "shard-*")) + glob.glob(os.path.join(folder, "ann*.faiss")):
                 os.remove(stale)
@@ -469,37 +462,18 @@ class MetaEmbedIndex:
 
     def write_manifest(self, folder: str, corpus: dict[str, Any] | None = None) -> None:
         """Write `index.json` (atomically), see `manifest`."""
-        _write_json_atomically(os.path.join(folder, "index.json"), self.manifest(corpus))
+        write_manifest(folder, self.manifest(corpus))
 
     @classmethod
     def load(cls, folder: str, mmap: bool = True) -> MetaEmbedIndex:
         """Open a saved index. With `mmap` (default) the shards are memory-mapped: opening is instant and
         only the pages a search touches are read (a budget's first r_c vectors)."""
-        manifest_path = os.path.join(folder, "index.json")
-        if not os.path.isfile(manifest_path):
+        manifest = read_manifest(folder)
+        if manifest is None:
             raise FileNotFoundError(f"{folder} is not a MetaEmbed index (no index.json)")
-        with open(manifest_path, encoding="utf-8") as file:
-            manifest = json.load(file)
-        if manifest.get("format") != INDEX_FORMAT:
-            raise ValueError(f"{manifest_path} is not a MetaEmbed index manifest")
         index = cls(manifest["dim"], manifest["num_vectors"], manifest["storage"], manifest.get("model_name_or_path"))
-        shard_files = sorted(path for path in os.listdir(folder) if _SHARD_PATTERN.match(path))
-        if not shard_files:
-            raise ValueError(f"{folder} holds no shards")
-        groups: dict[int, set[int]] = {}
-        for name in shard_files:
-            number, total = map(int, _SHARD_PATTERN.match(name).groups())
-            groups.setdefault(total, set()).add(number)
-        for total, numbers_found in groups.items():
-            missing = sorted(set(range(total)) - numbers_found)
-            if missing:
-                raise ValueError(f"{folder}: shard(s) {missing} of {total} are missing (an interrupted encode?)")
-        for name in shard_files:
-            path = os.path.join(folder, name)
-            tensors = _read_safetensors(path, mmap)
-            with open(path.removesuffix(".safetensors") + ".json", encoding="utf-8") as file:
-                sidecar = json.load(file)
-            embeddings, scales = tensors["embeddings"], tensors.get("scales")
+        for path in shard_files(folder):
+            embeddings, scales, ids, metadata = read_shard(path, mmap)
             if (
                 embeddings.shape[1:] != (index.num_vectors, index.dim)
                 or embeddings.dtype != STORAGE_DTYPES[index.storage]
@@ -508,126 +482,22 @@ class MetaEmbedIndex:
                     f"{path} holds {embeddings.dtype} {list(embeddings.shape)}, expected {index.storage} "
                     f"[n, {index.num_vectors}, {index.dim}]"
                 )
-            if len(sidecar["ids"]) != len(embeddings):
-                raise ValueError(f"{path}: {len(sidecar['ids'])} ids for {len(embeddings)} candidates")
+            if len(ids) != len(embeddings):
+                raise ValueError(f"{path}: {len(ids)} ids for {len(embeddings)} candidates")
             start = len(index)
-            index._shards.append(_Shard(embeddings, scales, sidecar["ids"], sidecar.get("metadata")))
-            for offset, identifier in enumerate(sidecar["ids"]):
+            index._shards.append(_Shard(embeddings, scales, ids, metadata))
+            for offset, identifier in enumerate(ids):
                 if identifier in index._id_positions:
                     raise ValueError(f"{path}: id {identifier!r} appears more than once in the index")
                 index._id_positions[identifier] = start + offset
         index._ann_settings.update(manifest.get("ann") or {})
-        ann_path = os.path.join(folder, "ann.faiss")
+        ann_path = os.path.join(folder, ANN_FILE)
         if os.path.isfile(ann_path):
             ann = _import_faiss().read_index(ann_path)
             # Stale if the shards changed after it was built: then it is rebuilt on first use.
             if ann.ntotal == len(index) * index._ann_settings["num_vectors"]:
                 index._ann = ann
         return index
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Helpers
-# ------------------------------------------------------------------------------------------------------------
-
-
-def write_shard(
-    folder: str,
-    number: int,
-    total: int,
-    embeddings: torch.Tensor,
-    scales: torch.Tensor | None,
-    ids: list[Any],
-    metadata: list[Any] | None,
-) -> None:
-    """Write shard `number` of `total` (stored embeddings `[n, R, D]`, int8 scales `[n, R]`, ids, metadata).
-    Files are written under a temporary name and renamed, so a reader never sees half a shard."""
-    stem = os.path.join(folder, f"shard-{number:05d}-of-{total:05d}")
-    tensors = {"embeddings": embeddings.contiguous()}
-    if scales is not None:
-        tensors["scales"] = scales.contiguous()
-    _write_json_atomically(stem + ".json", {"ids": ids, "metadata": metadata})
-    _write_atomically(stem + ".safetensors", lambda temporary: save_file(tensors, temporary))  # last: shard done
-
-
-def _write_atomically(path: str, write: Callable[[str], None]) -> None:
-    """`write(temporary)` to a temporary name unique to this writer, then rename to `path`: readers and other
-    processes writing the same file (every rank writes the manifest) never see or clobber a partial file."""
-    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
-    try:
-        # The mode a new file gets under the user's umask: kept, as safetensors' writer (and mkstemp) would
-        # leave 0600 and lock other readers of a shared index out.
-        with open(temporary, "x"):
-            mode = os.stat(temporary).st_mode & 0o777
-        write(temporary)
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-def _write_json_atomically(path: str, value: Any) -> None:
-    def write(temporary: str) -> None:
-        with open(temporary, "w", encoding="utf-8") as file:
-            json.dump(value, file)
-
-    _write_atomically(path, write)
-
-
-def _read_safetensors(path: str, mmap: bool) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file; with `mmap`, views of a copy-on-write memory map of the file (the same
-    mechanism as `torch.load(mmap=True)`), so nothing is read until used."""
-    if not mmap:
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    with open(path, "rb") as file:
-        header_size = int.from_bytes(file.read(8), "little")
-        header = json.loads(file.read(header_size))
-    size = os.path.getsize(path)
-    data_start = 8 + header_size
-    entries = {name: entry for name, entry in header.items() if name != "__metadata__"}
-    needed = data_start + max((entry["data_offsets"][1] for entry in entries.values()), default=0)
-    if size < needed:
-        raise ValueError(f"{path} is truncated: {size} bytes, its header describes {needed}")
-    storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
-    tensors = {}
-    for name, entry in entries.items():
-        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise ValueError(f"{path}: tensor {name} has dtype {entry['dtype']}, expected F32, F16 or I8")
-        offset = data_start + entry["data_offsets"][0]
-        element_size = torch.empty((), dtype=dtype).element_size()
-        if offset % element_size:
-            # Not aligned for a view (files written by other tools can be): this one tensor is read instead.
-            from safetensors import safe_open
-
-            with safe_open(path, framework="pt") as file:
-                tensors[name] = file.get_tensor(name)
-            continue
-        tensor = torch.empty(0, dtype=dtype)
-        tensor.set_(storage, offset // element_size, entry["shape"])
-        tensors[name] = tensor
-    return tensors
-
-
-def quantize(embeddings: torch.Tensor, storage: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Float `[n, R, D]` embeddings in a storage dtype: (stored `[n, R, D]`, None), or for "int8" (int8
-    `[n, R, D]`, float32 scales `[n, R]`) with one symmetric max-abs scale per vector."""
-    if storage != "int8":
-        return embeddings.to(STORAGE_DTYPES[storage]).contiguous(), None
-    embeddings = embeddings.float()
-    scales = embeddings.abs().amax(dim=-1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
-    quantized = torch.round(embeddings / scales.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
-    return quantized.contiguous(), scales.contiguous()
-
-
-def _dequantize(stored: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
-    """float32 `[n, r, D]` from stored vectors (and int8 scales `[n, r]`)."""
-    if scales is None:
-        return stored.float()
-    return stored.float() * scales.float().unsqueeze(-1)
 
 
 def _check_queries(queries: Any, dim: int) -> torch.Tensor:

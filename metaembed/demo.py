@@ -22,7 +22,8 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from scoring_metaembed import late_interaction_scores
-from training_metaembed import MMR_GROUPS
+
+from .training import MMR_GROUPS
 
 CELL_PIXELS = 28  # one merged Qwen-VL patch per cell
 PALETTE = {
@@ -205,7 +206,7 @@ class DemoSettings:
 
 def save_demo_backbone(folder: str, settings: DemoSettings) -> str:
     """The random tiny Qwen2.5-VL backbone the demo trains from (one merged image token per board cell)."""
-    from tiny_metaembed import save_tiny_backbone
+    from .testing import save_tiny_backbone
 
     return save_tiny_backbone(
         folder,
@@ -220,7 +221,8 @@ def train_demo_model(backbone_dir: str, output_dir: str, settings: DemoSettings,
     """A MetaEmbed (R_q = 16, R_c = 64) trained from the random backbone, every parameter, with MMR over the
     paper's five budgets or (without MMR) only the largest one."""
     from modeling_metaembed import MetaEmbedModel
-    from training_metaembed import train_metaembed
+
+    from .training import train_metaembed
 
     torch.manual_seed(settings.seed)
     model = MetaEmbedModel.from_backbone(

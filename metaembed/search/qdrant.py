@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from index_metaembed import MetaEmbedIndex, SearchResults
 from scoring_metaembed import MMR_BUDGETS, check_num_vectors
+
+from .index import MetaEmbedIndex, SearchResults
 
 __all__ = ["MetaEmbedQdrant", "point_id"]
 

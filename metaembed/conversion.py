@@ -62,10 +62,7 @@ from typing import Any
 import torch
 from torch import nn
 
-try:
-    from .modeling_metaembed import MetaEmbedModel
-except ImportError:  # a checkout used as plain top-level modules
-    from modeling_metaembed import MetaEmbedModel
+from modeling_metaembed import MetaEmbedModel
 
 logger = logging.getLogger(__name__)
 

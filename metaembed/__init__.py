@@ -1,0 +1,29 @@
+"""MetaEmbed tooling: training, search, conversion, the `metaembed` command and its demo.
+
+The model itself lives in the Hub set (`configuration_metaembed`, `modeling_metaembed`, `processing_metaembed`,
+`scoring_metaembed`, ...), the files a saved model folder carries; this package imports them and never the
+other way round. The public API is re-exported here.
+"""
+
+from configuration_metaembed import MetaEmbedConfig
+from modeling_metaembed import MetaEmbedModel
+from processing_metaembed import MetaEmbedProcessor
+from scoring_metaembed import MMR_BUDGETS, late_interaction_scores
+
+from .search import MetaEmbedIndex
+from .training import CachedMMRLoss, MMRLoss, mmr_loss, train_metaembed
+
+__version__ = "0.2.0"
+
+__all__ = [
+    "MMR_BUDGETS",
+    "CachedMMRLoss",
+    "MMRLoss",
+    "MetaEmbedConfig",
+    "MetaEmbedIndex",
+    "MetaEmbedModel",
+    "MetaEmbedProcessor",
+    "late_interaction_scores",
+    "mmr_loss",
+    "train_metaembed",
+]
