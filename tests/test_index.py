@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -81,7 +84,7 @@ def test_int8_is_a_quarter_of_float32_plus_scales(candidates, tmp_path):
     for storage in ("float32", "float16", "int8"):
         build(candidates, storage).save(str(tmp_path / storage))
         folder = tmp_path / storage
-        sizes[storage] = sum(os.path.getsize(folder / name) for name in os.listdir(folder) if name.endswith("tensors"))
+        sizes[storage] = sum(os.path.getsize(path) for path in folder.rglob("*.safetensors"))
     payload = len(candidates) * NUM_VECTORS * DIM
     assert sizes["float32"] == pytest.approx(4 * payload, rel=0.01)
     assert sizes["float16"] == pytest.approx(2 * payload, rel=0.01)
@@ -92,15 +95,15 @@ def test_int8_is_a_quarter_of_float32_plus_scales(candidates, tmp_path):
 def test_save_load_round_trip_is_exact_and_memory_mapped(candidates, queries, tmp_path, storage):
     index = build(candidates, storage)
     index.save(str(tmp_path), max_shard_candidates=256)
-    shard_files = sorted(name for name in os.listdir(tmp_path) if name.endswith(".safetensors"))
+    shard_files = sorted(tmp_path.rglob("*.safetensors"))
     # Each add is split on its own: 300 -> 256 + 44, 400 -> 256 + 144.
-    assert shard_files == [f"shard-0000{i}-of-00004.safetensors" for i in range(4)]
+    assert [path.name for path in shard_files] == [f"shard-0000{i}-of-00004.safetensors" for i in range(4)]
     loaded = MetaEmbedIndex.load(str(tmp_path))
     assert len(loaded) == len(index) and loaded.ids == index.ids and loaded.storage == storage
     assert torch.equal(loaded.get_embeddings(range(len(index))), index.get_embeddings(range(len(index))))
     embeddings = loaded._shards[0].embeddings
     # A view into a mapping of the whole file, not a copy of the tensor.
-    assert embeddings.untyped_storage().nbytes() == os.path.getsize(tmp_path / shard_files[0])
+    assert embeddings.untyped_storage().nbytes() == os.path.getsize(shard_files[0])
     for r_q, r_c in ((1, 1), (16, 64)):
         before, after = index.search(queries, r_q, r_c, top_k=7), loaded.search(queries, r_q, r_c, top_k=7)
         assert torch.equal(before.scores, after.scores) and torch.equal(before.indices, after.indices)
@@ -111,8 +114,9 @@ def test_save_load_round_trip_is_exact_and_memory_mapped(candidates, queries, tm
 
 def test_load_refuses_missing_shards_and_foreign_folders(candidates, tmp_path):
     build(candidates).save(str(tmp_path), max_shard_candidates=300)
-    os.remove(tmp_path / "shard-00001-of-00003.safetensors")
-    with pytest.raises(ValueError, match=r"shard\(s\) \[1\] of 3 are missing"):
+    (missing,) = tmp_path.glob("gen-*/shard-00001-of-00003.safetensors")
+    os.remove(missing)
+    with pytest.raises(FileNotFoundError, match=rf"{missing} is missing"):
         MetaEmbedIndex.load(str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"no index\.json"):
         MetaEmbedIndex.load(str(tmp_path / "nowhere"))
@@ -231,11 +235,16 @@ def test_saved_index_files_are_json_and_safetensors_only(candidates, tmp_path):
     index.add(candidates[10:20])
     index.build_ann()
     index.save(str(tmp_path))
-    names = sorted(os.listdir(tmp_path))
+    (generation,) = (name for name in os.listdir(tmp_path) if name.startswith("gen-"))
+    assert sorted(os.listdir(tmp_path)) == [generation, "index.json", "index.lock"]
     shards = [f"shard-0000{i}-of-00002.{extension}" for i in range(2) for extension in ("json", "safetensors")]
-    assert names == ["ann.faiss", "index.json", *shards]
+    assert sorted(os.listdir(tmp_path / generation)) == ["ann.faiss", *shards]
     manifest = json.loads((tmp_path / "index.json").read_text())
     assert manifest["dim"] == DIM and manifest["num_vectors"] == NUM_VECTORS and manifest["storage"] == "float32"
+    assert manifest["generation"] == generation and [entry["name"] for entry in manifest["shards"]] == [
+        "shard-00000-of-00002",
+        "shard-00001-of-00002",
+    ]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -289,7 +298,7 @@ def test_int8_search_over_several_dequantised_blocks(candidates, queries, monkey
 
 
 def test_save_checks_its_argument_and_keeps_the_old_index_on_failure(candidates, tmp_path, monkeypatch):
-    import metaembed.search.index as index_module
+    from metaembed.search import storage
 
     index = build(candidates)
     index.save(str(tmp_path))
@@ -300,17 +309,18 @@ def test_save_checks_its_argument_and_keeps_the_old_index_on_failure(candidates,
     def failing_write(*arguments, **options):
         raise OSError("disk full")
 
-    monkeypatch.setattr(index_module, "write_shard", failing_write)
+    monkeypatch.setattr(storage, "write_shard", failing_write)
     with pytest.raises(OSError, match="disk full"):
         build(candidates[:10]).save(str(tmp_path))
     monkeypatch.undo()
     with pytest.raises(ValueError, match="empty"):
         MetaEmbedIndex(DIM, NUM_VECTORS).save(str(tmp_path))
     loaded = MetaEmbedIndex.load(str(tmp_path))
-    assert loaded.ids == index.ids and sorted(os.listdir(tmp_path))[0] == "index.json"
-    # Saving a memory-mapped index over its own files works.
+    assert loaded.ids == index.ids
+    # Saving a memory-mapped index over its own files works, and removes the failed save's leftovers.
     loaded.save(str(tmp_path), max_shard_candidates=500)
     assert torch.equal(MetaEmbedIndex.load(str(tmp_path)).get_embeddings([0, 699]), index.get_embeddings([0, 699]))
+    assert len(list(tmp_path.glob("gen-*"))) == 1
 
 
 def test_ann_settings_survive_save_load_and_add(candidates, queries, tmp_path):
@@ -363,9 +373,9 @@ def test_first_use_builds_the_ann_once_under_concurrent_searches(candidates, que
 
 def test_memory_map_refuses_a_truncated_shard(candidates, tmp_path):
     build(candidates[:10], metadata=False).save(str(tmp_path))
-    shard = next(tmp_path.glob("shard-00000-*.safetensors"))
+    shard = next(tmp_path.glob("gen-*/shard-00000-*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:-100])
-    with pytest.raises(ValueError, match="truncated"):
+    with pytest.raises(ValueError, match=rf"{shard} has \d+ bytes, index.json records"):
         MetaEmbedIndex.load(str(tmp_path))
 
 
@@ -394,5 +404,140 @@ def test_saved_files_get_the_usual_file_mode(candidates, tmp_path):
     build(candidates, "int8").save(str(tmp_path / "index"))
     (tmp_path / "probe").touch()
     usual = os.stat(tmp_path / "probe").st_mode & 0o777
-    modes = {name: os.stat(tmp_path / "index" / name).st_mode & 0o777 for name in os.listdir(tmp_path / "index")}
+    modes = {path.name: os.stat(path).st_mode & 0o777 for path in (tmp_path / "index").rglob("*") if path.is_file()}
     assert modes and set(modes.values()) == {usual}, modes
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The on-disk format: old layout, foreign files, a second writer, files that lie
+# ------------------------------------------------------------------------------------------------------------
+
+
+def to_version_1(folder):
+    """Rewrite a saved folder in the version 1 layout (shards beside index.json, no generation, no records)."""
+    manifest = json.loads((folder / "index.json").read_text())
+    for path in (folder / manifest.pop("generation")).iterdir():
+        os.replace(path, folder / path.name)
+    for key in ("version", "shards", "ann_file"):
+        manifest.pop(key)
+    (folder / "index.json").write_text(json.dumps({**manifest, "version": 1}))
+
+
+def test_version_1_folders_load_and_the_next_save_replaces_only_their_files(candidates, queries, tmp_path):
+    index = build(candidates[:50])
+    index.build_ann(kind="flat")
+    index.save(str(tmp_path), max_shard_candidates=20)
+    to_version_1(tmp_path)
+    (tmp_path / "shard-notes.txt").write_text("mine")
+    (tmp_path / "sources").mkdir()
+    loaded = MetaEmbedIndex.load(str(tmp_path))
+    assert loaded.ids == index.ids and torch.equal(loaded.get_embeddings(range(50)), index.get_embeddings(range(50)))
+    assert loaded._ann is None  # nothing ties a version 1 ann.faiss to its shards: rebuilt on first use
+    loaded.save(str(tmp_path))
+    generation = json.loads((tmp_path / "index.json").read_text())["generation"]
+    assert sorted(os.listdir(tmp_path)) == sorted([generation, "index.json", "index.lock", "shard-notes.txt", "sources"])
+    assert MetaEmbedIndex.load(str(tmp_path)).ids == index.ids
+
+
+def test_save_deletes_only_files_of_the_index_format(candidates, tmp_path):
+    build(candidates[:30]).save(str(tmp_path))
+    (old_generation,) = tmp_path.glob("gen-*")
+    foreign = [tmp_path / "shard-notes.txt", tmp_path / "ann-ideas.faiss", old_generation / "my-notes.txt"]
+    for path in foreign:
+        path.write_text("keep me")
+    build(candidates[30:60]).save(str(tmp_path))
+    assert all(path.read_text() == "keep me" for path in foreign)
+    # The old generation's own files are gone; the folder stays only because it holds a file of the user's.
+    assert os.listdir(old_generation) == ["my-notes.txt"]
+    assert MetaEmbedIndex.load(str(tmp_path)).ids == [f"doc-{i}" for i in range(30)]
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_lock(candidates, tmp_path):
+    from metaembed.search import storage
+
+    build(candidates[:10]).save(str(tmp_path))
+    with storage.write_lock(str(tmp_path)):
+        # Another process: flock locks belong to the open file, so a fresh process contends like another writer.
+        script = (
+            "import sys, torch; from metaembed.search.index import MetaEmbedIndex\n"
+            "index = MetaEmbedIndex(4, 1); index.add(torch.ones(1, 1, 4))\n"
+            "try:\n    index.save(sys.argv[1])\nexcept OSError as error:\n    print(type(error).__name__, error)\n"
+        )
+        environment = {**os.environ, "PYTHONPATH": os.getcwd()}
+        result = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, env=environment
+        )
+    assert "IndexLockedError" in result.stdout and "being written by another process" in result.stdout
+    assert MetaEmbedIndex.load(str(tmp_path)).ids == [f"doc-{i}" for i in range(10)]
+
+
+def write_raw_safetensors(path, header, data: bytes, header_size: int | None = None):
+    encoded = json.dumps(header).encode()
+    path.write_bytes((header_size or len(encoded)).to_bytes(8, "little") + encoded + data)
+
+
+def _corrupt(kind, shard, sidecar):
+    header_size = int.from_bytes(shard.read_bytes()[:8], "little")
+    header = json.loads(shard.read_bytes()[8 : 8 + header_size])
+    data = shard.read_bytes()[8 + header_size :]
+    entry = header["embeddings"]
+    if kind == "offsets into the header":
+        begin, end = entry["data_offsets"]
+        entry["data_offsets"] = [begin - 64, end - 64]
+        write_raw_safetensors(shard, header, data[:-64])
+    elif kind == "overlapping tensors":
+        header["extra"] = {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}
+        write_raw_safetensors(shard, header, data)
+    elif kind == "size not dtype x shape":
+        entry["shape"] = [entry["shape"][0] + 1, *entry["shape"][1:]]
+        write_raw_safetensors(shard, header, data)
+    elif kind == "random bytes":
+        shard.write_bytes(torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(0)).byte().numpy().tobytes())
+    elif kind == "header not JSON":
+        write_raw_safetensors(shard, header, data, header_size=5)
+    elif kind == "fewer metadata than ids":
+        content = json.loads(sidecar.read_text())
+        sidecar.write_text(json.dumps({**content, "metadata": content["metadata"][:-1]}))
+    elif kind == "sidecar not an object":
+        sidecar.write_text("[1, 2, 3]")
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "offsets into the header",
+        "overlapping tensors",
+        "size not dtype x shape",
+        "random bytes",
+        "header not JSON",
+        "fewer metadata than ids",
+        "sidecar not an object",
+    ],
+)
+def test_load_validates_every_file_and_names_it(candidates, tmp_path, kind):
+    build(candidates[:10]).save(str(tmp_path))
+    to_version_1(tmp_path)  # no sizes or hashes recorded: the structure alone must catch each of these
+    shard, sidecar = tmp_path / "shard-00000-of-00002.safetensors", tmp_path / "shard-00000-of-00002.json"
+    _corrupt(kind, shard, sidecar)
+    broken = sidecar if "metadata" in kind or "sidecar" in kind else shard
+    with pytest.raises(ValueError, match=re.escape(str(broken))):
+        MetaEmbedIndex.load(str(tmp_path))
+    with pytest.raises(ValueError, match=re.escape(str(broken))):
+        MetaEmbedIndex.load(str(tmp_path), mmap=False)
+
+
+def test_load_checks_files_against_the_manifest_and_ties_the_ann_to_its_vectors(candidates, tmp_path):
+    first, second = build(candidates[:40]), build(candidates[40:80])
+    for index, folder in ((first, tmp_path / "first"), (second, tmp_path / "second")):
+        index.build_ann(kind="flat")
+        index.save(str(folder))
+    (ann,) = (tmp_path / "first").glob("gen-*/ann.faiss")
+    (other_ann,) = (tmp_path / "second").glob("gen-*/ann.faiss")
+    ann.write_bytes(other_ann.read_bytes())  # same count, other vectors
+    with pytest.raises(ValueError, match=re.escape(f"{ann} does not match the sha256")):
+        MetaEmbedIndex.load(str(tmp_path / "first"))
+    # Same size, other content: caught when the file is read whole (mmap=False reads it anyway).
+    (sidecar,) = (tmp_path / "second").glob("gen-*/shard-00000-of-00002.json")
+    sidecar.write_text(sidecar.read_text().replace("doc-1", "doc-X"))
+    with pytest.raises(ValueError, match=re.escape(f"{sidecar} does not match the sha256")):
+        MetaEmbedIndex.load(str(tmp_path / "second"))

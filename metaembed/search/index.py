@@ -7,12 +7,9 @@ The folder layout is `storage`'s (the module that owns the file format).
 
 from __future__ import annotations
 
-import glob
 import json
 import numbers
 import os
-import shutil
-import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
@@ -21,18 +18,8 @@ import torch
 
 from scoring_metaembed import check_num_vectors, check_positive_int, late_interaction_scores, merge_top_k
 
-from .storage import (
-    ANN_FILE,
-    INDEX_FORMAT,
-    STORAGE_DTYPES,
-    dequantize,
-    quantize,
-    read_manifest,
-    read_shard,
-    shard_files,
-    write_manifest,
-    write_shard,
-)
+from . import storage
+from .storage import INDEX_FORMAT, STORAGE_DTYPES, dequantize, quantize
 
 __all__ = ["MetaEmbedIndex", "SearchResults"]
 
@@ -407,7 +394,12 @@ class MetaEmbedIndex:
     # -- persistence ---------------------------------------------------------------------------------------
 
     def save(self, folder: str, max_shard_candidates: int | None = None) -> None:
-        """Write the index as safetensors shards + JSON (see the module docstring) and the ANN index, if built.
+        """Write the index as safetensors shards + JSON (see `storage`) and the ANN index, if built.
+
+        The new version is written beside the one already in `folder` and switched in with one atomic rename of
+        index.json: a crash at any moment leaves the old or the new index whole. Files of older versions are
+        removed afterwards; nothing that is not part of an index is touched. A second process saving into the
+        same folder at the same time gets `storage.IndexLockedError`.
 
         Args:
             folder: created if missing; an index already there is replaced.
@@ -417,23 +409,18 @@ class MetaEmbedIndex:
             check_positive_int(max_shard_candidates, "max_shard_candidates", none_allowed=True)
         if len(self) == 0:
             raise ValueError("the index is empty: nothing to save")
-        os.makedirs(folder, exist_ok=True)
-        # Written beside the old index first and swapped in at the end: a failure leaves the old one whole
-        # (also when saving a memory-mapped index over the files it maps).
-        staging = tempfile.mkdtemp(prefix=".saving-", dir=folder)
-        try:
+        with storage.write_lock(folder):
+            generation = storage.new_generation()
+            path = storage.generation_folder(folder, generation)
             pieces = [piece for piece in self._pieces(max_shard_candidates) if len(piece[2])]
             for number, (embeddings, scales, ids, metadata) in enumerate(pieces):
-                write_shard(staging, number, len(pieces), embeddings, scales, ids, metadata)
+                storage.write_shard(path, number, len(pieces), embeddings, scales, ids, metadata)
             if self._ann is not None:
-                _import_faiss().write_index(self._ann, os.path.join(staging, ANN_FILE))
-            self.write_manifest(staging)
-            for stale in glob.glob(os.path.join(folder, "shard-*")) + glob.glob(os.path.join(folder, "ann*.faiss")):
-                os.remove(stale)
-            for name in sorted(os.listdir(staging), key=lambda name: name == "index.json"):  # manifest last
-                os.replace(os.path.join(staging, name), os.path.join(folder, name))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+                faiss = _import_faiss()
+                storage.write_file_atomically(
+                    os.path.join(path, storage.ANN_FILE), lambda temporary: faiss.write_index(self._ann, temporary)
+                )
+            storage.commit(folder, generation, self.manifest(), len(pieces), ann_written=self._ann is not None)
 
     def _pieces(self, max_shard_candidates: int | None) -> Iterator[tuple[Any, ...]]:
         for shard in self._shards:
@@ -448,10 +435,9 @@ class MetaEmbedIndex:
                 )
 
     def manifest(self, corpus: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The content of `index.json`; `corpus` records how the shards were made (`metaembed index`)."""
+        """The settings part of `index.json`; `corpus` records how the shards were made (`metaembed index`)."""
         return {
             "format": INDEX_FORMAT,
-            "version": 1,
             "dim": self.dim,
             "num_vectors": self.num_vectors,
             "storage": self.storage,
@@ -460,43 +446,52 @@ class MetaEmbedIndex:
             "corpus": corpus,
         }
 
-    def write_manifest(self, folder: str, corpus: dict[str, Any] | None = None) -> None:
-        """Write `index.json` (atomically), see `manifest`."""
-        write_manifest(folder, self.manifest(corpus))
-
     @classmethod
     def load(cls, folder: str, mmap: bool = True) -> MetaEmbedIndex:
         """Open a saved index. With `mmap` (default) the shards are memory-mapped: opening is instant and
-        only the pages a search touches are read (a budget's first r_c vectors)."""
-        manifest = read_manifest(folder)
-        if manifest is None:
-            raise FileNotFoundError(f"{folder} is not a MetaEmbed index (no index.json)")
+        only the pages a search touches are read (a budget's first r_c vectors). Every file is checked against
+        the sizes index.json records and against its own structure (without `mmap`, also against its sha256);
+        errors name the file."""
+        for attempt in range(3):
+            manifest = storage.read_manifest(folder)
+            if manifest is None:
+                raise FileNotFoundError(f"{folder} is not a MetaEmbed index (no index.json)")
+            try:
+                return cls._load(folder, manifest, mmap)
+            except FileNotFoundError:
+                # A writer committed a new version and removed this one's files meanwhile: open the new one.
+                if attempt == 2 or storage.read_manifest(folder) == manifest:
+                    raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _load(cls, folder: str, manifest: dict[str, Any], mmap: bool) -> MetaEmbedIndex:
         index = cls(manifest["dim"], manifest["num_vectors"], manifest["storage"], manifest.get("model_name_or_path"))
-        for path in shard_files(folder):
-            embeddings, scales, ids, metadata = read_shard(path, mmap)
+        shards, ann_path = storage.index_files(folder, manifest)
+        for shard in shards:
+            embeddings, scales, ids, metadata = storage.read_shard(shard, mmap)
             if (
                 embeddings.shape[1:] != (index.num_vectors, index.dim)
                 or embeddings.dtype != STORAGE_DTYPES[index.storage]
             ):
                 raise ValueError(
-                    f"{path} holds {embeddings.dtype} {list(embeddings.shape)}, expected {index.storage} "
+                    f"{shard.tensors} holds {embeddings.dtype} {list(embeddings.shape)}, expected {index.storage} "
                     f"[n, {index.num_vectors}, {index.dim}]"
                 )
-            if len(ids) != len(embeddings):
-                raise ValueError(f"{path}: {len(ids)} ids for {len(embeddings)} candidates")
             start = len(index)
             index._shards.append(_Shard(embeddings, scales, ids, metadata))
             for offset, identifier in enumerate(ids):
+                if isinstance(identifier, bool) or not isinstance(identifier, (str, int)):
+                    raise ValueError(f"{shard.sidecar}: id {identifier!r} is not a str or int")
                 if identifier in index._id_positions:
-                    raise ValueError(f"{path}: id {identifier!r} appears more than once in the index")
+                    raise ValueError(f"{shard.sidecar}: id {identifier!r} appears more than once in the index")
                 index._id_positions[identifier] = start + offset
         index._ann_settings.update(manifest.get("ann") or {})
-        ann_path = os.path.join(folder, ANN_FILE)
-        if os.path.isfile(ann_path):
+        if ann_path is not None:
             ann = _import_faiss().read_index(ann_path)
-            # Stale if the shards changed after it was built: then it is rebuilt on first use.
-            if ann.ntotal == len(index) * index._ann_settings["num_vectors"]:
-                index._ann = ann
+            if ann.ntotal != len(index) * index._ann_settings["num_vectors"]:
+                raise ValueError(f"{ann_path} holds {ann.ntotal} vectors, the shards {len(index)} candidates")
+            index._ann = ann
         return index
 
 

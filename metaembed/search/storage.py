@@ -1,112 +1,252 @@
-"""The on-disk format of a `MetaEmbedIndex` folder, owned here only: file names, shards, manifest, atomic writes.
+"""The on-disk format of a `MetaEmbedIndex` folder, owned here only: file names, shards, manifest, safe writes.
 
-    index.json                          dim, vectors per candidate, storage dtype, model it came from
-    shard-00000-of-00001.safetensors    "embeddings" [n, R_c, D] (float32 / float16 / int8),
-                                        "scales" [n, R_c] float32 (int8 storage only)
-    shard-00000-of-00001.json           ids and metadata of that shard's candidates
-    ann.faiss                           optional: the first-stage ANN index (faiss, built by `build_ann`)
+    index.json                              the manifest: dim, vectors per candidate, storage dtype, model, and
+                                            the generation it names with the size and sha256 of each file
+    index.lock                              locked (flock) by the process writing the folder
+    gen-<16 hex>/                           one generation: every file of one saved version
+        shard-00000-of-00002.safetensors    "embeddings" [n, R_c, D] (float32 / float16 / int8),
+                                            "scales" [n, R_c] float32 (int8 storage only)
+        shard-00000-of-00002.json           ids and metadata of that shard's candidates (and, from
+                                            `metaembed index`, a hash of their content and of the model)
+        ann.faiss                           optional: the first-stage ANN index (faiss, built by `build_ann`)
 
-Each process of a multi-process encode (`metaembed index`) writes its own shard pair, so shards need no
-coordination; `shard_files` checks that all shards of each group are there.
+A save writes a new generation beside the current one (each file fsynced), then replaces index.json atomically
+(the commit), then removes older generations. Readers open only what index.json names, so at every instant they
+see the complete old or the complete new version. Only names of this format are ever deleted.
+
+Each process of a multi-process encode (`metaembed index`) writes its own shards into the generation of that job;
+whichever process finds all shards written commits it. No communication is needed.
+
+Version 1 folders (index.json with `shard-*` files beside it, no generation) still load. Their ann.faiss is not
+used (nothing ties it to the shards; it is rebuilt on first use), and the next save replaces their files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
+import math
 import os
 import re
+import shutil
 import uuid
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import save_file
 
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
 INDEX_FORMAT = "metaembed-index"
+FORMAT_VERSION = 2
 MANIFEST_FILE = "index.json"
+LOCK_FILE = "index.lock"
 ANN_FILE = "ann.faiss"
-_SHARD_PATTERN = re.compile(r"shard-(\d{5})-of-(\d{5})\.safetensors$")
+_GENERATION_PATTERN = re.compile(r"gen-[0-9a-f]{16}$")
+_SHARD_PATTERN = re.compile(r"shard-(\d{5})-of-(\d{5})\.(safetensors|json)$")
+_TEMPORARY_SUFFIX = re.compile(r"\.tmp-[0-9a-f]{32}$")
+_VERSION_1_STAGING = re.compile(r"\.saving-[A-Za-z0-9_]{8}$")  # tempfile.mkdtemp folders of version 1 saves
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "I8": torch.int8}
+_MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit
+_HASH_BLOCK = 1 << 22
 
 
-def shard_stem(folder: str, number: int, total: int) -> str:
-    """The path of shard `number` of `total` without its suffix (`.safetensors` / `.json`)."""
-    return os.path.join(folder, f"shard-{number:05d}-of-{total:05d}")
+class IndexLockedError(OSError):
+    """Another process holds the write lock of an index folder."""
 
 
-def shard_is_complete(folder: str, number: int, total: int, ids: list[Any]) -> bool:
-    """Shard `number` of `total` is written whole (both files) and holds exactly `ids`, in order."""
-    stem = shard_stem(folder, number, total)
-    if not (os.path.isfile(stem + ".safetensors") and os.path.isfile(stem + ".json")):
-        return False
-    with open(stem + ".json", encoding="utf-8") as file:
-        return json.load(file).get("ids") == ids
+class ShardFiles(NamedTuple):
+    """The two files of one shard and, for version 2, their manifest records ({"bytes", "sha256"})."""
+
+    tensors: str
+    sidecar: str
+    tensors_record: dict[str, Any] | None
+    sidecar_record: dict[str, Any] | None
 
 
-def shard_files(folder: str) -> list[str]:
-    """The shard files (`.safetensors`) of the index in `folder`, sorted; raises if a group misses a shard."""
-    names = sorted(path for path in os.listdir(folder) if _SHARD_PATTERN.match(path))
-    if not names:
-        raise ValueError(f"{folder} holds no shards")
-    groups: dict[int, set[int]] = {}
-    for name in names:
-        number, total = map(int, _SHARD_PATTERN.match(name).groups())
-        groups.setdefault(total, set()).add(number)
-    for total, numbers_found in groups.items():
-        missing = sorted(set(range(total)) - numbers_found)
-        if missing:
-            raise ValueError(f"{folder}: shard(s) {missing} of {total} are missing (an interrupted encode?)")
-    return [os.path.join(folder, name) for name in names]
+# -- names ----------------------------------------------------------------------------------------------------
 
 
-def read_shard(path: str, mmap: bool) -> tuple[torch.Tensor, torch.Tensor | None, list[Any], list[Any] | None]:
-    """(stored embeddings, int8 scales or None, ids, metadata or None) of the shard at `path` (`.safetensors`)."""
-    tensors = _read_safetensors(path, mmap)
-    with open(path.removesuffix(".safetensors") + ".json", encoding="utf-8") as file:
-        sidecar = json.load(file)
-    return tensors["embeddings"], tensors.get("scales"), sidecar["ids"], sidecar.get("metadata")
+def shard_stem(number: int, total: int) -> str:
+    """The file name of shard `number` of `total` without its suffix (`.safetensors` / `.json`)."""
+    return f"shard-{number:05d}-of-{total:05d}"
 
 
-def read_manifest(folder: str) -> dict[str, Any] | None:
-    """The content of `index.json` in `folder`; None when there is none; raises if it is not an index's."""
-    path = os.path.join(folder, MANIFEST_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as file:
-        manifest = json.load(file)
-    if not isinstance(manifest, dict) or manifest.get("format") != INDEX_FORMAT:
-        raise ValueError(f"{path} is not a MetaEmbed index manifest")
-    return manifest
+def new_generation() -> str:
+    """A generation name unique to one save."""
+    return f"gen-{uuid.uuid4().hex[:16]}"
 
 
-def write_manifest(folder: str, manifest: dict[str, Any]) -> None:
-    """Write `index.json` atomically."""
-    write_json_atomically(os.path.join(folder, MANIFEST_FILE), manifest)
+def job_generation(job: Any) -> str:
+    """The generation name of a job described by the JSON value `job`: processes running the same job (ranks of
+    one `metaembed index`) agree on it without talking to each other."""
+    return "gen-" + hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def generation_folder(folder: str, generation: str) -> str:
+    """The folder of `generation`, created (and made durable) if missing."""
+    path = os.path.join(folder, generation)
+    if not os.path.isdir(path):
+        os.makedirs(path, exist_ok=True)
+        _fsync_directory(folder)
+    return path
+
+
+# -- locking --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def write_lock(folder: str, wait: bool = False) -> Iterator[None]:
+    """Hold the folder's write lock (created if missing); the system releases it when the process dies.
+
+    Raises `IndexLockedError` at once if another process holds it, unless `wait`."""
+    os.makedirs(folder, exist_ok=True)
+    descriptor = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise IndexLockedError(f"{folder}: the index is being written by another process") from None
+        yield
+    finally:
+        os.close(descriptor)
+
+
+# -- writing --------------------------------------------------------------------------------------------------
 
 
 def write_shard(
-    folder: str,
+    generation_path: str,
     number: int,
     total: int,
     embeddings: torch.Tensor,
     scales: torch.Tensor | None,
     ids: list[Any],
     metadata: list[Any] | None,
+    source: dict[str, Any] | None = None,
 ) -> None:
-    """Write shard `number` of `total` (stored embeddings `[n, R, D]`, int8 scales `[n, R]`, ids, metadata).
-    Files are written under a temporary name and renamed, so a reader never sees half a shard."""
-    stem = shard_stem(folder, number, total)
+    """Write shard `number` of `total` (stored embeddings `[n, R, D]`, int8 scales `[n, R]`, ids, metadata, and
+    optionally `source`, what the shard was made from) into a generation folder. The `.safetensors` file comes
+    last: once it exists, the shard is whole."""
+    stem = os.path.join(generation_path, shard_stem(number, total))
     tensors = {"embeddings": embeddings.contiguous()}
     if scales is not None:
         tensors["scales"] = scales.contiguous()
-    write_json_atomically(stem + ".json", {"ids": ids, "metadata": metadata})
-    _write_atomically(stem + ".safetensors", lambda temporary: save_file(tensors, temporary))  # last: shard done
+    sidecar: dict[str, Any] = {"ids": ids, "metadata": metadata}
+    if source is not None:
+        sidecar["source"] = source
+    write_json_atomically(stem + ".json", sidecar)
+    write_file_atomically(stem + ".safetensors", lambda temporary: save_file(tensors, temporary))
 
 
-def _write_atomically(path: str, write: Callable[[str], None]) -> None:
-    """`write(temporary)` to a temporary name unique to this writer, then rename to `path`: readers and other
-    processes writing the same file (every rank writes the manifest) never see or clobber a partial file."""
+def shard_written(generation_path: str, number: int, total: int, ids: list[Any], source: dict[str, Any]) -> bool:
+    """Shard `number` of `total` of a generation is whole and was made from `source` for exactly `ids`."""
+    stem = os.path.join(generation_path, shard_stem(number, total))
+    if not os.path.isfile(stem + ".safetensors"):
+        return False
+    try:
+        with open(stem + ".json", encoding="utf-8") as file:
+            sidecar = json.load(file)
+    except (OSError, ValueError):
+        return False
+    return isinstance(sidecar, dict) and sidecar.get("ids") == ids and sidecar.get("source") == source
+
+
+def reuse_shard(folder: str, generation_path: str, number: int, total: int, ids: list[Any], source: Any) -> bool:
+    """Put into `generation_path` a shard made from the same `source` for the same `ids` found in another
+    generation of `folder` (hard links, or copies where links are not possible); False if there is none."""
+    stem = shard_stem(number, total)
+    for name in sorted(os.listdir(folder)):
+        other = os.path.join(folder, name)
+        if other == generation_path or not _GENERATION_PATTERN.match(name) or not os.path.isdir(other):
+            continue
+        if shard_written(other, number, total, ids, source):
+            for suffix in (".json", ".safetensors"):  # the tensors last, as in write_shard
+                write_file_atomically(
+                    os.path.join(generation_path, stem + suffix), _linker(os.path.join(other, stem + suffix))
+                )
+            return True
+    return False
+
+
+def _linker(source_path: str) -> Callable[[str], None]:
+    def link(temporary: str) -> None:
+        os.remove(temporary)
+        try:
+            os.link(source_path, temporary)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(source_path, temporary)
+
+    return link
+
+
+def commit(
+    folder: str, generation: str, settings: dict[str, Any], num_shards: int, ann_written: bool = False
+) -> dict[str, Any]:
+    """Make `generation` (its `num_shards` shards and, if `ann_written`, its ANN file) the index of `folder`:
+    record each file's size and sha256 with `settings` in index.json, replace it atomically, then remove what
+    older versions left. Call it holding `write_lock`. Returns the manifest."""
+    path = os.path.join(folder, generation)
+    shards = []
+    for number in range(num_shards):
+        stem = shard_stem(number, num_shards)
+        shards.append(
+            {
+                "name": stem,
+                "safetensors": _file_record(os.path.join(path, stem + ".safetensors")),
+                "json": _file_record(os.path.join(path, stem + ".json")),
+            }
+        )
+    ann = None
+    if ann_written:
+        ann = {"name": ANN_FILE, **_file_record(os.path.join(path, ANN_FILE)), "built_from": _shards_digest(shards)}
+    manifest = {**settings, "version": FORMAT_VERSION, "generation": generation, "shards": shards, "ann_file": ann}
+    write_json_atomically(os.path.join(folder, MANIFEST_FILE), manifest)
+    remove_leftovers(folder, manifest)
+    return manifest
+
+
+def remove_leftovers(folder: str, manifest: dict[str, Any]) -> None:
+    """Remove, from a folder whose index.json is `manifest` (version 2), the files of this format it does not
+    name: older generations, version 1 shards, temporary files of interrupted writes. Nothing else is touched;
+    a generation folder holding anything else stays."""
+    keep = manifest["generation"]
+    named = {entry["name"] + suffix for entry in manifest["shards"] for suffix in (".safetensors", ".json")}
+    if manifest.get("ann_file"):
+        named.add(ANN_FILE)
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isdir(path) and (_GENERATION_PATTERN.match(name) or _VERSION_1_STAGING.match(name)):
+            _remove_format_files(path, named if name == keep else set())
+            if name != keep:
+                with contextlib.suppress(OSError):  # not empty: something that is not ours is in there
+                    os.rmdir(path)
+        elif os.path.isfile(path) and (_is_format_file(name) or _is_temporary(name, MANIFEST_FILE)):
+            os.remove(path)  # version 1 shards and ANN file, temporary files
+    _fsync_directory(folder)
+
+
+def _remove_format_files(path: str, keep: set[str]) -> None:
+    for name in os.listdir(path):
+        if name not in keep and _is_format_file(name) and os.path.isfile(os.path.join(path, name)):
+            os.remove(os.path.join(path, name))
+
+
+def _is_format_file(name: str) -> bool:
+    base = _TEMPORARY_SUFFIX.sub("", name)
+    return bool(_SHARD_PATTERN.match(base)) or base == ANN_FILE
+
+
+def _is_temporary(name: str, base: str) -> bool:
+    return bool(_TEMPORARY_SUFFIX.search(name)) and _TEMPORARY_SUFFIX.sub("", name) == base
+
+
+def write_file_atomically(path: str, write: Callable[[str], None]) -> None:
+    """`write(temporary)` to a temporary name unique to this writer, fsync, then rename to `path`: readers and
+    other processes writing the same file never see or clobber a partial file, and a crash cannot leave a
+    renamed file whose content is not on disk."""
     temporary = f"{path}.tmp-{uuid.uuid4().hex}"
     try:
         # The mode a new file gets under the user's umask: kept, as safetensors' writer (and mkstemp) would
@@ -115,10 +255,16 @@ def _write_atomically(path: str, write: Callable[[str], None]) -> None:
             mode = os.stat(temporary).st_mode & 0o777
         write(temporary)
         os.chmod(temporary, mode)
+        descriptor = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
         os.replace(temporary, path)
     finally:
-        if os.path.exists(temporary):
+        if os.path.lexists(temporary):
             os.remove(temporary)
+    _fsync_directory(os.path.dirname(path) or ".")
 
 
 def write_json_atomically(path: str, value: Any) -> None:
@@ -126,31 +272,228 @@ def write_json_atomically(path: str, value: Any) -> None:
         with open(temporary, "w", encoding="utf-8") as file:
             json.dump(value, file)
 
-    _write_atomically(path, write)
+    write_file_atomically(path, write)
+
+
+def _fsync_directory(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _file_record(path: str) -> dict[str, Any]:
+    return {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _shards_digest(shards: list[dict[str, Any]]) -> str:
+    """What an ANN file was built from: the hashes of the shards' tensors, in order."""
+    return hashlib.sha256("".join(entry["safetensors"]["sha256"] for entry in shards).encode()).hexdigest()
+
+
+# -- reading --------------------------------------------------------------------------------------------------
+
+
+def read_manifest(folder: str) -> dict[str, Any] | None:
+    """The content of `index.json` in `folder`; None when there is none; raises if it is not an index's."""
+    path = os.path.join(folder, MANIFEST_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as file:
+            manifest = json.load(file)
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"{path} is not a MetaEmbed index manifest: {error}") from error
+    if not isinstance(manifest, dict) or manifest.get("format") != INDEX_FORMAT:
+        raise ValueError(f"{path} is not a MetaEmbed index manifest")
+    version = manifest.get("version", 1)
+    if version not in (1, FORMAT_VERSION):
+        raise ValueError(f"{path} has format version {version!r}; this package reads 1 and {FORMAT_VERSION}")
+    settings_ok = isinstance(manifest.get("dim"), int) and isinstance(manifest.get("num_vectors"), int)
+    if not settings_ok or manifest.get("storage") not in STORAGE_DTYPES:
+        raise ValueError(f"{path} has invalid dim / num_vectors / storage")
+    if version == FORMAT_VERSION:
+        shards = manifest.get("shards")
+        valid = _GENERATION_PATTERN.match(str(manifest.get("generation"))) and isinstance(shards, list) and shards
+        if not valid or not all(_valid_shard_entry(entry, number, len(shards)) for number, entry in enumerate(shards)):
+            raise ValueError(f"{path} does not list its generation and shards correctly")
+    return manifest
+
+
+def _valid_shard_entry(entry: Any, number: int, total: int) -> bool:
+    return (
+        isinstance(entry, dict)
+        and entry.get("name") == shard_stem(number, total)
+        and all(isinstance(entry.get(kind), dict) for kind in ("safetensors", "json"))
+    )
+
+
+def index_files(folder: str, manifest: dict[str, Any]) -> tuple[list[ShardFiles], str | None]:
+    """The shard files `manifest` (from `read_manifest(folder)`) names, in order, and the path of its ANN file
+    (None if there is none or it is a version 1 folder's, which nothing ties to the shards)."""
+    if manifest.get("version", 1) == 1:
+        return [ShardFiles(path, path.removesuffix(".safetensors") + ".json", None, None) for path in _v1_shards(folder)], None
+    path = os.path.join(folder, manifest["generation"])
+    shards = [
+        ShardFiles(
+            os.path.join(path, entry["name"] + ".safetensors"),
+            os.path.join(path, entry["name"] + ".json"),
+            entry["safetensors"],
+            entry["json"],
+        )
+        for entry in manifest["shards"]
+    ]
+    ann = manifest.get("ann_file")
+    if not ann:
+        return shards, None
+    ann_path = os.path.join(path, ANN_FILE)
+    if ann.get("built_from") != _shards_digest(manifest["shards"]):
+        raise ValueError(f"{ann_path} was built from other vectors than the shards {MANIFEST_FILE} lists")
+    _check_record(ann_path, ann, verify_hash=True)
+    return shards, ann_path
+
+
+def _v1_shards(folder: str) -> list[str]:
+    """The `.safetensors` shards of a version 1 folder, sorted; raises if a group misses a shard."""
+    matches = sorted(
+        (match.group(0), int(match.group(1)), int(match.group(2)))
+        for match in map(_SHARD_PATTERN.match, os.listdir(folder))
+        if match and match.group(3) == "safetensors"
+    )
+    if not matches:
+        raise ValueError(f"{folder} holds no shards")
+    groups: dict[int, set[int]] = {}
+    for _, number, total in matches:
+        groups.setdefault(total, set()).add(number)
+    for total, numbers_found in groups.items():
+        missing = sorted(set(range(total)) - numbers_found)
+        if missing:
+            raise ValueError(f"{folder}: shard(s) {missing} of {total} are missing (an interrupted encode?)")
+    return [os.path.join(folder, name) for name, _, _ in matches]
+
+
+def read_shard(
+    shard: ShardFiles, mmap: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, list[Any], list[Any] | None]:
+    """(stored embeddings `[n, R, D]`, int8 scales `[n, R]` or None, ids, metadata or None) of a shard, each
+    file checked against its manifest record and its own structure; every error names the file."""
+    _check_record(shard.sidecar, shard.sidecar_record, verify_hash=True)
+    _check_record(shard.tensors, shard.tensors_record, verify_hash=not mmap)
+    tensors = _read_safetensors(shard.tensors, mmap)
+    embeddings, scales = tensors.get("embeddings"), tensors.get("scales")
+    if embeddings is None or embeddings.ndim != 3 or set(tensors) - {"embeddings", "scales"}:
+        raise ValueError(f"{shard.tensors} must hold 'embeddings' [n, R, D] (and 'scales' [n, R]), got {_shapes(tensors)}")
+    if (scales is None) != (embeddings.dtype != torch.int8) or (
+        scales is not None and (scales.dtype != torch.float32 or scales.shape != embeddings.shape[:2])
+    ):
+        raise ValueError(f"{shard.tensors}: int8 embeddings need float32 'scales' [n, R], got {_shapes(tensors)}")
+    try:
+        with open(shard.sidecar, encoding="utf-8") as file:
+            sidecar = json.load(file)
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"{shard.sidecar} is not valid JSON: {error}") from error
+    ids = sidecar.get("ids") if isinstance(sidecar, dict) else None
+    metadata = sidecar.get("metadata") if isinstance(sidecar, dict) else None
+    if not isinstance(ids, list) or not (metadata is None or isinstance(metadata, list)):
+        raise ValueError(f"{shard.sidecar} must be an object with a list 'ids' and a list or null 'metadata'")
+    if len(ids) != len(embeddings) or (metadata is not None and len(metadata) != len(ids)):
+        counts = f"{len(ids)} ids, {'no' if metadata is None else len(metadata)} metadata values"
+        raise ValueError(f"{shard.sidecar}: {counts} for the {len(embeddings)} candidates of {shard.tensors}")
+    return embeddings, scales, ids, metadata
+
+
+def _shapes(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    return {name: f"{tensor.dtype} {list(tensor.shape)}" for name, tensor in tensors.items()}
+
+
+def _check_record(path: str, record: dict[str, Any] | None, verify_hash: bool) -> None:
+    """`path` exists and, when the manifest records it, has the recorded size (and content, if `verify_hash`)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing")
+    if record is None:
+        return
+    size = os.path.getsize(path)
+    if size != record.get("bytes"):
+        raise ValueError(f"{path} has {size} bytes, {MANIFEST_FILE} records {record.get('bytes')}")
+    if verify_hash and _sha256(path) != record.get("sha256"):
+        raise ValueError(f"{path} does not match the sha256 recorded in {MANIFEST_FILE} (changed after saving?)")
+
+
+def _read_header(path: str) -> tuple[int, dict[str, dict[str, Any]]]:
+    """(data start, tensor entries) of a safetensors file, validated as the safetensors library does: header
+    length within the file, a JSON object header, known dtypes, sizes that match dtype and shape, data offsets
+    that tile the data section exactly (no overlap, no gap, nothing past the end)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as file:
+        prefix = file.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{path} is not a safetensors file: {size} bytes")
+        header_size = int.from_bytes(prefix, "little")
+        if header_size > min(size - 8, _MAX_HEADER_BYTES):
+            raise ValueError(f"{path} is not a safetensors file (or is truncated): header of {header_size} bytes")
+        try:
+            header = json.loads(file.read(header_size))
+        except (UnicodeDecodeError, ValueError) as error:
+            raise ValueError(f"{path} is not a safetensors file: its header is not JSON ({error})") from error
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file: its header is not a JSON object")
+    entries = {name: entry for name, entry in header.items() if name != "__metadata__"}
+    data_start = 8 + header_size
+    position = 0
+    for name, entry in sorted(entries.items(), key=lambda item: _offsets(path, *item)):
+        begin, end = _offsets(path, name, entry)
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
+            raise ValueError(f"{path}: tensor {name} has an invalid shape {shape!r}")
+        dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {name} has dtype {entry.get('dtype')!r}, expected F32, F16 or I8")
+        if begin != position:
+            raise ValueError(f"{path}: tensor {name} starts at {begin}, expected {position} (overlap or gap)")
+        expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if end - begin != expected:
+            raise ValueError(f"{path}: tensor {name} takes {end - begin} bytes, its dtype and shape need {expected}")
+        position = end
+    if data_start + position != size:
+        raise ValueError(
+            f"{path} is truncated or has trailing bytes: {size} bytes, its header describes {data_start + position}"
+        )
+    return data_start, entries
+
+
+def _offsets(path: str, name: str, entry: Any) -> tuple[int, int]:
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(value, int) for value in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
+        raise ValueError(f"{path}: tensor {name} has invalid data_offsets {offsets!r}")
+    return offsets[0], offsets[1]
 
 
 def _read_safetensors(path: str, mmap: bool) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file; with `mmap`, views of a copy-on-write memory map of the file (the same
-    mechanism as `torch.load(mmap=True)`), so nothing is read until used."""
+    """Tensors of a validated safetensors file; with `mmap`, views of a copy-on-write memory map of the file (the
+    same mechanism as `torch.load(mmap=True)`), so nothing is read until used."""
+    data_start, entries = _read_header(path)
     if not mmap:
         from safetensors.torch import load_file
 
         return load_file(path)
-    with open(path, "rb") as file:
-        header_size = int.from_bytes(file.read(8), "little")
-        header = json.loads(file.read(header_size))
-    size = os.path.getsize(path)
-    data_start = 8 + header_size
-    entries = {name: entry for name, entry in header.items() if name != "__metadata__"}
-    needed = data_start + max((entry["data_offsets"][1] for entry in entries.values()), default=0)
-    if size < needed:
-        raise ValueError(f"{path} is truncated: {size} bytes, its header describes {needed}")
-    storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
+    storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=os.path.getsize(path))
     tensors = {}
     for name, entry in entries.items():
-        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise ValueError(f"{path}: tensor {name} has dtype {entry['dtype']}, expected F32, F16 or I8")
+        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
         offset = data_start + entry["data_offsets"][0]
         element_size = torch.empty((), dtype=dtype).element_size()
         if offset % element_size:
