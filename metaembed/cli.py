@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
-import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -166,56 +167,130 @@ def load_model(name_or_path: str, dtype: str, device: str | None) -> Any:
     return model.to(device) if device else model
 
 
+def model_fingerprint(model: Any) -> str:
+    """sha256 of a model's config and weights: a shard encoded by another model (or other weights) is not reused."""
+    import torch
+
+    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {list(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def items_digest(items: list[Any]) -> str:
+    """sha256 of corpus items' content: their text and the bytes of their image files."""
+    digest = hashlib.sha256()
+    for item in items:
+        text, image = (item, None) if isinstance(item, str) else (item.get("text"), item.get("image"))
+        digest.update(json.dumps(text).encode())
+        if image is None:
+            digest.update(b"\0no image")
+            continue
+        with open(image, "rb") as file:
+            digest.update(hashlib.sha256(file.read()).digest())
+    return digest.hexdigest()
+
+
 def run_index(arguments: argparse.Namespace) -> None:
     """Encode a corpus into a MetaEmbedIndex folder. Under torchrun / accelerate launch every process encodes
-    its share of the shards (no communication); shards already written are skipped, so a rerun resumes."""
+    its share of the shards (no communication) into the job's generation; whichever process finds them all
+    written commits the index. A shard already encoded from the same items by the same model is reused, so a
+    rerun resumes and an edited corpus re-encodes only the shards whose items changed."""
+    from scoring_metaembed import check_num_vectors
+
     from .search import storage
     from .search.index import MetaEmbedIndex
 
+    folder = arguments.output_dir
+    existing = _existing_index(folder)
     items, ids, metadata = read_corpus(arguments.input)
     rank, world_size = distributed_rank()
     model = load_model(arguments.model, arguments.dtype, arguments.device)
-    num_vectors = arguments.num_vectors or model.config.num_candidate_vectors
+    num_vectors = check_num_vectors(arguments.num_vectors, model.config.num_candidate_vectors, "--num-vectors")
     model_path = os.path.abspath(arguments.model) if os.path.isdir(arguments.model) else arguments.model
     corpus = {"input": os.path.abspath(arguments.input), "items": len(items), "shard_size": arguments.shard_size}
-    index = MetaEmbedIndex(model.config.output_dim, num_vectors, arguments.storage, model_path)
-    existing = storage.read_manifest(arguments.output_dir) if os.path.isdir(arguments.output_dir) else None
-    if existing is not None:
-        if arguments.overwrite:
-            if world_size > 1:
-                raise ValueError("--overwrite needs a single process (ranks would delete each other's shards)")
-            shutil.rmtree(arguments.output_dir)
-        else:
-            _check_resumable(arguments.output_dir, existing, index.manifest(corpus))
-    os.makedirs(arguments.output_dir, exist_ok=True)
-    # index.json first (every process writes the same, atomically): a rerun can check it resumes the same job.
-    index.write_manifest(arguments.output_dir, corpus)
+    settings = MetaEmbedIndex(model.config.output_dim, num_vectors, arguments.storage, model_path).manifest(corpus)
+    if existing is not None and not arguments.overwrite:
+        _check_resumable(folder, existing, settings)
+    fingerprint = model_fingerprint(model)
     shards = [
         (start, min(start + arguments.shard_size, len(items))) for start in range(0, len(items), arguments.shard_size)
     ]
+    sources = [{"items_sha256": items_digest(items[start:end]), "model_sha256": fingerprint} for start, end in shards]
+    generation = storage.job_generation({"settings": settings, "sources": sources})
+    path = storage.generation_folder(folder, generation)
+    reused = encoded = 0
     for number in range(rank, len(shards), world_size):
         start, end = shards[number]
-        if storage.shard_is_complete(arguments.output_dir, number, len(shards), ids[start:end]):
-            print(f"[rank {rank}] shard {number + 1}/{len(shards)} exists, skipped", flush=True)
+        shard_ids, source = ids[start:end], sources[number]
+        if storage.shard_written(path, number, len(shards), shard_ids, source) or storage.reuse_shard(
+            folder, path, number, len(shards), shard_ids, source
+        ):
+            reused += 1
             continue
         print(f"[rank {rank}] shard {number + 1}/{len(shards)}: items {start}..{end - 1}", flush=True)
         embeddings = model.encode_candidates(
             items[start:end], num_vectors=num_vectors, batch_size=arguments.batch_size, show_progress_bar=True
         )
         stored, scales = storage.quantize(embeddings, arguments.storage)
-        storage.write_shard(
-            arguments.output_dir, number, len(shards), stored, scales, ids[start:end], metadata[start:end]
+        storage.write_shard(path, number, len(shards), stored, scales, shard_ids, metadata[start:end], source)
+        encoded += 1
+    print(f"[rank {rank}] {reused} shard(s) reused, {encoded} encoded", flush=True)
+    with storage.write_lock(folder, wait=True):  # a short wait for another rank committing the same job
+        current = storage.read_manifest(folder)
+        if current is not None and current.get("generation") == generation:
+            print(f"[rank {rank}] done: {folder}", flush=True)
+            return
+        waiting = [
+            number
+            for number, (start, end) in enumerate(shards)
+            if not storage.shard_written(path, number, len(shards), ids[start:end], sources[number])
+        ]
+        if waiting:
+            print(f"[rank {rank}] done; shard(s) {[n + 1 for n in waiting]} are other processes' to write", flush=True)
+            return
+        storage.commit(folder, generation, settings, len(shards))
+    print(f"[rank {rank}] done: {folder}", flush=True)
+
+
+def _existing_index(folder: str) -> dict[str, Any] | None:
+    """The manifest of the MetaEmbed index in `folder`; None for a missing or empty folder (or one holding only
+    this format's own files, e.g. a job that has not committed yet). Anything else is refused, saying what is
+    there: nothing is ever written into or deleted from a folder that is not an index."""
+    from .search import storage
+
+    if not os.path.exists(folder):
+        return None
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder} exists and is not a folder; choose a new or empty folder for the index")
+    try:
+        manifest = storage.read_manifest(folder)
+    except ValueError as error:
+        raise ValueError(f"{error}; it is not a MetaEmbed index: choose a new or empty folder for the index") from None
+    if manifest is not None:
+        return manifest
+    foreign = sorted(name for name in os.listdir(folder) if not storage.is_own_entry(folder, name))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ValueError(
+            f"{folder} is not a MetaEmbed index (no index.json) and is not empty: it holds {shown}; "
+            "choose a new or empty folder for the index"
         )
-    print(f"[rank {rank}] done: {arguments.output_dir}", flush=True)
+    return None
 
 
 def _check_resumable(folder: str, existing: dict[str, Any], wanted: dict[str, Any]) -> None:
-    """Refuse to resume into an index made by another model, storage, vector count or corpus layout."""
+    """Refuse to replace an index made by another model, storage, vector count or corpus layout unless asked."""
     # ANN settings are not part of what the shards hold; everything else must match.
     different = [key for key, value in wanted.items() if key != "ann" and existing.get(key) != value]
     if different:
         details = ", ".join(f"{key}: {existing.get(key)!r} there, {wanted[key]!r} now" for key in different)
-        raise ValueError(f"{folder} holds an index made differently ({details}); use another folder or --overwrite")
+        raise ValueError(
+            f"{folder} holds a MetaEmbed index made differently ({details}); choose another folder, or pass "
+            "--overwrite to replace that index"
+        )
 
 
 def run_search(arguments: argparse.Namespace) -> None:
@@ -255,14 +330,46 @@ def run_search(arguments: argparse.Namespace) -> None:
             print(f"  {hit['rank']:>3}  {hit['score']:9.4f}  {hit['id']}  {json.dumps(hit['metadata'])}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int, non_negative_int = int_at_least(1), int_at_least(0)
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metaembed", description="MetaEmbed multimodal retrieval")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="train a tiny model from scratch with and without MMR, report budgets")
-    demo.add_argument("--steps", type=int, default=1500, help="training steps per model")
-    demo.add_argument("--num-candidates", type=int, default=1000, help="held-out scenes to index")
-    demo.add_argument("--num-queries", type=int, default=1000)
+    demo.add_argument("--steps", type=positive_int, default=1500, help="training steps per model")
+    demo.add_argument("--num-candidates", type=positive_int, default=1000, help="held-out scenes to index")
+    demo.add_argument("--num-queries", type=positive_int, default=1000)
     demo.add_argument("--output-dir", default=None, help="where to write models and plot (default: a temp folder)")
     demo.set_defaults(handler=run_demo)
 
@@ -274,33 +381,37 @@ def main(argv: list[str] | None = None) -> None:
     data.add_argument("--train-file", help="JSONL rows {query, positive, negatives?}")
     data.add_argument("--dataset", help="a datasets folder (save_to_disk) with query / positive / negatives")
     train.add_argument("--output-dir", required=True)
-    train.add_argument("--num-query-vectors", type=int, default=16)
-    train.add_argument("--num-candidate-vectors", type=int, default=64)
-    train.add_argument("--embedding-dim", type=int, default=None, help="add a projection to this size")
-    train.add_argument("--lora-rank", type=int, default=32, help="0 trains every parameter")
-    train.add_argument("--lora-alpha", type=int, default=32)
-    train.add_argument("--temperature", type=float, default=0.03)
-    train.add_argument("--batch-size", type=int, default=32)
-    train.add_argument("--cached-mini-batch-size", type=int, default=None, help="gradient cache mini-batch size")
-    train.add_argument("--learning-rate", type=float, default=1e-4)
-    train.add_argument("--epochs", type=float, default=1.0)
-    train.add_argument("--max-steps", type=int, default=-1)
+    train.add_argument("--num-query-vectors", type=positive_int, default=16)
+    train.add_argument("--num-candidate-vectors", type=positive_int, default=64)
+    train.add_argument("--embedding-dim", type=positive_int, default=None, help="add a projection to this size")
+    train.add_argument("--lora-rank", type=non_negative_int, default=32, help="0 trains every parameter")
+    train.add_argument("--lora-alpha", type=positive_int, default=32)
+    train.add_argument("--temperature", type=positive_float, default=0.03)
+    train.add_argument("--batch-size", type=positive_int, default=32)
+    train.add_argument(
+        "--cached-mini-batch-size", type=positive_int, default=None, help="gradient cache mini-batch size"
+    )
+    train.add_argument("--learning-rate", type=positive_float, default=1e-4)
+    train.add_argument("--epochs", type=positive_float, default=1.0)
+    train.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (-1: run the epochs)")
     train.add_argument("--bf16", action="store_true")
     train.add_argument("--gradient-checkpointing", action="store_true")
-    train.add_argument("--logging-steps", type=int, default=10)
+    train.add_argument("--logging-steps", type=positive_int, default=10)
     train.set_defaults(handler=run_train)
 
     index = commands.add_parser("index", help="encode a folder of images, a text file or a JSONL file into an index")
     index.add_argument("model", help="a MetaEmbed folder or repo id")
     index.add_argument("input", help="a folder of images, a .jsonl file ({text?, image?, id?, ...}) or a text file")
-    index.add_argument("output_dir")
+    index.add_argument("output_dir", help="a new or empty folder, or a MetaEmbed index to resume or replace")
     index.add_argument("--storage", choices=["float32", "float16", "int8"], default="float16")
-    index.add_argument("--num-vectors", type=int, default=None, help="candidate vectors kept (default: all R_c)")
-    index.add_argument("--batch-size", type=int, default=32)
-    index.add_argument("--shard-size", type=int, default=50_000, help="candidates per shard file")
-    index.add_argument("--dtype", default="auto", help="model dtype: auto, float32, bfloat16, float16")
+    index.add_argument("--num-vectors", type=positive_int, default=None, help="candidate vectors kept (default: all)")
+    index.add_argument("--batch-size", type=positive_int, default=32)
+    index.add_argument("--shard-size", type=positive_int, default=50_000, help="candidates per shard file")
+    index.add_argument("--dtype", choices=MODEL_DTYPES, default="auto", help="model dtype")
     index.add_argument("--device", default=None, help="e.g. cuda:0 (default: the model's; LOCAL_RANK's GPU)")
-    index.add_argument("--overwrite", action="store_true", help="replace an index already in output_dir")
+    index.add_argument(
+        "--overwrite", action="store_true", help="replace a MetaEmbed index made with other settings in output_dir"
+    )
     index.set_defaults(handler=run_index)
 
     search = commands.add_parser("search", help="search an index: queries -> ranked ids with scores")
@@ -308,18 +419,27 @@ def main(argv: list[str] | None = None) -> None:
     search.add_argument("queries", nargs="*", help="query texts")
     search.add_argument("--image", action="append", help="an image query (path); repeatable")
     search.add_argument(
-        "--budget", type=int, nargs=2, default=(None, None), metavar=("R_Q", "R_C"), help="default: all vectors"
+        "--budget", type=positive_int, nargs=2, default=(None, None), metavar=("R_Q", "R_C"), help="default: all"
     )
-    search.add_argument("--top-k", type=int, default=10)
-    search.add_argument("--shortlist", type=int, default=None, help="two-stage search with this ANN shortlist")
+    search.add_argument("--top-k", type=positive_int, default=10)
+    search.add_argument("--shortlist", type=positive_int, default=None, help="two-stage search with this shortlist")
     search.add_argument("--model", default=None, help="override the model recorded in the index")
-    search.add_argument("--dtype", default="auto")
+    search.add_argument("--dtype", choices=MODEL_DTYPES, default="auto")
     search.add_argument("--device", default=None)
     search.add_argument("--json", action="store_true", help="print JSON")
     search.set_defaults(handler=run_search)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the `metaembed` command. Bad arguments and errors in what the user gave (files, folders, values)
+    print one line and exit with status 2, as argparse does; anything else is a bug and keeps its traceback."""
+    parser = build_parser()
     arguments = parser.parse_args(argv)
-    arguments.handler(arguments)
+    try:
+        arguments.handler(arguments)
+    except (ValueError, OSError) as error:
+        parser.exit(2, f"metaembed {arguments.command}: error: {error}\n")
 
 
 if __name__ == "__main__":

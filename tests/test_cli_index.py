@@ -109,15 +109,25 @@ def test_two_processes_write_the_shards_of_one_index_and_resume(model_dir, image
         two.get_embeddings(range(len(two))), one.get_embeddings(range(len(one))), atol=1e-4, rtol=0
     )
 
-    # Resume: an interrupted run leaves a shard missing; loading says so, a rerun writes only that one.
+    # Resume: a job where only rank 0 ran leaves no index (readers see none), and a single-process rerun encodes
+    # only the shards rank 0 did not write.
     total = len(one._shards)
-    os.remove(sharded / f"shard-00001-of-{total:05d}.safetensors")
-    with pytest.raises(ValueError, match=rf"shard\(s\) \[1\] of {total} are missing"):
-        MetaEmbedIndex.load(str(sharded))
+    partial = tmp_path / "partial"
+    command[command.index(str(sharded))] = str(partial)
+    first = subprocess.run(command, env=environment | {"RANK": "0"}, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert f"[rank 0] 0 shard(s) reused, {(total + 1) // 2} encoded" in first.stdout
+    assert "are other processes' to write" in first.stdout
+    with pytest.raises(FileNotFoundError, match=r"no index\.json"):
+        MetaEmbedIndex.load(str(partial))
     rerun = subprocess.run(command, env=environment | {"RANK": "0", "WORLD_SIZE": "1"}, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert rerun.stdout.count("exists, skipped") == total - 1 and f"shard 2/{total}: items 2..3" in rerun.stdout
-    assert MetaEmbedIndex.load(str(sharded)).ids == one.ids
+    assert f"{(total + 1) // 2} shard(s) reused, {total // 2} encoded" in rerun.stdout
+    assert f"shard 2/{total}: items 2..3" in rerun.stdout and f"shard 1/{total}:" not in rerun.stdout
+    resumed = MetaEmbedIndex.load(str(partial))
+    assert resumed.ids == one.ids and torch.equal(
+        resumed.get_embeddings(range(len(one))), two.get_embeddings(range(len(one)))
+    )
 
 
 def test_jsonl_ids_must_be_unique_strings_or_integers(tmp_path):
@@ -130,16 +140,99 @@ def test_jsonl_ids_must_be_unique_strings_or_integers(tmp_path):
         read_corpus(str(corpus))
 
 
-def test_rerun_into_an_index_made_differently_is_refused_unless_overwritten(model_dir, image_folder, tmp_path):
+def user_error(capsys, arguments: list[str]) -> str:
+    """The one line `metaembed` prints for a user error (exit status 2, no traceback)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(arguments)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    # Progress bars (transformers' weight loading) may come before it.
+    lines = [line for line in error.split("\n") if line and not line.startswith("\r")]
+    assert "Traceback" not in error and len(lines) == 1 and lines[0].startswith("metaembed index: error: "), error
+    return lines[0]
+
+
+def test_rerun_into_an_index_made_differently_is_refused_unless_overwritten(model_dir, image_folder, tmp_path, capsys):
     output = str(tmp_path / "index")
     main(["index", model_dir, str(image_folder), output, "--storage", "float16", "--shard-size", "3"])
-    with pytest.raises(ValueError, match=r"made differently.*storage"):
-        main(["index", model_dir, str(image_folder), output, "--storage", "int8", "--shard-size", "3"])
-    with pytest.raises(ValueError, match=r"made differently.*shard_size"):
-        main(["index", model_dir, str(image_folder), output, "--storage", "float16", "--shard-size", "2"])
+    (tmp_path / "index" / "my-notes.txt").write_text("keep")
+    error = user_error(
+        capsys, ["index", model_dir, str(image_folder), output, "--storage", "int8", "--shard-size", "3"]
+    )
+    assert "made differently (storage: 'float16' there, 'int8' now)" in error and "--overwrite" in error
+    error = user_error(capsys, ["index", model_dir, str(image_folder), output, "--shard-size", "2"])
+    assert "made differently (corpus:" in error and "'shard_size': 2" in error
     main(["index", model_dir, str(image_folder), output, "--storage", "int8", "--shard-size", "2", "--overwrite"])
     index = MetaEmbedIndex.load(output)
     assert index.storage == "int8" and len(index._shards) == (len(index) + 1) // 2
+    # --overwrite replaced the index's own files only.
+    assert (tmp_path / "index" / "my-notes.txt").read_text() == "keep" and len(
+        list((tmp_path / "index").glob("gen-*"))
+    ) == 1
+
+
+def test_index_never_writes_into_or_deletes_a_folder_that_is_not_an_index(model_dir, image_folder, tmp_path, capsys):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "index.json").write_text(json.dumps({"name": "my-app", "version": "1.0"}))
+    (project / "main.py").write_text("print('hello')")
+    (project / "corpus.txt").write_text("first\nsecond\n")
+    before = {path.name: path.read_bytes() for path in project.iterdir()}
+    for extra in ([], ["--overwrite"]):
+        error = user_error(capsys, ["index", model_dir, str(project / "corpus.txt"), str(project), *extra])
+        assert f"{project / 'index.json'} is not a MetaEmbed index manifest" in error and "new or empty folder" in error
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep")
+    for extra in ([], ["--overwrite"]):
+        error = user_error(capsys, ["index", model_dir, str(project / "corpus.txt"), str(notes), *extra])
+        assert "is not a MetaEmbed index (no index.json) and is not empty: it holds todo.txt" in error
+        assert "--overwrite" not in error and "delete" not in error
+    assert {path.name: path.read_bytes() for path in project.iterdir()} == before
+    assert os.listdir(notes) == ["todo.txt"]
+
+
+def test_resume_reencodes_only_shards_whose_items_or_model_changed(backbone_dirs, tmp_path):
+    from transformers import AutoModel
+
+    model_dir = tmp_path / "model"
+    make_model(backbone_dirs["qwen2_5_vl"]).save_pretrained(model_dir)
+    corpus, output = tmp_path / "corpus.txt", str(tmp_path / "index")
+    lines = ["a red circle", "a blue square", "quarterly report", "zebra", "a green triangle"]
+    corpus.write_text("\n".join(lines) + "\n")
+    arguments = ["index", str(model_dir), str(corpus), output, "--storage", "float32", "--shard-size", "2"]
+
+    def run() -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "metaembed.cli", *arguments],
+            env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
+
+    assert "0 shard(s) reused, 3 encoded" in run()
+    assert "3 shard(s) reused, 0 encoded" in run()
+    lines[2] = "quarterly financial report"  # an edited line: its shard (items 2..3) is encoded again
+    corpus.write_text("\n".join(lines) + "\n")
+    output_text = run()
+    assert "2 shard(s) reused, 1 encoded" in output_text and "shard 2/3: items 2..3" in output_text
+    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True)
+    torch.testing.assert_close(
+        MetaEmbedIndex.load(output).get_embeddings(range(5)), model.encode_candidates(lines), atol=1e-5, rtol=0
+    )
+    # Other weights under the same path: nothing encoded by the old model is reused.
+    other = make_model(backbone_dirs["qwen2_5_vl"])
+    with torch.no_grad():
+        other.meta_tokens.mul_(-1)
+    other.save_pretrained(model_dir)
+    assert "0 shard(s) reused, 3 encoded" in run()
+    other = AutoModel.from_pretrained(model_dir, trust_remote_code=True)
+    torch.testing.assert_close(
+        MetaEmbedIndex.load(output).get_embeddings(range(5)), other.encode_candidates(lines), atol=1e-5, rtol=0
+    )
 
 
 def test_search_prints_only_found_candidates_when_a_two_stage_row_ends_early(model_dir, image_folder, tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -435,7 +436,8 @@ def test_version_1_folders_load_and_the_next_save_replaces_only_their_files(cand
     assert loaded._ann is None  # nothing ties a version 1 ann.faiss to its shards: rebuilt on first use
     loaded.save(str(tmp_path))
     generation = json.loads((tmp_path / "index.json").read_text())["generation"]
-    assert sorted(os.listdir(tmp_path)) == sorted([generation, "index.json", "index.lock", "shard-notes.txt", "sources"])
+    expected = [generation, "index.json", "index.lock", "shard-notes.txt", "sources"]
+    assert sorted(os.listdir(tmp_path)) == sorted(expected)
     assert MetaEmbedIndex.load(str(tmp_path)).ids == index.ids
 
 
@@ -492,7 +494,7 @@ def _corrupt(kind, shard, sidecar):
         entry["shape"] = [entry["shape"][0] + 1, *entry["shape"][1:]]
         write_raw_safetensors(shard, header, data)
     elif kind == "random bytes":
-        shard.write_bytes(torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(0)).byte().numpy().tobytes())
+        shard.write_bytes(random.Random(0).randbytes(5000))
     elif kind == "header not JSON":
         write_raw_safetensors(shard, header, data, header_size=5)
     elif kind == "fewer metadata than ids":

@@ -5,6 +5,7 @@ the old or exactly the new index; after the next successful save nothing else of
 from __future__ import annotations
 
 import builtins
+import contextlib
 import json
 import os
 import random
@@ -60,7 +61,8 @@ def loads_as_old_or_new(folder: str, old: MetaEmbedIndex, new: MetaEmbedIndex) -
 def save_and_check_clean(index: MetaEmbedIndex, folder: str) -> None:
     """A successful save leaves exactly the manifest, the lock file and the generation it names."""
     index.save(folder, max_shard_candidates=7)
-    manifest = json.loads(open(os.path.join(folder, "index.json")).read())
+    with open(os.path.join(folder, "index.json"), encoding="utf-8") as file:
+        manifest = json.load(file)
     generation = manifest["generation"]
     assert sorted(os.listdir(folder)) == sorted(["index.json", "index.lock", generation])
     expected = {entry["name"] + suffix for entry in manifest["shards"] for suffix in (".safetensors", ".json")}
@@ -86,9 +88,8 @@ class FailAtOperation:
         for name in self.OS_FUNCTIONS:
             monkeypatch.setattr(os, name, self.counted(getattr(os, name)))
         monkeypatch.setattr(os, "open", self.counted(os.open, lambda path, flags, *rest: flags & os.O_CREAT))
-        monkeypatch.setattr(
-            builtins, "open", self.counted(builtins.open, lambda file, mode="r", *rest, **options: set(mode) & set("wxa+"))
-        )
+        writes = lambda file, mode="r", *rest, **options: set(mode) & set("wxa+")  # noqa: E731
+        monkeypatch.setattr(builtins, "open", self.counted(builtins.open, writes))
         monkeypatch.setattr(storage, "save_file", self.counted(storage.save_file))
         monkeypatch.setattr(faiss, "write_index", self.counted(faiss.write_index))
 
@@ -117,10 +118,8 @@ def test_a_failure_at_every_file_operation_leaves_the_old_or_the_new_index(versi
         save_and_check_clean(old, folder)
         with monkeypatch.context() as patch:
             FailAtOperation(patch, fail_at)
-            try:
+            with contextlib.suppress(InjectedFailure):
                 new.save(folder, max_shard_candidates=7)
-            except InjectedFailure:
-                pass
         outcomes.append(loads_as_old_or_new(folder, old, new))
         save_and_check_clean(new, folder)  # and the next save cleans up whatever the failure left
         assert loads_as_old_or_new(folder, old, new) == "new"

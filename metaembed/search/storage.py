@@ -228,6 +228,13 @@ def remove_leftovers(folder: str, manifest: dict[str, Any]) -> None:
     _fsync_directory(folder)
 
 
+def is_own_entry(folder: str, name: str) -> bool:
+    """`name` in `folder` is something this format writes (lock file, generation folder, temporary manifest)."""
+    if name == LOCK_FILE or _is_temporary(name, MANIFEST_FILE):
+        return True
+    return bool(_GENERATION_PATTERN.match(name)) and os.path.isdir(os.path.join(folder, name))
+
+
 def _remove_format_files(path: str, keep: set[str]) -> None:
     for name in os.listdir(path):
         if name not in keep and _is_format_file(name) and os.path.isfile(os.path.join(path, name)):
@@ -341,7 +348,8 @@ def index_files(folder: str, manifest: dict[str, Any]) -> tuple[list[ShardFiles]
     """The shard files `manifest` (from `read_manifest(folder)`) names, in order, and the path of its ANN file
     (None if there is none or it is a version 1 folder's, which nothing ties to the shards)."""
     if manifest.get("version", 1) == 1:
-        return [ShardFiles(path, path.removesuffix(".safetensors") + ".json", None, None) for path in _v1_shards(folder)], None
+        paths = _v1_shards(folder)
+        return [ShardFiles(path, path.removesuffix(".safetensors") + ".json", None, None) for path in paths], None
     path = os.path.join(folder, manifest["generation"])
     shards = [
         ShardFiles(
@@ -381,9 +389,7 @@ def _v1_shards(folder: str) -> list[str]:
     return [os.path.join(folder, name) for name, _, _ in matches]
 
 
-def read_shard(
-    shard: ShardFiles, mmap: bool
-) -> tuple[torch.Tensor, torch.Tensor | None, list[Any], list[Any] | None]:
+def read_shard(shard: ShardFiles, mmap: bool) -> tuple[torch.Tensor, torch.Tensor | None, list[Any], list[Any] | None]:
     """(stored embeddings `[n, R, D]`, int8 scales `[n, R]` or None, ids, metadata or None) of a shard, each
     file checked against its manifest record and its own structure; every error names the file."""
     _check_record(shard.sidecar, shard.sidecar_record, verify_hash=True)
@@ -391,7 +397,9 @@ def read_shard(
     tensors = _read_safetensors(shard.tensors, mmap)
     embeddings, scales = tensors.get("embeddings"), tensors.get("scales")
     if embeddings is None or embeddings.ndim != 3 or set(tensors) - {"embeddings", "scales"}:
-        raise ValueError(f"{shard.tensors} must hold 'embeddings' [n, R, D] (and 'scales' [n, R]), got {_shapes(tensors)}")
+        raise ValueError(
+            f"{shard.tensors} must hold 'embeddings' [n, R, D] (and 'scales' [n, R]), got {_shapes(tensors)}"
+        )
     if (scales is None) != (embeddings.dtype != torch.int8) or (
         scales is not None and (scales.dtype != torch.float32 or scales.shape != embeddings.shape[:2])
     ):
