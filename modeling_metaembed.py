@@ -29,12 +29,26 @@ from transformers.utils import ModelOutput
 try:
     from .configuration_metaembed import MetaEmbedConfig
     from .pipeline_metaembed import pipeline_registrations
-    from .processing_metaembed import MetaEmbedItem, MetaEmbedProcessor, Task, check_task, normalize_items
+    from .processing_metaembed import (
+        TEMPLATE_TOKENS,
+        MetaEmbedItem,
+        MetaEmbedProcessor,
+        Task,
+        check_task,
+        normalize_items,
+    )
     from .scoring_metaembed import check_num_vectors, check_positive_int, late_interaction_scores
 except ImportError:  # a checkout or an installed package: plain top-level modules
     from configuration_metaembed import MetaEmbedConfig
     from pipeline_metaembed import pipeline_registrations
-    from processing_metaembed import MetaEmbedItem, MetaEmbedProcessor, Task, check_task, normalize_items
+    from processing_metaembed import (
+        TEMPLATE_TOKENS,
+        MetaEmbedItem,
+        MetaEmbedProcessor,
+        Task,
+        check_task,
+        normalize_items,
+    )
     from scoring_metaembed import check_num_vectors, check_positive_int, late_interaction_scores
 
 # Placeholder appended once per Meta Token; its embedding is replaced by the learned row. Never used by the
@@ -442,8 +456,10 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
         """Load a saved MetaEmbed model (and its processor, attached as `model.processor`).
 
-        Unlike plain transformers loading, missing or shape-mismatched weights are an error: a MetaEmbed
-        model with a randomly initialised Meta Token table would silently return meaningless vectors.
+        Unlike plain transformers loading, missing, shape-mismatched and unexpected weights are an error (a
+        MetaEmbed model with a random Meta Token table, or without the projection its weights hold, would silently
+        return other vectors), and so are a `meta_token_id` outside the vocabulary and missing or foreign
+        tokenizer files (a fallback vocabulary gives every text the same embedding).
         """
         kwargs = _with_available_attention(kwargs)
         want_loading_info = kwargs.pop("output_loading_info", False)
@@ -453,19 +469,30 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         )
         problems = {
             name: sorted(loading_info.get(name) or [])
-            for name in ("missing_keys", "mismatched_keys")
+            for name in ("missing_keys", "unexpected_keys", "mismatched_keys")
             if loading_info.get(name)
         }
         if problems:
-            raise ValueError(f"{pretrained_model_name_or_path} does not hold a complete MetaEmbed model: {problems}")
-        try:
-            model.processor = MetaEmbedProcessor.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-        except (OSError, ValueError, TypeError) as error:
-            warnings.warn(
-                f"no MetaEmbed processor could be loaded from {pretrained_model_name_or_path} ({error}); "
-                "encode_* will need model.processor to be set",
-                stacklevel=2,
+            raise ValueError(
+                f"{pretrained_model_name_or_path} does not hold exactly the weights of this MetaEmbed config "
+                f"(is embedding_dim right?): {problems}"
             )
+        vocabulary_rows = model.vlm.get_input_embeddings().num_embeddings
+        meta_token_id = model.config.meta_token_id
+        if meta_token_id is not None and not 0 <= meta_token_id < vocabulary_rows:
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: meta_token_id {meta_token_id} is outside the vocabulary "
+                f"(0..{vocabulary_rows - 1})"
+            )
+        try:
+            processor = MetaEmbedProcessor.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        except (OSError, ValueError, TypeError) as error:
+            raise ValueError(
+                f"no MetaEmbed processor could be loaded from {pretrained_model_name_or_path} ({error}); "
+                f"{_tokenizer_files_note(pretrained_model_name_or_path)}"
+            ) from error
+        _check_tokenizer_fits(processor.tokenizer, vocabulary_rows, pretrained_model_name_or_path)
+        model.processor = processor
         return (model, loading_info) if want_loading_info else model
 
     def save_pretrained(
@@ -522,6 +549,35 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
             embedding_dim=config.output_dim,
             projection="a linear projection" if config.embedding_dim is not None else "no projection",
         )
+
+
+def _check_tokenizer_fits(tokenizer: Any, vocabulary_rows: int, source: str | os.PathLike) -> None:
+    """Refuse a tokenizer that is not the model's: transformers builds a tokenizer from tokenizer_config.json
+    alone when the vocabulary files are missing (a vocabulary of only the special tokens), and every text then
+    gets the same embedding."""
+    missing_tokens = [
+        token for token in TEMPLATE_TOKENS if tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id)
+    ]
+    size = len(tokenizer)
+    if missing_tokens or size > vocabulary_rows or size < vocabulary_rows // 2:
+        found = f"lacks the prompt tokens {missing_tokens}" if missing_tokens else f"has {size} tokens"
+        raise ValueError(
+            f"the tokenizer loaded from {source} {found}, the model's embedding table {vocabulary_rows} rows: "
+            f"{_tokenizer_files_note(source)}"
+        )
+
+
+def _tokenizer_files_note(source: str | os.PathLike) -> str:
+    """Which tokenizer files a local model folder lacks."""
+    if not os.path.isdir(source):
+        return "its tokenizer files are missing or are not this model's"
+    present = set(os.listdir(source))
+    missing = [] if "tokenizer_config.json" in present else ["tokenizer_config.json"]
+    if "tokenizer.json" not in present and not {"vocab.json", "merges.txt"} <= present:
+        missing.append("tokenizer.json (or vocab.json + merges.txt)")
+    if not missing:
+        return f"the tokenizer files in {source} are not this model's"
+    return f"{source} is missing {', '.join(missing)}; save the model with its processor (model.save_pretrained)"
 
 
 def _estimated_length(item: MetaEmbedItem) -> int:

@@ -41,6 +41,8 @@ PROMPT_TEMPLATES: dict[str, dict[str, str]] = {
 }
 IMAGE_TOKEN = "<|image_pad|>"
 _RESERVED_TOKENS = (IMAGE_TOKEN, "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+# Special tokens the prompt templates use: a tokenizer without them cannot format MetaEmbed prompts.
+TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>", IMAGE_TOKEN)
 # The reference resizes images whose shorter edge is under one merged patch (28 px) up to it.
 MIN_IMAGE_EDGE = 28
 MAX_ASPECT_RATIO = 200  # the Qwen-VL image processors refuse more
@@ -328,4 +330,12 @@ class MetaEmbedProcessor(ProcessorMixin):
 
 MetaEmbedProcessor.register_for_auto_class()
 
-__all__ = ["PROMPT_TEMPLATES", "MetaEmbedItem", "MetaEmbedProcessor", "check_task", "load_image", "normalize_items"]
+__all__ = [
+    "PROMPT_TEMPLATES",
+    "TEMPLATE_TOKENS",
+    "MetaEmbedItem",
+    "MetaEmbedProcessor",
+    "check_task",
+    "load_image",
+    "normalize_items",
+]

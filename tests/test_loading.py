@@ -1,0 +1,88 @@
+"""Strict loading of saved MetaEmbed folders: weights the config does not use, a Meta Token id outside the
+vocabulary, and missing or foreign tokenizer files are errors at load, never silently different vectors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import make_model
+from safetensors.torch import load_file, save_file
+
+from modeling_metaembed import MetaEmbedModel
+
+
+@pytest.fixture(scope="module")
+def saved(backbone_dirs, tmp_path_factory):
+    folders = {}
+    for family, backbone in backbone_dirs.items():
+        folder = tmp_path_factory.mktemp(family)
+        make_model(backbone).save_pretrained(folder)
+        folders[family] = folder
+    return folders
+
+
+def copy(folder, tmp_path):
+    target = tmp_path / "model"
+    shutil.copytree(folder, target)
+    return target
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_saved_folders_load_with_no_key_reported(saved, family):
+    _, info = MetaEmbedModel.from_pretrained(saved[family], trust_remote_code=True, output_loading_info=True)
+    assert not any(info.values()), info
+
+
+def test_weights_the_config_does_not_use_are_an_error(saved, tmp_path):
+    folder = copy(saved["qwen2_5_vl"], tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "embedding_dim": None}))  # the weights hold one
+    with pytest.raises(ValueError, match=r"unexpected_keys.*projection\.bias.*projection\.weight"):
+        MetaEmbedModel.from_pretrained(folder, trust_remote_code=True)
+
+
+def test_missing_weights_are_an_error(saved, tmp_path):
+    folder = copy(saved["qwen2_5_vl"], tmp_path)
+    weights = load_file(folder / "model.safetensors")
+    del weights["meta_tokens"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing_keys.*meta_tokens"):
+        MetaEmbedModel.from_pretrained(folder, trust_remote_code=True)
+
+
+def test_a_meta_token_id_outside_the_vocabulary_fails_at_load(saved, tmp_path):
+    folder = copy(saved["qwen2_vl"], tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "meta_token_id": 10**6}))
+    with pytest.raises(ValueError, match=r"meta_token_id 1000000 is outside the vocabulary \(0\.\.\d+\)"):
+        MetaEmbedModel.from_pretrained(folder, trust_remote_code=True)
+
+
+def test_a_folder_without_tokenizer_files_fails_naming_them(saved, tmp_path):
+    folder = copy(saved["qwen2_5_vl"], tmp_path)
+    os.remove(folder / "tokenizer.json")  # transformers would build a 14-token vocabulary from the config alone
+    with pytest.raises(
+        ValueError, match=r"has 14 tokens.*is missing tokenizer\.json \(or vocab\.json \+ merges\.txt\)"
+    ):
+        MetaEmbedModel.from_pretrained(folder, trust_remote_code=True)
+
+
+def test_a_tokenizer_of_another_model_fails(saved, tmp_path):
+    from transformers import AutoTokenizer
+
+    folder = copy(saved["qwen2_5_vl"], tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_tokens([f"<extra-{n}>" for n in range(500)])  # more ids than the embedding table has rows
+    tokenizer.save_pretrained(folder)
+    with pytest.raises(ValueError, match=r"has 770 tokens, the model's embedding table 270 rows.*not this model's"):
+        MetaEmbedModel.from_pretrained(folder, trust_remote_code=True)
+
+
+def test_distinct_texts_get_distinct_vectors_after_a_strict_load(saved):
+    model = MetaEmbedModel.from_pretrained(saved["qwen2_5_vl"], trust_remote_code=True)
+    vectors = model.encode_candidates(["a red circle", "quarterly financial report", "zebra"], num_vectors=1)
+    assert not torch.allclose(vectors[0], vectors[1]) and not torch.allclose(vectors[1], vectors[2])
