@@ -8,10 +8,13 @@ here: the model appends exactly the ones a call needs.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import PIL.Image
+import PIL.ImageChops
+import PIL.ImageOps
 import torch
 from transformers import BatchFeature, ProcessorMixin
 
@@ -91,7 +94,7 @@ def normalize_item(item: Any, where: str) -> MetaEmbedItem:
             if not isinstance(text, str):
                 raise TypeError(f"{where}['text'] is {_describe(text)}, expected str")
             # Empty text beside an image just means "no text".
-            text = _check_text(text, f"{where}['text']") if image is None else (text or None)
+            text = None if image is not None and (not text or text.isspace()) else _check_text(text, f"{where}['text']")
         if image is not None:
             if isinstance(image, (str, os.PathLike)):
                 _check_image_file(image, f"{where}['image']")
@@ -108,15 +111,34 @@ def _check_image_file(path: str | os.PathLike, where: str) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{where}: no image file at {os.fspath(path)!r}")
     try:
-        with PIL.Image.open(path):
-            pass
-    except (OSError, SyntaxError, ValueError) as error:
+        with PIL.Image.open(path) as image:
+            _check_pixel_count(image.size)
+    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
         raise ValueError(f"{where}: cannot read image file {os.fspath(path)!r}: {error}") from error
 
 
+def _check_pixel_count(size: tuple[int, int]) -> None:
+    """PIL only warns between `MAX_IMAGE_PIXELS` and twice that: a decompression bomb there is refused too."""
+    limit = PIL.Image.MAX_IMAGE_PIXELS
+    if limit and size[0] * size[1] > limit:
+        raise PIL.Image.DecompressionBombError(
+            f"{size[0]}x{size[1]} = {size[0] * size[1]} pixels exceeds the limit of {limit} (a decompression bomb?)"
+        )
+
+
+# A lone surrogate is valid in JSON and in a Python str, but is no text: it cannot be encoded.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _check_text(text: str, where: str) -> str:
-    if not text.strip():
+    if not text or text.isspace():
         raise ValueError(f"{where} is an empty string")
+    surrogate = _SURROGATE.search(text)  # no copy of the text, which may be large
+    if surrogate:
+        raise ValueError(
+            f"{where} contains a lone surrogate {surrogate.group()!r} at character {surrogate.start()}: "
+            "not valid Unicode text"
+        )
     for token in _RESERVED_TOKENS:
         # These would be read as vision placeholders and break the image/token alignment.
         if token in text:
@@ -135,34 +157,65 @@ def normalize_items(inputs: Any, argument_name: str = "inputs") -> list[MetaEmbe
 
 
 def load_image(image: ImageLike, where: str) -> PIL.Image.Image:
-    """Open (if a path) and convert an image to RGB, resizing edges under 28 px up.
+    """Open (if a path) and convert an image to 8-bit RGB, resizing edges under 28 px up.
 
-    Transparent images are composited on white, as the Qwen-VL processors do, so RGBA / LA / palette
-    images give the same pixels whichever image processor backend runs.
+    - The EXIF orientation is applied, as browsers and transformers' `load_image` do.
+    - Transparent images (RGBA, LA, La, RGBa, PA, palette with transparency) are composited on white, as the
+      Qwen-VL processors do, so they give the same pixels whichever image processor backend runs.
+    - 16-bit and 32-bit integer images ("I;16*", "I") are scaled from the 16-bit range (what 16-bit PNG and TIFF
+      files hold: 65535 -> 255); "I" images with values outside 0..65535 and float ("F") images outside 0..1 are
+      scaled from their own minimum and maximum; "F" images within 0..1 from that range. A plain conversion
+      would clip them to 0 / 255.
+
+    Raises `ValueError` naming the item (`where`) for anything that cannot be read or converted.
     """
     if not isinstance(image, PIL.Image.Image):
         try:
             with PIL.Image.open(image) as opened:
+                _check_pixel_count(opened.size)
                 opened.load()
                 image = opened.copy()
         except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
             raise ValueError(f"{where}: cannot read image file {os.fspath(image)!r}: {error}") from error
+    try:
+        image = _to_rgb(PIL.ImageOps.exif_transpose(image))
+    except (OSError, SyntaxError, ValueError, AttributeError, TypeError) as error:
+        # e.g. a lazily opened image whose file was closed, or a mode PIL cannot convert.
+        raise ValueError(f"{where}: cannot read {image.mode} image: {error or type(error).__name__}") from error
     width, height = image.size
     if width < 1 or height < 1:
         raise ValueError(f"{where}: image has size {width}x{height}")
     if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
         raise ValueError(f"{where}: image aspect ratio {width}x{height} exceeds {MAX_ASPECT_RATIO}:1")
-    if image.mode != "RGB":
-        if image.mode == "P":
-            image = image.convert("RGBA")
-        if image.mode in ("RGBA", "LA", "PA"):
-            background = PIL.Image.new("RGBA", image.size, (255, 255, 255, 255))
-            image = PIL.Image.alpha_composite(background, image.convert("RGBA"))
-        image = image.convert("RGB")
     if min(width, height) < MIN_IMAGE_EDGE:
         scale = MIN_IMAGE_EDGE / min(width, height)
         image = image.resize((max(MIN_IMAGE_EDGE, round(width * scale)), max(MIN_IMAGE_EDGE, round(height * scale))))
     return image
+
+
+def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """8-bit RGB pixels of any PIL mode (see `load_image`)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I") or image.mode == "F":
+        image = image.convert("F") if image.mode == "F" else image.convert("I")
+        low, high = image.getextrema()
+        if image.mode == "I" and low >= 0 and high <= 65535:
+            low, high = 0, 65535
+        elif image.mode == "F" and low >= 0.0 and high <= 1.0:
+            low, high = 0.0, 1.0
+        scale = 255.0 / (high - low) if high > low else 0.0
+        # Rounded to the nearest 8-bit value, then clipped by the conversion to "L".
+        return image.point(lambda value: value * scale - low * scale + 0.5).convert("L").convert("RGB")
+    if image.mode == "La":  # premultiplied alpha, which PIL cannot convert: over white is L + (255 - alpha)
+        luminance, alpha = image.split()
+        return PIL.ImageChops.add(luminance, PIL.ImageChops.invert(alpha)).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa"):
+        background = PIL.Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = PIL.Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
 
 
 class MetaEmbedProcessor(ProcessorMixin):
@@ -176,8 +229,9 @@ class MetaEmbedProcessor(ProcessorMixin):
         candidate_prefix (`str`, defaults to `""`): put before candidate content.
         prompt_style (`"instruction"` or `"simple"`): the reference's "Summarize ... in one word." prompts,
             or its variant without instructions.
-        max_text_tokens (`int`, defaults to 4096): an item's text is truncated to at most this many tokens;
-            the prompt template, image tokens and Meta Tokens are never truncated.
+        max_text_tokens (`int`, defaults to 4096): an item's text is truncated to at most this many tokens
+            (first cut to `max_text_characters`, so the work per item is bounded); the prompt template, image
+            tokens and Meta Tokens are never truncated.
     """
 
     def __init__(
@@ -203,6 +257,15 @@ class MetaEmbedProcessor(ProcessorMixin):
             raise ValueError(f"the tokenizer has no {IMAGE_TOKEN} token; MetaEmbed needs a Qwen-VL tokenizer")
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token first")
+        # No token covers more characters than its vocabulary entry has symbols (one per byte for byte-level
+        # BPE), so `max_text_tokens` tokens never need more than this many characters per token.
+        self._max_token_characters = max(map(len, tokenizer.get_vocab()))
+
+    @property
+    def max_text_characters(self) -> int:
+        """Text is cut to this many characters before it is tokenised (`max_text_tokens` tokens never span more),
+        so a huge text costs no more than one of this length."""
+        return self.max_text_tokens * self._max_token_characters
 
     def format_prompt(self, item: MetaEmbedItem, task: Task, text: str | None = None) -> str:
         """The prompt string of `item` (image tokens not yet expanded); `text` overrides the item's text."""
@@ -315,6 +378,7 @@ class MetaEmbedProcessor(ProcessorMixin):
         """
         text = item.text
         if text:
+            text = text[: self.max_text_characters]
             text_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             if len(text_ids) > self.max_text_tokens:
                 text = self.tokenizer.decode(text_ids[: self.max_text_tokens])

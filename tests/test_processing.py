@@ -1,12 +1,18 @@
-"""MetaEmbedProcessor: reference prompts, left padding, image handling and input errors."""
+"""MetaEmbedProcessor: reference prompts, left padding, image handling and input errors, bounded text work."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from PIL import Image
 
-from processing_metaembed import load_image, normalize_items
+from processing_metaembed import PROMPT_TEMPLATES, load_image, normalize_items
 
 
 def decode(processor, batch, row: int) -> str:
@@ -85,6 +91,9 @@ def test_image_modes_and_paths(model, images, tmp_path):
         ([{"image": 5}], TypeError, r"inputs\[0\]\['image'\] is int"),
         (["ok", "   "], ValueError, r"inputs\[1\] is an empty string"),
         (["see <|image_pad|> here"], ValueError, "reserved token"),
+        ([{"text": "see <|vision_start|>", "image": Image.new("RGB", (30, 30))}], ValueError, "reserved token"),
+        (["ok", "bad \ud800 text"], ValueError, r"inputs\[1\] contains a lone surrogate '\\ud800' at character 4"),
+        ([{"text": "\udfff", "image": Image.new("RGB", (30, 30))}], ValueError, r"inputs\[0\]\['text'\].*surrogate"),
         ([{"image": "/no/such/file.png"}], FileNotFoundError, r"inputs\[0\]\['image'\]: no image file"),
     ],
 )
@@ -133,3 +142,136 @@ def test_call_convention_gives_candidate_inputs(model, images):
         processor()
     with pytest.raises(TypeError, match="list of str"):
         processor(text=["ok", 3])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Image modes: content kept, orientation applied, errors name the item
+# ------------------------------------------------------------------------------------------------------------
+
+
+def gray_values(image: Image.Image) -> np.ndarray:
+    rgb = np.asarray(image)
+    assert rgb.dtype == np.uint8 and rgb.shape[2] == 3 and (rgb == rgb[..., :1]).all()
+    return rgb[..., 0].astype(int)
+
+
+def test_16_bit_and_float_images_are_scaled_not_clipped():
+    ramp = (np.arange(40 * 30).reshape(30, 40) * 54).astype(np.uint16)  # 0 .. 64746
+    expected = np.round(ramp / 65535 * 255).astype(int)  # the 16-bit range onto 0..255
+    for mode in ("I;16", "I;16B"):
+        image = Image.frombytes(mode, (40, 30), ramp.astype(">u2" if mode == "I;16B" else "<u2").tobytes())
+        assert np.abs(gray_values(load_image(image, "x")) - expected).max() == 0, mode
+    assert np.abs(gray_values(load_image(Image.fromarray(ramp.astype(np.int32)), "x")) - expected).max() == 0
+    unit = ramp.astype(np.float32) / 65535  # floats in 0..1
+    assert np.abs(gray_values(load_image(Image.fromarray(unit), "x")) - expected).max() <= 1
+    wide = ramp.astype(np.float32) * 3.5 - 1000  # any other range: its minimum and maximum
+    minmax = np.round((wide - wide.min()) / (wide.max() - wide.min()) * 255).astype(int)
+    assert np.abs(gray_values(load_image(Image.fromarray(wide), "x")) - minmax).max() <= 1
+    flat = Image.fromarray(np.full((30, 40), 7.0, dtype=np.float32))
+    assert (gray_values(load_image(flat, "x")) == 0).all()  # a constant image has no range to stretch
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.new("RGB", (40, 30), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 20, 30))  # blue left half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    image.save(tmp_path / "rotated.png", exif=exif.tobytes())
+    expected = image.transpose(Image.Transpose.ROTATE_270)
+    for source in (str(tmp_path / "rotated.png"), Image.open(tmp_path / "rotated.png")):
+        loaded = load_image(source, "x")
+        assert loaded.size == (30, 40) and np.array_equal(np.asarray(loaded), np.asarray(expected))
+
+
+@pytest.mark.parametrize("mode", ["La", "LA", "PA", "RGBa", "RGBA", "CMYK", "1", "P", "L", "YCbCr", "HSV", "LAB"])
+def test_every_pil_mode_gives_rgb(mode):
+    image = Image.new(mode, (30, 30))
+    loaded = load_image(image, "x")
+    assert loaded.mode == "RGB" and loaded.size == (30, 30)
+
+
+def test_transparency_is_composited_on_white():
+    premultiplied = Image.new("La", (30, 30), (100, 128))  # premultiplied: over white is 100 + (255 - 128)
+    assert load_image(premultiplied, "x").getpixel((0, 0)) == (227, 227, 227)
+    palette = Image.new("P", (30, 30), 3)
+    palette.info["transparency"] = 3
+    assert load_image(palette, "x").getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_a_closed_lazy_image_and_a_decompression_bomb_name_the_item(model, tmp_path, monkeypatch):
+    Image.new("RGB", (40, 40), (9, 9, 9)).save(tmp_path / "image.png")
+    lazy = Image.open(tmp_path / "image.png")
+    lazy.close()
+    with pytest.raises(ValueError, match=r"inputs\[1\]\['image'\]: cannot read RGB image"):
+        model.encode_candidates(["fine", lazy])
+    Image.new("L", (100, 100)).save(tmp_path / "bomb.png")
+    for limit in (6000, 2000):  # PIL warns past the limit and raises past twice the limit: both refused
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+        path = str(tmp_path / "bomb.png")
+        with pytest.raises(ValueError, match=rf"inputs\[0\]\['image'\]: cannot read image file '{path}'.*pixels"):
+            normalize_items([{"image": path}])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Long text: bounded work
+# ------------------------------------------------------------------------------------------------------------
+
+
+class TokenizerSpy:
+    """Passes everything to the tokenizer and records the length of each text it is asked to tokenise."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.lengths = tokenizer, []
+
+    def __call__(self, text, *arguments, **options):
+        self.lengths.append(len(text))
+        return self.tokenizer(text, *arguments, **options)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_the_tokenizer_never_sees_more_than_the_character_bound(model, monkeypatch):
+    processor = model.processor
+    monkeypatch.setattr(processor, "max_text_tokens", 50)
+    bound = processor.max_text_characters
+    assert bound == 50 * max(map(len, processor.tokenizer.get_vocab()))
+    text = "word " * 2_000_000  # 10 MB
+    spy = TokenizerSpy(processor.tokenizer)
+    monkeypatch.setattr(processor, "tokenizer", spy)
+    features = processor.process_queries([text, {"text": text, "image": Image.new("RGB", (30, 30))}])
+    template = max(len(template) for templates in PROMPT_TEMPLATES.values() for template in templates.values())
+    assert spy.lengths and max(spy.lengths) <= bound + template + len(processor.query_prefix)
+    # The same tokens as cutting the whole text to max_text_tokens tokens (the reference, on a shorter text).
+    monkeypatch.setattr(processor, "tokenizer", spy.tokenizer)
+    reference_text = spy.tokenizer.decode(spy.tokenizer(text[: 10 * bound], add_special_tokens=False)["input_ids"][:50])
+    reference = processor.process_queries([reference_text])
+    assert torch.equal(features["input_ids"][0][features["attention_mask"][0].bool()], reference["input_ids"][0])
+
+
+MEMORY_SCRIPT = """
+import json, resource, sys
+sys.path.insert(0, sys.argv[2])
+from conftest import make_model
+model = make_model(sys.argv[1])
+normal, huge = "a short caption of a picture " * 4, "word " * 2_000_000  # 10 MB
+def peak_kib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model.encode_candidates([normal])  # warm up
+model.encode_candidates([normal])
+after_normal = peak_kib()
+model.encode_candidates([huge])
+print(json.dumps({"normal": after_normal, "huge": peak_kib()}))
+"""
+
+
+def test_a_10_mb_text_costs_about_the_memory_of_a_normal_one(backbone_dirs):
+    result = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, backbone_dirs["qwen2_5_vl"], str(ROOT / "tests")],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PATH": ""},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    peaks = json.loads(result.stdout.splitlines()[-1])
+    assert peaks["huge"] - peaks["normal"] < 32 * 1024, peaks  # KiB: the high-water mark barely moves
