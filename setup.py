@@ -62,6 +62,7 @@ setup(
         "search": ["faiss-cpu>=1.8", "qdrant-client>=1.12"],
         "test": [
             "pytest>=8",
+            "hypothesis>=6.100",
             "ruff>=0.6",
             "peft>=0.15",
             "datasets>=3.0",

@@ -274,4 +274,4 @@ def test_a_10_mb_text_costs_about_the_memory_of_a_normal_one(backbone_dirs):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     peaks = json.loads(result.stdout.splitlines()[-1])
-    assert peaks["huge"] - peaks["normal"] < 32 * 1024, peaks  # KiB: the high-water mark barely moves
+    assert peaks["huge"] - peaks["normal"] < 64 * 1024, peaks  # KiB; the whole text tokenised took +2.2 GB
