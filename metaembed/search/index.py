@@ -488,7 +488,10 @@ class MetaEmbedIndex:
                 index._id_positions[identifier] = start + offset
         index._ann_settings.update(manifest.get("ann") or {})
         if ann_path is not None:
-            ann = _import_faiss().read_index(ann_path)
+            import numpy
+
+            content = storage.read_ann_bytes(ann_path, manifest)
+            ann = _import_faiss().deserialize_index(numpy.frombuffer(content, dtype=numpy.uint8))
             if ann.ntotal != len(index) * index._ann_settings["num_vectors"]:
                 raise ValueError(f"{ann_path} holds {ann.ntotal} vectors, the shards {len(index)} candidates")
             index._ann = ann

@@ -294,7 +294,7 @@ def _file_record(path: str) -> dict[str, Any]:
     return {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
 
 
-def _sha256(path: str) -> str:
+def _sha256(path: str) -> str:  # of a file written by this process, never of one being read
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         while block := file.read(_HASH_BLOCK):
@@ -346,7 +346,8 @@ def _valid_shard_entry(entry: Any, number: int, total: int) -> bool:
 
 def index_files(folder: str, manifest: dict[str, Any]) -> tuple[list[ShardFiles], str | None]:
     """The shard files `manifest` (from `read_manifest(folder)`) names, in order, and the path of its ANN file
-    (None if there is none or it is a version 1 folder's, which nothing ties to the shards)."""
+    (None if there is none or it is a version 1 folder's, which nothing ties to the shards); read it with
+    `read_ann_bytes`."""
     if manifest.get("version", 1) == 1:
         paths = _v1_shards(folder)
         return [ShardFiles(path, path.removesuffix(".safetensors") + ".json", None, None) for path in paths], None
@@ -364,10 +365,14 @@ def index_files(folder: str, manifest: dict[str, Any]) -> tuple[list[ShardFiles]
     if not ann:
         return shards, None
     ann_path = os.path.join(path, ANN_FILE)
-    if ann.get("built_from") != _shards_digest(manifest["shards"]):
+    if not isinstance(ann, dict) or ann.get("built_from") != _shards_digest(manifest["shards"]):
         raise ValueError(f"{ann_path} was built from other vectors than the shards {MANIFEST_FILE} lists")
-    _check_record(ann_path, ann, verify_hash=True)
     return shards, ann_path
+
+
+def read_ann_bytes(ann_path: str, manifest: dict[str, Any]) -> bytes:
+    """The content of the ANN file `index_files` returned, checked against its size and sha256 in `manifest`."""
+    return _read_checked(ann_path, manifest["ann_file"])
 
 
 def _v1_shards(folder: str) -> list[str]:
@@ -392,9 +397,8 @@ def _v1_shards(folder: str) -> list[str]:
 def read_shard(shard: ShardFiles, mmap: bool) -> tuple[torch.Tensor, torch.Tensor | None, list[Any], list[Any] | None]:
     """(stored embeddings `[n, R, D]`, int8 scales `[n, R]` or None, ids, metadata or None) of a shard, each
     file checked against its manifest record and its own structure; every error names the file."""
-    _check_record(shard.sidecar, shard.sidecar_record, verify_hash=True)
-    _check_record(shard.tensors, shard.tensors_record, verify_hash=not mmap)
-    tensors = _read_safetensors(shard.tensors, mmap)
+    sidecar_bytes = _read_checked(shard.sidecar, shard.sidecar_record)
+    tensors = _read_safetensors(shard.tensors, shard.tensors_record, mmap)
     embeddings, scales = tensors.get("embeddings"), tensors.get("scales")
     if embeddings is None or embeddings.ndim != 3 or set(tensors) - {"embeddings", "scales"}:
         raise ValueError(
@@ -405,8 +409,7 @@ def read_shard(shard: ShardFiles, mmap: bool) -> tuple[torch.Tensor, torch.Tenso
     ):
         raise ValueError(f"{shard.tensors}: int8 embeddings need float32 'scales' [n, R], got {_shapes(tensors)}")
     try:
-        with open(shard.sidecar, encoding="utf-8") as file:
-            sidecar = json.load(file)
+        sidecar = json.loads(sidecar_bytes)
     except (UnicodeDecodeError, ValueError) as error:
         raise ValueError(f"{shard.sidecar} is not valid JSON: {error}") from error
     ids = sidecar.get("ids") if isinstance(sidecar, dict) else None
@@ -423,35 +426,39 @@ def _shapes(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     return {name: f"{tensor.dtype} {list(tensor.shape)}" for name, tensor in tensors.items()}
 
 
-def _check_record(path: str, record: dict[str, Any] | None, verify_hash: bool) -> None:
-    """`path` exists and, when the manifest records it, has the recorded size (and content, if `verify_hash`)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing")
-    if record is None:
-        return
-    size = os.path.getsize(path)
-    if size != record.get("bytes"):
-        raise ValueError(f"{path} has {size} bytes, {MANIFEST_FILE} records {record.get('bytes')}")
-    if verify_hash and _sha256(path) != record.get("sha256"):
+def _read_checked(path: str, record: dict[str, Any] | None) -> bytes:
+    """The content of `path`, checked against its manifest record ({"bytes", "sha256"}) when there is one.
+    Read once: what is checked is what is used."""
+    try:
+        with open(path, "rb") as file:
+            content = file.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing") from None
+    _check_size(path, len(content), record)
+    if record is not None and hashlib.sha256(content).hexdigest() != record.get("sha256"):
         raise ValueError(f"{path} does not match the sha256 recorded in {MANIFEST_FILE} (changed after saving?)")
+    return content
 
 
-def _read_header(path: str) -> tuple[int, dict[str, dict[str, Any]]]:
-    """(data start, tensor entries) of a safetensors file, validated as the safetensors library does: header
-    length within the file, a JSON object header, known dtypes, sizes that match dtype and shape, data offsets
-    that tile the data section exactly (no overlap, no gap, nothing past the end)."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as file:
-        prefix = file.read(8)
-        if len(prefix) < 8:
-            raise ValueError(f"{path} is not a safetensors file: {size} bytes")
-        header_size = int.from_bytes(prefix, "little")
-        if header_size > min(size - 8, _MAX_HEADER_BYTES):
-            raise ValueError(f"{path} is not a safetensors file (or is truncated): header of {header_size} bytes")
-        try:
-            header = json.loads(file.read(header_size))
-        except (UnicodeDecodeError, ValueError) as error:
-            raise ValueError(f"{path} is not a safetensors file: its header is not JSON ({error})") from error
+def _check_size(path: str, size: int, record: dict[str, Any] | None) -> None:
+    if record is not None and size != record.get("bytes"):
+        raise ValueError(f"{path} has {size} bytes, {MANIFEST_FILE} records {record.get('bytes')}")
+
+
+def _parse_header(path: str, size: int, prefix: bytes) -> tuple[int, dict[str, dict[str, Any]]]:
+    """(data start, tensor entries) of a safetensors file of `size` bytes starting with `prefix` (at least its
+    header), validated as the safetensors library does: header length within the file, a JSON object header,
+    known dtypes, sizes that match dtype and shape, data offsets that tile the data section exactly (no overlap,
+    no gap, nothing past the end)."""
+    if size < 8:
+        raise ValueError(f"{path} is not a safetensors file: {size} bytes")
+    header_size = int.from_bytes(prefix[:8], "little")
+    if header_size > min(size - 8, _MAX_HEADER_BYTES):
+        raise ValueError(f"{path} is not a safetensors file (or is truncated): header of {header_size} bytes")
+    try:
+        header = json.loads(prefix[8 : 8 + header_size])
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"{path} is not a safetensors file: its header is not JSON ({error})") from error
     if not isinstance(header, dict):
         raise ValueError(f"{path} is not a safetensors file: its header is not a JSON object")
     entries = {name: entry for name, entry in header.items() if name != "__metadata__"}
@@ -490,26 +497,37 @@ def _offsets(path: str, name: str, entry: Any) -> tuple[int, int]:
     return offsets[0], offsets[1]
 
 
-def _read_safetensors(path: str, mmap: bool) -> dict[str, torch.Tensor]:
-    """Tensors of a validated safetensors file; with `mmap`, views of a copy-on-write memory map of the file (the
-    same mechanism as `torch.load(mmap=True)`), so nothing is read until used."""
-    data_start, entries = _read_header(path)
+def _read_safetensors(path: str, record: dict[str, Any] | None, mmap: bool) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file, validated (see `_parse_header`) and checked against its manifest record.
+    With `mmap`, views of a copy-on-write memory map of the file (the mechanism of `torch.load(mmap=True)`): nothing
+    is read until used, and the content is not hashed. Without, the file is read whole and its sha256 checked."""
     if not mmap:
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
-        return load_file(path)
-    storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=os.path.getsize(path))
+        content = _read_checked(path, record)
+        _parse_header(path, len(content), content)
+        return load(content)
+    try:
+        with open(path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            _check_size(path, size, record)
+            prefix = file.read(8)
+            prefix += file.read(min(int.from_bytes(prefix, "little"), _MAX_HEADER_BYTES))
+            data_start, entries = _parse_header(path, size, prefix)
+            storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing") from None
     tensors = {}
     for name, entry in entries.items():
         dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
         offset = data_start + entry["data_offsets"][0]
         element_size = torch.empty((), dtype=dtype).element_size()
         if offset % element_size:
-            # Not aligned for a view (files written by other tools can be): this one tensor is read instead.
-            from safetensors import safe_open
-
-            with safe_open(path, framework="pt") as file:
-                tensors[name] = file.get_tensor(name)
+            # Not aligned for a view (files written by other tools can be): this one tensor is copied out.
+            tensor = torch.empty(0, dtype=torch.uint8).set_(
+                storage, offset, (entry["data_offsets"][1] - entry["data_offsets"][0],)
+            )
+            tensors[name] = tensor.clone().view(dtype).view(entry["shape"])
             continue
         tensor = torch.empty(0, dtype=dtype)
         tensor.set_(storage, offset // element_size, entry["shape"])
