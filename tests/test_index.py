@@ -543,3 +543,16 @@ def test_load_checks_files_against_the_manifest_and_ties_the_ann_to_its_vectors(
     sidecar.write_text(sidecar.read_text().replace("doc-1", "doc-X"))
     with pytest.raises(ValueError, match=re.escape(f"{sidecar} does not match the sha256")):
         MetaEmbedIndex.load(str(tmp_path / "second"))
+
+
+def test_a_shard_whose_data_is_not_aligned_loads_by_copy(candidates, tmp_path):
+    index = build(candidates[:10])
+    index.save(str(tmp_path))
+    to_version_1(tmp_path)  # no recorded sizes: the shard is rewritten by "another tool"
+    shard = tmp_path / "shard-00000-of-00002.safetensors"
+    header_size = int.from_bytes(shard.read_bytes()[:8], "little")
+    header = shard.read_bytes()[8 : 8 + header_size].rstrip()
+    header += b" " * ((-(8 + len(header)) % 8) + 2)  # data starts 2 bytes past a float32 boundary
+    shard.write_bytes(len(header).to_bytes(8, "little") + header + shard.read_bytes()[8 + header_size :])
+    loaded = MetaEmbedIndex.load(str(tmp_path))
+    assert torch.equal(loaded.get_embeddings(range(10)), index.get_embeddings(range(10)))
