@@ -265,20 +265,18 @@ def _existing_index(folder: str) -> dict[str, Any] | None:
         return None
     if not os.path.isdir(folder):
         raise ValueError(f"{folder} exists and is not a folder; choose a new or empty folder for the index")
+    foreign = sorted(name for name in os.listdir(folder) if not storage.is_own_entry(folder, name))
+    shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
     try:
         manifest = storage.read_manifest(folder)
     except ValueError as error:
-        raise ValueError(f"{error}; it is not a MetaEmbed index: choose a new or empty folder for the index") from None
-    if manifest is not None:
-        return manifest
-    foreign = sorted(name for name in os.listdir(folder) if not storage.is_own_entry(folder, name))
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ValueError(f"{error}: {folder} holds {shown}; choose a new or empty folder for the index") from None
+    if manifest is None and foreign:
         raise ValueError(
             f"{folder} is not a MetaEmbed index (no index.json) and is not empty: it holds {shown}; "
             "choose a new or empty folder for the index"
         )
-    return None
+    return manifest
 
 
 def _check_resumable(folder: str, existing: dict[str, Any], wanted: dict[str, Any]) -> None:

@@ -90,7 +90,7 @@ def test_index_then_search_equals_the_python_api(model_dir, image_folder, tmp_pa
     assert lines[0] == "query: a red circle" and len(lines) == 3
 
 
-def test_two_processes_write_the_shards_of_one_index_and_resume(model_dir, image_folder, tmp_path):
+def test_two_processes_write_the_shards_of_one_index_and_resume(model_dir, image_folder, tmp_path, capsys, monkeypatch):
     single, sharded = tmp_path / "single", tmp_path / "sharded"
     main(["index", model_dir, str(image_folder), str(single), "--storage", "int8", "--shard-size", "2"])
     command = [sys.executable, "-m", "metaembed.cli", "index", model_dir, str(image_folder), str(sharded)]
@@ -113,17 +113,21 @@ def test_two_processes_write_the_shards_of_one_index_and_resume(model_dir, image
     # only the shards rank 0 did not write.
     total = len(one._shards)
     partial = tmp_path / "partial"
-    command[command.index(str(sharded))] = str(partial)
-    first = subprocess.run(command, env=environment | {"RANK": "0"}, capture_output=True, text=True)
-    assert first.returncode == 0, first.stderr[-2000:]
-    assert f"[rank 0] 0 shard(s) reused, {(total + 1) // 2} encoded" in first.stdout
-    assert "are other processes' to write" in first.stdout
+    arguments = ["index", model_dir, str(image_folder), str(partial), "--storage", "int8", "--shard-size", "2"]
+    capsys.readouterr()
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    main(arguments)
+    first = capsys.readouterr().out
+    assert f"[rank 0] 0 shard(s) reused, {(total + 1) // 2} encoded" in first
+    assert "are other processes' to write" in first
     with pytest.raises(FileNotFoundError, match=r"no index\.json"):
         MetaEmbedIndex.load(str(partial))
-    rerun = subprocess.run(command, env=environment | {"RANK": "0", "WORLD_SIZE": "1"}, capture_output=True, text=True)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert f"{(total + 1) // 2} shard(s) reused, {total // 2} encoded" in rerun.stdout
-    assert f"shard 2/{total}: items 2..3" in rerun.stdout and f"shard 1/{total}:" not in rerun.stdout
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    main(arguments)
+    rerun = capsys.readouterr().out
+    assert f"{(total + 1) // 2} shard(s) reused, {total // 2} encoded" in rerun
+    assert f"shard 2/{total}: items 2..3" in rerun and f"shard 1/{total}:" not in rerun
     resumed = MetaEmbedIndex.load(str(partial))
     assert resumed.ids == one.ids and torch.equal(
         resumed.get_embeddings(range(len(one))), two.get_embeddings(range(len(one)))
@@ -181,7 +185,9 @@ def test_index_never_writes_into_or_deletes_a_folder_that_is_not_an_index(model_
     before = {path.name: path.read_bytes() for path in project.iterdir()}
     for extra in ([], ["--overwrite"]):
         error = user_error(capsys, ["index", model_dir, str(project / "corpus.txt"), str(project), *extra])
-        assert f"{project / 'index.json'} is not a MetaEmbed index manifest" in error and "new or empty folder" in error
+        what = f"{project / 'index.json'} is not a MetaEmbed index manifest: {project} holds corpus.txt, index.json"
+        assert what in error
+        assert "new or empty folder" in error and "--overwrite" not in error
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "todo.txt").write_text("keep")
@@ -193,7 +199,7 @@ def test_index_never_writes_into_or_deletes_a_folder_that_is_not_an_index(model_
     assert os.listdir(notes) == ["todo.txt"]
 
 
-def test_resume_reencodes_only_shards_whose_items_or_model_changed(backbone_dirs, tmp_path):
+def test_resume_reencodes_only_shards_whose_items_or_model_changed(backbone_dirs, tmp_path, capsys):
     from transformers import AutoModel
 
     model_dir = tmp_path / "model"
@@ -201,24 +207,18 @@ def test_resume_reencodes_only_shards_whose_items_or_model_changed(backbone_dirs
     corpus, output = tmp_path / "corpus.txt", str(tmp_path / "index")
     lines = ["a red circle", "a blue square", "quarterly report", "zebra", "a green triangle"]
     corpus.write_text("\n".join(lines) + "\n")
-    arguments = ["index", str(model_dir), str(corpus), output, "--storage", "float32", "--shard-size", "2"]
 
     def run() -> str:
-        result = subprocess.run(
-            [sys.executable, "-m", "metaembed.cli", *arguments],
-            env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
-            capture_output=True,
-            text=True,
-        )
-        assert result.returncode == 0, result.stderr[-2000:]
-        return result.stdout
+        capsys.readouterr()
+        main(["index", str(model_dir), str(corpus), output, "--storage", "float32", "--shard-size", "2"])
+        return capsys.readouterr().out
 
     assert "0 shard(s) reused, 3 encoded" in run()
     assert "3 shard(s) reused, 0 encoded" in run()
     lines[2] = "quarterly financial report"  # an edited line: its shard (items 2..3) is encoded again
     corpus.write_text("\n".join(lines) + "\n")
-    output_text = run()
-    assert "2 shard(s) reused, 1 encoded" in output_text and "shard 2/3: items 2..3" in output_text
+    printed = run()
+    assert "2 shard(s) reused, 1 encoded" in printed and "shard 2/3: items 2..3" in printed
     model = AutoModel.from_pretrained(model_dir, trust_remote_code=True)
     torch.testing.assert_close(
         MetaEmbedIndex.load(output).get_embeddings(range(5)), model.encode_candidates(lines), atol=1e-5, rtol=0
@@ -229,7 +229,6 @@ def test_resume_reencodes_only_shards_whose_items_or_model_changed(backbone_dirs
         other.meta_tokens.mul_(-1)
     other.save_pretrained(model_dir)
     assert "0 shard(s) reused, 3 encoded" in run()
-    other = AutoModel.from_pretrained(model_dir, trust_remote_code=True)
     torch.testing.assert_close(
         MetaEmbedIndex.load(output).get_embeddings(range(5)), other.encode_candidates(lines), atol=1e-5, rtol=0
     )
