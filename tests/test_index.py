@@ -441,6 +441,13 @@ def test_version_1_folders_load_and_the_next_save_replaces_only_their_files(cand
     assert MetaEmbedIndex.load(str(tmp_path)).ids == index.ids
 
 
+def test_save_never_replaces_an_index_json_that_is_not_an_index(candidates, tmp_path):
+    (tmp_path / "index.json").write_text('{"name": "my-app"}')
+    with pytest.raises(ValueError, match=r"index\.json is not a MetaEmbed index manifest"):
+        build(candidates[:10]).save(str(tmp_path))
+    assert os.listdir(tmp_path) == ["index.json"] and (tmp_path / "index.json").read_text() == '{"name": "my-app"}'
+
+
 def test_save_deletes_only_files_of_the_index_format(candidates, tmp_path):
     build(candidates[:30]).save(str(tmp_path))
     (old_generation,) = tmp_path.glob("gen-*")

@@ -409,6 +409,7 @@ class MetaEmbedIndex:
             check_positive_int(max_shard_candidates, "max_shard_candidates", none_allowed=True)
         if len(self) == 0:
             raise ValueError("the index is empty: nothing to save")
+        storage.read_manifest(folder)  # raises if an index.json there is not an index's: it is never replaced
         with storage.write_lock(folder):
             generation = storage.new_generation()
             path = storage.generation_folder(folder, generation)
