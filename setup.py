@@ -63,6 +63,7 @@ setup(
         "test": [
             "pytest>=8",
             "ruff>=0.6",
+            "hypothesis>=6.0",
             "peft>=0.15",
             "datasets>=3.0",
             "accelerate>=1.0",

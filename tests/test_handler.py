@@ -492,3 +492,14 @@ def test_cuda_defaults(served, images):
         assert embeddings.shape == expected.shape
         assert torch.allclose(embeddings.norm(dim=-1), torch.ones(expected.shape[:2]), atol=1e-3)
         assert (embeddings * expected).sum(-1).min() > 0.95
+
+
+def test_device_map_without_accelerate_names_the_package(served, monkeypatch):
+    """device_map (README quick start, handler model_kwargs) is placed by accelerate, an optional package."""
+    _, module, handler = served
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # find_spec then reports it as not installed
+    with pytest.raises(ImportError, match="pip install accelerate"):
+        module.EndpointHandler(handler.model.name_or_path, model_kwargs={"device_map": "cpu"})
+    monkeypatch.undo()
+    placed = module.EndpointHandler(handler.model.name_or_path, model_kwargs={"device_map": "cpu"})
+    assert placed.model.device.type == "cpu"
