@@ -132,6 +132,9 @@ def test_inference_client_feature_extraction(endpoint, monkeypatch):
         client.feature_extraction("a red circle", normalize=False)
     # The server keeps answering.
     assert client.feature_extraction("short").shape == (model.config.num_candidate_vectors, 16)
+    # Query vectors and budgets through the URL's query string (the README's recipe).
+    queries = InferenceClient(base_url=f"{url}/?task=query&num_vectors=2").feature_extraction(["hello", "world"])
+    assert torch.equal(torch.from_numpy(queries), model.encode_queries(["hello", "world"], num_vectors=2))
 
 
 def test_raw_requests(endpoint):
