@@ -243,12 +243,12 @@ class EndpointHandler:
         task, num_vectors = self._parse_parameters(data.get("parameters"))
         inputs = data["inputs"]
         single = not isinstance(inputs, list)
-        where_prefix = "inputs" if single else None
         if single:
-            inputs = [inputs]
+            inputs, names = [inputs], ["inputs"]
         elif len(inputs) > self.max_items:
             raise RequestError(f"'inputs' holds {len(inputs)} items; at most {self.max_items} per request")
-        names = [where_prefix or f"inputs[{index}]" for index in range(len(inputs))]
+        else:
+            names = [f"inputs[{index}]" for index in range(len(inputs))]
         text_bytes = 0
         for name, item in zip(names, inputs):
             if isinstance(item, str):
