@@ -2,9 +2,39 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+
+# Pipeline tasks served by the pipeline registered under another task name (see `PipelineTasks`).
+PIPELINE_TASK_ALIASES = {"image-feature-extraction": "feature-extraction"}
+
+
+class PipelineTasks(dict):
+    """`config.custom_pipelines`: the registered pipelines, each under one task name, that also answer for the
+    task names in `PIPELINE_TASK_ALIASES`.
+
+    transformers' `pipeline()` infers the task of a model only when `custom_pipelines` holds exactly one entry, and
+    builds a model's own class for a task only when `task in custom_pipelines`. MetaEmbed's one pipeline serves
+    `feature-extraction` and `image-feature-extraction`; listing both names would break `pipeline(model=folder)`
+    and listing one would hand the other to transformers' generic class. So the mapping holds (and saves) one
+    entry and looks the alias up under it.
+    """
+
+    def _canonical(self, task: object) -> object:
+        alias_of = PIPELINE_TASK_ALIASES.get(task) if isinstance(task, str) else None
+        return alias_of if alias_of is not None and dict.__contains__(self, alias_of) else task
+
+    def __contains__(self, task: object) -> bool:
+        return dict.__contains__(self, self._canonical(task))
+
+    def __getitem__(self, task: str) -> Any:
+        return dict.__getitem__(self, self._canonical(task))
+
+    def get(self, task: str, default: Any = None) -> Any:
+        return dict.get(self, self._canonical(task), default)
 
 
 @strict
@@ -35,7 +65,8 @@ class MetaEmbedConfig(PreTrainedConfig):
         base_model_name_or_path (`str`, *optional*):
             The backbone checkpoint the model was created from (for the model card).
         custom_pipelines (`dict`, *optional*):
-            transformers pipelines this model provides (`feature-extraction`, `image-feature-extraction`).
+            transformers pipelines this model provides: one entry, `feature-extraction`, which also serves
+            `image-feature-extraction` (see `PipelineTasks`; an alias entry saved by older versions is dropped).
         initializer_range (`float`, defaults to 0.02):
             Standard deviation of the initial Meta Token rows and projection weights.
     """
@@ -60,6 +91,12 @@ class MetaEmbedConfig(PreTrainedConfig):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.embedding_dim is not None and self.embedding_dim < 1:
             raise ValueError(f"embedding_dim must be None or >= 1, got {self.embedding_dim}")
+        if self.custom_pipelines is not None:
+            tasks = PipelineTasks(self.custom_pipelines)
+            for alias, task in PIPELINE_TASK_ALIASES.items():
+                if dict.__contains__(tasks, alias) and dict.__contains__(tasks, task):
+                    del tasks[alias]
+            self.custom_pipelines = tasks
 
     def get_text_config(self, *args, **kwargs) -> PreTrainedConfig:
         return self.vlm_config.get_text_config(*args, **kwargs)
@@ -73,6 +110,12 @@ class MetaEmbedConfig(PreTrainedConfig):
     def output_dim(self) -> int:
         """Size D of each output vector."""
         return self.embedding_dim if self.embedding_dim is not None else self.hidden_size
+
+    @property
+    def projection_dim(self) -> int:
+        """`output_dim` under the name tools read for the size of a model's output embeddings (e.g.
+        sentence-transformers' `get_embedding_dimension`, which otherwise takes the backbone's hidden size)."""
+        return self.output_dim
 
     @property
     def num_meta_tokens(self) -> int:
@@ -99,4 +142,4 @@ class MetaEmbedConfig(PreTrainedConfig):
 
 MetaEmbedConfig.register_for_auto_class()
 
-__all__ = ["MetaEmbedConfig"]
+__all__ = ["PIPELINE_TASK_ALIASES", "MetaEmbedConfig", "PipelineTasks"]

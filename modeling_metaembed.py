@@ -419,6 +419,7 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
                 `device_map`, `attn_implementation`, `revision`, ...).
         """
         from_pretrained_kwargs = _with_available_attention(from_pretrained_kwargs)
+        _check_device_map_support(from_pretrained_kwargs)
         hub_kwargs = {key: from_pretrained_kwargs[key] for key in _HUB_KWARGS if key in from_pretrained_kwargs}
         vlm = AutoModel.from_pretrained(backbone_name_or_path, **from_pretrained_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(backbone_name_or_path, **hub_kwargs)
@@ -462,6 +463,7 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         tokenizer files (a fallback vocabulary gives every text the same embedding).
         """
         kwargs = _with_available_attention(kwargs)
+        _check_device_map_support(kwargs)
         want_loading_info = kwargs.pop("output_loading_info", False)
         hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
         model, loading_info = super().from_pretrained(
@@ -598,6 +600,15 @@ def _with_available_attention(kwargs: dict[str, Any]) -> dict[str, Any]:
             warnings.warn(f"{requested} requested but {package} is not installed; using sdpa", stacklevel=3)
             kwargs = {**kwargs, "attn_implementation": "sdpa"}
     return kwargs
+
+
+def _check_device_map_support(kwargs: dict[str, Any]) -> None:
+    """transformers places a model by `device_map` through accelerate and fails deep inside without it."""
+    if kwargs.get("device_map") is not None and importlib.util.find_spec("accelerate") is None:
+        raise ImportError(
+            f"device_map={kwargs['device_map']!r} needs the accelerate package: pip install accelerate "
+            "(or load without device_map and call model.to(device))"
+        )
 
 
 def _hub_file(file_name: str, name_or_path: str | None) -> bytes | None:

@@ -1,38 +1,53 @@
 """transformers pipelines for MetaEmbed: `feature-extraction` (any item) and `image-feature-extraction`.
 
-Registered through `custom_pipelines` in config.json, so `pipeline(task, model=repo, trust_remote_code=True)`
-and the Hub's inference widgets return exactly what `encode_candidates` returns for the same item.
+Registered through `custom_pipelines` in config.json, so `pipeline(task, model=repo, trust_remote_code=True)`,
+`pipeline(model=repo, trust_remote_code=True)` (feature-extraction) and the Inference Toolkit's default path
+(`HF_TASK=feature-extraction` / `image-feature-extraction` without a handler.py) return exactly what
+`encode_candidates` returns for the same item.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from transformers import Pipeline
+from transformers.image_utils import load_image as load_image_reference
 
 try:
-    from .processing_metaembed import check_task, normalize_item
-    from .scoring_metaembed import check_num_vectors
+    from .configuration_metaembed import PIPELINE_TASK_ALIASES
+    from .processing_metaembed import MetaEmbedProcessor, check_task, normalize_item
+    from .scoring_metaembed import check_num_vectors, check_positive_int
 except ImportError:  # a checkout or an installed package: plain top-level modules
-    from processing_metaembed import check_task, normalize_item
-    from scoring_metaembed import check_num_vectors
+    from configuration_metaembed import PIPELINE_TASK_ALIASES
+    from processing_metaembed import MetaEmbedProcessor, check_task, normalize_item
+    from scoring_metaembed import check_num_vectors, check_positive_int
 
-PIPELINE_TASKS = ("feature-extraction", "image-feature-extraction")
+# The task registered in config.json; configuration_metaembed.PipelineTasks serves PIPELINE_TASK_ALIASES with it.
+DEFAULT_PIPELINE_TASK = "feature-extraction"
 
 
 def pipeline_registrations() -> dict[str, dict[str, Any]]:
-    """The `custom_pipelines` entry of config.json."""
-    return {task: {"impl": "pipeline_metaembed.MetaEmbedPipeline", "pt": ["AutoModel"]} for task in PIPELINE_TASKS}
+    """The `custom_pipelines` entry of config.json: one entry, so `pipeline(model=folder)` infers its task (the
+    config answers for `image-feature-extraction` with the same entry)."""
+    return {DEFAULT_PIPELINE_TASK: {"impl": "pipeline_metaembed.MetaEmbedPipeline", "pt": ["AutoModel"]}}
 
 
 class MetaEmbedPipeline(Pipeline):
-    """Embeds one item per call (or each item of a list): text, a PIL image, or a {"text", "image"} dict.
+    """Embeds one item per call (or each item of a list, dataset or generator): text, a PIL image, or a
+    {"text", "image"} dict.
 
-    For `image-feature-extraction`, a string is an image path, as in transformers' image pipelines; for
-    `feature-extraction` it is text. Call parameters: `task` ("candidate" by default, or "query"),
-    `num_vectors` (default all) and `return_tensors`. Each result is `[num_vectors, D]` (nested lists, or
-    a float32 tensor with `return_tensors=True`).
+    For `image-feature-extraction`, a string is an image: an http(s) URL, a file path or base64, loaded as
+    transformers' image pipelines load them (`timeout` applies to URLs); for `feature-extraction` it is text.
+
+    Call parameters: `task` ("candidate" by default, or "query"), `num_vectors` (default all), `return_tensors`,
+    `batch_size` (items per forward pass, through the model's own batched `encode`: the same vectors as one by
+    one). The parameters transformers' feature-extraction pipelines take are accepted when MetaEmbed's output
+    already is what they ask for (`framework="pt"`, `truncation=True`, `tokenize_kwargs` of the processor's
+    fixed settings, `pool=False`, empty `image_processor_kwargs`) and refused otherwise. Each result is
+    `[num_vectors, D]` (nested lists, or a float32 tensor with `return_tensors=True`).
     """
 
     # The model carries its own MetaEmbedProcessor; do not let the factory load parts of it separately.
@@ -42,30 +57,106 @@ class MetaEmbedPipeline(Pipeline):
     _load_tokenizer = False
 
     def _sanitize_parameters(
-        self, task: str | None = None, num_vectors: int | None = None, return_tensors: bool | None = None, **kwargs
+        self,
+        task: str | None = None,
+        num_vectors: int | None = None,
+        return_tensors: bool | None = None,
+        timeout: float | None = None,
+        framework: str | None = None,
+        truncation: bool | str | None = None,
+        tokenize_kwargs: dict[str, Any] | None = None,
+        image_processor_kwargs: dict[str, Any] | None = None,
+        pool: bool | None = None,
+        **kwargs: Any,
     ):
         if kwargs:
             raise TypeError(f"unexpected MetaEmbed pipeline parameters: {sorted(kwargs)}")
+        if framework not in (None, "pt"):
+            raise ValueError(f"MetaEmbed runs on PyTorch only, got framework={framework!r}")
+        # The processor's own check of the generic tokenizer options: MetaEmbed always cuts an item's text to
+        # max_text_tokens and pads on the left, so only values that ask for exactly that are accepted.
+        MetaEmbedProcessor._check_call_options({"truncation": truncation, **(tokenize_kwargs or {})})
+        if image_processor_kwargs:
+            raise ValueError(
+                f"MetaEmbed's image preprocessing is fixed by its processor; got image_processor_kwargs "
+                f"{sorted(image_processor_kwargs)}"
+            )
+        if pool:
+            raise ValueError(
+                "MetaEmbed has no pooled output: its Meta Token vectors are the embedding; num_vectors=1 gives one "
+                "vector per item"
+            )
         preprocess_parameters, forward_parameters, postprocess_parameters = {}, {}, {}
         if task is not None:
-            preprocess_parameters["task"] = forward_parameters["task"] = check_task(task)
+            forward_parameters["task"] = check_task(task)
         if num_vectors is not None:
             forward_parameters["num_vectors"] = num_vectors
+        if timeout is not None:
+            preprocess_parameters["timeout"] = timeout
         if return_tensors is not None:
             postprocess_parameters["return_tensors"] = return_tensors
         return preprocess_parameters, forward_parameters, postprocess_parameters
 
-    def preprocess(self, item: Any, task: str = "candidate") -> dict[str, torch.Tensor]:
-        if self.task == "image-feature-extraction" and isinstance(item, str):
-            item = {"image": item}
-        checked = normalize_item(item, "inputs")
-        return dict(self.model.processor.process_checked_items([checked], task, ["inputs"]))
+    def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(inputs, (list, tuple)) and not inputs:
+            # transformers' __call__ reads inputs[0]; an empty list is simply no items.
+            kwargs.pop("batch_size", None), kwargs.pop("num_workers", None)
+            self._sanitize_parameters(**kwargs)
+            return []
+        return super().__call__(list(inputs) if isinstance(inputs, tuple) else inputs, *args, **kwargs)
 
-    def _forward(self, features: dict[str, torch.Tensor], task: str = "candidate", num_vectors: int | None = None):
-        # The task was checked by _sanitize_parameters; the count is checked here, once the task is known.
-        num_vectors = check_num_vectors(num_vectors, self.model.config.num_vectors_for(task))
-        return {"embeddings": self.model._embed(task, num_vectors, **features).embeddings}
+    def preprocess(self, item: Any, timeout: float | None = None, where: str = "inputs") -> dict[str, dict[str, Any]]:
+        """The item checked (`where` names it in errors), as the dict `model.encode` takes; an image task's
+        string loaded as an image."""
+        if self.task in PIPELINE_TASK_ALIASES and isinstance(item, str):
+            try:
+                item = load_image_reference(item, timeout=timeout)
+            except (OSError, ValueError) as error:
+                raise ValueError(f"{where}: cannot load image {item[:200]!r}: {error}") from error
+        checked = normalize_item(item, where)
+        return {"item": {"text": checked.text, "image": checked.image}}
+
+    def _forward(self, model_inputs: dict[str, Any], task: str = "candidate", num_vectors: int | None = None):
+        return {"embeddings": self.model.encode([model_inputs["item"]], task, num_vectors)}
 
     def postprocess(self, model_outputs: dict[str, torch.Tensor], return_tensors: bool = False):
         embeddings = model_outputs["embeddings"][0].to("cpu", torch.float32)
         return embeddings if return_tensors else embeddings.tolist()
+
+    def get_iterator(
+        self,
+        inputs: Iterable[Any],
+        num_workers: int,
+        batch_size: int,
+        preprocess_params: dict[str, Any],
+        forward_params: dict[str, Any],
+        postprocess_params: dict[str, Any],
+    ) -> Iterator[Any]:
+        """Lists, datasets and generators: `batch_size` items at a time through `model.encode`, which pads and
+        batches MetaEmbed inputs itself (transformers' generic collator knows neither its processor nor its
+        left padding). Results are yielded in input order."""
+        batch_size = check_positive_int(batch_size, "batch_size")
+        task = forward_params.get("task", "candidate")
+        num_vectors = check_num_vectors(forward_params.get("num_vectors"), self.model.config.num_vectors_for(task))
+        return self._iterate(iter(inputs), batch_size, task, num_vectors, preprocess_params, postprocess_params)
+
+    def _iterate(
+        self,
+        inputs: Iterator[Any],
+        batch_size: int,
+        task: str,
+        num_vectors: int,
+        preprocess_params: dict[str, Any],
+        postprocess_params: dict[str, Any],
+    ) -> Iterator[Any]:
+        for start in itertools.count(0, batch_size):
+            batch = list(itertools.islice(inputs, batch_size))
+            if not batch:
+                return
+            items = [
+                self.preprocess(item, **preprocess_params, where=f"inputs[{start + offset}]")["item"]
+                for offset, item in enumerate(batch)
+            ]
+            embeddings = self.model.encode(items, task, num_vectors, batch_size=batch_size)
+            for vectors in embeddings:
+                yield self.postprocess({"embeddings": vectors[None]}, **postprocess_params)

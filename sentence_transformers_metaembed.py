@@ -26,6 +26,8 @@ never needs that package to load with transformers.
 
 from __future__ import annotations
 
+import copy
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,7 +43,7 @@ try:
         save_sentence_transformers_config,
     )
     from .processing_metaembed import MetaEmbedItem, MetaEmbedProcessor, Task, normalize_item, normalize_items
-    from .scoring_metaembed import check_num_vectors
+    from .scoring_metaembed import check_num_vectors, check_positive_int
 except ImportError:  # a checkout used as plain top-level modules
     from modeling_metaembed import (
         SENTENCE_TRANSFORMERS_CONFIG_FILE,
@@ -50,13 +52,14 @@ except ImportError:  # a checkout used as plain top-level modules
         save_sentence_transformers_config,
     )
     from processing_metaembed import MetaEmbedItem, MetaEmbedProcessor, Task, normalize_item, normalize_items
-    from scoring_metaembed import check_num_vectors
+    from scoring_metaembed import check_num_vectors, check_positive_int
 
 try:
+    from sentence_transformers import MultiVectorEncoder
     from sentence_transformers.base.modules import InputModule
 except ImportError:
     # sentence-transformers < 6 (no MultiVectorEncoder) or not installed: the module class is never used then.
-    InputModule = nn.Module
+    InputModule, MultiVectorEncoder = nn.Module, None
 
 MODULE_CONFIG_FILE = SENTENCE_TRANSFORMERS_CONFIG_FILE
 # sentence-transformers task -> MetaEmbed task. `None` is plain `encode`, which embeds candidates.
@@ -133,12 +136,35 @@ class MetaEmbedModule(InputModule):
         """Size D of each vector."""
         return self.model.config.output_dim
 
+    @property
+    def max_seq_length(self) -> int:
+        """The most tokens of an item's text (the processor's `max_text_tokens`): longer text is cut, never the
+        prompt template or the Meta Tokens. sentence-transformers reads it for `model.max_seq_length` and the
+        model card; setting it sets the processor's limit."""
+        return self.processor.max_text_tokens
+
+    @max_seq_length.setter
+    def max_seq_length(self, value: int) -> None:
+        self.processor.max_text_tokens = check_positive_int(value, "max_seq_length")
+
+    def on_model_ready(self, model: Any) -> None:
+        """sentence-transformers' hook once the owning model is built: describe MetaEmbed correctly on the model
+        card sentence-transformers generates (not a ColBERT model), and make the `MultiVectorEncoder` refuse
+        `token_pooling`, which would merge MetaEmbed's ordered vectors (see `MetaEmbedMultiVectorEncoder`)."""
+        card_data = getattr(model, "model_card_data", None)
+        if card_data is not None:
+            card_data.tags = [tag for tag in card_data.tags if tag != "colbert"]
+            card_data.add_tags("metaembed")
+        if MultiVectorEncoder is not None and type(model) is MultiVectorEncoder:
+            model.__class__ = MetaEmbedMultiVectorEncoder
+
     def preprocess(
         self,
         inputs: Sequence[Any],
         prompt: str | None = None,
         task: str | None = None,
         num_vectors: int | None = None,
+        max_length: int | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
         """Backbone inputs for one batch of items, formatted for `task`.
@@ -151,11 +177,15 @@ class MetaEmbedModule(InputModule):
             task: "query", "document" or None (document).
             num_vectors: used by `forward`; accepted here because sentence-transformers passes encode's
                 keyword arguments to both.
+            max_length: the most tokens of each item's text for this call (the processor's `max_text_tokens`
+                otherwise); sentence-transformers' trainer passes `MultiVectorEncoderTrainingArguments.max_length`.
 
         Returns:
             The processor's `input_ids`, `attention_mask`, `mm_token_type_ids` `[B, L]` (plus `pixel_values`,
-            `image_grid_thw` when there are images), and `task`: the sentence-transformers task the inputs were
-            formatted for, which `forward` follows (sentence-transformers' losses read the same key).
+            `image_grid_thw` when there are images); `task`: the sentence-transformers task the inputs were
+            formatted for, which `forward` follows (sentence-transformers' losses read the same key); and
+            `modality`, as sentence-transformers' modules give it: "text", "image", ("image", "text") for text +
+            image items, or "message" for a batch that mixes these.
         """
         if unsupported := sorted(name for name, value in kwargs.items() if value is not None):
             raise ValueError(
@@ -166,8 +196,17 @@ class MetaEmbedModule(InputModule):
         items = normalize_items(list(inputs), "batch")
         if prompt:
             items = self._with_instruction(items, prompt, side)
-        features = self.processor.process_checked_items(items, side, [f"batch[{i}]" for i in range(len(items))])
-        return {**features, "task": "query" if side == "query" else "document"}
+        processor = self.processor
+        if max_length is not None:
+            processor = copy.copy(processor)  # this call only: the module may be shared between threads
+            processor.max_text_tokens = check_positive_int(max_length, "max_length")
+        features = processor.process_checked_items(items, side, [f"batch[{i}]" for i in range(len(items))])
+        modalities = {_modality(item) for item in items}
+        return {
+            **features,
+            "task": "query" if side == "query" else "document",
+            "modality": modalities.pop() if len(modalities) == 1 else "message",
+        }
 
     def _with_instruction(self, items: list[MetaEmbedItem], prompt: str, side: Task) -> list[MetaEmbedItem]:
         """`items` with `prompt` in front of their text."""
@@ -271,6 +310,35 @@ class MetaEmbedModule(InputModule):
                 model_name_or_path, **{**hub_kwargs, **processor_kwargs}
             )
         return cls(model, **config)
+
+
+def _modality(item: MetaEmbedItem) -> str | tuple[str, str]:
+    """sentence-transformers' name for the modality of one item."""
+    if item.image is None:
+        return "text"
+    return ("image", "text") if item.text else "image"
+
+
+if MultiVectorEncoder is not None:
+
+    class MetaEmbedMultiVectorEncoder(MultiVectorEncoder):
+        """The `MultiVectorEncoder` a MetaEmbed folder loads as (`MetaEmbedModule.on_model_ready` sets the class):
+        sentence-transformers' own encoder, except that `token_pooling` is refused.
+
+        Token pooling merges similar vectors of a document. MetaEmbed's vectors are ordered Meta Token outputs whose
+        every prefix is a trained budget; merging them breaks that, and fewer vectors are what `num_vectors` gives.
+        sentence-transformers applies `token_pooling` after the modules have run, so no module can refuse it.
+        """
+
+        def encode(self, *args: Any, **kwargs: Any) -> Any:
+            arguments = inspect.signature(MultiVectorEncoder.encode).bind(self, *args, **kwargs).arguments
+            if arguments.get("token_pooling") is not None:
+                raise ValueError(
+                    "MetaEmbed does not support token_pooling: its vectors are ordered Meta Token outputs and every "
+                    "prefix is a trained budget, so merging them breaks it. For fewer vectors per item pass "
+                    "num_vectors=r (the first r vectors)"
+                )
+            return super().encode(*args, **kwargs)
 
 
 __all__ = [

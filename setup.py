@@ -64,6 +64,7 @@ setup(
             "pytest>=8",
             "hypothesis>=6.100",
             "ruff>=0.6",
+            "hypothesis>=6.0",
             "peft>=0.15",
             "datasets>=3.0",
             "accelerate>=1.0",

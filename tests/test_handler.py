@@ -1,4 +1,6 @@
-"""The Inference Endpoints custom handler (`handler.py`), driven with real JSON requests."""
+"""The Inference Endpoints custom handler (`handler.py`), called with exactly what the Inference Toolkit hands it:
+the decoded JSON body (a dict), `{"inputs": <PIL image in RGB>}` for an image body, and URL query parameters as
+"parameters" (digit strings as ints, "true"/"false" as booleans, anything else as strings)."""
 
 from __future__ import annotations
 
@@ -47,18 +49,23 @@ def encode_image(image: Image.Image, image_format: str = "PNG") -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def call(handler, request: Any) -> dict:
-    """Send `request` through a JSON round trip, as the endpoint would, and check the response is JSON."""
+def call(handler, request: Any) -> list:
+    """Send `request` through a JSON round trip, as the toolkit would, and check the response is JSON."""
     response = handler(json.loads(json.dumps(request)))
-    assert isinstance(response, dict)
+    assert isinstance(response, list)
     json.dumps(response, allow_nan=False)
     return response
 
 
-def assert_error(response: dict, *fragments: str) -> None:
-    assert set(response) == {"error"}, response
+def call_error(handler, request: Any, *fragments: str) -> str:
+    """The message of the client error `request` raises (the toolkit answers HTTP 400 with it)."""
+    with pytest.raises(ValueError) as raised:
+        handler(json.loads(json.dumps(request)))
+    assert type(raised.value).__name__ == "RequestError"
+    message = str(raised.value)
     for fragment in fragments:
-        assert fragment in response["error"], (fragment, response["error"])
+        assert fragment in message, (fragment, message)
+    return message
 
 
 def png_header(width: int, height: int) -> bytes:
@@ -95,9 +102,8 @@ def test_candidates_by_default_equal_encode_candidates(served, images):
     ]
     response = call(handler, {"inputs": wire})
     expected = model.encode_candidates(items)
-    assert set(response) == {"embeddings"}
-    assert torch.equal(torch.tensor(response["embeddings"]), expected)
-    assert response["embeddings"] == expected.tolist()
+    assert torch.equal(torch.tensor(response), expected)
+    assert response == expected.tolist()
     assert expected.shape == (len(items), NUM_CANDIDATE_VECTORS, model.config.output_dim)
 
 
@@ -111,7 +117,7 @@ def test_parameters_select_task_and_vectors(served, images, task, num_vectors, e
     wire = [items[0], {"text": "same chart as", "image": encode_image(images["rgb"])}]
     response = call(handler, {"inputs": wire, "parameters": {"task": task, "num_vectors": num_vectors}})
     expected = model.encode(items, task, num_vectors)
-    assert torch.equal(torch.tensor(response["embeddings"]), expected)
+    assert torch.equal(torch.tensor(response), expected)
     assert expected.shape[1] == expected_vectors
 
 
@@ -124,7 +130,7 @@ def test_parameters_optional_and_null(served):
         {"inputs": ["hello"], "parameters": {}},
         {"inputs": ["hello"], "parameters": {"task": "candidate", "num_vectors": None}},
     ):
-        assert call(handler, request) == {"embeddings": expected}
+        assert call(handler, request) == expected
 
 
 def test_image_encodings_accepted(served, images):
@@ -145,12 +151,94 @@ def test_image_encodings_accepted(served, images):
     )
     decoded_jpeg = Image.open(io.BytesIO(base64.b64decode(jpeg)))
     expected = model.encode_candidates([images["rgb"], images["rgb"], decoded_jpeg])
-    assert torch.equal(torch.tensor(response["embeddings"]), expected)
+    assert torch.equal(torch.tensor(response), expected)
 
 
 def test_empty_inputs(served):
     _, _, handler = served
-    assert call(handler, {"inputs": []}) == {"embeddings": []}
+    assert call(handler, {"inputs": []}) == []
+
+
+def test_single_items_as_the_toolkit_passes_them(served, images):
+    """The Hub widget's and InferenceClient's `{"inputs": "text"}`, a raw image body (the toolkit decodes it to
+    `{"inputs": <PIL image in RGB>}`) and a single item dict answer `[num_vectors][dim]`, the bare nested list of
+    the feature-extraction task."""
+    model, _, handler = served
+    text = call(handler, {"inputs": "a red circle"})
+    assert text == model.encode_candidates(["a red circle"])[0].tolist()
+    image = images["tall"].convert("RGB")  # what Imager.deserialize hands over for Content-Type: image/png
+    response = handler({"inputs": image})  # not JSON: the toolkit passes the PIL object itself
+    assert response == model.encode_candidates([image])[0].tolist()
+    json.dumps(response, allow_nan=False)
+    item = {"text": "same chart as", "image": encode_image(images["rgb"])}
+    response = call(handler, {"inputs": item, "parameters": {"task": "query", "num_vectors": 2}})
+    expected = model.encode_queries([{"text": "same chart as", "image": images["rgb"]}], num_vectors=2)[0]
+    assert torch.equal(torch.tensor(response), expected) and expected.shape == (2, model.config.output_dim)
+    # A PIL image inside a list (the handler's own callers) is size-checked like a decoded one.
+    assert handler({"inputs": [image, "text"]}) == model.encode_candidates([image, "text"]).tolist()
+
+
+@pytest.mark.parametrize(
+    ("query_parameters", "task", "num_vectors"),
+    [
+        # What convert_params_to_int_or_bool gives for ?task=query&num_vectors=2: digits become ints ...
+        ({"task": "query", "num_vectors": 2}, "query", 2),
+        # ... and a JSON client may send the query string's text as it is.
+        ({"task": "candidate", "num_vectors": "3"}, "candidate", 3),
+        ({"num_vectors": "0004"}, "candidate", 4),
+    ],
+)
+def test_query_string_parameters(served, query_parameters, task, num_vectors):
+    model, _, handler = served
+    response = call(handler, {"inputs": ["hello", "world"], "parameters": query_parameters})
+    assert response == model.encode(["hello", "world"], task, num_vectors).tolist()
+
+
+def test_inference_client_options(served):
+    """InferenceClient.feature_extraction sends its options at the top level. Values MetaEmbed's output already
+    satisfies are accepted; values asking for another output are refused, never ignored."""
+    model, _, handler = served
+    expected = model.encode_candidates(["hello"])[0].tolist()
+    dim = model.config.output_dim
+    accepted = {
+        "normalize": True,
+        "truncate": True,
+        "truncation_direction": "right",
+        "dimensions": dim,
+        "encoding_format": "float",
+        "prompt_name": None,
+    }
+    assert call(handler, {"inputs": "hello", **accepted}) == expected
+    assert call(handler, {"inputs": "hello", "parameters": accepted}) == expected  # from a query string too
+    refused = [
+        ({"normalize": False}, "normalize=False", "always L2-normalised"),
+        ({"truncate": False}, "truncate=False", "max_text_tokens"),
+        ({"truncation_direction": "left"}, "truncation_direction='left'", "start"),
+        ({"dimensions": dim // 2}, f"dimensions={dim // 2}", f"dimension is {dim}"),
+        ({"dimensions": True}, "dimensions=True", "num_vectors"),
+        ({"encoding_format": "base64"}, "encoding_format='base64'", "floats"),
+        ({"prompt_name": "query"}, "prompt_name='query'", "parameters.task"),
+        ({"normalize": "true"}, "normalize='true'"),
+        ({"normalize": 1}, "normalize=1"),
+    ]
+    for options, *fragments in refused:
+        call_error(handler, {"inputs": "hello", **options}, *fragments)
+        call_error(handler, {"inputs": "hello", "parameters": options}, "parameters.", *fragments)
+
+
+def test_text_byte_limit(served, monkeypatch):
+    """Texts are bounded per request (UTF-8 bytes, all items together) before anything is tokenised."""
+    _, module, handler = served
+    small = module.EndpointHandler(handler.model.name_or_path, max_text_bytes=20)
+    tokenized = []
+    tokenizer = small.model.processor.tokenizer
+    monkeypatch.setattr(type(tokenizer), "__call__", lambda *args, **kwargs: tokenized.append(args) or 1 / 0)
+    call_error(small, {"inputs": "x" * 21}, "inputs:", "more than 20 bytes")
+    call_error(small, {"inputs": ["a" * 10, {"text": "é" * 6}]}, "inputs[1]:", "more than 20 bytes")
+    call_error(small, {"inputs": [{"image": PNG, "text": "b" * 21}]}, "inputs[0]:", "more than 20 bytes")
+    assert tokenized == []
+    monkeypatch.undo()
+    assert len(call(small, {"inputs": ["a" * 10, "é" * 5]})) == 2  # exactly 20 bytes
 
 
 def test_standalone_import_in_fresh_process(served, tmp_path):
@@ -180,7 +268,7 @@ def test_standalone_import_in_fresh_process(served, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     response = json.loads(result.stdout.strip().splitlines()[-1])
-    assert response == {"embeddings": model.encode_queries(["hello"], num_vectors=2).tolist()}
+    assert response == model.encode_queries(["hello"], num_vectors=2).tolist()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -200,11 +288,14 @@ PNG = encode_image(Image.new("RGB", (40, 40), "red"))
         ({}, ["no 'inputs'"]),
         ({"parameters": {"task": "query"}}, ["no 'inputs'"]),
         ({"inputs": ["a"], "options": {"wait_for_model": True}}, ["unknown request keys", "options"]),
-        # inputs
-        ({"inputs": "hello"}, ["'inputs' must be a list", "wrap a single item"]),
-        ({"inputs": {"text": "hello"}}, ["'inputs' must be a list"]),
-        ({"inputs": None}, ["'inputs' must be a list", "null"]),
-        ({"inputs": ["ok", 3]}, ["inputs[1]", "number", "expected a string (text) or an object"]),
+        # inputs: one item or a list of items
+        ({"inputs": None}, ["inputs is null", "expected a string (text), an object"]),
+        ({"inputs": 3}, ["inputs is a number (3)", "expected a string"]),
+        ({"inputs": True}, ["inputs is a boolean"]),
+        ({"inputs": {"txt": "typo"}}, ["inputs has unknown keys", "txt"]),
+        ({"inputs": ""}, ["inputs is an empty string"]),
+        ({"inputs": {"image": "not base64!!"}}, ["inputs['image']", "not valid base64"]),
+        ({"inputs": ["ok", 3]}, ["inputs[1]", "number", "expected a string (text), an object"]),
         ({"inputs": ["ok", ["nested"]]}, ["inputs[1]", "array"]),
         ({"inputs": [{"txt": "typo"}]}, ["inputs[0]", "unknown keys", "txt"]),
         ({"inputs": [{}]}, ["inputs[0]", "neither 'text' nor 'image'"]),
@@ -231,7 +322,7 @@ PNG = encode_image(Image.new("RGB", (40, 40), "red"))
         # parameters
         ({"inputs": ["a"], "parameters": ["query"]}, ["'parameters' must be an object", "array"]),
         ({"inputs": ["a"], "parameters": "query"}, ["'parameters' must be an object"]),
-        ({"inputs": ["a"], "parameters": {"normalize": True}}, ["unknown parameters", "normalize"]),
+        ({"inputs": ["a"], "parameters": {"pool": True}}, ["unknown parameters", "pool"]),
         ({"inputs": ["a"], "parameters": {"task": "document"}}, ["task must be 'query' or 'candidate'", "document"]),
         ({"inputs": ["a"], "parameters": {"task": None}}, ["task must be 'query' or 'candidate'"]),
         ({"inputs": ["a"], "parameters": {"num_vectors": 0}}, ["num_vectors", "between 1 and 8"]),
@@ -239,27 +330,34 @@ PNG = encode_image(Image.new("RGB", (40, 40), "red"))
         ({"inputs": ["a"], "parameters": {"task": "query", "num_vectors": 5}}, ["num_vectors", "between 1 and 4"]),
         ({"inputs": ["a"], "parameters": {"num_vectors": -1}}, ["num_vectors", "between 1 and 8"]),
         ({"inputs": ["a"], "parameters": {"num_vectors": 2.0}}, ["num_vectors must be an int", "float"]),
-        ({"inputs": ["a"], "parameters": {"num_vectors": "2"}}, ["num_vectors must be an int", "str"]),
+        ({"inputs": ["a"], "parameters": {"num_vectors": "2.0"}}, ["num_vectors must be an int", "decimal digits"]),
+        ({"inputs": ["a"], "parameters": {"num_vectors": "-1"}}, ["num_vectors must be an int", "'-1'"]),
+        ({"inputs": ["a"], "parameters": {"num_vectors": " 2"}}, ["num_vectors must be an int", "' 2'"]),
+        ({"inputs": ["a"], "parameters": {"num_vectors": ""}}, ["num_vectors must be an int", "''"]),
+        ({"inputs": ["a"], "parameters": {"num_vectors": "²"}}, ["num_vectors must be an int"]),
+        ({"inputs": ["a"], "parameters": {"num_vectors": "9"}}, ["num_vectors", "between 1 and 8", "got 9"]),
+        ({"inputs": ["a"], "parameters": {"num_vectors": "9" * 5000}}, ["num_vectors", "between 1 and 8"]),
+        ({"inputs": ["a"], "parameters": {"num_vectors": 10**4000}}, ["num_vectors is out of range"]),
+        ({"inputs": ["a"], "parameters": {"task": 10**4000}}, ["task must be", "number"]),
         ({"inputs": ["a"], "parameters": {"num_vectors": True}}, ["num_vectors must be an int", "bool"]),
     ],
 )
 def test_malformed_requests_get_an_error(served, request_body, fragments):
     _, _, handler = served
-    assert_error(call(handler, request_body), *fragments)
+    call_error(handler, request_body, *fragments)
 
 
 def test_long_errors_are_cut(served):
     _, module, handler = served
-    response = call(handler, {"inputs": ["a"], "parameters": {"task": "x" * 100_000}})
-    assert_error(response, "task must be 'query' or 'candidate'")
-    assert len(response["error"]) == module.MAX_ERROR_CHARS and response["error"].endswith("...")
+    message = call_error(handler, {"inputs": ["a"], "parameters": {"task": "x" * 100_000}}, "task must be")
+    assert len(message) == module.MAX_ERROR_CHARS and message.endswith("...")
 
 
 def test_image_checks_from_the_package(served):
     """Images that decode but that the package refuses (aspect ratio over 200:1) are errors too."""
     _, _, handler = served
-    response = call(handler, {"inputs": ["ok", {"image": encode_image(Image.new("RGB", (1000, 4)))}]})
-    assert_error(response, "inputs[1]['image']", "aspect ratio")
+    request = {"inputs": ["ok", {"image": encode_image(Image.new("RGB", (1000, 4)))}]}
+    call_error(handler, request, "inputs[1]['image']", "aspect ratio")
 
 
 def test_formats_outside_the_allow_list_are_refused(served):
@@ -269,18 +367,18 @@ def test_formats_outside_the_allow_list_are_refused(served):
     Image.new("RGB", (32, 32)).save(buffer, format="PPM")
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"
     for payload in (buffer.getvalue(), eps):
-        response = call(handler, {"inputs": [{"image": base64.b64encode(payload).decode()}]})
-        assert_error(response, "inputs[0]['image']", "not a readable image", "PNG, JPEG")
+        request = {"inputs": [{"image": base64.b64encode(payload).decode()}]}
+        call_error(handler, request, "inputs[0]['image']", "not a readable image", "PNG, JPEG")
 
 
 def test_oversize_images(served, images):
     _, module, handler = served
     # Header says 8000 x 8000: over the default pixel limit, refused before the pixels are decoded.
     big = base64.b64encode(png_header(8000, 8000)).decode()
-    assert_error(call(handler, {"inputs": ["ok", {"image": big}]}), "inputs[1]['image']", "too large", "64000000")
+    call_error(handler, {"inputs": ["ok", {"image": big}]}, "inputs[1]['image']", "too large", "64000000")
     # Far over PIL's own decompression-bomb limit.
     bomb = base64.b64encode(png_header(30000, 30000)).decode()
-    assert_error(call(handler, {"inputs": [{"image": bomb}]}), "inputs[0]['image']", "too large", "decompression bomb")
+    call_error(handler, {"inputs": [{"image": bomb}]}, "inputs[0]['image']", "too large", "decompression bomb")
 
     limits = [
         ({"max_image_pixels": 84 * 56 - 1}, "too large"),
@@ -288,18 +386,17 @@ def test_oversize_images(served, images):
         ({"max_request_pixels": 84 * 56 + 56 * 140 - 1}, "together"),
     ]
     request = {"inputs": [{"image": encode_image(images["rgb"])}, "ok", {"image": encode_image(images["tall"])}]}
-    assert set(call(handler, request)) == {"embeddings"}
+    assert len(call(handler, request)) == 3
     for limit, fragment in limits:
-        response = call(module.EndpointHandler(handler.model.name_or_path, **limit), request)
-        assert_error(response, fragment)
-        assert "inputs[0]['image']" in response["error"] or "inputs[2]['image']" in response["error"]
+        message = call_error(module.EndpointHandler(handler.model.name_or_path, **limit), request, fragment)
+        assert "inputs[0]['image']" in message or "inputs[2]['image']" in message
 
 
 def test_too_many_items(served):
     _, module, handler = served
     small = module.EndpointHandler(handler.model.name_or_path, max_items=2)
-    assert_error(call(small, {"inputs": ["a", "b", "c"]}), "3 items", "at most 2")
-    assert set(call(small, {"inputs": ["a", "b"]})) == {"embeddings"}
+    call_error(small, {"inputs": ["a", "b", "c"]}, "3 items", "at most 2")
+    assert len(call(small, {"inputs": ["a", "b"]})) == 2
 
 
 def test_bad_item_fails_before_images_are_decoded(served, monkeypatch):
@@ -307,8 +404,7 @@ def test_bad_item_fails_before_images_are_decoded(served, monkeypatch):
     decoded = []
     original = handler._decode_image
     monkeypatch.setattr(handler, "_decode_image", lambda *args: decoded.append(args) or original(*args))
-    response = call(handler, {"inputs": [{"image": PNG}, {"text": ""}]})
-    assert_error(response, "inputs[1]['text']", "empty string")
+    call_error(handler, {"inputs": [{"image": PNG}, {"text": ""}]}, "inputs[1]['text']", "empty string")
     assert decoded == []
 
 
@@ -335,11 +431,15 @@ def test_compute_failures_are_logged_not_leaked(served, monkeypatch, caplog, rai
         return encode(items, *args, **kwargs)
 
     monkeypatch.setattr(handler.model, "encode", failing_encode)
-    with caplog.at_level(logging.ERROR):
-        response = call(handler, {"inputs": ["hello"]})
-    assert_error(response, fragment)
-    assert "secret" not in response["error"]
+    with caplog.at_level(logging.ERROR), pytest.raises(served[1].InternalError) as error:
+        handler({"inputs": ["hello"]})
+    assert fragment in str(error.value) and "secret" not in str(error.value)
+    assert not isinstance(error.value, ValueError)  # not the client's fault
+    assert error.value.__cause__ is None and error.value.__suppress_context__  # no internals chained
     assert any(record.levelno == logging.ERROR and record.exc_info for record in caplog.records)
+    # The handler keeps serving.
+    monkeypatch.undo()
+    assert len(call(handler, {"inputs": ["hello"]})) == 1
 
 
 def test_non_finite_embeddings_are_an_error(served, monkeypatch):
@@ -348,12 +448,19 @@ def test_non_finite_embeddings_are_an_error(served, monkeypatch):
     monkeypatch.setattr(
         handler.model, "encode", lambda items, *args, **kwargs: encode(items, *args, **kwargs) * float("nan")
     )
-    assert_error(call(handler, {"inputs": ["hello"]}), "non-finite")
+    with pytest.raises(served[1].InternalError, match="non-finite"):
+        handler({"inputs": ["hello"]})
 
 
 def test_constructor_checks_its_arguments(served):
     _, module, _ = served
-    for kwargs in ({"max_image_pixels": 0}, {"max_items": True}, {"batch_size": "8"}, {"dtype": "float33"}):
+    for kwargs in (
+        {"max_image_pixels": 0},
+        {"max_items": True},
+        {"batch_size": "8"},
+        {"dtype": "float33"},
+        {"max_text_bytes": -1},
+    ):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             module.EndpointHandler("unused", **kwargs)
     with pytest.raises(ValueError, match="image_formats"):
@@ -366,7 +473,7 @@ def test_device_and_dtype_overrides(served):
     half = module.EndpointHandler(handler.model.name_or_path, device="cpu", dtype="bfloat16")
     assert half.model.dtype == torch.bfloat16
     response = call(half, {"inputs": ["hello"], "parameters": {"num_vectors": 2}})
-    assert torch.tensor(response["embeddings"]).shape == (1, 2, model.config.output_dim)
+    assert torch.tensor(response).shape == (1, 2, model.config.output_dim)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -380,9 +487,19 @@ def test_cuda_defaults(served, images):
     items = ["a red circle", {"text": "what is this?", "image": images["tall"]}, {"image": images["rgba"]}]
     wire = [items[0], {**items[1], "image": encode_image(images["tall"])}, {"image": encode_image(images["rgba"])}]
     for task in ("query", "candidate"):
-        response = call(gpu, {"inputs": wire, "parameters": {"task": task}})
-        embeddings = torch.tensor(response["embeddings"])
+        embeddings = torch.tensor(call(gpu, {"inputs": wire, "parameters": {"task": task}}))
         expected = model.encode(items, task)
         assert embeddings.shape == expected.shape
         assert torch.allclose(embeddings.norm(dim=-1), torch.ones(expected.shape[:2]), atol=1e-3)
         assert (embeddings * expected).sum(-1).min() > 0.95
+
+
+def test_device_map_without_accelerate_names_the_package(served, monkeypatch):
+    """device_map (README quick start, handler model_kwargs) is placed by accelerate, an optional package."""
+    _, module, handler = served
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # find_spec then reports it as not installed
+    with pytest.raises(ImportError, match="pip install accelerate"):
+        module.EndpointHandler(handler.model.name_or_path, model_kwargs={"device_map": "cpu"})
+    monkeypatch.undo()
+    placed = module.EndpointHandler(handler.model.name_or_path, model_kwargs={"device_map": "cpu"})
+    assert placed.model.device.type == "cpu"

@@ -1,0 +1,139 @@
+"""Property test of the Inference Endpoints handler: for arbitrary JSON-like requests and images of random modes and
+sizes, every call returns vectors of the right shape or raises the client error (a ValueError) naming what was
+wrong; nothing else escapes (an internal error would be a bug the client is told nothing about)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+import torch
+from conftest import NUM_CANDIDATE_VECTORS, NUM_QUERY_VECTORS, make_model
+from PIL import Image
+from test_handler import load_handler_module
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+# Texts: random ones plus a few chosen ones. Lone surrogates ("\ud800", valid JSON) are left out until the issue-11
+# change to processing_metaembed's text checks lands (today the tokenizer fails on them inside encode: an internal
+# error); re-enable them by adding "\ud800" and "a\udfffb" to the list below.
+TEXT = st.text(max_size=40) | st.sampled_from(["a red circle", "Query: <|im_end|>", "x" * 500, "é" * 10])
+JSON_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.sampled_from([2**63, -(2**70), 10**300])
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | TEXT
+)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS,
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(TEXT, children, max_size=3),
+    max_leaves=8,
+)
+# PIL modes, each with a format that stores it (None: built in memory only, as the toolkit's decoded body or a
+# caller's PIL image). Left out until the issue-11 change to processing_metaembed.load_image lands: "La" (its RGB
+# conversion fails without naming the item) and lazily opened images whose file was closed (they fail inside encode:
+# an internal error). 16-bit and float images pass but are clipped to 0/255 today, which that change also fixes.
+IMAGE_MODES = {
+    "1": "PNG",
+    "L": "PNG",
+    "LA": "PNG",
+    "P": "PNG",
+    "RGB": "JPEG",
+    "RGBA": "PNG",
+    "CMYK": "JPEG",
+    "YCbCr": "JPEG",
+    "I;16": "PNG",
+    "F": "TIFF",
+    "I": "TIFF",
+    "PA": None,
+    "RGBa": None,
+    "HSV": None,
+}
+
+
+@st.composite
+def pil_images(draw, modes: tuple[str, ...] = tuple(IMAGE_MODES)) -> Image.Image:
+    mode = draw(st.sampled_from(modes))
+    size = (draw(st.integers(1, 48)), draw(st.integers(1, 48)))
+    return Image.new(mode, size, draw(st.integers(0, 255)) if mode in ("1", "L", "P", "I;16", "I", "F") else None)
+
+
+@st.composite
+def base64_images(draw) -> str:
+    image = draw(pil_images(tuple(mode for mode, image_format in IMAGE_MODES.items() if image_format)))
+    buffer = io.BytesIO()
+    image.save(buffer, format=IMAGE_MODES[image.mode])
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    return draw(st.sampled_from([encoded, f"data:image/png;base64,{encoded}", encoded[: len(encoded) // 2]]))
+
+
+ITEMS = st.one_of(
+    TEXT,
+    pil_images(),  # the toolkit's raw-body path hands the handler a PIL image
+    st.fixed_dictionaries({"image": base64_images()}, optional={"text": TEXT}),
+    st.fixed_dictionaries({}, optional={"text": TEXT | JSON_SCALARS, "image": base64_images() | JSON_SCALARS}),
+    JSON_VALUES,
+)
+PARAMETERS = st.one_of(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "task": st.sampled_from(["query", "candidate"]),
+            "num_vectors": st.integers(1, NUM_QUERY_VECTORS) | st.sampled_from(["2", "03"]),
+        },
+    ),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "task": st.sampled_from(["query", "candidate", "document"]) | JSON_SCALARS,
+            "num_vectors": st.integers(-2, 10) | st.sampled_from(["2.0", "-1", "", "²"]) | JSON_SCALARS,
+            "normalize": JSON_SCALARS,
+        },
+    ),
+    JSON_VALUES,
+)
+WELL_SHAPED = st.fixed_dictionaries(
+    {"inputs": ITEMS | st.lists(ITEMS, max_size=4)},
+    optional={"parameters": PARAMETERS, "normalize": st.sampled_from([True, None]) | JSON_SCALARS},
+)
+# Mostly requests shaped like the real ones, so that the items and images are what varies; sometimes anything.
+REQUESTS = st.one_of(WELL_SHAPED, WELL_SHAPED, WELL_SHAPED, JSON_VALUES)
+
+
+@pytest.fixture(scope="module")
+def handler(backbone_dirs, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("properties") / "metaembed"
+    make_model(backbone_dirs["qwen2_5_vl"]).save_pretrained(folder)
+    return load_handler_module(folder).EndpointHandler(str(folder))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(request=REQUESTS)
+def test_every_request_gets_vectors_or_a_client_error(handler, request):
+    try:
+        response = handler(request)
+    except ValueError as error:
+        assert type(error).__name__ == "RequestError", repr(error)
+        message = str(error)
+        # The message names the request part at fault: the body, a key, an item or a parameter.
+        names = ("request", "inputs", "parameters", "normalize")
+        assert any(name in message for name in names), message
+        return
+    inputs = request["inputs"]
+    if inputs == []:
+        assert response == []
+        return
+    parameters = request.get("parameters") or {}
+    task = parameters.get("task", "candidate")
+    num_vectors = parameters.get("num_vectors")
+    if num_vectors is None:
+        num_vectors = NUM_QUERY_VECTORS if task == "query" else NUM_CANDIDATE_VECTORS
+    item_shape = (int(num_vectors), handler.model.config.output_dim)
+    vectors = torch.tensor(response)
+    assert vectors.shape == ((len(inputs), *item_shape) if isinstance(inputs, list) else item_shape), request
+    assert bool(torch.isfinite(vectors).all())
