@@ -161,7 +161,7 @@ def test_demo_small_run(tmp_path, capsys):
         DemoSettings(steps=3, batch_size=8, num_candidates=24, num_queries=9), str(tmp_path)
     )
     assert [result.budget for result in with_mmr] == [(1, 1), (2, 4), (4, 8), (8, 16), (16, 64)]
-    assert all(0.0 <= result.recall_at_1 <= 1.0 for result in with_mmr + without_mmr)
+    assert all(0.0 <= result.metrics["precision@1"] <= 1.0 for result in with_mmr + without_mmr)
     assert with_mmr[-1].index_bytes_per_candidate == 64 * 16 * 4
     output = capsys.readouterr().out
     assert "| (1, 1) |" in output and "no-MMR" in output
