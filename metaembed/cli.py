@@ -270,6 +270,8 @@ def run_evaluate(arguments: argparse.Namespace) -> None:
     from .evaluation.report import format_table, save_json, save_plot
 
     try:
+        if arguments.write_card and not os.path.isfile(os.path.join(arguments.model, "README.md")):
+            raise ValueError(f"--write-card needs MODEL to be a saved model folder with a README.md: {arguments.model}")
         datasets = read_datasets(
             arguments.format,
             arguments.data,

@@ -284,7 +284,7 @@ def run_demo(settings: DemoSettings, output_dir: str | None = None) -> tuple[lis
         train_demo_model(backbone_dir, os.path.join(output_dir, name), settings, mmr)
         print(f"trained {name} in {time.perf_counter() - start:.0f} s", flush=True)
         model = AutoModel.from_pretrained(os.path.join(output_dir, name), trust_remote_code=True)
-        results[mmr] = evaluate(model, dataset, MMR_GROUPS, metrics=DEMO_METRICS, batch_size=64)
+        results[mmr] = evaluate(model, dataset, MMR_GROUPS, batch_size=64)
     print(
         f"\n{settings.num_queries} queries (text and image) over {settings.num_candidates} held-out scenes; "
         "capped recall@k; float32 index:\n"

@@ -238,6 +238,22 @@ def test_mmeb_from_snapshot_and_save_to_disk(eval_model, tmp_path, instructions)
         assert result.metrics["precision@1"] == sum(hits) / len(hits)
 
 
+def test_hub_ids_go_through_datasets_load_dataset(tmp_path, monkeypatch):
+    """A Hub id takes `datasets.load_dataset(id, config, split=...)` (no network here: it returns the miniature)."""
+    tables = beir_tables()
+    calls = []
+
+    def load_dataset(path, name=None, split=None, cache_dir=None):
+        calls.append((path, name, split))
+        return tables[name]
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    dataset = read_beir("vidore/esg_reports_v2")
+    assert calls == [("vidore/esg_reports_v2", config, "test") for config in ("corpus", "queries", "qrels")]
+    assert dataset.hub_id == "vidore/esg_reports_v2" and dataset.name == "esg_reports_v2"
+    assert dataset.qrels == {"10": {"0": 1}, "11": {"1": 2, "2": 1}, "12": {"3": 2, "4": 1}}
+
+
 def test_mmeb_text_removes_the_placeholder():
     assert mmeb_text(None, "<|image_1|>\nRepresent the given image.") == "Represent the given image."
     assert mmeb_text("<|image_1|> Find:", "a cat") == "Find: a cat"

@@ -226,7 +226,7 @@ def read_vidore(source: str, split: str = "test", cache_dir: str | None = None) 
             query_rows.setdefault(text, row)
     if not query_rows:
         raise ValueError(f"{where}: no row has a query")
-    images = _undecoded(table, columns["image"])
+    images = _undecoded(table.select_columns([columns["image"]]), columns["image"])
     candidate_ids = list(first_row)
     candidate_rows = list(first_row.values())
 
@@ -436,6 +436,7 @@ def read_mmeb(
         split=split,
         hub_id=hub_id,
         revision=revision,
+        notes={"image_root": None if image_root is None else os.path.abspath(image_root)},
     )
 
 
