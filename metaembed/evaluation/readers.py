@@ -163,6 +163,19 @@ def _display_name(source: str) -> str:
     return (hub_id or os.path.abspath(source)).rstrip("/\\").replace("\\", "/").split("/")[-1]
 
 
+def _provenance(source: str, format: str, split: str) -> dict[str, Any]:
+    """The `RetrievalDataset` fields saying where a dataset came from, and its format's metrics."""
+    hub_id, revision = _hub_origin(source)
+    return {
+        "metrics": DEFAULT_METRICS[format],
+        "source": source,
+        "format": format,
+        "split": split,
+        "hub_id": hub_id,
+        "revision": revision,
+    }
+
+
 def _check_columns(
     table, required: Sequence[str], where: str, alternatives: dict[str, Sequence[str]] | None = None
 ) -> dict[str, str]:
@@ -235,7 +248,6 @@ def read_vidore(source: str, split: str = "test", cache_dir: str | None = None) 
         return {"image": _open_image(images[row][columns["image"]], f"{where} row {row}, column 'image'")}
 
     query_ids = [str(row) for row in query_rows.values()]
-    hub_id, revision = _hub_origin(source)
     return RetrievalDataset(
         name=_display_name(source),
         query_ids=query_ids,
@@ -243,12 +255,7 @@ def read_vidore(source: str, split: str = "test", cache_dir: str | None = None) 
         candidate_ids=candidate_ids,
         candidates=LazyItems(candidate, len(candidate_ids)),
         qrels={str(row): {names[row]: 1} for row in query_rows.values()},
-        metrics=DEFAULT_METRICS["vidore"],
-        source=source,
-        format="vidore",
-        split=split,
-        hub_id=hub_id,
-        revision=revision,
+        **_provenance(source, "vidore", split),
     )
 
 
@@ -315,7 +322,6 @@ def read_beir(source: str, split: str = "test", cache_dir: str | None = None) ->
     kept = [row for row, query in enumerate(query_ids) if any(grade >= 1 for grade in qrels.get(query, {}).values())]
     if not kept:
         raise ValueError(f"{where['qrels']}: no query has a relevant candidate (score >= 1)")
-    hub_id, revision = _hub_origin(source)
     return RetrievalDataset(
         name=_display_name(source),
         query_ids=[query_ids[row] for row in kept],
@@ -323,12 +329,7 @@ def read_beir(source: str, split: str = "test", cache_dir: str | None = None) ->
         candidate_ids=candidate_ids,
         candidates=LazyItems(candidate, len(candidate_ids)),
         qrels={query_ids[row]: qrels[query_ids[row]] for row in kept},
-        metrics=DEFAULT_METRICS["beir"],
-        source=source,
-        format="beir",
-        split=split,
-        hub_id=hub_id,
-        revision=revision,
+        **_provenance(source, "beir", split),
         notes={"queries_without_relevant": len(query_ids) - len(kept)},
     )
 
@@ -421,7 +422,6 @@ def read_mmeb(
     candidates = [
         {key: value for key, value in zip(("text", "image"), pair) if value is not None} for pair in candidate_positions
     ]
-    hub_id, revision = _hub_origin(source)
     return RetrievalDataset(
         name=subset,
         query_ids=query_ids,
@@ -429,13 +429,8 @@ def read_mmeb(
         candidate_ids=[str(position) for position in range(len(candidates))],
         candidates=candidates,
         candidate_lists=candidate_lists,
-        metrics=DEFAULT_METRICS["mmeb"],
-        source=source,
-        format="mmeb",
         config=subset,
-        split=split,
-        hub_id=hub_id,
-        revision=revision,
+        **_provenance(source, "mmeb", split),
         notes={"image_root": None if image_root is None else os.path.abspath(image_root)},
     )
 
