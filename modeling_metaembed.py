@@ -653,6 +653,15 @@ def save_sentence_transformers_config(save_directory: str | os.PathLike) -> None
         "config_sentence_transformers.json": model_config,
         # The module constructor's defaults (None = all vectors).
         SENTENCE_TRANSFORMERS_CONFIG_FILE: dict.fromkeys(SENTENCE_TRANSFORMERS_CONFIG_KEYS),
+        # The modalities, where sentence-transformers' Transformer module keeps them and mteb reads them (image
+        # tasks are refused for a model that declares none).
+        "sentence_bert_config.json": {
+            "modality_config": {
+                modality: {"method": "forward", "method_output_name": "token_embeddings"}
+                for modality in sorted(MetaEmbedPreTrainedModel.input_modalities)
+            },
+            "module_output_name": "token_embeddings",
+        },
     }
     for file_name, content in files.items():
         with open(os.path.join(save_directory, file_name), "w", encoding="utf-8") as file:

@@ -60,6 +60,7 @@ setup(
     extras_require={
         "train": ["peft>=0.15", "datasets>=3.0", "accelerate>=1.0", "matplotlib>=3.8"],
         "search": ["faiss-cpu>=1.8", "qdrant-client>=1.12"],
+        "eval": ["pytrec-eval-terrier>=0.5", "datasets>=3.0", "mteb>=2.26", "matplotlib>=3.8"],
         "test": [
             "pytest>=8",
             "hypothesis>=6.100",
@@ -71,6 +72,8 @@ setup(
             "matplotlib>=3.8",
             "faiss-cpu>=1.8",
             "qdrant-client>=1.12",
+            "pytrec-eval-terrier>=0.5",
+            "mteb>=2.26",
         ],
     },
     entry_points={"console_scripts": ["metaembed=metaembed.cli:main"]},

@@ -1,4 +1,4 @@
-"""MetaEmbed tooling: training, search, conversion, the `metaembed` command and its demo.
+"""MetaEmbed tooling: training, search, evaluation, conversion, the `metaembed` command and its demo.
 
 The model itself lives in the Hub set (`configuration_metaembed`, `modeling_metaembed`, `processing_metaembed`,
 `scoring_metaembed`, ...), the files a saved model folder carries; this package imports them and never the
@@ -10,6 +10,7 @@ from modeling_metaembed import MetaEmbedModel
 from processing_metaembed import MetaEmbedProcessor
 from scoring_metaembed import MMR_BUDGETS, late_interaction_scores
 
+from .evaluation import evaluate
 from .search import MetaEmbedIndex
 from .training import CachedMMRLoss, MMRLoss, mmr_loss, train_metaembed
 
@@ -23,6 +24,7 @@ __all__ = [
     "MetaEmbedIndex",
     "MetaEmbedModel",
     "MetaEmbedProcessor",
+    "evaluate",
     "late_interaction_scores",
     "mmr_loss",
     "train_metaembed",

@@ -1,4 +1,4 @@
-"""The `metaembed` command line: `demo` (the end-to-end main job), `train`, `index` and `search`."""
+"""The `metaembed` command line: `demo` (the end-to-end main job), `train`, `index`, `search` and `evaluate`."""
 
 from __future__ import annotations
 
@@ -328,6 +328,50 @@ def run_search(arguments: argparse.Namespace) -> None:
             print(f"  {hit['rank']:>3}  {hit['score']:9.4f}  {hit['id']}  {json.dumps(hit['metadata'])}")
 
 
+def parse_budget(text: str) -> tuple[int, int]:
+    """ "4,8" -> (4, 8): a budget (r_q, r_c) on the command line."""
+    parts = text.split(",")
+    if len(parts) != 2 or not all(part.strip().isdigit() and int(part) >= 1 for part in parts):
+        raise argparse.ArgumentTypeError(f"a budget is R_Q,R_C with two positive integers (e.g. 4,8), got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def run_evaluate(arguments: argparse.Namespace) -> None:
+    """Evaluate a model on ViDoRe / BEIR / MMEB datasets at every budget: table, JSON, plot, card results."""
+    from .evaluation import evaluate, read_datasets
+    from .evaluation.card import write_card_results
+    from .evaluation.report import format_table, save_json, save_plot
+
+    if arguments.write_card and not os.path.isfile(os.path.join(arguments.model, "README.md")):
+        raise ValueError(f"--write-card needs MODEL to be a saved model folder with a README.md: {arguments.model}")
+    # Bad data or arguments raise ValueError / OSError: `main` prints one line and exits 2.
+    datasets = read_datasets(
+        arguments.format,
+        arguments.data,
+        split=arguments.split,
+        subsets=arguments.subsets,
+        image_root=arguments.image_root,
+    )
+    model = load_model(arguments.model, arguments.dtype, arguments.device)
+    os.makedirs(arguments.output_dir, exist_ok=True)
+    results = evaluate(
+        model,
+        datasets,
+        arguments.budgets,
+        metrics=arguments.metrics,
+        batch_size=arguments.batch_size,
+        cache_dir=os.path.join(arguments.output_dir, "embeddings"),
+        storage=arguments.storage,
+        show_progress_bar=True,
+    )
+    print(format_table(results))
+    save_json(results, os.path.join(arguments.output_dir, "results.json"), model=arguments.model)
+    save_plot(results, os.path.join(arguments.output_dir, "quality_vs_budget.png"))
+    print(f"\nresults: {arguments.output_dir}/results.json, plot: {arguments.output_dir}/quality_vs_budget.png")
+    if arguments.write_card:
+        print(f"model card: {write_card_results(arguments.model, results)}")
+
+
 def int_at_least(minimum: int) -> Callable[[str], int]:
     """An argparse type: an integer >= `minimum`."""
 
@@ -426,6 +470,31 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--device", default=None)
     search.add_argument("--json", action="store_true", help="print JSON")
     search.set_defaults(handler=run_search)
+    evaluation = commands.add_parser(
+        "evaluate", help="quality, index size and scoring time at every budget on ViDoRe / BEIR / MMEB datasets"
+    )
+    evaluation.add_argument("model", help="a MetaEmbed folder or repo id")
+    evaluation.add_argument("data", nargs="+", help="dataset folders (Hub snapshot or save_to_disk) or Hub ids")
+    evaluation.add_argument("--format", required=True, choices=["vidore", "beir", "mmeb"])
+    evaluation.add_argument(
+        "--budgets",
+        type=parse_budget,
+        nargs="+",
+        default=[(1, 1), (2, 4), (4, 8), (8, 16), (16, 64)],
+        metavar="R_Q,R_C",
+        help="budgets to score (default: the paper's five)",
+    )
+    evaluation.add_argument("--output-dir", default="metaembed-evaluation", help="results, plot and embedding cache")
+    evaluation.add_argument("--metrics", nargs="+", default=None, help="e.g. ndcg@5 recall@100 (default: the format's)")
+    evaluation.add_argument("--split", default="test")
+    evaluation.add_argument("--subsets", nargs="+", default=None, help="MMEB subsets (default: all configs)")
+    evaluation.add_argument("--image-root", default=None, help="MMEB: the folder image paths are relative to")
+    evaluation.add_argument("--batch-size", type=positive_int, default=16)
+    evaluation.add_argument("--storage", choices=["float32", "float16", "int8"], default="float32")
+    evaluation.add_argument("--dtype", choices=MODEL_DTYPES, default="auto")
+    evaluation.add_argument("--device", default=None)
+    evaluation.add_argument("--write-card", action="store_true", help="add the results to MODEL/README.md")
+    evaluation.set_defaults(handler=run_evaluate)
     return parser
 
 

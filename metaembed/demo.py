@@ -21,8 +21,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from scoring_metaembed import late_interaction_scores
-
+from .evaluation import BudgetResult, RetrievalDataset, evaluate
 from .training import MMR_GROUPS
 
 CELL_PIXELS = 28  # one merged Qwen-VL patch per cell
@@ -150,41 +149,23 @@ def evaluation_set(task: SceneTask, num_candidates: int, num_queries: int, seed:
     )
 
 
-@dataclass
-class BudgetResult:
-    budget: tuple[int, int]
-    recall_at_1: float
-    recall_at_10: float
-    index_bytes_per_candidate: int
-    scoring_seconds: float
+# R@1 (a relevant scene ranked first: precision@1) and capped recall@10 (relevant in the top 10 / min(10,
+# number relevant), BEIR's R_cap@10), so 1.0 is reachable although many scenes are relevant to each query.
+DEMO_METRICS = ("precision@1", "recall_cap@10")
 
 
-def evaluate(model, data: EvaluationSet, budgets=MMR_GROUPS, batch_size: int = 64) -> list[BudgetResult]:
-    """Encode once with all vectors, then score every budget's prefixes.
-
-    recall@k is capped recall (BEIR's R_cap@k): relevant items in the top k / min(k, number relevant), so 1.0
-    is reachable although many scenes are relevant to each query. Index bytes count float32 vectors."""
-    query_embeddings = model.encode_queries(data.queries, batch_size=batch_size)
-    candidate_embeddings = model.encode_candidates(data.candidates, batch_size=batch_size)
-    relevant_counts = data.relevant.sum(1)
-    results = []
-    for num_query_vectors, num_candidate_vectors in budgets:
-        start = time.perf_counter()
-        top = late_interaction_scores(
-            query_embeddings, candidate_embeddings, num_query_vectors, num_candidate_vectors, top_k=10
-        )
-        seconds = time.perf_counter() - start
-        hits = data.relevant.gather(1, top.indices).float()
-        results.append(
-            BudgetResult(
-                budget=(num_query_vectors, num_candidate_vectors),
-                recall_at_1=float(hits[:, 0].mean()),
-                recall_at_10=float((hits.sum(1) / relevant_counts.clamp(max=10)).mean()),
-                index_bytes_per_candidate=num_candidate_vectors * candidate_embeddings.shape[-1] * 4,
-                scoring_seconds=seconds,
-            )
-        )
-    return results
+def retrieval_dataset(data: EvaluationSet, name: str = "scenes") -> RetrievalDataset:
+    """The evaluation set as a `RetrievalDataset` (every relevant scene has grade 1) for `metaembed.evaluation`."""
+    width = len(str(len(data.candidates)))
+    candidate_ids = [f"scene-{number:0{width}d}" for number in range(len(data.candidates))]
+    query_ids = [f"query-{number:0{width}d}" for number in range(len(data.queries))]
+    qrels = {
+        query: {candidate_ids[position]: 1 for position in row.nonzero().flatten().tolist()}
+        for query, row in zip(query_ids, data.relevant)
+    }
+    return RetrievalDataset(
+        name, query_ids, data.queries, candidate_ids, data.candidates, qrels=qrels, metrics=DEMO_METRICS
+    )
 
 
 @dataclass
@@ -253,13 +234,14 @@ def train_demo_model(backbone_dir: str, output_dir: str, settings: DemoSettings,
 
 def format_table(with_mmr: list[BudgetResult], without_mmr: list[BudgetResult]) -> str:
     lines = [
-        "| budget | R@1 MMR | R@1 no-MMR | R@10 MMR | R@10 no-MMR | index bytes/candidate | scoring ms (MMR) |",
+        "| budget | R@1 MMR | R@1 no-MMR | R@10 MMR | R@10 no-MMR | index bytes/candidate | scoring ms/query (MMR) |",
         "|---|---|---|---|---|---|---|",
     ]
     for mmr, plain in zip(with_mmr, without_mmr):
+        r1, r10 = DEMO_METRICS
         lines.append(
-            f"| {mmr.budget} | {mmr.recall_at_1:.3f} | {plain.recall_at_1:.3f} | {mmr.recall_at_10:.3f} | "
-            f"{plain.recall_at_10:.3f} | {mmr.index_bytes_per_candidate} | {mmr.scoring_seconds * 1e3:.1f} |"
+            f"| {mmr.budget} | {mmr.metrics[r1]:.3f} | {plain.metrics[r1]:.3f} | {mmr.metrics[r10]:.3f} | "
+            f"{plain.metrics[r10]:.3f} | {mmr.index_bytes_per_candidate} | {mmr.scoring_ms_per_query:.4f} |"
         )
     return "\n".join(lines)
 
@@ -274,8 +256,10 @@ def save_plot(with_mmr: list[BudgetResult], without_mmr: list[BudgetResult], pat
     labels = [f"({r_q},{r_c})" for r_q, r_c in (result.budget for result in with_mmr)]
     figure, axis = plt.subplots(figsize=(6, 4))
     for results, name in ((with_mmr, "MMR"), (without_mmr, "no MMR")):
-        axis.plot(labels, [result.recall_at_1 for result in results], marker="o", label=f"R@1, {name}")
-        axis.plot(labels, [result.recall_at_10 for result in results], marker="s", ls="--", label=f"R@10, {name}")
+        axis.plot(labels, [result.metrics[DEMO_METRICS[0]] for result in results], marker="o", label=f"R@1, {name}")
+        axis.plot(
+            labels, [result.metrics[DEMO_METRICS[1]] for result in results], marker="s", ls="--", label=f"R@10, {name}"
+        )
     axis.set_xlabel("budget (r_q, r_c)")
     axis.set_ylabel("capped recall")
     axis.set_title("MetaEmbed demo: quality vs budget")
@@ -292,7 +276,7 @@ def run_demo(settings: DemoSettings, output_dir: str | None = None) -> tuple[lis
 
     output_dir = output_dir or tempfile.mkdtemp(prefix="metaembed-demo-")
     backbone_dir = save_demo_backbone(os.path.join(output_dir, "backbone"), settings)
-    data = evaluation_set(SceneTask(), settings.num_candidates, settings.num_queries)
+    dataset = retrieval_dataset(evaluation_set(SceneTask(), settings.num_candidates, settings.num_queries))
     results = {}
     for mmr in (True, False):
         name = "metaembed-mmr" if mmr else "metaembed-no-mmr"
@@ -300,7 +284,7 @@ def run_demo(settings: DemoSettings, output_dir: str | None = None) -> tuple[lis
         train_demo_model(backbone_dir, os.path.join(output_dir, name), settings, mmr)
         print(f"trained {name} in {time.perf_counter() - start:.0f} s", flush=True)
         model = AutoModel.from_pretrained(os.path.join(output_dir, name), trust_remote_code=True)
-        results[mmr] = evaluate(model, data)
+        results[mmr] = evaluate(model, dataset, MMR_GROUPS, batch_size=64)
     print(
         f"\n{settings.num_queries} queries (text and image) over {settings.num_candidates} held-out scenes; "
         "capped recall@k; float32 index:\n"

@@ -17,10 +17,11 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-# Texts: random ones plus a few chosen ones. Lone surrogates ("\ud800", valid JSON) are left out until the issue-11
-# change to processing_metaembed's text checks lands (today the tokenizer fails on them inside encode: an internal
-# error); re-enable them by adding "\ud800" and "a\udfffb" to the list below.
-TEXT = st.text(max_size=40) | st.sampled_from(["a red circle", "Query: <|im_end|>", "x" * 500, "é" * 10])
+# Texts: random ones plus a few chosen ones, among them lone surrogates ("\ud800" is valid JSON; the text check
+# refuses it, naming the item).
+TEXT = st.text(max_size=40) | st.sampled_from(
+    ["a red circle", "Query: <|im_end|>", "x" * 500, "é" * 10, "\ud800", "a\udfffb"]
+)
 JSON_SCALARS = (
     st.none()
     | st.booleans()
@@ -35,9 +36,7 @@ JSON_VALUES = st.recursive(
     max_leaves=8,
 )
 # PIL modes, each with a format that stores it (None: built in memory only, as the toolkit's decoded body or a
-# caller's PIL image). Left out until the issue-11 change to processing_metaembed.load_image lands: "La" (its RGB
-# conversion fails without naming the item) and lazily opened images whose file was closed (they fail inside encode:
-# an internal error). 16-bit and float images pass but are clipped to 0/255 today, which that change also fixes.
+# caller's PIL image).
 IMAGE_MODES = {
     "1": "PNG",
     "L": "PNG",
@@ -53,6 +52,7 @@ IMAGE_MODES = {
     "PA": None,
     "RGBa": None,
     "HSV": None,
+    "La": None,
 }
 
 
@@ -61,6 +61,16 @@ def pil_images(draw, modes: tuple[str, ...] = tuple(IMAGE_MODES)) -> Image.Image
     mode = draw(st.sampled_from(modes))
     size = (draw(st.integers(1, 48)), draw(st.integers(1, 48)))
     return Image.new(mode, size, draw(st.integers(0, 255)) if mode in ("1", "L", "P", "I;16", "I", "F") else None)
+
+
+@st.composite
+def closed_lazy_images(draw) -> Image.Image:
+    """An image opened lazily whose file was closed before its pixels were read (a caller's bug)."""
+    buffer = io.BytesIO()
+    draw(pil_images(("RGB", "L"))).save(buffer, format="PNG")
+    image = Image.open(buffer)
+    image.close()
+    return image
 
 
 @st.composite
@@ -75,6 +85,7 @@ def base64_images(draw) -> str:
 ITEMS = st.one_of(
     TEXT,
     pil_images(),  # the toolkit's raw-body path hands the handler a PIL image
+    closed_lazy_images(),
     st.fixed_dictionaries({"image": base64_images()}, optional={"text": TEXT}),
     st.fixed_dictionaries({}, optional={"text": TEXT | JSON_SCALARS, "image": base64_images() | JSON_SCALARS}),
     JSON_VALUES,

@@ -161,8 +161,18 @@ def test_demo_small_run(tmp_path, capsys):
         DemoSettings(steps=3, batch_size=8, num_candidates=24, num_queries=9), str(tmp_path)
     )
     assert [result.budget for result in with_mmr] == [(1, 1), (2, 4), (4, 8), (8, 16), (16, 64)]
-    assert all(0.0 <= result.recall_at_1 <= 1.0 for result in with_mmr + without_mmr)
+    assert all(0.0 <= result.metrics["precision@1"] <= 1.0 for result in with_mmr + without_mmr)
     assert with_mmr[-1].index_bytes_per_candidate == 64 * 16 * 4
+    # The numbers are R@1 and capped R@10 of the saved model, as a plain computation from model.score gives them.
+    model = AutoModel.from_pretrained(tmp_path / "metaembed-mmr", trust_remote_code=True)
+    data = evaluation_set(SceneTask(), num_candidates=24, num_queries=9)
+    queries, candidates = model.encode_queries(data.queries), model.encode_candidates(data.candidates)
+    for result in with_mmr:
+        top = model.score(queries, candidates, *result.budget).topk(10).indices
+        hits = data.relevant.gather(1, top).float()
+        assert result.metrics["precision@1"] == pytest.approx(hits[:, 0].mean().item(), abs=1e-6)
+        capped = hits.sum(1) / data.relevant.sum(1).clamp(max=10)
+        assert result.metrics["recall_cap@10"] == pytest.approx(capped.mean().item(), abs=1e-6)
     output = capsys.readouterr().out
     assert "| (1, 1) |" in output and "no-MMR" in output
     assert os.path.getsize(tmp_path / "quality_vs_budget.png") > 1000

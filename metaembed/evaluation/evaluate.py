@@ -1,0 +1,378 @@
+"""`evaluate`: quality, index size and scoring time of a MetaEmbed model at every budget, on any number of
+datasets, from one encoding.
+
+Every query and candidate is encoded once, with the largest budget's vector counts (`model.encode_*`: batched,
+length-sorted, with progress bars); each budget then scores the prefixes (the first r_q / r_c vectors), which is
+what encoding at that budget gives (attention is causal). Embeddings are kept in `MetaEmbedIndex` parts of
+`chunk_size` items; with `cache_dir` each part is saved as soon as it is encoded, so a rerun (other budgets, more
+queries) encodes nothing it already has and an interrupted run resumes at the first missing part.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from scoring_metaembed import MMR_BUDGETS, check_num_vectors, check_positive_int, late_interaction_scores
+
+from ..search import MetaEmbedIndex
+from .metrics import (
+    LIST_METRICS,
+    list_precision_at_1,
+    metric_depth,
+    parse_metric,
+    ranking_metrics,
+    scores_from_keys,
+    top_k_by_rule,
+)
+from .readers import RetrievalDataset
+
+# float32 values held at once while scoring a block of candidates (bounds the extra memory: 256 MiB).
+_BLOCK_ELEMENTS = 2**26
+# Queries scored at once against their candidate lists (MMEB).
+_LIST_QUERY_CHUNK = 256
+
+
+@dataclass
+class BudgetResult:
+    """One dataset at one budget."""
+
+    dataset: str
+    budget: tuple[int, int]
+    metrics: dict[str, float]
+    main_metric: str
+    index_bytes_per_candidate: int
+    scoring_ms_per_query: float
+    num_queries: int
+    num_candidates: int
+    # where the dataset came from (for model cards): Hub id (or folder), config, split, revision, format
+    dataset_id: str | None = None
+    dataset_config: str | None = None
+    dataset_split: str | None = None
+    dataset_revision: str | None = None
+    format: str | None = None
+
+    @property
+    def main_value(self) -> float:
+        return self.metrics[self.main_metric]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "budget": list(self.budget)}
+
+
+def index_bytes_per_candidate(num_vectors: int, dim: int, storage: str) -> int:
+    """Bytes one candidate takes in a `MetaEmbedIndex` of that storage (int8 keeps a float32 scale per vector)."""
+    per_vector = {"float32": 4 * dim, "float16": 2 * dim, "int8": dim + 4}
+    if storage not in per_vector:
+        raise ValueError(f"storage must be one of {sorted(per_vector)}, got {storage!r}")
+    return num_vectors * per_vector[storage]
+
+
+def model_fingerprint(model: Any) -> str:
+    """A hash of what decides a model's vectors: its config, its processor's settings and its Meta Token table and
+    projection (trained in every MetaEmbed training run). Names the embedding cache."""
+    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    processor = getattr(model, "processor", None)
+    if processor is not None:  # its plain settings (prompt style, prefixes, lengths) and the image processor's
+        settings = {key: value for key, value in vars(processor).items() if isinstance(value, (str, int, float))}
+        digest.update(json.dumps(settings, sort_keys=True).encode())
+        digest.update(processor.image_processor.to_json_string().encode())
+    for name, parameter in sorted(model.state_dict().items()):
+        if name.startswith(("meta_tokens", "projection")):
+            digest.update(name.encode())
+            digest.update(parameter.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class StoredEmbeddings:
+    """A dataset side's embeddings `[n, num_vectors, D]` as `MetaEmbedIndex` parts of `chunk_size` items, in the
+    order of `ids`; parts are saved under `folder` (if given) as soon as they are encoded."""
+
+    def __init__(self, parts: list[MetaEmbedIndex]) -> None:
+        self.parts = parts
+        self.starts = [0]
+        for part in parts:
+            self.starts.append(self.starts[-1] + len(part))
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    @classmethod
+    def encode(
+        cls,
+        model: Any,
+        items: Sequence[Any],
+        ids: Sequence[str],
+        task: str,
+        num_vectors: int,
+        *,
+        folder: str | None,
+        storage: str,
+        chunk_size: int,
+        batch_size: int,
+        show_progress_bar: bool | None,
+        description: str,
+    ) -> StoredEmbeddings:
+        parts = []
+        dim = model.config.output_dim
+        for start in range(0, len(ids), chunk_size):
+            end = min(start + chunk_size, len(ids))
+            path = None if folder is None else os.path.join(folder, f"{task}-{start:09d}-{end:09d}")
+            part = _load_part(path, ids[start:end], num_vectors, dim, storage)
+            if part is None:
+                try:
+                    embeddings = model.encode(
+                        items[start:end],
+                        task,
+                        num_vectors=num_vectors,
+                        batch_size=batch_size,
+                        show_progress_bar=show_progress_bar,
+                    )
+                except ValueError as error:  # e.g. an unreadable image: say which dataset items
+                    raise ValueError(f"{description}: {task}s {start}..{end - 1}: {error}") from error
+                part = MetaEmbedIndex(dim, num_vectors, storage, getattr(model, "name_or_path", None))
+                part.add(embeddings, ids=list(ids[start:end]))
+                if path is not None:
+                    part.save(path)
+            parts.append(part)
+        return cls(parts)
+
+    def blocks(self, num_vectors: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(start position, float32 `[b, num_vectors, D]`) over all items, in bounded blocks."""
+        for part, part_start in zip(self.parts, self.starts):
+            size = max(1, _BLOCK_ELEMENTS // (num_vectors * part.dim))
+            for offset in range(0, len(part), size):
+                positions = range(offset, min(offset + size, len(part)))
+                yield part_start + offset, part.get_embeddings(positions, num_vectors)
+
+    def gather(self, positions: torch.Tensor, num_vectors: int) -> torch.Tensor:
+        """float32 `[len(positions), num_vectors, D]` in the order given."""
+        owners = torch.searchsorted(torch.tensor(self.starts[1:]), positions, right=True)
+        result = torch.empty(len(positions), num_vectors, self.parts[0].dim)
+        for number in owners.unique().tolist():
+            selected = (owners == number).nonzero().flatten()
+            local = positions[selected] - self.starts[number]
+            result[selected] = self.parts[number].get_embeddings(local, num_vectors)
+        return result
+
+
+def _load_part(path: str | None, ids: Sequence[str], num_vectors: int, dim: int, storage: str) -> MetaEmbedIndex | None:
+    """The saved part at `path` if it holds exactly these ids with enough vectors; None when it must be encoded
+    (absent, cut short by an interrupted run, or made with other settings)."""
+    if path is None or not os.path.isdir(path):
+        return None
+    try:
+        part = MetaEmbedIndex.load(path)
+    except (OSError, ValueError, KeyError):
+        return None  # a part whose save did not finish: encode it again (saving replaces it)
+    if part.ids != list(ids) or part.dim != dim or part.storage != storage or part.num_vectors < num_vectors:
+        return None
+    return part
+
+
+def _cache_folder(cache_dir: str | None, dataset: RetrievalDataset, fingerprint: str) -> str | None:
+    if cache_dir is None:
+        return None
+    identity = json.dumps(
+        [dataset.source, dataset.format, dataset.config, dataset.split, dataset.name, dataset.notes], default=str
+    )
+    safe_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset.name)[:80]
+    key = f"{safe_name}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
+    return os.path.join(cache_dir, key, fingerprint[:16])
+
+
+def check_budgets(budgets: Sequence[tuple[int, int]], model: Any) -> list[tuple[int, int]]:
+    """The budgets as (r_q, r_c) int pairs within the model's vector counts."""
+    if isinstance(budgets, (str, bytes)) or not len(budgets):
+        raise ValueError(f"budgets must be a non-empty list of (r_q, r_c) pairs, got {budgets!r}")
+    checked = []
+    for number, budget in enumerate(budgets):
+        if not isinstance(budget, Sequence) or len(budget) != 2:
+            raise ValueError(f"budgets[{number}] must be a pair (r_q, r_c), got {budget!r}")
+        checked.append(
+            (
+                check_num_vectors(budget[0], model.config.num_query_vectors, f"budgets[{number}] r_q"),
+                check_num_vectors(budget[1], model.config.num_candidate_vectors, f"budgets[{number}] r_c"),
+            )
+        )
+    return checked
+
+
+def _check_metrics(metrics: Sequence[str], dataset: RetrievalDataset) -> tuple[str, ...]:
+    """The metric names, checked before anything is encoded."""
+    if isinstance(metrics, str) or not metrics:
+        raise ValueError(f"metrics must be a non-empty list of names such as 'ndcg@10', got {metrics!r}")
+    if dataset.candidate_lists is not None:
+        if list(metrics) != list(LIST_METRICS):
+            raise ValueError(f"{dataset.name}: a dataset of candidate lists (MMEB) gives {LIST_METRICS}, not {metrics}")
+    else:
+        for name in metrics:
+            parse_metric(name)
+    return tuple(metrics)
+
+
+def evaluate(
+    model: Any,
+    data: RetrievalDataset | Sequence[RetrievalDataset],
+    budgets: Sequence[tuple[int, int]] = MMR_BUDGETS,
+    *,
+    metrics: Sequence[str] | None = None,
+    batch_size: int = 16,
+    cache_dir: str | os.PathLike | None = None,
+    storage: str = "float32",
+    chunk_size: int = 1024,
+    show_progress_bar: bool | None = None,
+) -> list[BudgetResult]:
+    """Evaluate `model` on every dataset at every budget.
+
+    Args:
+        model: a `MetaEmbedModel` (its `encode` and config are used).
+        data: one `RetrievalDataset` or several (see `metaembed.evaluation.readers`).
+        budgets: (r_q, r_c) pairs; the default is the paper's five.
+        metrics: metric names (`metrics.ranking_metrics`); default: each dataset's own (ViDoRe: nDCG@5 first,
+            BEIR: nDCG@10, recall@100, MRR@10; MMEB: precision@1 over each query's candidate list).
+        batch_size: items per forward pass.
+        cache_dir: keep the embeddings there (one `MetaEmbedIndex` per `chunk_size` items, saved as encoded);
+            reruns reuse them and interrupted runs resume. A dataset's embeddings are found again by its source,
+            format, config, split, name and notes, the model's `model_fingerprint` and the item ids: give a
+            dataset built in code a new name when its items change. None: in memory only.
+        storage: the index storage, "float32" (scores exactly as `model.score`), "float16" or "int8".
+        chunk_size: items per saved part.
+        show_progress_bar: passed to `model.encode` (None: when stderr is a terminal).
+
+    Returns:
+        One `BudgetResult` per dataset and budget (datasets outer, budgets in the order given): the metrics, the
+        index bytes per candidate at that r_c, and the scoring time per query (late interaction over all
+        candidates, or each query's list, and the top-k; encoding excluded).
+    """
+    datasets = [data] if isinstance(data, RetrievalDataset) else list(data)
+    if not datasets or not all(isinstance(dataset, RetrievalDataset) for dataset in datasets):
+        raise TypeError("data must be a RetrievalDataset or a non-empty list of them")
+    budgets = check_budgets(budgets, model)
+    batch_size = check_positive_int(batch_size, "batch_size")
+    chunk_size = check_positive_int(chunk_size, "chunk_size")
+    index_bytes_per_candidate(1, 1, storage)  # checks storage before any encoding
+    max_query_vectors = max(r_q for r_q, _ in budgets)
+    max_candidate_vectors = max(r_c for _, r_c in budgets)
+    fingerprint = model_fingerprint(model) if cache_dir is not None else ""
+    wanted_metrics = {id(dataset): _check_metrics(metrics or dataset.metrics, dataset) for dataset in datasets}
+    results = []
+    for dataset in datasets:
+        folder = _cache_folder(None if cache_dir is None else os.fspath(cache_dir), dataset, fingerprint)
+        common = {
+            "folder": folder,
+            "storage": storage,
+            "chunk_size": chunk_size,
+            "batch_size": batch_size,
+            "show_progress_bar": show_progress_bar,
+            "description": dataset.name,
+        }
+        queries = StoredEmbeddings.encode(
+            model, dataset.queries, dataset.query_ids, "query", max_query_vectors, **common
+        )
+        candidates = StoredEmbeddings.encode(
+            model, dataset.candidates, dataset.candidate_ids, "candidate", max_candidate_vectors, **common
+        )
+        query_embeddings = queries.gather(torch.arange(len(queries)), max_query_vectors)
+        wanted = wanted_metrics[id(dataset)]
+        for budget in budgets:
+            _score(query_embeddings[:1], candidates, dataset, budget, 1)  # untimed: first-call setup is not scoring
+            start = time.perf_counter()
+            scored = _score(query_embeddings, candidates, dataset, budget, metric_depth(wanted))
+            seconds = time.perf_counter() - start
+            if dataset.candidate_lists is not None:
+                values = {"precision@1": list_precision_at_1(scored)}
+            else:
+                values = ranking_metrics(dataset.qrels, scored, wanted)
+            results.append(
+                BudgetResult(
+                    dataset=dataset.name,
+                    budget=budget,
+                    metrics=values,
+                    main_metric=wanted[0],
+                    index_bytes_per_candidate=index_bytes_per_candidate(budget[1], model.config.output_dim, storage),
+                    scoring_ms_per_query=seconds * 1e3 / len(dataset.query_ids),
+                    num_queries=len(dataset.query_ids),
+                    num_candidates=len(dataset.candidate_ids),
+                    dataset_id=dataset.hub_id or dataset.source,
+                    dataset_config=dataset.config,
+                    dataset_split=dataset.split,
+                    dataset_revision=dataset.revision,
+                    format=dataset.format,
+                )
+            )
+    return results
+
+
+def _score(
+    queries: torch.Tensor, candidates: StoredEmbeddings, dataset: RetrievalDataset, budget: tuple[int, int], depth: int
+) -> Any:
+    """The first `len(queries)` queries' list scores (candidate-list datasets) or run (ranked datasets)."""
+    if dataset.candidate_lists is not None:
+        return score_candidate_lists(queries, candidates, dataset.candidate_lists[: len(queries)], budget)
+    return rank_candidates(queries, candidates, dataset.query_ids[: len(queries)], dataset.candidate_ids, budget, depth)
+
+
+def rank_candidates(
+    queries: torch.Tensor,
+    candidates: StoredEmbeddings,
+    query_ids: Sequence[str],
+    candidate_ids: Sequence[str],
+    budget: tuple[int, int],
+    depth: int,
+) -> dict[str, dict[str, float]]:
+    """Each query's `depth` best candidates at `budget`, under the tie rule of `metrics` (score, then id
+    descending), as a run {query id: {candidate id: score}}."""
+    ranks = torch.empty(len(candidate_ids), dtype=torch.long)
+    ranks[torch.tensor(sorted(range(len(candidate_ids)), key=candidate_ids.__getitem__))] = torch.arange(
+        len(candidate_ids)
+    )
+    num_query_vectors, num_candidate_vectors = budget
+    best = None
+    for start, block in candidates.blocks(num_candidate_vectors):
+        scores = late_interaction_scores(queries, block, num_query_vectors, num_candidate_vectors)
+        block_ranks = ranks[start : start + len(block)]
+        best = top_k_by_rule(scores, block_ranks, depth, best, start)
+    keys, positions = best
+    scores = scores_from_keys(keys).tolist()
+    return {
+        query: {candidate_ids[position]: score for position, score in zip(row_positions, row_scores)}
+        for query, row_positions, row_scores in zip(query_ids, positions.tolist(), scores)
+    }
+
+
+def score_candidate_lists(
+    queries: torch.Tensor,
+    candidates: StoredEmbeddings,
+    candidate_lists: Sequence[Sequence[int]],
+    budget: tuple[int, int],
+) -> list[torch.Tensor]:
+    """Each query's scores against its own candidate list (positions into `candidates`), at `budget`."""
+    num_query_vectors, num_candidate_vectors = budget
+    result: list[torch.Tensor] = []
+    for start in range(0, len(candidate_lists), _LIST_QUERY_CHUNK):
+        lists = candidate_lists[start : start + _LIST_QUERY_CHUNK]
+        union = torch.tensor(sorted({position for positions in lists for position in positions}))
+        scores = torch.empty(len(lists), len(union))
+        size = max(1, _BLOCK_ELEMENTS // (num_candidate_vectors * candidates.parts[0].dim))
+        for offset in range(0, len(union), size):
+            block = candidates.gather(union[offset : offset + size], num_candidate_vectors)
+            scores[:, offset : offset + size] = late_interaction_scores(
+                queries[start : start + len(lists)], block, num_query_vectors, num_candidate_vectors
+            )
+        columns = {position: column for column, position in enumerate(union.tolist())}
+        result.extend(
+            row[torch.tensor([columns[position] for position in positions])] for row, positions in zip(scores, lists)
+        )
+    return result
+
+
+__all__ = ["BudgetResult", "StoredEmbeddings", "evaluate", "index_bytes_per_candidate", "model_fingerprint"]
