@@ -63,9 +63,8 @@ setup(
         "eval": ["pytrec-eval-terrier>=0.5", "datasets>=3.0", "mteb>=2.26", "matplotlib>=3.8"],
         "test": [
             "pytest>=8",
-            "hypothesis>=6.100",
             "ruff>=0.6",
-            "hypothesis>=6.0",
+            "hypothesis>=6.100",
             "peft>=0.15",
             "datasets>=3.0",
             "accelerate>=1.0",
