@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -167,32 +166,6 @@ def load_model(name_or_path: str, dtype: str, device: str | None) -> Any:
     return model.to(device) if device else model
 
 
-def model_fingerprint(model: Any) -> str:
-    """sha256 of a model's config and weights: a shard encoded by another model (or other weights) is not reused."""
-    import torch
-
-    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name} {tensor.dtype} {list(tensor.shape)}".encode())
-        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
-
-
-def items_digest(items: list[Any]) -> str:
-    """sha256 of corpus items' content: their text and the bytes of their image files."""
-    digest = hashlib.sha256()
-    for item in items:
-        text, image = (item, None) if isinstance(item, str) else (item.get("text"), item.get("image"))
-        digest.update(json.dumps(text).encode())
-        if image is None:
-            digest.update(b"\0no image")
-            continue
-        with open(image, "rb") as file:
-            digest.update(hashlib.sha256(file.read()).digest())
-    return digest.hexdigest()
-
-
 def run_index(arguments: argparse.Namespace) -> None:
     """Encode a corpus into a MetaEmbedIndex folder. Under torchrun / accelerate launch every process encodes
     its share of the shards (no communication) into the job's generation; whichever process finds them all
@@ -200,6 +173,7 @@ def run_index(arguments: argparse.Namespace) -> None:
     rerun resumes and an edited corpus re-encodes only the shards whose items changed."""
     from scoring_metaembed import check_num_vectors
 
+    from .fingerprint import items_digest, model_fingerprint
     from .search import storage
     from .search.index import MetaEmbedIndex
 

@@ -489,6 +489,25 @@ def test_resumed_run_equals_uninterrupted_and_reruns_reuse_embeddings(eval_model
     assert rerun.calls == [("candidate", 3, 8)]
 
 
+def test_an_edited_item_is_encoded_again_never_served_stale(eval_model, colored_pages, tmp_path):
+    """Same ids, other content: the cache is keyed by the items' content, so only the edited part re-encodes and
+    the numbers are those of the edited data."""
+    dataset = toy_dataset(colored_pages)
+    cache = tmp_path / "cache"
+    evaluate(eval_model, dataset, BUDGETS, cache_dir=cache, chunk_size=3)
+    candidates = list(dataset.candidates)
+    candidates[4] = "a document about something else entirely"  # part 3..5
+    candidates[7] = colored_pages[COLORS[0]].rotate(90)  # part 6..8: an image with other pixels
+    edited = RetrievalDataset(
+        "toy", dataset.query_ids, dataset.queries, dataset.candidate_ids, candidates, qrels=dataset.qrels
+    )
+    rerun = CountingModel(eval_model)
+    assert numbers(evaluate(rerun, edited, BUDGETS, cache_dir=cache, chunk_size=3)) == numbers(
+        evaluate(eval_model, edited, BUDGETS)
+    )
+    assert rerun.calls == [("candidate", 3, 8), ("candidate", 3, 8)]
+
+
 def test_evaluate_refuses_bad_arguments(eval_model, colored_pages):
     dataset = toy_dataset(colored_pages)
     with pytest.raises(ValueError, match=r"budgets\[1\] r_c"):

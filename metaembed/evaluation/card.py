@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from ..search.storage import write_file_atomically
 from .evaluate import BudgetResult
 from .report import metric_label
 
@@ -62,13 +63,7 @@ def write_card_results(
     kept = [entry for entry in card.data.eval_results or [] if _key(entry) not in replaced]
     card.data.eval_results = kept + new
     card.data.model_name = card.data.model_name or model_name or os.path.basename(os.path.abspath(folder))
-    temporary = f"{path}.tmp-{os.getpid()}"
-    try:
-        card.save(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    write_file_atomically(path, card.save)  # the old card stays whole if anything fails
     return path
 
 

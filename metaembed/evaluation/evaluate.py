@@ -23,6 +23,7 @@ import torch
 
 from scoring_metaembed import MMR_BUDGETS, check_num_vectors, check_positive_int, late_interaction_scores
 
+from ..fingerprint import items_digest, model_fingerprint
 from ..search import MetaEmbedIndex
 from .metrics import (
     LIST_METRICS,
@@ -76,22 +77,6 @@ def index_bytes_per_candidate(num_vectors: int, dim: int, storage: str) -> int:
     return num_vectors * per_vector[storage]
 
 
-def model_fingerprint(model: Any) -> str:
-    """A hash of what decides a model's vectors: its config, its processor's settings and its Meta Token table and
-    projection (trained in every MetaEmbed training run). Names the embedding cache."""
-    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
-    processor = getattr(model, "processor", None)
-    if processor is not None:  # its plain settings (prompt style, prefixes, lengths) and the image processor's
-        settings = {key: value for key, value in vars(processor).items() if isinstance(value, (str, int, float))}
-        digest.update(json.dumps(settings, sort_keys=True).encode())
-        digest.update(processor.image_processor.to_json_string().encode())
-    for name, parameter in sorted(model.state_dict().items()):
-        if name.startswith(("meta_tokens", "projection")):
-            digest.update(name.encode())
-            digest.update(parameter.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 class StoredEmbeddings:
     """A dataset side's embeddings `[n, num_vectors, D]` as `MetaEmbedIndex` parts of `chunk_size` items, in the
     order of `ids`; parts are saved under `folder` (if given) as soon as they are encoded."""
@@ -125,7 +110,11 @@ class StoredEmbeddings:
         dim = model.config.output_dim
         for start in range(0, len(ids), chunk_size):
             end = min(start + chunk_size, len(ids))
-            path = None if folder is None else os.path.join(folder, f"{task}-{start:09d}-{end:09d}")
+            # Named by the items' content: an edited item (same id) gets a new part, never the old vectors.
+            path = None
+            if folder is not None:
+                digest = items_digest(items[start:end])[:16]
+                path = os.path.join(folder, f"{task}-{start:09d}-{end:09d}-{digest}")
             part = _load_part(path, ids[start:end], num_vectors, dim, storage)
             if part is None:
                 try:
@@ -241,9 +230,10 @@ def evaluate(
             BEIR: nDCG@10, recall@100, MRR@10; MMEB: precision@1 over each query's candidate list).
         batch_size: items per forward pass.
         cache_dir: keep the embeddings there (one `MetaEmbedIndex` per `chunk_size` items, saved as encoded);
-            reruns reuse them and interrupted runs resume. A dataset's embeddings are found again by its source,
-            format, config, split, name and notes, the model's `model_fingerprint` and the item ids: give a
-            dataset built in code a new name when its items change. None: in memory only.
+            reruns reuse them and interrupted runs resume. A part is reused only for the same dataset (source,
+            format, config, split, name, notes), the same model (`metaembed.fingerprint.model_fingerprint`: config,
+            processor settings, weights), the same ids and the same item content (`items_digest`: text and image
+            bytes or pixels); an edited item re-encodes its part. None: in memory only.
         storage: the index storage, "float32" (scores exactly as `model.score`), "float16" or "int8".
         chunk_size: items per saved part.
         show_progress_bar: passed to `model.encode` (None: when stderr is a terminal).
@@ -375,4 +365,4 @@ def score_candidate_lists(
     return result
 
 
-__all__ = ["BudgetResult", "StoredEmbeddings", "evaluate", "index_bytes_per_candidate", "model_fingerprint"]
+__all__ = ["BudgetResult", "StoredEmbeddings", "evaluate", "index_bytes_per_candidate"]

@@ -23,7 +23,7 @@ from typing import Any
 from modeling_metaembed import MetaEmbedModel, MetaEmbedPreTrainedModel
 from scoring_metaembed import check_num_vectors
 
-from .evaluate import model_fingerprint
+from ..fingerprint import model_fingerprint
 
 # Where MetaEmbed declares what it reads (also written to the saved folder's sentence_bert_config.json).
 MODALITIES = sorted(MetaEmbedPreTrainedModel.input_modalities)
