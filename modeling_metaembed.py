@@ -612,11 +612,13 @@ def _check_device_map_support(kwargs: dict[str, Any]) -> None:
 
 
 def _hub_file(file_name: str, name_or_path: str | None) -> bytes | None:
-    """Content of a Hub-set file: beside this module (a checkout, or the installed top-level modules), in the
-    installed package's `INSTALLED_HUB_FILES`, else in the folder or Hub repo the model was loaded from (remote
+    """Content of a Hub-set file: in the installed package's `INSTALLED_HUB_FILES`, beside this module (a
+    checkout, or the installed top-level modules), else in the folder or Hub repo the model was loaded from (remote
     code runs from the dynamic-module cache, which holds only the modules that `modeling_metaembed` imports)."""
     here = Path(__file__).resolve().parent
-    candidates = [here / file_name, here / INSTALLED_HUB_FILES / file_name]
+    # An installed package's own copy first: site-packages may hold another package's handler.py or
+    # requirements.txt beside the top-level modules.
+    candidates = [here / INSTALLED_HUB_FILES / file_name, here / file_name]
     if name_or_path:
         candidates.append(Path(name_or_path) / file_name)
     for candidate in candidates:
@@ -653,20 +655,30 @@ def save_sentence_transformers_config(save_directory: str | os.PathLike) -> None
         "config_sentence_transformers.json": model_config,
         # The module constructor's defaults (None = all vectors).
         SENTENCE_TRANSFORMERS_CONFIG_FILE: dict.fromkeys(SENTENCE_TRANSFORMERS_CONFIG_KEYS),
-        # The modalities, where sentence-transformers' Transformer module keeps them and mteb reads them (image
-        # tasks are refused for a model that declares none).
-        "sentence_bert_config.json": {
-            "modality_config": {
-                modality: {"method": "forward", "method_output_name": "token_embeddings"}
-                for modality in sorted(MetaEmbedPreTrainedModel.input_modalities)
-            },
-            "module_output_name": "token_embeddings",
-        },
     }
     for file_name, content in files.items():
-        with open(os.path.join(save_directory, file_name), "w", encoding="utf-8") as file:
-            json.dump(content, file, indent=2, sort_keys=True)
-            file.write("\n")
+        _write_json(os.path.join(save_directory, file_name), content)
+    save_modality_declaration(save_directory)
+
+
+def save_modality_declaration(save_directory: str | os.PathLike) -> None:
+    """Write `sentence_bert_config.json` with the modalities (text, image), where sentence-transformers'
+    Transformer module keeps them and mteb reads them (it refuses image tasks for a model that declares none).
+    Written by every save: `save_pretrained` and `MultiVectorEncoder.save` alike."""
+    declaration = {
+        "modality_config": {
+            modality: {"method": "forward", "method_output_name": "token_embeddings"}
+            for modality in sorted(MetaEmbedPreTrainedModel.input_modalities)
+        },
+        "module_output_name": "token_embeddings",
+    }
+    _write_json(os.path.join(save_directory, "sentence_bert_config.json"), declaration)
+
+
+def _write_json(path: str, content: Any) -> None:
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(content, file, indent=2, sort_keys=True)
+        file.write("\n")
 
 
 MetaEmbedModel.register_for_auto_class("AutoModel")
@@ -676,5 +688,6 @@ __all__ = [
     "MetaEmbedModel",
     "MetaEmbedOutput",
     "MetaEmbedPreTrainedModel",
+    "save_modality_declaration",
     "save_sentence_transformers_config",
 ]

@@ -40,6 +40,7 @@ try:
         SENTENCE_TRANSFORMERS_CONFIG_FILE,
         SENTENCE_TRANSFORMERS_CONFIG_KEYS,
         MetaEmbedModel,
+        save_modality_declaration,
         save_sentence_transformers_config,
     )
     from .processing_metaembed import MetaEmbedItem, MetaEmbedProcessor, Task, normalize_item, normalize_items
@@ -49,6 +50,7 @@ except ImportError:  # a checkout used as plain top-level modules
         SENTENCE_TRANSFORMERS_CONFIG_FILE,
         SENTENCE_TRANSFORMERS_CONFIG_KEYS,
         MetaEmbedModel,
+        save_modality_declaration,
         save_sentence_transformers_config,
     )
     from processing_metaembed import MetaEmbedItem, MetaEmbedProcessor, Task, normalize_item, normalize_items
@@ -256,6 +258,7 @@ class MetaEmbedModule(InputModule):
         `MultiVectorEncoder` that saves this module, so its prompts and settings are the ones kept.
         """
         self.model.save_pretrained(output_path, sentence_transformers_files=False)
+        save_modality_declaration(output_path)  # where mteb reads the modalities
         self.save_config(output_path)
 
     @classmethod

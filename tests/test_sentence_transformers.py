@@ -160,8 +160,12 @@ def test_save_and_reload_keeps_prompts_and_vector_counts(saved, tmp_path, mixed_
     queries = stacked(reloaded.encode_query(["a red circle"]))
     assert torch.equal(queries, model.encode_queries(["Find: a red circle"], num_vectors=2))
     assert torch.equal(stacked(reloaded.encode_document(mixed_items)), model.encode_candidates(mixed_items, 5))
-    # The re-saved folder is still a complete MetaEmbed folder for transformers.
+    # The re-saved folder is still a complete MetaEmbed folder for transformers, and still declares its
+    # modalities where mteb reads them (as save_pretrained does).
     assert "meta_tokens" in load_file(tmp_path / "resaved" / "model.safetensors")
+    for saved_folder in (folder, tmp_path / "resaved"):
+        declaration = json.loads((saved_folder / "sentence_bert_config.json").read_text())
+        assert sorted(declaration["modality_config"]) == ["image", "text"]
 
 
 def test_module_from_an_in_memory_model(saved, tmp_path, mixed_items):
