@@ -102,7 +102,12 @@ def read_corpus(path: str) -> tuple[list[Any], list[Any], list[Any]]:
     - a .jsonl file: one object per line with "text" and/or "image" (path relative to the file) and an optional
       "id"; any other fields become the metadata.
     - any other file: one text per non-empty line; id = the line number.
+
+    Every item is checked here, before anything is encoded; errors name it (`corpus.jsonl:4`, or an image's
+    path relative to the folder).
     """
+    from processing_metaembed import normalize_item
+
     if os.path.isdir(path):
         files = sorted(
             os.path.relpath(os.path.join(folder, name), path)
@@ -112,13 +117,17 @@ def read_corpus(path: str) -> tuple[list[Any], list[Any], list[Any]]:
         )
         if not files:
             raise ValueError(f"{path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
-        return [{"image": os.path.join(path, name)} for name in files], files, [{"path": name} for name in files]
+        items = [{"image": os.path.join(path, name)} for name in files]
+        for item, name in zip(items, files):
+            normalize_item(item, name)
+        return items, files, [{"path": name} for name in files]
     items, ids, metadata = [], [], []
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             if not path.endswith(".jsonl"):
+                normalize_item(line.rstrip("\n"), f"{path}:{number}")
                 items.append(line.rstrip("\n"))
                 ids.append(number)
                 metadata.append({"text": line.strip()})
@@ -134,6 +143,7 @@ def read_corpus(path: str) -> tuple[list[Any], list[Any], list[Any]]:
             if isinstance(identifier, bool) or not isinstance(identifier, (str, int)):
                 raise ValueError(f"{path}:{number}: 'id' must be a string or an integer, got {identifier!r}")
             items.append(_resolve_images(item, Path(path).resolve().parent))
+            normalize_item(items[-1], f"{path}:{number}")
             ids.append(identifier)
             metadata.append({key: value for key, value in row.items() if key != "id"})
     if not items:
@@ -173,7 +183,7 @@ def run_index(arguments: argparse.Namespace) -> None:
     rerun resumes and an edited corpus re-encodes only the shards whose items changed."""
     from scoring_metaembed import check_num_vectors
 
-    from .fingerprint import items_digest, model_fingerprint
+    from .fingerprint import items_digest, model_fingerprint, records_digest
     from .search import storage
     from .search.index import MetaEmbedIndex
 
@@ -192,25 +202,42 @@ def run_index(arguments: argparse.Namespace) -> None:
     shards = [
         (start, min(start + arguments.shard_size, len(items))) for start in range(0, len(items), arguments.shard_size)
     ]
-    sources = [{"items_sha256": items_digest(items[start:end]), "model_sha256": fingerprint} for start, end in shards]
+    # The reuse key: everything that decides a shard's bytes (its items' content, the model, the stored layout,
+    # its ids and metadata); `shard_written` also checks the tensors' header against the layout.
+    layout = {"storage": arguments.storage, "num_vectors": num_vectors, "dim": model.config.output_dim}
+    sources = [
+        {
+            **layout,
+            "items_sha256": items_digest(items[start:end]),
+            "records_sha256": records_digest(ids[start:end], metadata[start:end]),
+            "model_sha256": fingerprint,
+        }
+        for start, end in shards
+    ]
     generation = storage.job_generation({"settings": settings, "sources": sources})
     path = storage.generation_folder(folder, generation)
     reused = encoded = 0
-    for number in range(rank, len(shards), world_size):
-        start, end = shards[number]
-        shard_ids, source = ids[start:end], sources[number]
-        if storage.shard_written(path, number, len(shards), shard_ids, source) or storage.reuse_shard(
-            folder, path, number, len(shards), shard_ids, source
-        ):
-            reused += 1
-            continue
-        print(f"[rank {rank}] shard {number + 1}/{len(shards)}: items {start}..{end - 1}", flush=True)
-        embeddings = model.encode_candidates(
-            items[start:end], num_vectors=num_vectors, batch_size=arguments.batch_size, show_progress_bar=True
-        )
-        stored, scales = storage.quantize(embeddings, arguments.storage)
-        storage.write_shard(path, number, len(shards), stored, scales, shard_ids, metadata[start:end], source)
-        encoded += 1
+    own_shards = range(rank, len(shards), world_size)
+    try:
+        for number in own_shards:
+            start, end = shards[number]
+            shard_ids, source = ids[start:end], sources[number]
+            if storage.shard_written(path, number, len(shards), shard_ids, source) or storage.reuse_shard(
+                folder, path, number, len(shards), shard_ids, source
+            ):
+                reused += 1
+                continue
+            print(f"[rank {rank}] shard {number + 1}/{len(shards)}: items {start}..{end - 1}", flush=True)
+            embeddings = model.encode_candidates(
+                items[start:end], num_vectors=num_vectors, batch_size=arguments.batch_size, show_progress_bar=True
+            )
+            stored, scales = storage.quantize(embeddings, arguments.storage)
+            storage.write_shard(path, number, len(shards), stored, scales, shard_ids, metadata[start:end], source)
+            encoded += 1
+    except FileNotFoundError:
+        if os.path.isdir(path):
+            raise
+        raise _job_removed(folder) from None
     print(f"[rank {rank}] {reused} shard(s) reused, {encoded} encoded", flush=True)
     with storage.write_lock(folder, wait=True):  # a short wait for another rank committing the same job
         current = storage.read_manifest(folder)
@@ -222,11 +249,23 @@ def run_index(arguments: argparse.Namespace) -> None:
             for number, (start, end) in enumerate(shards)
             if not storage.shard_written(path, number, len(shards), ids[start:end], sources[number])
         ]
+        if set(waiting) & set(own_shards):
+            raise _job_removed(folder)
         if waiting:
             print(f"[rank {rank}] done; shard(s) {[n + 1 for n in waiting]} are other processes' to write", flush=True)
             return
         storage.commit(folder, generation, settings, len(shards))
     print(f"[rank {rank}] done: {folder}", flush=True)
+
+
+def _job_removed(folder: str) -> OSError:
+    """The error of a `metaembed index` process whose own shards were removed before it could commit them."""
+    from .search import storage
+
+    return storage.IndexChangedError(
+        f"{folder}: shards this process wrote were removed before the index was committed (another process saved "
+        "or committed an index into this folder meanwhile); nothing was committed: rerun when it is done"
+    )
 
 
 def _existing_index(folder: str) -> dict[str, Any] | None:
@@ -473,13 +512,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the `metaembed` command. Bad arguments and errors in what the user gave (files, folders, values)
-    print one line and exit with status 2, as argparse does; anything else is a bug and keeps its traceback."""
+    """Run the `metaembed` command. Bad arguments and errors in what the user gave (files, folders, values,
+    items of the wrong type) print one line and exit with status 2, as argparse does; anything else is a bug and
+    keeps its traceback."""
     parser = build_parser()
     arguments = parser.parse_args(argv)
     try:
         arguments.handler(arguments)
-    except (ValueError, OSError) as error:
+    except (TypeError, ValueError, OSError) as error:
         parser.exit(2, f"metaembed {arguments.command}: error: {error}\n")
 
 

@@ -46,6 +46,11 @@ def items_digest(items: Sequence[Any]) -> str:
     return digest.hexdigest()
 
 
+def records_digest(ids: Sequence[Any], metadata: Sequence[Any] | None) -> str:
+    """sha256 of the ids and metadata stored beside vectors (JSON, keys sorted): an edited one is not reused."""
+    return hashlib.sha256(json.dumps([list(ids), metadata], sort_keys=True).encode()).hexdigest()
+
+
 def _image_digest(image: Any) -> bytes:
     if image is None:
         return b"\0no image"
@@ -60,4 +65,4 @@ def _image_digest(image: Any) -> bytes:
     raise TypeError(f"cannot hash an image of type {type(image).__name__}")
 
 
-__all__ = ["items_digest", "model_fingerprint"]
+__all__ = ["items_digest", "model_fingerprint", "records_digest"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -39,6 +40,7 @@ def test_read_corpus_folder_jsonl_and_text(image_folder, tmp_path):
     assert ids == sorted(ids) and all(name.endswith(".png") for name in ids) and "nested/tall.png" in ids
     assert items[0] == {"image": os.path.join(str(image_folder), ids[0])} and metadata[0] == {"path": ids[0]}
     jsonl = tmp_path / "corpus.jsonl"
+    make_images()["rgb"].convert("RGB").save(tmp_path / "pic.png")  # items are checked as they are read
     jsonl.write_text(
         json.dumps({"id": "a", "text": "a caption", "source": "web"})
         + "\n\n"
@@ -246,3 +248,96 @@ def test_search_prints_only_found_candidates_when_a_two_stage_row_ends_early(mod
     hits = json.loads(capsys.readouterr().out)[0]["results"]
     assert 1 <= len(hits) <= 3 and all(hit["metadata"] is not None for hit in hits)
     assert [hit["rank"] for hit in hits] == list(range(1, len(hits) + 1))
+
+
+def test_resume_never_reuses_shards_of_another_storage_or_vector_count(model_dir, tmp_path, capsys):
+    from transformers import AutoModel
+
+    from metaembed.search import storage
+
+    corpus, output = tmp_path / "corpus.txt", str(tmp_path / "index")
+    lines = ["a red circle", "a blue square", "quarterly report"]
+    corpus.write_text("\n".join(lines) + "\n")
+    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True)
+    expected = model.encode_candidates(lines)
+    # The same --shard-size every time: only the storage / vector count differ from the shards already there.
+    for extra in (["--storage", "float16"], ["--storage", "int8"], ["--storage", "int8", "--num-vectors", "2"]):
+        capsys.readouterr()
+        main(["index", model_dir, str(corpus), output, "--shard-size", "2", "--overwrite", *extra])
+        assert "0 shard(s) reused, 2 encoded" in capsys.readouterr().out
+        index = MetaEmbedIndex.load(output)
+        assert index.storage == extra[1] and index.num_vectors == (
+            2 if "--num-vectors" in extra else model.config.num_candidate_vectors
+        )
+        stored = index.get_embeddings(range(3))
+        torch.testing.assert_close(stored, expected[:, : index.num_vectors], atol=2e-2, rtol=0)
+    # A sidecar that claims a layout its tensors do not have is never taken as written.
+    source = {"storage": "float16", "num_vectors": 2, "dim": 4}
+    path = str(tmp_path / "generation")
+    os.makedirs(path)
+    storage.write_shard(path, 0, 1, torch.zeros(1, 2, 4, dtype=torch.float16), None, ["a"], None, source)
+    assert storage.shard_written(path, 0, 1, ["a"], source)
+    for tensors in (torch.zeros(1, 2, 4), torch.zeros(1, 1, 4, dtype=torch.float16)):  # other dtype, other count
+        storage.write_shard(path, 0, 1, tensors, None, ["a"], None, source)
+        assert not storage.shard_written(path, 0, 1, ["a"], source)
+
+
+def test_resume_stores_edited_metadata_and_ids(model_dir, tmp_path, capsys):
+    corpus, output = tmp_path / "corpus.jsonl", str(tmp_path / "index")
+    rows = [{"id": "a", "text": "a red circle", "source": "web"}, {"id": "b", "text": "zebra", "source": "web"}]
+    rows.append({"id": "c", "text": "a blue square", "source": "web"})
+
+    def run() -> str:
+        corpus.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        capsys.readouterr()
+        main(["index", model_dir, str(corpus), output, "--storage", "float32", "--shard-size", "2"])
+        return capsys.readouterr().out
+
+    run()
+    rows[0]["source"] = "print"  # only the metadata of shard 1 changes
+    rows[2]["id"] = "c2"  # only the id of shard 2
+    assert "0 shard(s) reused, 2 encoded" in run()
+    index = MetaEmbedIndex.load(output)
+    assert index.ids == ["a", "b", "c2"] and index.metadata(0) == {"text": "a red circle", "source": "print"}
+    assert "2 shard(s) reused, 0 encoded" in run()
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ({"text": 5}, r"corpus\.jsonl:4\['text'\] is int, expected str"),
+        ({"image": 5}, r"corpus\.jsonl:4\['image'\] is int"),
+        ({"image": "missing.png"}, r"corpus\.jsonl:4\['image'\]: no image file"),
+        ({"text": "x<|image_pad|>"}, r"corpus\.jsonl:4\['text'\] contains the reserved token"),
+    ],
+)
+def test_a_bad_corpus_item_is_refused_by_line_before_anything_is_encoded(model_dir, tmp_path, capsys, line, message):
+    corpus, output = tmp_path / "corpus.jsonl", tmp_path / "index"
+    rows = [{"text": "a red circle"}, {"text": "zebra"}, {"text": "a blue square"}, line]
+    corpus.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    error = user_error(capsys, ["index", model_dir, str(corpus), str(output), "--shard-size", "1"])
+    assert re.search(message, error), error
+    assert not output.exists()  # nothing encoded, nothing written
+
+
+def test_a_job_whose_shards_another_writer_removed_fails_instead_of_reporting_done(
+    model_dir, tmp_path, capsys, monkeypatch
+):
+    from metaembed.search import storage
+
+    corpus, output = tmp_path / "corpus.txt", str(tmp_path / "index")
+    corpus.write_text("a red circle\nzebra\na blue square\n")
+    write_shard = storage.write_shard
+    other = MetaEmbedIndex(4, 1)
+    other.add(torch.ones(1, 1, 4), ids=["other"])
+
+    def write_then_another_save(path, number, total, *arguments):
+        write_shard(path, number, total, *arguments)
+        if number == total - 1:  # a concurrent `save` commits and removes this job's generation
+            monkeypatch.setattr(storage, "write_shard", write_shard)
+            other.save(output)
+
+    monkeypatch.setattr(storage, "write_shard", write_then_another_save)
+    error = user_error(capsys, ["index", model_dir, str(corpus), output, "--shard-size", "2"])
+    assert "shards this process wrote were removed before the index was committed" in error
+    assert MetaEmbedIndex.load(output).ids == ["other"]  # the other writer's index is whole

@@ -563,3 +563,77 @@ def test_a_shard_whose_data_is_not_aligned_loads_by_copy(candidates, tmp_path):
     shard.write_bytes(len(header).to_bytes(8, "little") + header + shard.read_bytes()[8 + header_size :])
     loaded = MetaEmbedIndex.load(str(tmp_path))
     assert torch.equal(loaded.get_embeddings(range(10)), index.get_embeddings(range(10)))
+
+
+def test_save_into_a_folder_without_an_index_keeps_files_named_like_version_1_ones(candidates, tmp_path):
+    # Version 1 names are removed only when the index being replaced was a version 1 index that owned them.
+    mine = {"ann.faiss": b"my faiss experiment", "shard-00000-of-00001.json": b'{"my": "notes"}'}
+    mine["shard-00000-of-00001.safetensors"] = b"my tensors"
+    for name, content in mine.items():
+        (tmp_path / name).write_bytes(content)
+    index = build(candidates[:10])
+    index.save(str(tmp_path))
+    index.save(str(tmp_path))  # over a version 2 index too
+    assert {name: (tmp_path / name).read_bytes() for name in mine} == mine
+    assert MetaEmbedIndex.load(str(tmp_path)).ids == index.ids
+
+
+def test_a_shard_removed_between_open_and_memory_map_loads_the_old_or_the_new_index(candidates, tmp_path, monkeypatch):
+    from metaembed.search import storage
+
+    old, new = build(candidates[:10]), build(candidates[10:30])
+    old.save(str(tmp_path))
+    parse_header = storage._parse_header
+
+    def writer_commits_meanwhile(*arguments):
+        # A writer commits a new version and removes the old generation while the reader has a shard open.
+        monkeypatch.setattr(storage, "_parse_header", parse_header)
+        new.save(str(tmp_path))
+        return parse_header(*arguments)
+
+    monkeypatch.setattr(storage, "_parse_header", writer_commits_meanwhile)
+    loaded = MetaEmbedIndex.load(str(tmp_path))
+    assert storage._parse_header is parse_header  # the race did happen
+    expected = old if len(loaded) == len(old) else new
+    assert loaded.ids == expected.ids
+    assert torch.equal(loaded.get_embeddings(range(len(loaded))), expected.get_embeddings(range(len(expected))))
+
+
+def test_an_ann_index_of_other_vectors_is_refused_at_load(candidates, tmp_path):
+    first, stale = build(candidates[:40]), build(candidates[:40])
+    first.build_ann(kind="flat")
+    stale.build_ann(kind="flat")
+    # A stale ANN index in memory: the vectors changed under it (same count, same ids). It is saved with what it
+    # was built from, and caught at load.
+    stale._shards = build(candidates[40:80])._shards
+    stale.save(str(tmp_path / "stale"))
+    (ann,) = (tmp_path / "stale").glob("gen-*/ann.faiss")
+    message = re.escape(f"{ann} was built from other vectors than the shards index.json lists")
+    with pytest.raises(ValueError, match=message):
+        MetaEmbedIndex.load(str(tmp_path / "stale"))
+    # Shards replaced on disk with their records updated to match (a tool that rewrote them): the ANN file and
+    # its record are intact, only what it was built from tells it apart.
+    first.save(str(tmp_path / "first"))
+    folder = tmp_path / "first"
+    manifest = json.loads((folder / "index.json").read_text())
+    second_index = MetaEmbedIndex(DIM, NUM_VECTORS)
+    second_index.add(candidates[80:120], [f"doc-{i}" for i in range(40)], [{"n": i} for i in range(40)])
+    second_index.save(str(tmp_path / "other"), max_shard_candidates=17)
+    other = json.loads((tmp_path / "other" / "index.json").read_text())
+    for entry in other["shards"]:
+        for suffix in (".safetensors", ".json"):
+            name = entry["name"] + suffix
+            (folder / manifest["generation"] / name).write_bytes(
+                (tmp_path / "other" / other["generation"] / name).read_bytes()
+            )
+    for entry in manifest["shards"]:
+        for suffix in (".safetensors", ".json"):
+            os.remove(folder / manifest["generation"] / (entry["name"] + suffix))
+    (folder / "index.json").write_text(json.dumps({**manifest, "shards": other["shards"]}))
+    (ann,) = folder.glob("gen-*/ann.faiss")
+    for mmap in (True, False):
+        with pytest.raises(ValueError, match=re.escape(f"{ann} was built from other vectors")):
+            MetaEmbedIndex.load(str(folder), mmap=mmap)
+    # The same files with the ANN index built from them load, and search with it.
+    first.save(str(tmp_path / "fresh"))
+    assert MetaEmbedIndex.load(str(tmp_path / "fresh"))._ann is not None

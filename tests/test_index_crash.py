@@ -130,7 +130,8 @@ def test_a_failure_at_every_file_operation_leaves_the_old_or_the_new_index(versi
         outcomes.append(loads_as_old_or_new(folder, old, new))
         save_and_check_clean(new, folder)  # and the next save cleans up whatever the failure left
         assert loads_as_old_or_new(folder, old, new) == "new"
-    # Failures before the manifest switch keep the old index, failures after it (clean-up) the new one.
+    # Failures before the manifest switch keep the old index, failures after it (clean-up) the new one: both
+    # occur, at every point of the save.
     assert outcomes[0] == "old" and outcomes[-1] == "new"
     assert outcomes == sorted(outcomes, key=["old", "new"].index)
 
@@ -173,17 +174,16 @@ def test_processes_killed_at_random_moments_leave_the_old_or_the_new_index(versi
         durations.append(save_in_child(new, folder)[1])
     span = 1.2 * max(durations)
     rng = random.Random(kill_signal)
-    outcomes = {"old": 0, "new": 0}
+    # Where the kills land depends on the machine's load, so no mix of outcomes is required here: that every
+    # point of a save gives the old or the new index is covered deterministically by the injection test above.
     for _ in range(30):
         save_and_check_clean(old, folder)
         status, finished = save_in_child(new, folder, kill_signal, rng.uniform(0.0, span))
         outcome = loads_as_old_or_new(folder, old, new)
-        outcomes[outcome] += 1
         if finished is None:  # cut short by the signal, not by anything else
             assert os.WTERMSIG(status) == kill_signal if os.WIFSIGNALED(status) else kill_signal == signal.SIGINT
         else:
             assert outcome == "new"
-    assert outcomes["old"] and outcomes["new"], outcomes  # the kills did land in the middle of saves
     save_and_check_clean(new, folder)
 
 

@@ -7,6 +7,7 @@ The folder layout is `storage`'s (the module that owns the file format).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import numbers
 import os
@@ -76,6 +77,9 @@ class MetaEmbedIndex:
         self._shards: list[_Shard] = []
         self._id_positions: dict[Any, int] = {}
         self._ann: Any = None
+        # sha256 of the float32 vectors the ANN index was built from (`_ann_vectors`), taken when it was built:
+        # saved with it and checked against the shards at load, so an ANN of other vectors is never used.
+        self._ann_vectors_sha256: str | None = None
         # How the ANN index is (re)built: kept across add (which drops a built index) and save / load.
         self._ann_settings: dict[str, Any] = {"num_vectors": 1, "kind": "hnsw", "hnsw_neighbors": 32, "ef_search": None}
         # Searches may run from several threads; only building the ANN index on first use needs a lock.
@@ -352,15 +356,29 @@ class MetaEmbedIndex:
             index = faiss.IndexFlatIP(self.dim)
         else:
             raise ValueError(f"kind must be 'hnsw' or 'flat', got {kind!r}")
-        for _, block in self._blocks(num_vectors):
-            index.add(block[:, :num_vectors].float().reshape(-1, self.dim).contiguous().numpy())
-        self._ann = index
+        digest = hashlib.sha256()
+        for vectors in self._ann_vectors(num_vectors):
+            digest.update(vectors.tobytes())
+            index.add(vectors)
+        self._ann, self._ann_vectors_sha256 = index, digest.hexdigest()
         self._ann_settings = {
             "num_vectors": num_vectors,
             "kind": kind,
             "hnsw_neighbors": hnsw_neighbors,
             "ef_search": ef_search,
         }
+
+    def _ann_vectors(self, num_vectors: int) -> Iterator[Any]:
+        """The vectors an ANN index over each candidate's first `num_vectors` holds, in order: float32 numpy
+        blocks `[n * num_vectors, D]`."""
+        for _, block in self._blocks(num_vectors):
+            yield block[:, :num_vectors].float().reshape(-1, self.dim).contiguous().numpy()
+
+    def _ann_vectors_digest(self, num_vectors: int) -> str:
+        digest = hashlib.sha256()
+        for vectors in self._ann_vectors(num_vectors):
+            digest.update(vectors.tobytes())
+        return digest.hexdigest()
 
     def ann_search(self, queries: torch.Tensor, shortlist_size: int, num_query_vectors: int = 1) -> list[torch.Tensor]:
         """First stage: per query, the candidates (int64 positions, each once, best first) owning the
@@ -421,7 +439,8 @@ class MetaEmbedIndex:
                 storage.write_file_atomically(
                     os.path.join(path, storage.ANN_FILE), lambda temporary: faiss.write_index(self._ann, temporary)
                 )
-            storage.commit(folder, generation, self.manifest(), len(pieces), ann_written=self._ann is not None)
+            ann_vectors_sha256 = None if self._ann is None else self._ann_vectors_sha256
+            storage.commit(folder, generation, self.manifest(), len(pieces), ann_vectors_sha256)
 
     def _pieces(self, max_shard_candidates: int | None) -> Iterator[tuple[Any, ...]]:
         for shard in self._shards:
@@ -452,7 +471,8 @@ class MetaEmbedIndex:
         """Open a saved index. With `mmap` (default) the shards are memory-mapped: opening is instant and
         only the pages a search touches are read (a budget's first r_c vectors). Every file is checked against
         the sizes index.json records and against its own structure (without `mmap`, also against its sha256);
-        errors name the file."""
+        a saved ANN index is used only if the vectors it was built from are the shards' (their first vectors
+        are read to check it). Errors name the file."""
         for attempt in range(3):
             manifest = storage.read_manifest(folder)
             if manifest is None:
@@ -491,11 +511,15 @@ class MetaEmbedIndex:
         if ann_path is not None:
             import numpy
 
-            content = storage.read_ann_bytes(ann_path, manifest)
+            content, vectors_sha256 = storage.read_ann(ann_path, manifest)
+            if vectors_sha256 != index._ann_vectors_digest(index._ann_settings["num_vectors"]):
+                raise ValueError(
+                    f"{ann_path} was built from other vectors than the shards {storage.MANIFEST_FILE} lists"
+                )
             ann = _import_faiss().deserialize_index(numpy.frombuffer(content, dtype=numpy.uint8))
             if ann.ntotal != len(index) * index._ann_settings["num_vectors"]:
                 raise ValueError(f"{ann_path} holds {ann.ntotal} vectors, the shards {len(index)} candidates")
-            index._ann = ann
+            index._ann, index._ann_vectors_sha256 = ann, vectors_sha256
         return index
 
 

@@ -8,7 +8,8 @@
                                             "scales" [n, R_c] float32 (int8 storage only)
         shard-00000-of-00002.json           ids and metadata of that shard's candidates (and, from
                                             `metaembed index`, a hash of their content and of the model)
-        ann.faiss                           optional: the first-stage ANN index (faiss, built by `build_ann`)
+        ann.faiss                           optional: the first-stage ANN index (faiss, built by `build_ann`);
+                                            index.json records the sha256 of the vectors it was built from
 
 A save writes a new generation beside the current one (each file fsynced), then replaces index.json atomically
 (the commit), then removes older generations. Readers open only what index.json names, so at every instant they
@@ -18,7 +19,8 @@ Each process of a multi-process encode (`metaembed index`) writes its own shards
 whichever process finds all shards written commits it. No communication is needed.
 
 Version 1 folders (index.json with `shard-*` files beside it, no generation) still load. Their ann.faiss is not
-used (nothing ties it to the shards; it is rebuilt on first use), and the next save replaces their files.
+used (nothing ties it to the shards; it is rebuilt on first use), and the next save replaces their files. Top-level
+files with version 1 names are removed only then, when the index.json replaced was a version 1 index's.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
+from mmap import ACCESS_COPY
+from mmap import mmap as map_file
 from typing import Any, NamedTuple
 
 import torch
@@ -55,6 +59,10 @@ _HASH_BLOCK = 1 << 22
 
 class IndexLockedError(OSError):
     """Another process holds the write lock of an index folder."""
+
+
+class IndexChangedError(OSError):
+    """Another process changed an index folder while this one was writing into it: nothing was committed."""
 
 
 class ShardFiles(NamedTuple):
@@ -142,16 +150,37 @@ def write_shard(
 
 
 def shard_written(generation_path: str, number: int, total: int, ids: list[Any], source: dict[str, Any]) -> bool:
-    """Shard `number` of `total` of a generation is whole and was made from `source` for exactly `ids`."""
+    """Shard `number` of `total` of a generation is whole, was made from `source` for exactly `ids`, and its
+    tensors have the layout `source` names ("storage", "num_vectors", "dim"): the header is checked too, so a
+    sidecar that claims what the tensors are not never lets the shard be reused."""
     stem = os.path.join(generation_path, shard_stem(number, total))
-    if not os.path.isfile(stem + ".safetensors"):
-        return False
     try:
         with open(stem + ".json", encoding="utf-8") as file:
             sidecar = json.load(file)
+        matches = isinstance(sidecar, dict) and sidecar.get("ids") == ids and sidecar.get("source") == source
+        return matches and _has_layout(stem + ".safetensors", len(ids), source)
     except (OSError, ValueError):
         return False
-    return isinstance(sidecar, dict) and sidecar.get("ids") == ids and sidecar.get("source") == source
+
+
+def _has_layout(path: str, count: int, source: dict[str, Any]) -> bool:
+    """The safetensors file at `path` holds `count` candidates in the storage dtype, vector count and dim of
+    `source` (and int8 scales exactly when the storage is int8). Raises OSError / ValueError if unreadable."""
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        prefix = file.read(8)
+        prefix += file.read(min(int.from_bytes(prefix.ljust(8, b"\0"), "little"), _MAX_HEADER_BYTES))
+    _, entries = _parse_header(path, size, prefix)
+    storage = source.get("storage")
+    embeddings, scales = entries.get("embeddings"), entries.get("scales")
+    expected = ({"embeddings"} | ({"scales"} if storage == "int8" else set())) == set(entries)
+    return (
+        expected
+        and storage in STORAGE_DTYPES
+        and _SAFETENSORS_DTYPES[embeddings["dtype"]] == STORAGE_DTYPES[storage]
+        and embeddings["shape"] == [count, source.get("num_vectors"), source.get("dim")]
+        and (scales is None or (scales["dtype"] == "F32" and scales["shape"] == [count, source.get("num_vectors")]))
+    )
 
 
 def reuse_shard(folder: str, generation_path: str, number: int, total: int, ids: list[Any], source: Any) -> bool:
@@ -183,11 +212,12 @@ def _linker(source_path: str) -> Callable[[str], None]:
 
 
 def commit(
-    folder: str, generation: str, settings: dict[str, Any], num_shards: int, ann_written: bool = False
+    folder: str, generation: str, settings: dict[str, Any], num_shards: int, ann_vectors_sha256: str | None = None
 ) -> dict[str, Any]:
-    """Make `generation` (its `num_shards` shards and, if `ann_written`, its ANN file) the index of `folder`:
-    record each file's size and sha256 with `settings` in index.json, replace it atomically, then remove what
-    older versions left. Call it holding `write_lock`. Returns the manifest."""
+    """Make `generation` (its `num_shards` shards and, if `ann_vectors_sha256` is given, its ANN file, built from
+    vectors of that digest: see `MetaEmbedIndex.build_ann`) the index of `folder`: record each file's size and
+    sha256 with `settings` in index.json, replace it atomically, then remove what older versions left. Call it
+    holding `write_lock`. Returns the manifest."""
     path = os.path.join(folder, generation)
     shards = []
     for number in range(num_shards):
@@ -200,31 +230,37 @@ def commit(
             }
         )
     ann = None
-    if ann_written:
-        ann = {"name": ANN_FILE, **_file_record(os.path.join(path, ANN_FILE)), "built_from": _shards_digest(shards)}
+    if ann_vectors_sha256 is not None:
+        ann = {"name": ANN_FILE, **_file_record(os.path.join(path, ANN_FILE)), "vectors_sha256": ann_vectors_sha256}
+    previous = read_manifest(folder)
     manifest = {**settings, "version": FORMAT_VERSION, "generation": generation, "shards": shards, "ann_file": ann}
     write_json_atomically(os.path.join(folder, MANIFEST_FILE), manifest)
-    remove_leftovers(folder, manifest)
+    remove_leftovers(folder, manifest, replaced_version_1=previous is not None and previous.get("version", 1) == 1)
     return manifest
 
 
-def remove_leftovers(folder: str, manifest: dict[str, Any]) -> None:
+def remove_leftovers(folder: str, manifest: dict[str, Any], replaced_version_1: bool = False) -> None:
     """Remove, from a folder whose index.json is `manifest` (version 2), the files of this format it does not
-    name: older generations, version 1 shards, temporary files of interrupted writes. Nothing else is touched;
-    a generation folder holding anything else stays."""
+    name: older generations and temporary files of interrupted writes, and, when `replaced_version_1` (the
+    manifest just replaced was a version 1 index's), that index's shards, ANN file and staging folders. Nothing
+    else is touched: top-level files that merely look like version 1 names are the user's unless a version 1
+    index owned them, and a generation folder holding anything else stays."""
     keep = manifest["generation"]
     named = {entry["name"] + suffix for entry in manifest["shards"] for suffix in (".safetensors", ".json")}
     if manifest.get("ann_file"):
         named.add(ANN_FILE)
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
-        if os.path.isdir(path) and (_GENERATION_PATTERN.match(name) or _VERSION_1_STAGING.match(name)):
+        version_1_staging = replaced_version_1 and _VERSION_1_STAGING.match(name)
+        if os.path.isdir(path) and (_GENERATION_PATTERN.match(name) or version_1_staging):
             _remove_format_files(path, named if name == keep else set())
             if name != keep:
                 with contextlib.suppress(OSError):  # not empty: something that is not ours is in there
                     os.rmdir(path)
-        elif os.path.isfile(path) and (_is_format_file(name) or _is_temporary(name, MANIFEST_FILE)):
-            os.remove(path)  # version 1 shards and ANN file, temporary files
+        elif os.path.isfile(path) and (
+            _is_temporary(name, MANIFEST_FILE) or (replaced_version_1 and _is_format_file(name))
+        ):
+            os.remove(path)
     _fsync_directory(folder)
 
 
@@ -302,11 +338,6 @@ def _sha256(path: str) -> str:  # of a file written by this process, never of on
     return digest.hexdigest()
 
 
-def _shards_digest(shards: list[dict[str, Any]]) -> str:
-    """What an ANN file was built from: the hashes of the shards' tensors, in order."""
-    return hashlib.sha256("".join(entry["safetensors"]["sha256"] for entry in shards).encode()).hexdigest()
-
-
 # -- reading --------------------------------------------------------------------------------------------------
 
 
@@ -347,7 +378,7 @@ def _valid_shard_entry(entry: Any, number: int, total: int) -> bool:
 def index_files(folder: str, manifest: dict[str, Any]) -> tuple[list[ShardFiles], str | None]:
     """The shard files `manifest` (from `read_manifest(folder)`) names, in order, and the path of its ANN file
     (None if there is none or it is a version 1 folder's, which nothing ties to the shards); read it with
-    `read_ann_bytes`."""
+    `read_ann`."""
     if manifest.get("version", 1) == 1:
         paths = _v1_shards(folder)
         return [ShardFiles(path, path.removesuffix(".safetensors") + ".json", None, None) for path in paths], None
@@ -362,17 +393,15 @@ def index_files(folder: str, manifest: dict[str, Any]) -> tuple[list[ShardFiles]
         for entry in manifest["shards"]
     ]
     ann = manifest.get("ann_file")
-    if not ann:
-        return shards, None
-    ann_path = os.path.join(path, ANN_FILE)
-    if not isinstance(ann, dict) or ann.get("built_from") != _shards_digest(manifest["shards"]):
-        raise ValueError(f"{ann_path} was built from other vectors than the shards {MANIFEST_FILE} lists")
-    return shards, ann_path
+    if not isinstance(ann, dict) or not isinstance(ann.get("vectors_sha256"), str):
+        return shards, None  # none, or one that records nothing it was built from: rebuilt on first use
+    return shards, os.path.join(path, ANN_FILE)
 
 
-def read_ann_bytes(ann_path: str, manifest: dict[str, Any]) -> bytes:
-    """The content of the ANN file `index_files` returned, checked against its size and sha256 in `manifest`."""
-    return _read_checked(ann_path, manifest["ann_file"])
+def read_ann(ann_path: str, manifest: dict[str, Any]) -> tuple[bytes, str]:
+    """(content, digest of the vectors it was built from) of the ANN file `index_files` returned, the content
+    checked against its size and sha256 in `manifest`; the caller checks the digest against the shards."""
+    return _read_checked(ann_path, manifest["ann_file"]), manifest["ann_file"]["vectors_sha256"]
 
 
 def _v1_shards(folder: str) -> list[str]:
@@ -499,7 +528,7 @@ def _offsets(path: str, name: str, entry: Any) -> tuple[int, int]:
 
 def _read_safetensors(path: str, record: dict[str, Any] | None, mmap: bool) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file, validated (see `_parse_header`) and checked against its manifest record.
-    With `mmap`, views of a copy-on-write memory map of the file (the mechanism of `torch.load(mmap=True)`): nothing
+    With `mmap`, views of a copy-on-write memory map of the file: nothing
     is read until used, and the content is not hashed. Without, the file is read whole and its sha256 checked."""
     if not mmap:
         from safetensors.torch import load
@@ -514,7 +543,10 @@ def _read_safetensors(path: str, record: dict[str, Any] | None, mmap: bool) -> d
             prefix = file.read(8)
             prefix += file.read(min(int.from_bytes(prefix, "little"), _MAX_HEADER_BYTES))
             data_start, entries = _parse_header(path, size, prefix)
-            storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
+            # Mapped from the file already open, never reopened by name: a writer may have removed (or a rerun
+            # replaced) the path since, and what was checked must be what is mapped.
+            storage = torch.frombuffer(map_file(file.fileno(), size, access=ACCESS_COPY), dtype=torch.uint8)
+            storage = storage.untyped_storage()
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} is missing") from None
     tensors = {}
