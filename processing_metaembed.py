@@ -12,9 +12,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import PIL.ExifTags
 import PIL.Image
 import PIL.ImageChops
-import PIL.ImageOps
 import torch
 from transformers import BatchFeature, ProcessorMixin
 
@@ -56,10 +56,12 @@ ImageLike = PIL.Image.Image | str | os.PathLike
 
 @dataclass(frozen=True)
 class MetaEmbedItem:
-    """One checked input item. `image` is a PIL image or a path that has not been opened yet."""
+    """One checked input item (made by `normalize_item`). `image` is a PIL image or a path that has not been
+    opened yet; `image_loaded` says it is `load_image`'s output already (see `load_item`)."""
 
     text: str | None
     image: ImageLike | None
+    image_loaded: bool = False
 
 
 def check_task(task: Any) -> Task:
@@ -77,8 +79,11 @@ def normalize_item(item: Any, where: str) -> MetaEmbedItem:
     """Check one user item and return it as a `MetaEmbedItem`; `where` names it in errors (e.g. "inputs[3]").
 
     A `str` is always text (never sniffed as a path), a `PIL.Image.Image` an image, and a dict holds
-    "text" and/or "image" (a PIL image or a file path).
+    "text" and/or "image" (a PIL image or a file path). A `MetaEmbedItem` was checked here already and is
+    returned as it is, so each item is checked once however many layers pass it on.
     """
+    if isinstance(item, MetaEmbedItem):
+        return item
     if isinstance(item, str):
         return MetaEmbedItem(text=_check_text(item, where), image=None)
     if isinstance(item, PIL.Image.Image):
@@ -104,6 +109,14 @@ def normalize_item(item: Any, where: str) -> MetaEmbedItem:
     raise TypeError(
         f"{where} is {_describe(item)}; expected a str (text), a PIL.Image.Image, or a dict with 'text' and/or 'image'"
     )
+
+
+def load_item(item: MetaEmbedItem, where: str) -> MetaEmbedItem:
+    """`item` with its image through `load_image` (`where` names the image in errors). An item whose image is
+    loaded already is returned as it is: each image is decoded and converted once per call."""
+    if item.image is None or item.image_loaded:
+        return item
+    return MetaEmbedItem(text=item.text, image=load_image(item.image, where), image_loaded=True)
 
 
 def _check_image_file(path: str | os.PathLike, where: str) -> None:
@@ -159,7 +172,9 @@ def normalize_items(inputs: Any, argument_name: str = "inputs") -> list[MetaEmbe
 def load_image(image: ImageLike, where: str) -> PIL.Image.Image:
     """Open (if a path) and convert an image to 8-bit RGB, resizing edges under 28 px up.
 
-    - The EXIF orientation is applied, as browsers and transformers' `load_image` do.
+    - The EXIF orientation is applied, as browsers and transformers' `load_image` do; an EXIF block that does not
+      parse means no orientation (it is metadata, not pixels). The result carries no EXIF, so converting it
+      again changes nothing.
     - Transparent images (RGBA, LA, La, RGBa, PA, palette with transparency) are composited on white, as the
       Qwen-VL processors do, so they give the same pixels whichever image processor backend runs.
     - 16-bit and 32-bit integer images ("I;16*", "I") are scaled from the 16-bit range (what 16-bit PNG and TIFF
@@ -178,7 +193,7 @@ def load_image(image: ImageLike, where: str) -> PIL.Image.Image:
         except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
             raise ValueError(f"{where}: cannot read image file {os.fspath(image)!r}: {error}") from error
     try:
-        image = _to_rgb(PIL.ImageOps.exif_transpose(image))
+        image = _to_rgb(_apply_exif_orientation(image))
     except (OSError, SyntaxError, ValueError, AttributeError, TypeError) as error:
         # e.g. a lazily opened image whose file was closed, or a mode PIL cannot convert.
         raise ValueError(f"{where}: cannot read {image.mode} image: {error or type(error).__name__}") from error
@@ -191,6 +206,36 @@ def load_image(image: ImageLike, where: str) -> PIL.Image.Image:
         scale = MIN_IMAGE_EDGE / min(width, height)
         image = image.resize((max(MIN_IMAGE_EDGE, round(width * scale)), max(MIN_IMAGE_EDGE, round(height * scale))))
     return image
+
+
+_ORIENTATION_TRANSPOSES = {
+    2: PIL.Image.Transpose.FLIP_LEFT_RIGHT,
+    3: PIL.Image.Transpose.ROTATE_180,
+    4: PIL.Image.Transpose.FLIP_TOP_BOTTOM,
+    5: PIL.Image.Transpose.TRANSPOSE,
+    6: PIL.Image.Transpose.ROTATE_270,
+    7: PIL.Image.Transpose.TRANSVERSE,
+    8: PIL.Image.Transpose.ROTATE_90,
+}
+# Metadata that can hold an orientation (EXIF, as PNG text, XMP); dropped once the orientation is applied.
+_ORIENTATION_INFO_KEYS = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
+
+
+def _apply_exif_orientation(image: PIL.Image.Image) -> PIL.Image.Image:
+    """`image` turned upright by its EXIF (or XMP) orientation, without orientation metadata; `image` itself
+    (never modified) when it has no orientation or its EXIF block does not parse."""
+    image.load()
+    try:
+        orientation = image.getexif().get(PIL.ExifTags.Base.Orientation, 1)
+    except Exception:  # PIL raises SyntaxError, struct.error, ... on a corrupt EXIF block
+        orientation = 1
+    transpose = _ORIENTATION_TRANSPOSES.get(orientation)
+    if transpose is None:
+        return image
+    upright = image.transpose(transpose)  # a new image with a copy of `info`
+    for key in _ORIENTATION_INFO_KEYS:
+        upright.info.pop(key, None)
+    return upright
 
 
 def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
@@ -344,7 +389,8 @@ class MetaEmbedProcessor(ProcessorMixin):
 
     def process_checked_items(self, items: list[MetaEmbedItem], task: Task, item_names: list[str]) -> BatchFeature:
         """`process_items` for callers that checked `task` already (e.g. `MetaEmbedModel.encode`)."""
-        images = [load_image(item.image, f"{name}['image']") for item, name in zip(items, item_names) if item.image]
+        items = [load_item(item, f"{name}['image']") for item, name in zip(items, item_names)]
+        images = [item.image for item in items if item.image is not None]
         image_inputs: dict[str, torch.Tensor] = {}
         image_token_counts: list[int] = []
         if images:
@@ -401,5 +447,7 @@ __all__ = [
     "MetaEmbedProcessor",
     "check_task",
     "load_image",
+    "load_item",
+    "normalize_item",
     "normalize_items",
 ]

@@ -183,6 +183,25 @@ def test_exif_orientation_is_applied(tmp_path):
         assert loaded.size == (30, 40) and np.array_equal(np.asarray(loaded), np.asarray(expected))
 
 
+def test_an_unparsable_exif_block_means_no_orientation():
+    image = Image.new("RGB", (30, 40), (10, 20, 30))
+    image.info["exif"] = b"Exif\0\0M\x07\0*\0\0\0\x08"  # a broken TIFF header
+    loaded = load_image(image, "x")
+    assert loaded.size == (30, 40) and np.array_equal(np.asarray(loaded), np.asarray(image))
+
+
+def test_an_oriented_image_loads_without_its_exif_so_loading_again_changes_nothing():
+    image = Image.new("RGB", (40, 30), (200, 10, 10))
+    image.putpixel((0, 0), (0, 0, 255))
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.info["exif"] = exif.tobytes()
+    loaded = load_image(image, "x")
+    assert loaded.size == (30, 40) and "exif" not in loaded.info and image.info["exif"]  # the caller's is kept
+    again = load_image(loaded, "x")
+    assert again.size == (30, 40) and np.array_equal(np.asarray(again), np.asarray(loaded))
+
+
 @pytest.mark.parametrize("mode", ["La", "LA", "PA", "RGBa", "RGBA", "CMYK", "1", "P", "L", "YCbCr", "HSV", "LAB"])
 def test_every_pil_mode_gives_rgb(mode):
     image = Image.new(mode, (30, 30))
