@@ -338,8 +338,10 @@ class EndpointHandler:
                 raise RequestError(
                     f"parameters: num_vectors must be an int or a string of decimal digits, got {_short(num_vectors)}"
                 )
-            # Leading zeros aside, a count this long is out of range anyway (and int() limits digit strings).
-            num_vectors = int(num_vectors.lstrip("0")[:18] or "0")
+            digits = num_vectors.lstrip("0") or "0"
+            if len(digits) > 19:  # out of range anyway (and int() limits digit strings): quoted as sent
+                raise RequestError(f"parameters: num_vectors is out of range, got {_short(num_vectors)}")
+            num_vectors = int(digits)
         if isinstance(num_vectors, int) and not isinstance(num_vectors, bool) and num_vectors.bit_length() > 63:
             raise RequestError(f"parameters: num_vectors is out of range, got {_short(num_vectors)}")
         try:

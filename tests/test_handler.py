@@ -363,7 +363,10 @@ PNG = encode_image(Image.new("RGB", (40, 40), "red"))
         ({"inputs": ["a"], "parameters": {"num_vectors": ""}}, ["num_vectors must be an int", "''"]),
         ({"inputs": ["a"], "parameters": {"num_vectors": "²"}}, ["num_vectors must be an int"]),
         ({"inputs": ["a"], "parameters": {"num_vectors": "9"}}, ["num_vectors", "between 1 and 8", "got 9"]),
-        ({"inputs": ["a"], "parameters": {"num_vectors": "9" * 5000}}, ["num_vectors", "between 1 and 8"]),
+        # A long digit string is quoted as sent (cut with "..." past 80 characters), not as a number cut to 18 digits.
+        ({"inputs": ["a"], "parameters": {"num_vectors": "1" * 30}}, ["num_vectors", "out of range", repr("1" * 30)]),
+        ({"inputs": ["a"], "parameters": {"num_vectors": "0" * 30 + "9"}}, ["num_vectors", "between 1 and 8", "got 9"]),
+        ({"inputs": ["a"], "parameters": {"num_vectors": "9" * 5000}}, ["num_vectors", "out of range", "'9999", "..."]),
         ({"inputs": ["a"], "parameters": {"num_vectors": 10**4000}}, ["num_vectors is out of range"]),
         ({"inputs": ["a"], "parameters": {"task": 10**4000}}, ["task must be", "number"]),
         ({"inputs": ["a"], "parameters": {"num_vectors": True}}, ["num_vectors must be an int", "bool"]),
