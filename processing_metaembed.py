@@ -7,6 +7,7 @@ here: the model appends exactly the ones a call needs.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from dataclasses import dataclass
@@ -325,10 +326,14 @@ class MetaEmbedProcessor(ProcessorMixin):
 
         Given both, item i is text[i] + images[i]. Returns the same fields as `process_items`. Options of the
         generic convention (`padding`, `truncation`, `return_tensors`, per-modality kwargs dicts) are accepted
-        and fixed by MetaEmbed: left padding to the longest item, content truncation to `max_text_tokens`,
-        PyTorch tensors.
+        and fixed by MetaEmbed: left padding to the longest item, content truncation, PyTorch tensors;
+        `max_length` is the most tokens of an item's text for this call (`max_text_tokens` otherwise).
         """
-        self._check_call_options(kwargs)
+        max_length = self._check_call_options(kwargs)
+        processor = self
+        if max_length is not None and max_length != self.max_text_tokens:
+            processor = copy.copy(self)  # this call only: the processor may be shared between threads
+            processor.max_text_tokens = max_length
         texts = [text] if isinstance(text, str) else text
         image_list = [images] if isinstance(images, (PIL.Image.Image, str, os.PathLike)) else images
         if texts is None and image_list is None:
@@ -343,26 +348,32 @@ class MetaEmbedProcessor(ProcessorMixin):
                 raw_items = [{"image": image} for image in raw_items]
             elif not all(isinstance(item, str) for item in raw_items):
                 raise TypeError("text must be a str or a list of str")
-        return self.process_items(normalize_items(raw_items), "candidate")
+        return processor.process_items(normalize_items(raw_items), "candidate")
 
     @staticmethod
-    def _check_call_options(options: dict[str, Any]) -> None:
-        """Refuse options that would change the output, so none is silently ignored."""
+    def _check_call_options(options: dict[str, Any]) -> int | None:
+        """Refuse options that would change the output, so none is silently ignored. Returns the `max_length`
+        asked for (the most tokens of an item's text; the Meta Tokens and the prompt are never cut), if any."""
         fixed = {
             "padding": (True, "longest"),
             "return_tensors": ("pt",),
             "truncation": (True, None, "longest_first"),  # content is always cut to max_text_tokens
         }
+        max_lengths = set()
         for name, value in options.items():
             if name in ("text_kwargs", "images_kwargs", "audio_kwargs", "videos_kwargs", "common_kwargs"):
-                MetaEmbedProcessor._check_call_options(value or {})
+                max_lengths.add(MetaEmbedProcessor._check_call_options(value or {}))
             elif name in fixed:
                 if value not in fixed[name]:
                     raise ValueError(f"MetaEmbedProcessor does not support {name}={value!r}")
             elif name == "max_length":
-                continue  # content is truncated by max_text_tokens; the Meta Tokens must never be cut
+                max_lengths.add(None if value is None else check_positive_int(value, "max_length"))
             else:
                 raise TypeError(f"MetaEmbedProcessor got an unsupported option {name}={value!r}")
+        max_lengths.discard(None)
+        if len(max_lengths) > 1:
+            raise ValueError(f"MetaEmbedProcessor got different max_length values {sorted(max_lengths)}")
+        return max_lengths.pop() if max_lengths else None
 
     def process_queries(self, inputs: list[Any]) -> BatchFeature:
         """Model inputs for a list of query items (see `process_items`)."""

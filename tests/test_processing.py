@@ -136,6 +136,14 @@ def test_call_convention_gives_candidate_inputs(model, images):
         processor(text=items, padding="max_length")
     with pytest.raises(TypeError, match="unsupported option"):
         processor(text=items, do_resize=False)
+    # max_length cuts each item's text for this call, as max_text_tokens does (never silently ignored).
+    short = type(processor)(processor.image_processor, processor.tokenizer, max_text_tokens=3)
+    for options in ({"max_length": 3}, {"text_kwargs": {"max_length": 3}}):
+        assert torch.equal(processor(text=items, **options)["input_ids"], short(text=items)["input_ids"])
+    assert processor.max_text_tokens == 4096  # unchanged: the cut applied to that call only
+    assert processor(text=items)["input_ids"].shape != short(text=items)["input_ids"].shape
+    with pytest.raises(ValueError, match="max_length"):
+        processor(text=items, max_length=0)
     with pytest.raises(ValueError, match="2 texts and 1 images"):
         processor(text=items, images=pictures[:1])
     with pytest.raises(ValueError, match="text and/or images"):
