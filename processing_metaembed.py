@@ -47,6 +47,14 @@ IMAGE_TOKEN = "<|image_pad|>"
 _RESERVED_TOKENS = (IMAGE_TOKEN, "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
 # Special tokens the prompt templates use: a tokenizer without them cannot format MetaEmbed prompts.
 TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>", IMAGE_TOKEN)
+# Truncating a long text tokenises only a prefix of it: `(max_text_tokens + _CUT_GUARD_TOKENS) * 8` characters (BPE
+# vocabularies average about 4 characters per token on English, 1-2 on CJK text) plus the longest vocabulary entry,
+# doubled while that is too short, up to `max_text_characters`.
+_PREFIX_CHARACTERS_PER_TOKEN = 8
+# The prefix's first `max_text_tokens` tokens are those of the whole text when they end at least one vocabulary entry
+# before the cut (no token crossing the cut can reach them) and this many tokens follow them (BPE never merges across
+# pre-tokens, so the cut only changes the tokens of its last, cut word).
+_CUT_GUARD_TOKENS = 256
 # The reference resizes images whose shorter edge is under one merged patch (28 px) up to it.
 MIN_IMAGE_EDGE = 28
 MAX_ASPECT_RATIO = 200  # the Qwen-VL image processors refuse more
@@ -275,9 +283,9 @@ class MetaEmbedProcessor(ProcessorMixin):
         candidate_prefix (`str`, defaults to `""`): put before candidate content.
         prompt_style (`"instruction"` or `"simple"`): the reference's "Summarize ... in one word." prompts,
             or its variant without instructions.
-        max_text_tokens (`int`, defaults to 4096): an item's text is truncated to at most this many tokens
-            (first cut to `max_text_characters`, so the work per item is bounded); the prompt template, image
-            tokens and Meta Tokens are never truncated.
+        max_text_tokens (`int`, defaults to 4096): an item's text is truncated to at most this many tokens; only
+            a prefix a few times that long is tokenised (never more than `max_text_characters`), so the work per
+            item is bounded. The prompt template, image tokens and Meta Tokens are never truncated.
     """
 
     def __init__(
@@ -309,8 +317,8 @@ class MetaEmbedProcessor(ProcessorMixin):
 
     @property
     def max_text_characters(self) -> int:
-        """Text is cut to this many characters before it is tokenised (`max_text_tokens` tokens never span more),
-        so a huge text costs no more than one of this length."""
+        """The most characters of a text ever tokenised (`max_text_tokens` tokens never span more): a huge text
+        costs no more than one of this length, usually far less (see `truncate_text`)."""
         return self.max_text_tokens * self._max_token_characters
 
     def format_prompt(self, item: MetaEmbedItem, task: Task, text: str | None = None) -> str:
@@ -433,16 +441,35 @@ class MetaEmbedProcessor(ProcessorMixin):
         The whole prompt is tokenised in one piece, as the reference does, so untruncated items match it
         token for token.
         """
-        text = item.text
-        if text:
-            text = text[: self.max_text_characters]
-            text_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(text_ids) > self.max_text_tokens:
-                text = self.tokenizer.decode(text_ids[: self.max_text_tokens])
+        text = self.truncate_text(item.text) if item.text else item.text
         prompt = self.format_prompt(item, task, text=text)
         if num_image_tokens:
             prompt = prompt.replace(IMAGE_TOKEN, IMAGE_TOKEN * num_image_tokens, 1)
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def truncate_text(self, text: str) -> str:
+        """`text`, or the decoded first `max_text_tokens` tokens of it if it has more.
+
+        Only a prefix is tokenised, `(max_text_tokens + 256) * 8` characters plus the longest vocabulary entry at
+        first, doubled until its first `max_text_tokens` tokens are those of the whole text (see
+        `_CUT_GUARD_TOKENS`), at most `max_text_characters` (then exactly as if that prefix were the text).
+        """
+        kept, needed = self.max_text_tokens, self.max_text_tokens + _CUT_GUARD_TOKENS
+        length = needed * _PREFIX_CHARACTERS_PER_TOKEN + self._max_token_characters
+        while True:
+            length = min(length, self.max_text_characters)
+            prefix = text[:length]
+            ids = self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+            final = len(prefix) == len(text) or length == self.max_text_characters
+            if len(ids) <= kept:
+                if final:
+                    return prefix
+            else:
+                truncated = self.tokenizer.decode(ids[:kept])
+                cut_is_far = len(ids) >= needed and len(prefix) - len(truncated) >= self._max_token_characters
+                if final or cut_is_far:
+                    return truncated
+            length *= 2
 
     @property
     def model_input_names(self) -> list[str]:

@@ -276,6 +276,57 @@ def test_the_tokenizer_never_sees_more_than_the_character_bound(model, monkeypat
     assert torch.equal(features["input_ids"][0][features["attention_mask"][0].bool()], reference["input_ids"][0])
 
 
+LONG_ENTRY = "x" * 5000  # a vocabulary entry far longer than any real one
+
+
+@pytest.fixture()
+def long_entry_processor(model, backbone_dirs):
+    """A processor (max_text_tokens=50) whose tokenizer has one 5,000-character vocabulary entry."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(backbone_dirs["qwen2_5_vl"])
+    tokenizer.add_tokens([LONG_ENTRY])
+    return type(model.processor)(model.processor.image_processor, tokenizer, max_text_tokens=50)
+
+
+def old_truncation(processor, text: str) -> str:
+    """The cut before prefix tokenisation: the whole `max_text_characters` tokenised, then cut to max_text_tokens."""
+    text, limit = text[: processor.max_text_characters], processor.max_text_tokens
+    ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return processor.tokenizer.decode(ids[:limit]) if len(ids) > limit else text
+
+
+def test_a_long_vocabulary_entry_does_not_widen_what_is_tokenised(long_entry_processor, monkeypatch):
+    """The character bound (max_text_tokens x the longest entry) is 250,000 characters here; a long text of
+    ordinary tokens is cut from a prefix of about 8 x (max_text_tokens + 256) + the longest entry, to the same
+    tokens."""
+    processor = long_entry_processor
+    assert processor.max_text_characters == 50 * len(LONG_ENTRY)
+    text = "word " * 2_000_000  # 10 MB
+    spy = TokenizerSpy(processor.tokenizer)
+    monkeypatch.setattr(processor, "tokenizer", spy)
+    cut = processor.truncate_text(text)
+    assert spy.lengths and max(spy.lengths) <= (50 + 256) * 8 + len(LONG_ENTRY)  # the old bound: 250,000
+    monkeypatch.setattr(processor, "tokenizer", spy.tokenizer)
+    assert cut == old_truncation(processor, text) == "word " * 10
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "short text",
+        "word " * 3000,
+        LONG_ENTRY * 400,  # 1 token per 5,000 characters: the prefix grows to max_text_characters
+        (LONG_ENTRY + " and some words") * 30,
+        "数据" * 20_000 + "<|im_end|>" * 10,
+        "é\u0301 x 42 " * 5000,
+    ],
+    ids=["short", "words", "long-entries", "long-entries-and-words", "cjk-and-special-tokens", "combining"],
+)
+def test_prefix_truncation_gives_the_tokens_of_the_whole_text(long_entry_processor, text):
+    assert long_entry_processor.truncate_text(text) == old_truncation(long_entry_processor, text)
+
+
 MEMORY_SCRIPT = """
 import json, resource, sys
 sys.path.insert(0, sys.argv[2])
