@@ -96,7 +96,9 @@ def fuzzed_exif_images(draw) -> str:
     data = bytearray(buffer.getvalue())
     start = data.find(b"MM\0*") if b"MM\0*" in data else data.find(b"II*\0")
     for _ in range(draw(st.integers(1, 6))):
-        data[start + draw(st.integers(0, min(80, len(data) - start - 1)))] = draw(st.integers(0, 255))
+        # The TIFF header (byte order, magic number, first offset) half the time: PIL's EXIF parser fails there.
+        offset = draw(st.integers(0, 7) | st.integers(0, min(80, len(data) - start - 1)))
+        data[start + offset] = draw(st.integers(0, 255))
     return base64.b64encode(bytes(data)).decode()
 
 
@@ -168,7 +170,7 @@ def test_every_request_gets_vectors_or_a_client_error(handler, request):
         # and that item alone is refused too.
         inputs = request["inputs"]
         if not isinstance(inputs, list):
-            assert message.startswith("inputs") and not message.startswith("inputs["), message
+            assert message.startswith("inputs") and not re.match(r"inputs\[\d", message), message
             return
         named = re.match(r"inputs\[(\d+)\]", message)
         assert named and int(named[1]) < len(inputs), message
