@@ -180,8 +180,7 @@ class EndpointHandler:
             raise ValueError(f"{path} holds no MetaEmbed processor; the handler cannot prepare inputs")
         # The package's own item checks, from the same remote-code module the loaded model runs.
         processing = importlib.import_module(type(self.model.processor).__module__)
-        self._normalize_items = processing.normalize_items
-        self._load_image = processing.load_image
+        self._processing = processing
         self.batch_size = batch_size
         self.max_items = max_items
         self.max_text_bytes = max_text_bytes
@@ -230,8 +229,8 @@ class EndpointHandler:
     # ------------------------------------------------------------------------------------------------------
 
     def _parse_request(self, data: Any) -> tuple[list[Any], bool, str, int | None]:
-        """Check the request; return its items (images decoded), whether it was a single item, the task and
-        num_vectors."""
+        """Check the request; return its items (checked `MetaEmbedItem`s, images decoded and converted), whether it
+        was a single item, the task and num_vectors."""
         if not isinstance(data, dict):
             raise RequestError(f"the request body must be a JSON object, got {_json_type(data)}")
         unknown = sorted(map(str, set(data) - set(REQUEST_KEYS)))
@@ -278,7 +277,7 @@ class EndpointHandler:
         # Text and structure: the package's checks (unknown keys, empty text, reserved tokens, ...), run with a
         # stand-in for each image so that a bad item late in the list fails before any image is decoded.
         try:
-            checked = self._normalize_items([_without_image(item) for item in inputs])
+            checked = self._processing.normalize_items([_without_image(item) for item in inputs])
         except (TypeError, ValueError, FileNotFoundError) as error:
             message = str(error)
             raise RequestError(message.replace("inputs[0]", "inputs", 1) if single else message) from error
@@ -287,7 +286,7 @@ class EndpointHandler:
         for name, item, checked_item in zip(names, inputs, checked):
             image = item if isinstance(item, PIL.Image.Image) else item.get("image") if isinstance(item, dict) else None
             if image is None:
-                items.append(item)
+                items.append(checked_item)
                 continue
             where = name if isinstance(item, PIL.Image.Image) else f"{name}['image']"
             if isinstance(image, str):
@@ -296,10 +295,11 @@ class EndpointHandler:
                 self._check_image_size(image.width, image.height, where, self.max_request_pixels - request_pixels)
             request_pixels += image.width * image.height
             try:
-                image = self._load_image(image, where)  # the package's checks and RGB conversion
+                # The package's checks and RGB conversion, once: encode takes the loaded item as it is.
+                loaded = self._processing.load_item(self._processing.MetaEmbedItem(checked_item.text, image), where)
             except (TypeError, ValueError) as error:
                 raise RequestError(str(error)) from error
-            items.append({"text": checked_item.text, "image": image})
+            items.append(loaded)
         return items, single, task, num_vectors
 
     def _check_options(self, options: dict[str, Any], where: str) -> None:
@@ -338,8 +338,10 @@ class EndpointHandler:
                 raise RequestError(
                     f"parameters: num_vectors must be an int or a string of decimal digits, got {_short(num_vectors)}"
                 )
-            # Leading zeros aside, a count this long is out of range anyway (and int() limits digit strings).
-            num_vectors = int(num_vectors.lstrip("0")[:18] or "0")
+            digits = num_vectors.lstrip("0") or "0"
+            if len(digits) > 19:  # out of range anyway (and int() limits digit strings): quoted as sent
+                raise RequestError(f"parameters: num_vectors is out of range, got {_short(num_vectors)}")
+            num_vectors = int(digits)
         if isinstance(num_vectors, int) and not isinstance(num_vectors, bool) and num_vectors.bit_length() > 63:
             raise RequestError(f"parameters: num_vectors is out of range, got {_short(num_vectors)}")
         try:

@@ -493,7 +493,7 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
                 f"no MetaEmbed processor could be loaded from {pretrained_model_name_or_path} ({error}); "
                 f"{_tokenizer_files_note(pretrained_model_name_or_path)}"
             ) from error
-        _check_tokenizer_fits(processor.tokenizer, vocabulary_rows, pretrained_model_name_or_path)
+        _check_tokenizer_fits(processor.tokenizer, model.config, vocabulary_rows, pretrained_model_name_or_path)
         model.processor = processor
         return (model, loading_info) if want_loading_info else model
 
@@ -553,18 +553,45 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         )
 
 
-def _check_tokenizer_fits(tokenizer: Any, vocabulary_rows: int, source: str | os.PathLike) -> None:
+# Vision tokens the backbone's config names by id: the tokenizer must give them exactly these ids.
+_VISION_TOKEN_IDS = {
+    "<|image_pad|>": "image_token_id",
+    "<|video_pad|>": "video_token_id",
+    "<|vision_start|>": "vision_start_token_id",
+    "<|vision_end|>": "vision_end_token_id",
+}
+# A text every tokenizer of a Qwen-VL family encodes losslessly: one that does not (unknown tokens) would give many
+# texts the same ids.
+_PROBE_TEXT = "A red circle, 42 zebras and a quarterly report"
+
+
+def _check_tokenizer_fits(tokenizer: Any, config: Any, vocabulary_rows: int, source: str | os.PathLike) -> None:
     """Refuse a tokenizer that is not the model's: transformers builds a tokenizer from tokenizer_config.json
     alone when the vocabulary files are missing (a vocabulary of only the special tokens), and every text then
-    gets the same embedding."""
+    gets the same embedding; a foreign tokenizer of similar size puts the vision tokens at other ids or cannot
+    encode plain text."""
     missing_tokens = [
         token for token in TEMPLATE_TOKENS if tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id)
     ]
     size = len(tokenizer)
+    problem = None
     if missing_tokens or size > vocabulary_rows or size < vocabulary_rows // 2:
-        found = f"lacks the prompt tokens {missing_tokens}" if missing_tokens else f"has {size} tokens"
+        problem = f"lacks the prompt tokens {missing_tokens}" if missing_tokens else f"has {size} tokens"
+    else:
+        config_ids = {token: getattr(config.vlm_config, name, None) for token, name in _VISION_TOKEN_IDS.items()}
+        moved = {
+            token: (tokenizer.convert_tokens_to_ids(token), config_id)
+            for token, config_id in config_ids.items()
+            if config_id is not None and tokenizer.convert_tokens_to_ids(token) != config_id
+        }
+        round_trip = tokenizer.decode(tokenizer(_PROBE_TEXT, add_special_tokens=False)["input_ids"])
+        if moved:
+            problem = f"puts vision tokens at other ids than the model's config, (tokenizer id, config id): {moved}"
+        elif round_trip != _PROBE_TEXT:
+            problem = f"does not encode plain text losslessly ({_PROBE_TEXT!r} comes back as {round_trip!r})"
+    if problem:
         raise ValueError(
-            f"the tokenizer loaded from {source} {found}, the model's embedding table {vocabulary_rows} rows: "
+            f"the tokenizer loaded from {source} {problem}, the model's embedding table {vocabulary_rows} rows: "
             f"{_tokenizer_files_note(source)}"
         )
 

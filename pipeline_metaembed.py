@@ -46,7 +46,8 @@ class MetaEmbedPipeline(Pipeline):
     `batch_size` (items per forward pass, through the model's own batched `encode`: the same vectors as one by
     one). The parameters transformers' feature-extraction pipelines take are accepted when MetaEmbed's output
     already is what they ask for (`framework="pt"`, `truncation=True`, `tokenize_kwargs` of the processor's
-    fixed settings, `pool=False`, empty `image_processor_kwargs`) and refused otherwise. Each result is
+    fixed settings, a `max_length` equal to the processor's `max_text_tokens`, `pool=False`, empty
+    `image_processor_kwargs`) and refused otherwise. Each result is
     `[num_vectors, D]` (nested lists, or a float32 tensor with `return_tensors=True`).
     """
 
@@ -75,7 +76,15 @@ class MetaEmbedPipeline(Pipeline):
             raise ValueError(f"MetaEmbed runs on PyTorch only, got framework={framework!r}")
         # The processor's own check of the generic tokenizer options: MetaEmbed always cuts an item's text to
         # max_text_tokens and pads on the left, so only values that ask for exactly that are accepted.
-        MetaEmbedProcessor._check_call_options({"truncation": truncation, **(tokenize_kwargs or {})})
+        max_length = MetaEmbedProcessor._check_call_options({"truncation": truncation, **(tokenize_kwargs or {})})
+        max_text_tokens = self.model.processor.max_text_tokens if self.model.processor is not None else None
+        if max_length is not None and max_length != max_text_tokens:
+            # model.encode cuts with the model's processor: another length would be silently ignored.
+            raise ValueError(
+                f"tokenize_kwargs max_length={max_length} differs from the processor's max_text_tokens "
+                f"({max_text_tokens}), which cuts every item's text here; set "
+                f"pipe.model.processor.max_text_tokens = {max_length} to change it"
+            )
         if image_processor_kwargs:
             raise ValueError(
                 f"MetaEmbed's image preprocessing is fixed by its processor; got image_processor_kwargs "

@@ -7,14 +7,15 @@ here: the model appends exactly the ones a call needs.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import PIL.ExifTags
 import PIL.Image
 import PIL.ImageChops
-import PIL.ImageOps
 import torch
 from transformers import BatchFeature, ProcessorMixin
 
@@ -46,6 +47,14 @@ IMAGE_TOKEN = "<|image_pad|>"
 _RESERVED_TOKENS = (IMAGE_TOKEN, "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
 # Special tokens the prompt templates use: a tokenizer without them cannot format MetaEmbed prompts.
 TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>", IMAGE_TOKEN)
+# Truncating a long text tokenises only a prefix of it: `(max_text_tokens + _CUT_GUARD_TOKENS) * 8` characters (BPE
+# vocabularies average about 4 characters per token on English, 1-2 on CJK text) plus the longest vocabulary entry,
+# doubled while that is too short, up to `max_text_characters`.
+_PREFIX_CHARACTERS_PER_TOKEN = 8
+# The prefix's first `max_text_tokens` tokens are those of the whole text when they end at least one vocabulary entry
+# before the cut (no token crossing the cut can reach them) and this many tokens follow them (BPE never merges across
+# pre-tokens, so the cut only changes the tokens of its last, cut word).
+_CUT_GUARD_TOKENS = 256
 # The reference resizes images whose shorter edge is under one merged patch (28 px) up to it.
 MIN_IMAGE_EDGE = 28
 MAX_ASPECT_RATIO = 200  # the Qwen-VL image processors refuse more
@@ -56,10 +65,12 @@ ImageLike = PIL.Image.Image | str | os.PathLike
 
 @dataclass(frozen=True)
 class MetaEmbedItem:
-    """One checked input item. `image` is a PIL image or a path that has not been opened yet."""
+    """One checked input item (made by `normalize_item`). `image` is a PIL image or a path that has not been
+    opened yet; `image_loaded` says it is `load_image`'s output already (see `load_item`)."""
 
     text: str | None
     image: ImageLike | None
+    image_loaded: bool = False
 
 
 def check_task(task: Any) -> Task:
@@ -77,8 +88,11 @@ def normalize_item(item: Any, where: str) -> MetaEmbedItem:
     """Check one user item and return it as a `MetaEmbedItem`; `where` names it in errors (e.g. "inputs[3]").
 
     A `str` is always text (never sniffed as a path), a `PIL.Image.Image` an image, and a dict holds
-    "text" and/or "image" (a PIL image or a file path).
+    "text" and/or "image" (a PIL image or a file path). A `MetaEmbedItem` was checked here already and is
+    returned as it is, so each item is checked once however many layers pass it on.
     """
+    if isinstance(item, MetaEmbedItem):
+        return item
     if isinstance(item, str):
         return MetaEmbedItem(text=_check_text(item, where), image=None)
     if isinstance(item, PIL.Image.Image):
@@ -104,6 +118,14 @@ def normalize_item(item: Any, where: str) -> MetaEmbedItem:
     raise TypeError(
         f"{where} is {_describe(item)}; expected a str (text), a PIL.Image.Image, or a dict with 'text' and/or 'image'"
     )
+
+
+def load_item(item: MetaEmbedItem, where: str) -> MetaEmbedItem:
+    """`item` with its image through `load_image` (`where` names the image in errors). An item whose image is
+    loaded already is returned as it is: each image is decoded and converted once per call."""
+    if item.image is None or item.image_loaded:
+        return item
+    return MetaEmbedItem(text=item.text, image=load_image(item.image, where), image_loaded=True)
 
 
 def _check_image_file(path: str | os.PathLike, where: str) -> None:
@@ -159,7 +181,9 @@ def normalize_items(inputs: Any, argument_name: str = "inputs") -> list[MetaEmbe
 def load_image(image: ImageLike, where: str) -> PIL.Image.Image:
     """Open (if a path) and convert an image to 8-bit RGB, resizing edges under 28 px up.
 
-    - The EXIF orientation is applied, as browsers and transformers' `load_image` do.
+    - The EXIF orientation is applied, as browsers and transformers' `load_image` do; an EXIF block that does not
+      parse means no orientation (it is metadata, not pixels). The result carries no EXIF, so converting it
+      again changes nothing.
     - Transparent images (RGBA, LA, La, RGBa, PA, palette with transparency) are composited on white, as the
       Qwen-VL processors do, so they give the same pixels whichever image processor backend runs.
     - 16-bit and 32-bit integer images ("I;16*", "I") are scaled from the 16-bit range (what 16-bit PNG and TIFF
@@ -178,7 +202,7 @@ def load_image(image: ImageLike, where: str) -> PIL.Image.Image:
         except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
             raise ValueError(f"{where}: cannot read image file {os.fspath(image)!r}: {error}") from error
     try:
-        image = _to_rgb(PIL.ImageOps.exif_transpose(image))
+        image = _to_rgb(_apply_exif_orientation(image))
     except (OSError, SyntaxError, ValueError, AttributeError, TypeError) as error:
         # e.g. a lazily opened image whose file was closed, or a mode PIL cannot convert.
         raise ValueError(f"{where}: cannot read {image.mode} image: {error or type(error).__name__}") from error
@@ -191,6 +215,36 @@ def load_image(image: ImageLike, where: str) -> PIL.Image.Image:
         scale = MIN_IMAGE_EDGE / min(width, height)
         image = image.resize((max(MIN_IMAGE_EDGE, round(width * scale)), max(MIN_IMAGE_EDGE, round(height * scale))))
     return image
+
+
+_ORIENTATION_TRANSPOSES = {
+    2: PIL.Image.Transpose.FLIP_LEFT_RIGHT,
+    3: PIL.Image.Transpose.ROTATE_180,
+    4: PIL.Image.Transpose.FLIP_TOP_BOTTOM,
+    5: PIL.Image.Transpose.TRANSPOSE,
+    6: PIL.Image.Transpose.ROTATE_270,
+    7: PIL.Image.Transpose.TRANSVERSE,
+    8: PIL.Image.Transpose.ROTATE_90,
+}
+# Metadata that can hold an orientation (EXIF, as PNG text, XMP); dropped once the orientation is applied.
+_ORIENTATION_INFO_KEYS = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
+
+
+def _apply_exif_orientation(image: PIL.Image.Image) -> PIL.Image.Image:
+    """`image` turned upright by its EXIF (or XMP) orientation, without orientation metadata; `image` itself
+    (never modified) when it has no orientation or its EXIF block does not parse."""
+    image.load()
+    try:
+        orientation = image.getexif().get(PIL.ExifTags.Base.Orientation, 1)
+    except Exception:  # PIL raises SyntaxError, struct.error, ... on a corrupt EXIF block
+        orientation = 1
+    transpose = _ORIENTATION_TRANSPOSES.get(orientation)
+    if transpose is None:
+        return image
+    upright = image.transpose(transpose)  # a new image with a copy of `info`
+    for key in _ORIENTATION_INFO_KEYS:
+        upright.info.pop(key, None)
+    return upright
 
 
 def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
@@ -229,9 +283,9 @@ class MetaEmbedProcessor(ProcessorMixin):
         candidate_prefix (`str`, defaults to `""`): put before candidate content.
         prompt_style (`"instruction"` or `"simple"`): the reference's "Summarize ... in one word." prompts,
             or its variant without instructions.
-        max_text_tokens (`int`, defaults to 4096): an item's text is truncated to at most this many tokens
-            (first cut to `max_text_characters`, so the work per item is bounded); the prompt template, image
-            tokens and Meta Tokens are never truncated.
+        max_text_tokens (`int`, defaults to 4096): an item's text is truncated to at most this many tokens; only
+            a prefix a few times that long is tokenised (never more than `max_text_characters`), so the work per
+            item is bounded. The prompt template, image tokens and Meta Tokens are never truncated.
     """
 
     def __init__(
@@ -263,8 +317,8 @@ class MetaEmbedProcessor(ProcessorMixin):
 
     @property
     def max_text_characters(self) -> int:
-        """Text is cut to this many characters before it is tokenised (`max_text_tokens` tokens never span more),
-        so a huge text costs no more than one of this length."""
+        """The most characters of a text ever tokenised (`max_text_tokens` tokens never span more): a huge text
+        costs no more than one of this length, usually far less (see `truncate_text`)."""
         return self.max_text_tokens * self._max_token_characters
 
     def format_prompt(self, item: MetaEmbedItem, task: Task, text: str | None = None) -> str:
@@ -280,10 +334,14 @@ class MetaEmbedProcessor(ProcessorMixin):
 
         Given both, item i is text[i] + images[i]. Returns the same fields as `process_items`. Options of the
         generic convention (`padding`, `truncation`, `return_tensors`, per-modality kwargs dicts) are accepted
-        and fixed by MetaEmbed: left padding to the longest item, content truncation to `max_text_tokens`,
-        PyTorch tensors.
+        and fixed by MetaEmbed: left padding to the longest item, content truncation, PyTorch tensors;
+        `max_length` is the most tokens of an item's text for this call (`max_text_tokens` otherwise).
         """
-        self._check_call_options(kwargs)
+        max_length = self._check_call_options(kwargs)
+        processor = self
+        if max_length is not None and max_length != self.max_text_tokens:
+            processor = copy.copy(self)  # this call only: the processor may be shared between threads
+            processor.max_text_tokens = max_length
         texts = [text] if isinstance(text, str) else text
         image_list = [images] if isinstance(images, (PIL.Image.Image, str, os.PathLike)) else images
         if texts is None and image_list is None:
@@ -298,26 +356,32 @@ class MetaEmbedProcessor(ProcessorMixin):
                 raw_items = [{"image": image} for image in raw_items]
             elif not all(isinstance(item, str) for item in raw_items):
                 raise TypeError("text must be a str or a list of str")
-        return self.process_items(normalize_items(raw_items), "candidate")
+        return processor.process_items(normalize_items(raw_items), "candidate")
 
     @staticmethod
-    def _check_call_options(options: dict[str, Any]) -> None:
-        """Refuse options that would change the output, so none is silently ignored."""
+    def _check_call_options(options: dict[str, Any]) -> int | None:
+        """Refuse options that would change the output, so none is silently ignored. Returns the `max_length`
+        asked for (the most tokens of an item's text; the Meta Tokens and the prompt are never cut), if any."""
         fixed = {
             "padding": (True, "longest"),
             "return_tensors": ("pt",),
             "truncation": (True, None, "longest_first"),  # content is always cut to max_text_tokens
         }
+        max_lengths = set()
         for name, value in options.items():
             if name in ("text_kwargs", "images_kwargs", "audio_kwargs", "videos_kwargs", "common_kwargs"):
-                MetaEmbedProcessor._check_call_options(value or {})
+                max_lengths.add(MetaEmbedProcessor._check_call_options(value or {}))
             elif name in fixed:
                 if value not in fixed[name]:
                     raise ValueError(f"MetaEmbedProcessor does not support {name}={value!r}")
             elif name == "max_length":
-                continue  # content is truncated by max_text_tokens; the Meta Tokens must never be cut
+                max_lengths.add(None if value is None else check_positive_int(value, "max_length"))
             else:
                 raise TypeError(f"MetaEmbedProcessor got an unsupported option {name}={value!r}")
+        max_lengths.discard(None)
+        if len(max_lengths) > 1:
+            raise ValueError(f"MetaEmbedProcessor got different max_length values {sorted(max_lengths)}")
+        return max_lengths.pop() if max_lengths else None
 
     def process_queries(self, inputs: list[Any]) -> BatchFeature:
         """Model inputs for a list of query items (see `process_items`)."""
@@ -344,7 +408,8 @@ class MetaEmbedProcessor(ProcessorMixin):
 
     def process_checked_items(self, items: list[MetaEmbedItem], task: Task, item_names: list[str]) -> BatchFeature:
         """`process_items` for callers that checked `task` already (e.g. `MetaEmbedModel.encode`)."""
-        images = [load_image(item.image, f"{name}['image']") for item, name in zip(items, item_names) if item.image]
+        items = [load_item(item, f"{name}['image']") for item, name in zip(items, item_names)]
+        images = [item.image for item in items if item.image is not None]
         image_inputs: dict[str, torch.Tensor] = {}
         image_token_counts: list[int] = []
         if images:
@@ -376,16 +441,35 @@ class MetaEmbedProcessor(ProcessorMixin):
         The whole prompt is tokenised in one piece, as the reference does, so untruncated items match it
         token for token.
         """
-        text = item.text
-        if text:
-            text = text[: self.max_text_characters]
-            text_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(text_ids) > self.max_text_tokens:
-                text = self.tokenizer.decode(text_ids[: self.max_text_tokens])
+        text = self.truncate_text(item.text) if item.text else item.text
         prompt = self.format_prompt(item, task, text=text)
         if num_image_tokens:
             prompt = prompt.replace(IMAGE_TOKEN, IMAGE_TOKEN * num_image_tokens, 1)
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def truncate_text(self, text: str) -> str:
+        """`text`, or the decoded first `max_text_tokens` tokens of it if it has more.
+
+        Only a prefix is tokenised, `(max_text_tokens + 256) * 8` characters plus the longest vocabulary entry at
+        first, doubled until its first `max_text_tokens` tokens are those of the whole text (see
+        `_CUT_GUARD_TOKENS`), at most `max_text_characters` (then exactly as if that prefix were the text).
+        """
+        kept, needed = self.max_text_tokens, self.max_text_tokens + _CUT_GUARD_TOKENS
+        length = needed * _PREFIX_CHARACTERS_PER_TOKEN + self._max_token_characters
+        while True:
+            length = min(length, self.max_text_characters)
+            prefix = text[:length]
+            ids = self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+            final = len(prefix) == len(text) or length == self.max_text_characters
+            if len(ids) <= kept:
+                if final:
+                    return prefix
+            else:
+                truncated = self.tokenizer.decode(ids[:kept])
+                cut_is_far = len(ids) >= needed and len(prefix) - len(truncated) >= self._max_token_characters
+                if final or cut_is_far:
+                    return truncated
+            length *= 2
 
     @property
     def model_input_names(self) -> list[str]:
@@ -401,5 +485,7 @@ __all__ = [
     "MetaEmbedProcessor",
     "check_task",
     "load_image",
+    "load_item",
+    "normalize_item",
     "normalize_items",
 ]

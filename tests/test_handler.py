@@ -154,6 +154,33 @@ def test_image_encodings_accepted(served, images):
     assert torch.equal(torch.tensor(response), expected)
 
 
+def jpeg_with_corrupt_exif() -> tuple[bytes, Image.Image]:
+    """A JPEG whose EXIF block (orientation 6) has a broken TIFF header, and its pixels as decoded."""
+    image = Image.new("RGB", (40, 30), (200, 10, 10))
+    exif = image.getexif()
+    exif[0x0112] = 6  # orientation: rotate
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", exif=exif.tobytes())
+    data = bytearray(buffer.getvalue())
+    data[data.find(b"Exif\0\0MM") + 7] = 7  # "MM" -> "M\x07": PIL cannot parse the block
+    return bytes(data), Image.open(io.BytesIO(bytes(data))).convert("RGB")
+
+
+def test_an_unparsable_exif_block_is_no_orientation_and_images_load_once(served, monkeypatch):
+    """A JPEG whose EXIF does not parse is an upright image, not an internal error (the image used to be converted
+    twice, the second time from a re-written, unparsable EXIF block); each image is converted once per call."""
+    model, _, handler = served
+    data, pixels = jpeg_with_corrupt_exif()
+    processing = handler._processing
+    loaded = []
+    original = processing.load_image
+    monkeypatch.setattr(processing, "load_image", lambda image, where: loaded.append(where) or original(image, where))
+    response = call(handler, {"inputs": [{"image": base64.b64encode(data).decode()}, "text", {"image": PNG}]})
+    assert loaded == ["inputs[0]['image']", "inputs[2]['image']"]
+    expected = model.encode_candidates([pixels, "text", Image.open(io.BytesIO(base64.b64decode(PNG)))])
+    assert torch.equal(torch.tensor(response), expected)
+
+
 def test_empty_inputs(served):
     _, _, handler = served
     assert call(handler, {"inputs": []}) == []
@@ -336,7 +363,10 @@ PNG = encode_image(Image.new("RGB", (40, 40), "red"))
         ({"inputs": ["a"], "parameters": {"num_vectors": ""}}, ["num_vectors must be an int", "''"]),
         ({"inputs": ["a"], "parameters": {"num_vectors": "²"}}, ["num_vectors must be an int"]),
         ({"inputs": ["a"], "parameters": {"num_vectors": "9"}}, ["num_vectors", "between 1 and 8", "got 9"]),
-        ({"inputs": ["a"], "parameters": {"num_vectors": "9" * 5000}}, ["num_vectors", "between 1 and 8"]),
+        # A long digit string is quoted as sent (cut with "..." past 80 characters), not as a number cut to 18 digits.
+        ({"inputs": ["a"], "parameters": {"num_vectors": "1" * 30}}, ["num_vectors", "out of range", repr("1" * 30)]),
+        ({"inputs": ["a"], "parameters": {"num_vectors": "0" * 30 + "9"}}, ["num_vectors", "between 1 and 8", "got 9"]),
+        ({"inputs": ["a"], "parameters": {"num_vectors": "9" * 5000}}, ["num_vectors", "out of range", "'9999", "..."]),
         ({"inputs": ["a"], "parameters": {"num_vectors": 10**4000}}, ["num_vectors is out of range"]),
         ({"inputs": ["a"], "parameters": {"task": 10**4000}}, ["task must be", "number"]),
         ({"inputs": ["a"], "parameters": {"num_vectors": True}}, ["num_vectors must be an int", "bool"]),

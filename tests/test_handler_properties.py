@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 
 import pytest
 import torch
@@ -82,11 +83,30 @@ def base64_images(draw) -> str:
     return draw(st.sampled_from([encoded, f"data:image/png;base64,{encoded}", encoded[: len(encoded) // 2]]))
 
 
+@st.composite
+def fuzzed_exif_images(draw) -> str:
+    """A base64 JPEG or PNG with an EXIF block (orientation and a description) some of whose bytes are random."""
+    image_format = draw(st.sampled_from(["JPEG", "PNG"]))
+    image = Image.new("RGB", (draw(st.integers(1, 48)), draw(st.integers(1, 48))), (200, 10, 10))
+    exif = image.getexif()
+    exif[0x0112] = draw(st.integers(0, 9))  # orientation, 1..8 valid
+    exif[0x010E] = "description"
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format, exif=exif.tobytes())
+    data = bytearray(buffer.getvalue())
+    start = data.find(b"MM\0*") if b"MM\0*" in data else data.find(b"II*\0")
+    for _ in range(draw(st.integers(1, 6))):
+        # The TIFF header (byte order, magic number, first offset) half the time: PIL's EXIF parser fails there.
+        offset = draw(st.integers(0, 7) | st.integers(0, min(80, len(data) - start - 1)))
+        data[start + offset] = draw(st.integers(0, 255))
+    return base64.b64encode(bytes(data)).decode()
+
+
 ITEMS = st.one_of(
     TEXT,
     pil_images(),  # the toolkit's raw-body path hands the handler a PIL image
     closed_lazy_images(),
-    st.fixed_dictionaries({"image": base64_images()}, optional={"text": TEXT}),
+    st.fixed_dictionaries({"image": base64_images() | fuzzed_exif_images()}, optional={"text": TEXT}),
     st.fixed_dictionaries({}, optional={"text": TEXT | JSON_SCALARS, "image": base64_images() | JSON_SCALARS}),
     JSON_VALUES,
 )
@@ -123,6 +143,17 @@ def handler(backbone_dirs, tmp_path_factory):
     return load_handler_module(folder).EndpointHandler(str(folder))
 
 
+def fault_is_in_the_items(handler, request) -> bool:
+    """Whether `request` is well formed but for its items: with one plain text item instead, it gets vectors."""
+    if not isinstance(request, dict) or "inputs" not in request:
+        return False
+    try:
+        handler({**request, "inputs": "a plain text"})
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(request=REQUESTS)
 def test_every_request_gets_vectors_or_a_client_error(handler, request):
@@ -131,9 +162,20 @@ def test_every_request_gets_vectors_or_a_client_error(handler, request):
     except ValueError as error:
         assert type(error).__name__ == "RequestError", repr(error)
         message = str(error)
-        # The message names the request part at fault: the body, a key, an item or a parameter.
-        names = ("request", "inputs", "parameters", "normalize")
-        assert any(name in message for name in names), message
+        if not fault_is_in_the_items(handler, request):
+            # The message names the request part at fault: the body, a key or a parameter.
+            assert any(name in message for name in ("request", "inputs", "parameters", "normalize")), message
+            return
+        # An item is at fault: the message starts with its name (`inputs` for a single item, `inputs[i]` in a list),
+        # and that item alone is refused too.
+        inputs = request["inputs"]
+        if not isinstance(inputs, list):
+            assert message.startswith("inputs") and not re.match(r"inputs\[\d", message), message
+            return
+        named = re.match(r"inputs\[(\d+)\]", message)
+        assert named and int(named[1]) < len(inputs), message
+        with pytest.raises(ValueError):
+            handler({**request, "inputs": [inputs[int(named[1])]]})
         return
     inputs = request["inputs"]
     if inputs == []:

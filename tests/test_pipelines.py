@@ -104,6 +104,11 @@ def test_transformers_feature_extraction_parameters(saved_folder, loaded):
     extractor = pipeline("feature-extraction", model=saved_folder, trust_remote_code=True, framework="pt")
     accepted = {"truncation": True, "tokenize_kwargs": {"truncation": True, "padding": True}, "pool": False}
     assert torch.equal(as_tensor(extractor("short", **accepted)), expected)
+    # max_length: what the processor cuts to already (accepted), or another length, which encode would not apply.
+    max_text_tokens = loaded.processor.max_text_tokens
+    assert torch.equal(as_tensor(extractor("short", tokenize_kwargs={"max_length": max_text_tokens})), expected)
+    with pytest.raises(ValueError, match=r"max_length=5 differs from the processor's max_text_tokens \(\d+\)"):
+        extractor("short", tokenize_kwargs={"max_length": 5})
     assert torch.equal(as_tensor(extractor("short", image_processor_kwargs={})), expected)
     refused = [
         ({"truncation": False}, ValueError, "truncation=False"),

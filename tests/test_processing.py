@@ -136,6 +136,14 @@ def test_call_convention_gives_candidate_inputs(model, images):
         processor(text=items, padding="max_length")
     with pytest.raises(TypeError, match="unsupported option"):
         processor(text=items, do_resize=False)
+    # max_length cuts each item's text for this call, as max_text_tokens does (never silently ignored).
+    short = type(processor)(processor.image_processor, processor.tokenizer, max_text_tokens=3)
+    for options in ({"max_length": 3}, {"text_kwargs": {"max_length": 3}}):
+        assert torch.equal(processor(text=items, **options)["input_ids"], short(text=items)["input_ids"])
+    assert processor.max_text_tokens == 4096  # unchanged: the cut applied to that call only
+    assert processor(text=items)["input_ids"].shape != short(text=items)["input_ids"].shape
+    with pytest.raises(ValueError, match="max_length"):
+        processor(text=items, max_length=0)
     with pytest.raises(ValueError, match="2 texts and 1 images"):
         processor(text=items, images=pictures[:1])
     with pytest.raises(ValueError, match="text and/or images"):
@@ -181,6 +189,25 @@ def test_exif_orientation_is_applied(tmp_path):
     for source in (str(tmp_path / "rotated.png"), Image.open(tmp_path / "rotated.png")):
         loaded = load_image(source, "x")
         assert loaded.size == (30, 40) and np.array_equal(np.asarray(loaded), np.asarray(expected))
+
+
+def test_an_unparsable_exif_block_means_no_orientation():
+    image = Image.new("RGB", (30, 40), (10, 20, 30))
+    image.info["exif"] = b"Exif\0\0M\x07\0*\0\0\0\x08"  # a broken TIFF header
+    loaded = load_image(image, "x")
+    assert loaded.size == (30, 40) and np.array_equal(np.asarray(loaded), np.asarray(image))
+
+
+def test_an_oriented_image_loads_without_its_exif_so_loading_again_changes_nothing():
+    image = Image.new("RGB", (40, 30), (200, 10, 10))
+    image.putpixel((0, 0), (0, 0, 255))
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.info["exif"] = exif.tobytes()
+    loaded = load_image(image, "x")
+    assert loaded.size == (30, 40) and "exif" not in loaded.info and image.info["exif"]  # the caller's is kept
+    again = load_image(loaded, "x")
+    assert again.size == (30, 40) and np.array_equal(np.asarray(again), np.asarray(loaded))
 
 
 @pytest.mark.parametrize("mode", ["La", "LA", "PA", "RGBa", "RGBA", "CMYK", "1", "P", "L", "YCbCr", "HSV", "LAB"])
@@ -247,6 +274,57 @@ def test_the_tokenizer_never_sees_more_than_the_character_bound(model, monkeypat
     reference_text = spy.tokenizer.decode(spy.tokenizer(text[: 10 * bound], add_special_tokens=False)["input_ids"][:50])
     reference = processor.process_queries([reference_text])
     assert torch.equal(features["input_ids"][0][features["attention_mask"][0].bool()], reference["input_ids"][0])
+
+
+LONG_ENTRY = "x" * 5000  # a vocabulary entry far longer than any real one
+
+
+@pytest.fixture()
+def long_entry_processor(model, backbone_dirs):
+    """A processor (max_text_tokens=50) whose tokenizer has one 5,000-character vocabulary entry."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(backbone_dirs["qwen2_5_vl"])
+    tokenizer.add_tokens([LONG_ENTRY])
+    return type(model.processor)(model.processor.image_processor, tokenizer, max_text_tokens=50)
+
+
+def old_truncation(processor, text: str) -> str:
+    """The cut before prefix tokenisation: the whole `max_text_characters` tokenised, then cut to max_text_tokens."""
+    text, limit = text[: processor.max_text_characters], processor.max_text_tokens
+    ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return processor.tokenizer.decode(ids[:limit]) if len(ids) > limit else text
+
+
+def test_a_long_vocabulary_entry_does_not_widen_what_is_tokenised(long_entry_processor, monkeypatch):
+    """The character bound (max_text_tokens x the longest entry) is 250,000 characters here; a long text of
+    ordinary tokens is cut from a prefix of about 8 x (max_text_tokens + 256) + the longest entry, to the same
+    tokens."""
+    processor = long_entry_processor
+    assert processor.max_text_characters == 50 * len(LONG_ENTRY)
+    text = "word " * 2_000_000  # 10 MB
+    spy = TokenizerSpy(processor.tokenizer)
+    monkeypatch.setattr(processor, "tokenizer", spy)
+    cut = processor.truncate_text(text)
+    assert spy.lengths and max(spy.lengths) <= (50 + 256) * 8 + len(LONG_ENTRY)  # the old bound: 250,000
+    monkeypatch.setattr(processor, "tokenizer", spy.tokenizer)
+    assert cut == old_truncation(processor, text) == "word " * 10
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "short text",
+        "word " * 3000,
+        LONG_ENTRY * 400,  # 1 token per 5,000 characters: the prefix grows to max_text_characters
+        (LONG_ENTRY + " and some words") * 30,
+        "数据" * 20_000 + "<|im_end|>" * 10,
+        "é\u0301 x 42 " * 5000,
+    ],
+    ids=["short", "words", "long-entries", "long-entries-and-words", "cjk-and-special-tokens", "combining"],
+)
+def test_prefix_truncation_gives_the_tokens_of_the_whole_text(long_entry_processor, text):
+    assert long_entry_processor.truncate_text(text) == old_truncation(long_entry_processor, text)
 
 
 MEMORY_SCRIPT = """
