@@ -45,10 +45,18 @@ SNAPSHOT_PATH = re.compile(r"datasets--([^/\\]+)--([^/\\]+)[/\\]snapshots[/\\]([
 
 class LazyItems(Sequence):
     """A sequence of model items (str, PIL image or {"text", "image"} dict) made on access, so images are
-    decoded only for the slice being encoded."""
+    decoded only for the slice being encoded.
 
-    def __init__(self, make: Callable[[int], Any], count: int) -> None:
-        self._make, self._count = make, count
+    `stored(position)`, if given, returns the item as stored, images left as `datasets` cells {"bytes", "path"}:
+    what `metaembed.fingerprint.items_digest` hashes without decoding (see `stored_items`)."""
+
+    def __init__(self, make: Callable[[int], Any], count: int, stored: Callable[[int], Any] | None = None) -> None:
+        self._make, self._count, self._stored = make, count, stored
+
+    def stored_items(self, start: int, end: int) -> list[Any]:
+        """Items `start..end-1` as stored (undecoded images), or made (decoded) when there is no stored form."""
+        make = self._stored or self._make
+        return [make(position) for position in range(*slice(start, end).indices(self._count))]
 
     def __len__(self) -> int:
         return self._count
@@ -243,9 +251,12 @@ def read_vidore(source: str, split: str = "test", cache_dir: str | None = None) 
     candidate_ids = list(first_row)
     candidate_rows = list(first_row.values())
 
+    def stored_candidate(position: int) -> dict[str, Any]:
+        return {"image": images[candidate_rows[position]][columns["image"]]}
+
     def candidate(position: int) -> dict[str, Any]:
         row = candidate_rows[position]
-        return {"image": _open_image(images[row][columns["image"]], f"{where} row {row}, column 'image'")}
+        return {"image": _open_image(stored_candidate(position)["image"], f"{where} row {row}, column 'image'")}
 
     query_ids = [str(row) for row in query_rows.values()]
     return RetrievalDataset(
@@ -253,7 +264,7 @@ def read_vidore(source: str, split: str = "test", cache_dir: str | None = None) 
         query_ids=query_ids,
         queries=list(query_rows),
         candidate_ids=candidate_ids,
-        candidates=LazyItems(candidate, len(candidate_ids)),
+        candidates=LazyItems(candidate, len(candidate_ids), stored_candidate),
         qrels={str(row): {names[row]: 1} for row in query_rows.values()},
         **_provenance(source, "vidore", split),
     )
@@ -282,14 +293,20 @@ def read_beir(source: str, split: str = "test", cache_dir: str | None = None) ->
     texts = corpus.select_columns(text_columns) if text_columns else None
     images = _undecoded(corpus.select_columns(["image"]), "image") if has_image else None
 
-    def candidate(row: int) -> Any:
+    def stored_candidate(row: int) -> dict[str, Any]:
         item: dict[str, Any] = {}
         if texts is not None and (text := _text_of(texts[row], text_columns)) is not None:
             item["text"] = text
         if images is not None and images[row]["image"] is not None:
-            item["image"] = _open_image(images[row]["image"], f"{where['corpus']} row {row}, column 'image'")
+            item["image"] = images[row]["image"]
         if not item:
             raise ValueError(f"{where['corpus']} row {row}: neither text nor image")
+        return item
+
+    def candidate(row: int) -> dict[str, Any]:
+        item = stored_candidate(row)
+        if "image" in item:
+            item["image"] = _open_image(item["image"], f"{where['corpus']} row {row}, column 'image'")
         return item
 
     queries = tables["queries"]
@@ -327,7 +344,7 @@ def read_beir(source: str, split: str = "test", cache_dir: str | None = None) ->
         query_ids=[query_ids[row] for row in kept],
         queries=[query_texts[row] for row in kept],
         candidate_ids=candidate_ids,
-        candidates=LazyItems(candidate, len(candidate_ids)),
+        candidates=LazyItems(candidate, len(candidate_ids), stored_candidate),
         qrels={query_ids[row]: qrels[query_ids[row]] for row in kept},
         **_provenance(source, "beir", split),
         notes={"queries_without_relevant": len(query_ids) - len(kept)},
