@@ -720,3 +720,31 @@ def test_model_fingerprint_hashes_the_weights_once_per_model_until_they_change(b
     assert changed != first and len(hashed) == 2 * count
     model.config.num_query_vectors_note = "x"  # config is hashed on every call
     assert fingerprint.model_fingerprint(model) != changed
+
+
+def test_the_card_carries_only_hub_dataset_ids(eval_model, tmp_path):
+    """A folder outside the Hub cache is no Hub id: its results stay out of the card, with a warning, unless
+    the user states the snapshot's Hub id (`dataset_id`); a local path never reaches the published card."""
+    from huggingface_hub import ModelCard
+
+    from metaembed.evaluation.card import write_card_results
+
+    folder = write_snapshot(tmp_path / "mini", beir_tables())
+    cache = str(tmp_path / "hf")
+    model_dir = tmp_path / "model"
+    eval_model.save_pretrained(model_dir)
+    local = evaluate(eval_model, read_beir(folder, cache_dir=cache), [(1, 1)], metrics=["ndcg@5"])
+    assert local[0].dataset_id is None
+    with pytest.warns(UserWarning, match=r"left out of the model card: \['mini'\].*dataset_id"):
+        write_card_results(model_dir, local)
+    card_text = (model_dir / "README.md").read_text(encoding="utf-8")
+    assert str(tmp_path) not in card_text and not ModelCard.load(model_dir / "README.md").data.eval_results
+    named = read_datasets("beir", [folder], cache_dir=cache, dataset_ids=["vidore/mini_v2"])
+    write_card_results(model_dir, evaluate(eval_model, named, [(1, 1)], metrics=["ndcg@5"]))
+    entries = ModelCard.load(model_dir / "README.md").data.eval_results
+    assert [entry.dataset_type for entry in entries] == ["vidore/mini_v2"]
+    assert str(tmp_path) not in (model_dir / "README.md").read_text(encoding="utf-8")
+    with pytest.raises(ValueError, match="dataset_id must be a Hub dataset id"):
+        read_beir(folder, cache_dir=cache, dataset_id=str(tmp_path))
+    with pytest.raises(ValueError, match="1 dataset_ids for 2 sources"):
+        read_datasets("beir", [folder, folder], dataset_ids=["a/b"])

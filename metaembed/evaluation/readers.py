@@ -158,10 +158,21 @@ def config_names(source: str) -> list[str]:
     return list(datasets.get_dataset_config_names(source))
 
 
-def _hub_origin(source: str) -> tuple[str | None, str | None]:
-    """(Hub id, revision) of a Hub id or of a folder in the Hub cache layout; (None, None) otherwise."""
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _hub_origin(source: str, dataset_id: str | None = None) -> tuple[str | None, str | None]:
+    """(Hub id, revision) of a Hub id, of a folder in the Hub cache layout, or of a folder whose Hub id the user
+    states (`dataset_id`); (None, None) for other folders: a local path is never taken for a Hub id."""
+    if dataset_id is not None:
+        if not isinstance(dataset_id, str) or not HUB_ID.match(dataset_id):
+            raise ValueError(
+                f"dataset_id must be a Hub dataset id such as 'vidore/docvqa_test_subsampled', got {dataset_id!r}"
+            )
+        match = SNAPSHOT_PATH.search(os.path.abspath(source)) if os.path.exists(source) else None
+        return dataset_id, match.group(3) if match else None
     if not os.path.exists(source):
-        return source, None
+        return (source, None) if HUB_ID.match(source) else (None, None)
     match = SNAPSHOT_PATH.search(os.path.abspath(source))
     return (f"{match.group(1)}/{match.group(2)}", match.group(3)) if match else (None, None)
 
@@ -171,9 +182,9 @@ def _display_name(source: str) -> str:
     return (hub_id or os.path.abspath(source)).rstrip("/\\").replace("\\", "/").split("/")[-1]
 
 
-def _provenance(source: str, format: str, split: str) -> dict[str, Any]:
+def _provenance(source: str, format: str, split: str, dataset_id: str | None = None) -> dict[str, Any]:
     """The `RetrievalDataset` fields saying where a dataset came from, and its format's metrics."""
-    hub_id, revision = _hub_origin(source)
+    hub_id, revision = _hub_origin(source, dataset_id)
     return {
         "metrics": DEFAULT_METRICS[format],
         "source": source,
@@ -228,8 +239,11 @@ def _undecoded(table, column: str):
 # -- ViDoRe v1 ------------------------------------------------------------------------------------------------
 
 
-def read_vidore(source: str, split: str = "test", cache_dir: str | None = None) -> RetrievalDataset:
-    """A ViDoRe v1 dataset (one table: `query`, `image`, `image_filename`); see the module docstring."""
+def read_vidore(
+    source: str, split: str = "test", cache_dir: str | None = None, dataset_id: str | None = None
+) -> RetrievalDataset:
+    """A ViDoRe v1 dataset (one table: `query`, `image`, `image_filename`); see the module docstring.
+    `dataset_id`: the Hub id of a local snapshot outside the Hub cache (for the model card)."""
     table = load_split(source, None, split, cache_dir)
     where = f"{source} [{split}]"
     columns = _check_columns(table, ("query", "image", "image_filename"), where)
@@ -266,7 +280,7 @@ def read_vidore(source: str, split: str = "test", cache_dir: str | None = None) 
         candidate_ids=candidate_ids,
         candidates=LazyItems(candidate, len(candidate_ids), stored_candidate),
         qrels={str(row): {names[row]: 1} for row in query_rows.values()},
-        **_provenance(source, "vidore", split),
+        **_provenance(source, "vidore", split, dataset_id),
     )
 
 
@@ -278,8 +292,11 @@ def _text_of(row: dict[str, Any], columns: Sequence[str]) -> str | None:
     return " ".join(parts) if parts else None
 
 
-def read_beir(source: str, split: str = "test", cache_dir: str | None = None) -> RetrievalDataset:
-    """A BEIR-format dataset (configs `corpus`, `queries`, `qrels`); see the module docstring."""
+def read_beir(
+    source: str, split: str = "test", cache_dir: str | None = None, dataset_id: str | None = None
+) -> RetrievalDataset:
+    """A BEIR-format dataset (configs `corpus`, `queries`, `qrels`); see the module docstring.
+    `dataset_id`: the Hub id of a local snapshot outside the Hub cache (for the model card)."""
     tables = {config: load_split(source, config, split, cache_dir) for config in ("corpus", "queries", "qrels")}
     where = {config: f"{source} [{config}/{split}]" for config in tables}
     corpus = tables["corpus"]
@@ -346,7 +363,7 @@ def read_beir(source: str, split: str = "test", cache_dir: str | None = None) ->
         candidate_ids=candidate_ids,
         candidates=LazyItems(candidate, len(candidate_ids), stored_candidate),
         qrels={query_ids[row]: qrels[query_ids[row]] for row in kept},
-        **_provenance(source, "beir", split),
+        **_provenance(source, "beir", split, dataset_id),
         notes={"queries_without_relevant": len(query_ids) - len(kept)},
     )
 
@@ -376,6 +393,7 @@ def read_mmeb(
     image_root: str | None = None,
     split: str = "test",
     cache_dir: str | None = None,
+    dataset_id: str | None = None,
 ) -> RetrievalDataset:
     """One MMEB eval subset (a config of `TIGER-Lab/MMEB-eval`); see the module docstring.
 
@@ -383,6 +401,7 @@ def read_mmeb(
         source: the snapshot / save_to_disk folder or Hub id.
         subset: the config, e.g. "MSCOCO_i2t".
         image_root: the folder the `*_img_path` values are relative to (MMEB's `images.zip`, unzipped).
+        dataset_id: the Hub id of a local snapshot outside the Hub cache (for the model card).
     """
     table = load_split(source, subset, split, cache_dir)
     where = f"{source} [{subset}/{split}]"
@@ -447,7 +466,7 @@ def read_mmeb(
         candidates=candidates,
         candidate_lists=candidate_lists,
         config=subset,
-        **_provenance(source, "mmeb", split),
+        **_provenance(source, "mmeb", split, dataset_id),
         notes={"image_root": None if image_root is None else os.path.abspath(image_root)},
     )
 
@@ -460,22 +479,26 @@ def read_datasets(
     subsets: Sequence[str] | None = None,
     image_root: str | None = None,
     cache_dir: str | None = None,
+    dataset_ids: Sequence[str | None] | None = None,
 ) -> list[RetrievalDataset]:
     """Every dataset of `sources` in `format` ("vidore", "beir" or "mmeb"; for MMEB each source's `subsets`,
-    default all its configs)."""
+    default all its configs). `dataset_ids`: one Hub id (or None) per source, for local snapshots outside the
+    Hub cache whose results should go into the model card."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if not sources:
         raise ValueError("give at least one dataset folder or Hub id")
+    if dataset_ids is not None and len(dataset_ids) != len(sources):
+        raise ValueError(f"{len(dataset_ids)} dataset_ids for {len(sources)} sources: give one per source (or None)")
     result = []
-    for source in sources:
+    for source, dataset_id in zip(sources, dataset_ids or [None] * len(sources)):
         if format == "vidore":
-            result.append(read_vidore(source, split, cache_dir))
+            result.append(read_vidore(source, split, cache_dir, dataset_id))
         elif format == "beir":
-            result.append(read_beir(source, split, cache_dir))
+            result.append(read_beir(source, split, cache_dir, dataset_id))
         else:
             for subset in subsets or config_names(source):
-                result.append(read_mmeb(source, subset, image_root, split, cache_dir))
+                result.append(read_mmeb(source, subset, image_root, split, cache_dir, dataset_id))
     return result
 
 
