@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import os
 import random
+import shutil
 
 import pytest
 import torch
@@ -270,7 +271,8 @@ def test_bad_data_names_file_row_and_column(tmp_path):
     tables["qrels"] = datasets.Dataset.from_dict({"query-id": [10, 10], "corpus-id": [0, 99], "score": [1, 1]})
     folder = write_snapshot(tmp_path / "dangling", tables)
     with pytest.raises(
-        ValueError, match=r"dangling \[qrels/test\] row 1, column 'corpus-id': '99' is not in the corpus"
+        ValueError,
+        match=r"dangling \[qrels/test\] qrels/test-00000-of-00001.parquet row 1, column 'corpus-id': '99' is not in",
     ):
         read_beir(folder, cache_dir=str(tmp_path / "cache"))
     tables["qrels"] = datasets.Dataset.from_dict({"query-id": [10], "corpus-id": [0], "score": [0.5]})
@@ -548,7 +550,9 @@ def test_evaluate_refuses_bad_arguments(eval_model, colored_pages):
         evaluate(eval_model, dataset, [(1, 1)], metrics=["ndcg10"])
     with pytest.raises(TypeError, match="RetrievalDataset"):
         evaluate(eval_model, [], [(1, 1)])
-    with pytest.raises(ValueError, match="candidate ids are not unique"):
+    with pytest.raises(
+        ValueError, match=r"x: candidate_ids\[1\]: 'c' is not unique \(first at x: candidate_ids\[0\]\)"
+    ):
         RetrievalDataset("x", ["q"], ["a"], ["c", "c"], ["x", "y"], qrels={"q": {"c": 1}})
 
 
@@ -748,3 +752,59 @@ def test_the_card_carries_only_hub_dataset_ids(eval_model, tmp_path):
         read_beir(folder, cache_dir=cache, dataset_id=str(tmp_path))
     with pytest.raises(ValueError, match="1 dataset_ids for 2 sources"):
         read_datasets("beir", [folder, folder], dataset_ids=["a/b"])
+
+
+def test_errors_name_the_parquet_file_and_its_row(tmp_path):
+    """A split of several parquet files: an error names the file and the row within it, not the row counted
+    across the split; a save_to_disk split (no parquet files) names the row within the split."""
+    tables = beir_tables()
+    folder = write_snapshot(tmp_path / "shards", tables)
+    os.remove(os.path.join(folder, "qrels", "test-00000-of-00001.parquet"))
+    first = {"query-id": [10, 11, 11], "corpus-id": [0, 1, 2], "score": [1, 2, 1]}
+    second = {"query-id": [12, 12, 13], "corpus-id": [3, 77, 4], "score": [2, 1, 0]}
+    for number, rows in enumerate([first, second]):
+        datasets.Dataset.from_dict(rows).to_parquet(
+            os.path.join(folder, "qrels", f"test-0000{number}-of-00002.parquet")
+        )
+    with pytest.raises(
+        ValueError, match=r"shards \[qrels/test\] qrels/test-00001-of-00002.parquet row 1, column 'corpus-id': '77'"
+    ):
+        read_beir(folder, cache_dir=str(tmp_path / "cache"))
+    tables["qrels"] = datasets.concatenate_datasets([datasets.Dataset.from_dict(rows) for rows in (first, second)])
+    with pytest.raises(ValueError, match=r"saved \[qrels/test\] row 4, column 'corpus-id': '77'"):
+        read_beir(write_saved(tmp_path / "saved", tables))
+    tables["queries"] = datasets.Dataset.from_dict({"query-id": [10, 11, 10], "query": ["a", "b", "c"]})
+    with pytest.raises(ValueError, match=r"\[queries/test\] row 2, column 'query-id': '10' is not unique \(first at"):
+        read_beir(write_saved(tmp_path / "repeated", tables))
+
+
+def test_beir_layouts_of_the_hub(eval_model, tmp_path):
+    """The BEIR layouts published on the Hub read to the same dataset as ViDoRe v2's (configs corpus / queries /
+    qrels, split test): BEIR's and mteb's (configs `corpus` and `queries` whose only split is named after them,
+    qrels as config `default` with a test split), as snapshots and as save_to_disk folders."""
+    tables = beir_tables()
+    reference = read_beir(write_snapshot(tmp_path / "v2", tables), cache_dir=str(tmp_path / "hf"))
+    splits = {"corpus": "corpus", "queries": "queries", "default": "test"}
+    layout = {"corpus": tables["corpus"], "queries": tables["queries"], "default": tables["qrels"]}
+    snapshot = tmp_path / "mteb-layout"
+    lines = ["---", "configs:"]
+    for config, table in layout.items():
+        os.makedirs(snapshot / config, exist_ok=True)
+        table.to_parquet(str(snapshot / config / f"{splits[config]}-00000-of-00001.parquet"))
+        lines += [f"- config_name: {config}", "  data_files:", f"  - split: {splits[config]}"]
+        lines += [f"    path: {config}/{splits[config]}-*"]
+    (snapshot / "README.md").write_text("\n".join([*lines, "---", ""]), encoding="utf-8")
+    saved = tmp_path / "mteb-saved"
+    for config, table in layout.items():
+        datasets.DatasetDict({splits[config]: table}).save_to_disk(str(saved / config))
+    for folder in (snapshot, saved):
+        dataset = read_beir(str(folder), cache_dir=str(tmp_path / "hf"))
+        assert (dataset.query_ids, dataset.queries, dataset.candidate_ids) == (
+            reference.query_ids,
+            reference.queries,
+            reference.candidate_ids,
+        )
+        assert dataset.qrels == reference.qrels and items_equal(dataset.candidates, reference.candidates)
+    shutil.rmtree(saved / "default")
+    with pytest.raises(ValueError, match=r"no qrels table \(tried configs \['qrels', 'default'\]\)"):
+        read_beir(str(saved))

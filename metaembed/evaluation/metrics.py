@@ -70,7 +70,10 @@ def ranking_metrics(qrels: Qrels, run: Run, metrics: Sequence[str]) -> dict[str,
     queries = [query for query, relevance in qrels.items() if any(grade >= 1 for grade in relevance.values())]
     if not queries:
         raise ValueError("no query has a relevant candidate in the qrels: nothing to evaluate")
-    qrels = {query: {doc: _as_int(grade, query, doc) for doc, grade in qrels[query].items()} for query in queries}
+    qrels = {
+        query: {doc: check_grade(grade, f"qrels[{query!r}][{doc!r}]") for doc, grade in qrels[query].items()}
+        for query in queries
+    }
     run = {query: dict(run.get(query, {})) for query in queries}
     pytrec_eval = import_pytrec_eval()
     measures = {f"{PYTREC_MEASURES[kind]}.{k}" for kind, k in parsed.values() if kind in PYTREC_MEASURES}
@@ -94,9 +97,10 @@ def ranking_metrics(qrels: Qrels, run: Run, metrics: Sequence[str]) -> dict[str,
     return results
 
 
-def _as_int(grade: object, query: str, doc: str) -> int:
-    if isinstance(grade, bool) or not float(grade).is_integer():
-        raise ValueError(f"qrels[{query!r}][{doc!r}] = {grade!r}: relevance must be an integer grade")
+def check_grade(grade: object, where: str) -> int:
+    """A relevance grade as an int; an error naming `where` for anything but an integer-valued int or float."""
+    if isinstance(grade, bool) or not isinstance(grade, (int, float)) or not float(grade).is_integer():
+        raise ValueError(f"{where}: {grade!r} is not an integer grade")
     return int(grade)
 
 
@@ -167,6 +171,7 @@ def list_precision_at_1(scores: Sequence[torch.Tensor]) -> float:
 
 __all__ = [
     "LIST_METRICS",
+    "check_grade",
     "import_pytrec_eval",
     "list_precision_at_1",
     "metric_depth",

@@ -32,6 +32,8 @@ from typing import Any
 
 from PIL import Image
 
+from .metrics import check_grade
+
 FORMATS = ("vidore", "beir", "mmeb")
 # Each format's metrics; the first is the benchmark's own (the one of the paper's tables).
 DEFAULT_METRICS = {
@@ -105,8 +107,7 @@ class RetrievalDataset:
                 raise ValueError(f"{self.name}: {len(ids)} {kind} ids for {len(items)} {kind} items")
             if not ids:
                 raise ValueError(f"{self.name}: no {kind}s")
-            if len(set(ids)) != len(ids):
-                raise ValueError(f"{self.name}: {kind} ids are not unique")
+            check_unique(ids, lambda position, kind=kind: f"{self.name}: {kind}_ids[{position}]")
         if self.candidate_lists is not None and len(self.candidate_lists) != len(self.query_ids):
             raise ValueError(
                 f"{self.name}: {len(self.candidate_lists)} candidate lists for {len(self.query_ids)} queries"
@@ -124,35 +125,96 @@ def _is_saved_dataset(folder: str) -> bool:
     return any(os.path.isfile(os.path.join(folder, name)) for name in ("dataset_dict.json", "state.json"))
 
 
-def load_split(source: str, config: str | None, split: str, cache_dir: str | None = None):
-    """A `datasets.Dataset`: `<source>/<config>` (or `source`) saved with `save_to_disk`, else the Hub snapshot
-    folder or Hub id `source` through `datasets.load_dataset(source, config, split=split)`."""
+@dataclass
+class Split:
+    """A split as read: its `datasets.Dataset` and what error messages call it and its rows."""
+
+    data: Any
+    where: str  # "<source> [<config>/<split>]"
+    # (parquet file, the split's row at which it starts) for a local snapshot; empty when unknown
+    files: list[tuple[str, int]] = field(default_factory=list)
+
+    def at(self, row: int, column: str | None = None) -> str:
+        """Where row `row` of the split is: "<where> <file> row <k>" (the parquet file and the row within it,
+        for a local snapshot), else "<where> row <n>" counted over the whole split; plus the column."""
+        place = f"{self.where} row {row}"
+        if self.files:
+            path, start = next((path, start) for path, start in reversed(self.files) if start <= row)
+            place = f"{self.where} {path} row {row - start}"
+        return f"{place}, column {column!r}" if column else place
+
+
+def load_split(
+    source: str, config: str | None, split: str, cache_dir: str | None = None, *, only_split: bool = False
+) -> Split:
+    """The split `split` of `<source>/<config>` (or `source`) saved with `save_to_disk`, else of the Hub snapshot
+    folder or Hub id `source` through `datasets.load_dataset(source, config, split=split)`. With `only_split`, a
+    config without that split but with exactly one other (BEIR's `corpus` / `queries` splits) gives that one."""
     import datasets
 
     saved = os.path.join(source, config) if config else source
     if os.path.isdir(saved) and _is_saved_dataset(saved):
         loaded = datasets.load_from_disk(saved)
         if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded and only_split and len(loaded) == 1:
+                split = next(iter(loaded))
             if split not in loaded:
                 raise ValueError(f"{saved} holds the splits {sorted(loaded)}, not {split!r}")
             loaded = loaded[split]
-        return loaded
+        return Split(loaded, _where(source, config, split))
     if os.path.exists(source) and not os.path.isdir(source):
         raise ValueError(f"{source} is a file; expected a dataset folder (Hub snapshot or save_to_disk) or a Hub id")
+    if config and os.path.isdir(source) and (names := _saved_configs(source)):
+        raise ValueError(f"{source} holds the saved configs {names}, not {config!r}")
     try:
-        return datasets.load_dataset(source, config, split=split, cache_dir=cache_dir)
+        try:
+            data = datasets.load_dataset(source, config, split=split, cache_dir=cache_dir)
+        except ValueError:
+            names = datasets.get_dataset_split_names(source, config) if only_split else []
+            if len(names) != 1 or names[0] == split:
+                raise
+            split = names[0]
+            data = datasets.load_dataset(source, config, split=split, cache_dir=cache_dir)
     except (ValueError, FileNotFoundError) as error:
         where = f"config {config!r}, " if config else ""
         raise ValueError(f"cannot read {source} ({where}split {split!r}): {error}") from error
+    return Split(data, _where(source, config, split), _parquet_files(source, config, split, len(data)))
+
+
+def _where(source: str, config: str | None, split: str) -> str:
+    return f"{source} [{config}/{split}]" if config else f"{source} [{split}]"
+
+
+def _parquet_files(source: str, config: str | None, split: str, num_rows: int) -> list[tuple[str, int]]:
+    """(file relative to `source`, first row) of a local snapshot's parquet files for the split, in the order
+    `datasets` concatenates them; empty for a Hub id or when the files do not add up to the split."""
+    if not os.path.isdir(source):
+        return []
+    import datasets
+    import pyarrow.parquet
+
+    files = [str(path) for path in datasets.load_dataset_builder(source, config).config.data_files.get(split, [])]
+    if not files or not all(path.endswith(".parquet") for path in files):
+        return []
+    result, start = [], 0
+    for path in files:
+        result.append((os.path.relpath(path, source), start))
+        start += pyarrow.parquet.ParquetFile(path).metadata.num_rows
+    return result if start == num_rows else []
+
+
+def _saved_configs(folder: str) -> list[str]:
+    """The saved subfolders of a folder laid out as save_to_disk folders per config (no README.md)."""
+    if os.path.isfile(os.path.join(folder, "README.md")):
+        return []
+    return sorted(name for name in os.listdir(folder) if _is_saved_dataset(os.path.join(folder, name)))
 
 
 def config_names(source: str) -> list[str]:
     """The configs (e.g. MMEB subsets) of a save_to_disk folder (its saved subfolders), a snapshot folder or a Hub
     id (both as declared in its README.md)."""
-    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "README.md")):
-        names = sorted(name for name in os.listdir(source) if _is_saved_dataset(os.path.join(source, name)))
-        if names:
-            return names
+    if os.path.isdir(source) and (names := _saved_configs(source)):
+        return names
     import datasets
 
     return list(datasets.get_dataset_config_names(source))
@@ -236,6 +298,23 @@ def _undecoded(table, column: str):
     return table
 
 
+# BEIR tables: the config names they are published under, in the order tried (the Hub's BEIR collections name
+# the qrels config `qrels` (ViDoRe v2) or `default` (mteb's copies)).
+BEIR_CONFIGS = {"corpus": ("corpus",), "queries": ("queries",), "qrels": ("qrels", "default")}
+
+
+def _load_beir_config(source: str, role: str, split: str, cache_dir: str | None) -> Split:
+    """A BEIR table: the first of its config names that reads; `split`, or the config's only split (BEIR puts
+    the corpus and queries in splits named `corpus` / `queries`)."""
+    errors = []
+    for config in BEIR_CONFIGS[role]:
+        try:
+            return load_split(source, config, split, cache_dir, only_split=True)
+        except ValueError as error:
+            errors.append(str(error))
+    raise ValueError(f"{source}: no {role} table (tried configs {list(BEIR_CONFIGS[role])}): {'; '.join(errors)}")
+
+
 # -- ViDoRe v1 ------------------------------------------------------------------------------------------------
 
 
@@ -244,19 +323,19 @@ def read_vidore(
 ) -> RetrievalDataset:
     """A ViDoRe v1 dataset (one table: `query`, `image`, `image_filename`); see the module docstring.
     `dataset_id`: the Hub id of a local snapshot outside the Hub cache (for the model card)."""
-    table = load_split(source, None, split, cache_dir)
-    where = f"{source} [{split}]"
+    loaded = load_split(source, None, split, cache_dir)
+    table, where, at = loaded.data, loaded.where, loaded.at
     columns = _check_columns(table, ("query", "image", "image_filename"), where)
     queries_column, names = table[columns["query"]], table[columns["image_filename"]]
     first_row: dict[str, int] = {}
     for row, name in enumerate(names):
         if not isinstance(name, str) or not name:
-            raise ValueError(f"{where} row {row}, column 'image_filename': expected a file name, got {name!r}")
+            raise ValueError(f"{at(row, 'image_filename')}: expected a file name, got {name!r}")
         first_row.setdefault(name, row)
     query_rows: dict[str, int] = {}
     for row, text in enumerate(queries_column):
         if text is not None and not isinstance(text, str):
-            raise ValueError(f"{where} row {row}, column 'query': expected a string or None, got {type(text).__name__}")
+            raise ValueError(f"{at(row, 'query')}: expected a string or None, got {type(text).__name__}")
         if text and text.strip():
             query_rows.setdefault(text, row)
     if not query_rows:
@@ -270,7 +349,7 @@ def read_vidore(
 
     def candidate(position: int) -> dict[str, Any]:
         row = candidate_rows[position]
-        return {"image": _open_image(stored_candidate(position)["image"], f"{where} row {row}, column 'image'")}
+        return {"image": _open_image(stored_candidate(position)["image"], f"{at(row, 'image')}")}
 
     query_ids = [str(row) for row in query_rows.values()]
     return RetrievalDataset(
@@ -297,16 +376,16 @@ def read_beir(
 ) -> RetrievalDataset:
     """A BEIR-format dataset (configs `corpus`, `queries`, `qrels`); see the module docstring.
     `dataset_id`: the Hub id of a local snapshot outside the Hub cache (for the model card)."""
-    tables = {config: load_split(source, config, split, cache_dir) for config in ("corpus", "queries", "qrels")}
-    where = {config: f"{source} [{config}/{split}]" for config in tables}
-    corpus = tables["corpus"]
+    tables = {role: _load_beir_config(source, role, split, cache_dir) for role in BEIR_CONFIGS}
+    where = {role: loaded.where for role, loaded in tables.items()}
+    corpus = tables["corpus"].data
     id_column = _check_columns(corpus, ("id",), where["corpus"], {"id": ("corpus-id", "_id")})["id"]
     text_columns = [name for name in ("title", "text") if name in corpus.column_names]
     has_image = "image" in corpus.column_names
     if not text_columns and not has_image:
         raise ValueError(f"{where['corpus']}: no 'text' or 'image' column (columns: {corpus.column_names})")
     candidate_ids = [str(identifier) for identifier in corpus[id_column]]
-    _check_unique(candidate_ids, where["corpus"], id_column)
+    check_unique(candidate_ids, lambda row: tables["corpus"].at(row, id_column))
     texts = corpus.select_columns(text_columns) if text_columns else None
     images = _undecoded(corpus.select_columns(["image"]), "image") if has_image else None
 
@@ -317,27 +396,27 @@ def read_beir(
         if images is not None and images[row]["image"] is not None:
             item["image"] = images[row]["image"]
         if not item:
-            raise ValueError(f"{where['corpus']} row {row}: neither text nor image")
+            raise ValueError(f"{tables['corpus'].at(row)}: neither text nor image")
         return item
 
     def candidate(row: int) -> dict[str, Any]:
         item = stored_candidate(row)
         if "image" in item:
-            item["image"] = _open_image(item["image"], f"{where['corpus']} row {row}, column 'image'")
+            item["image"] = _open_image(item["image"], f"{tables['corpus'].at(row, 'image')}")
         return item
 
-    queries = tables["queries"]
+    queries = tables["queries"].data
     query_columns = _check_columns(
         queries, ("id", "text"), where["queries"], {"id": ("query-id", "_id"), "text": ("query", "text")}
     )
     query_ids = [str(identifier) for identifier in queries[query_columns["id"]]]
-    _check_unique(query_ids, where["queries"], query_columns["id"])
+    check_unique(query_ids, lambda row: tables["queries"].at(row, query_columns["id"]))
     query_texts = list(queries[query_columns["text"]])
     for row, text in enumerate(query_texts):
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{where['queries']} row {row}, column {query_columns['text']!r}: empty or not a string")
+            raise ValueError(f"{tables['queries'].at(row, query_columns['text'])}: empty or not a string")
 
-    qrels_table = tables["qrels"]
+    qrels_table = tables["qrels"].data
     _check_columns(qrels_table, ("query-id", "corpus-id", "score"), where["qrels"])
     known_queries, known_candidates = set(query_ids), set(candidate_ids)
     qrels: dict[str, dict[str, int]] = {}
@@ -346,12 +425,10 @@ def read_beir(
     ):
         query, doc = str(query), str(doc)
         if query not in known_queries:
-            raise ValueError(f"{where['qrels']} row {row}, column 'query-id': {query!r} is not in the queries")
+            raise ValueError(f"{tables['qrels'].at(row, 'query-id')}: {query!r} is not in the queries")
         if doc not in known_candidates:
-            raise ValueError(f"{where['qrels']} row {row}, column 'corpus-id': {doc!r} is not in the corpus")
-        if isinstance(score, bool) or not isinstance(score, (int, float)) or not float(score).is_integer():
-            raise ValueError(f"{where['qrels']} row {row}, column 'score': {score!r} is not an integer grade")
-        qrels.setdefault(query, {})[doc] = int(score)
+            raise ValueError(f"{tables['qrels'].at(row, 'corpus-id')}: {doc!r} is not in the corpus")
+        qrels.setdefault(query, {})[doc] = check_grade(score, f"{tables['qrels'].at(row, 'score')}")
     # Queries without a relevant candidate are not scored (as in mteb and BEIR): not encoded either.
     kept = [row for row, query in enumerate(query_ids) if any(grade >= 1 for grade in qrels.get(query, {}).values())]
     if not kept:
@@ -368,12 +445,13 @@ def read_beir(
     )
 
 
-def _check_unique(ids: list[str], where: str, column: str) -> None:
+def check_unique(ids: Sequence[str], place: Callable[[int], str]) -> None:
+    """Raises for the first repeated id, naming both places (`place(position)`, e.g. a file's row)."""
     seen: dict[str, int] = {}
-    for row, identifier in enumerate(ids):
+    for number, identifier in enumerate(ids):
         if identifier in seen:
-            raise ValueError(f"{where} row {row}, column {column!r}: {identifier!r} repeats row {seen[identifier]}")
-        seen[identifier] = row
+            raise ValueError(f"{place(number)}: {identifier!r} is not unique (first at {place(seen[identifier])})")
+        seen[identifier] = number
 
 
 # -- MMEB -----------------------------------------------------------------------------------------------------
@@ -403,8 +481,8 @@ def read_mmeb(
         image_root: the folder the `*_img_path` values are relative to (MMEB's `images.zip`, unzipped).
         dataset_id: the Hub id of a local snapshot outside the Hub cache (for the model card).
     """
-    table = load_split(source, subset, split, cache_dir)
-    where = f"{source} [{subset}/{split}]"
+    loaded = load_split(source, subset, split, cache_dir)
+    table, where, at = loaded.data, loaded.where, loaded.at
     _check_columns(table, ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path"), where)
     has_instructions = "qry_inst" in table.column_names
 
@@ -412,17 +490,17 @@ def read_mmeb(
         if path is None or path == "":
             return None
         if not isinstance(path, str):
-            raise ValueError(f"{where} row {row}, column {column!r}: expected a path, got {type(path).__name__}")
+            raise ValueError(f"{at(row, column)}: expected a path, got {type(path).__name__}")
         if image_root is None:
-            raise ValueError(f"{where} row {row}, column {column!r}: {path!r} needs image_root (MMEB's image folder)")
+            raise ValueError(f"{at(row, column)}: {path!r} needs image_root (MMEB's image folder)")
         full = os.path.join(image_root, path)
         if not os.path.isfile(full):
-            raise ValueError(f"{where} row {row}, column {column!r}: image file {full!r} not found")
+            raise ValueError(f"{at(row, column)}: image file {full!r} not found")
         return full
 
     def item(text: str | None, path: str | None, row: int, column: str) -> dict[str, Any]:
         if text is None and path is None:
-            raise ValueError(f"{where} row {row}, column {column!r}: neither text nor image")
+            raise ValueError(f"{at(row, column)}: neither text nor image")
         return {key: value for key, value in (("text", text), ("image", path)) if value is not None}
 
     query_ids, queries, candidate_lists = [], [], []
@@ -441,7 +519,7 @@ def read_mmeb(
         texts, paths = record["tgt_text"], record["tgt_img_path"]
         if not isinstance(texts, list) or not isinstance(paths, list) or len(texts) != len(paths) or not texts:
             raise ValueError(
-                f"{where} row {row}, columns 'tgt_text' / 'tgt_img_path': expected two lists of the same non-zero "
+                f"{at(row)}, columns 'tgt_text' / 'tgt_img_path': expected two lists of the same non-zero "
                 f"length, got {len(texts) if isinstance(texts, list) else texts!r} / "
                 f"{len(paths) if isinstance(paths, list) else paths!r}"
             )
@@ -507,6 +585,7 @@ __all__ = [
     "FORMATS",
     "LazyItems",
     "RetrievalDataset",
+    "Split",
     "config_names",
     "load_split",
     "mmeb_text",
