@@ -44,16 +44,22 @@ def _weights_digest(model: Any) -> bytes:
     stamp = tuple(
         (name, tensor.data_ptr(), tensor._version, tensor.dtype, tuple(tensor.shape)) for name, tensor in state
     )
-    with _WEIGHT_DIGESTS_LOCK:
-        cached = _WEIGHT_DIGESTS.get(model)
+    try:
+        with _WEIGHT_DIGESTS_LOCK:
+            cached = _WEIGHT_DIGESTS.get(model)
+    except TypeError:  # an object that cannot be weakly referenced: never cached
+        cached = None
     if cached is not None and cached[0] == stamp:
         return cached[1]
     digest = hashlib.sha256()
     for name, tensor in state:
         digest.update(f"{name} {tensor.dtype} {list(tensor.shape)}".encode())
         digest.update(_tensor_bytes(tensor))
-    with _WEIGHT_DIGESTS_LOCK:
-        _WEIGHT_DIGESTS[model] = (stamp, digest.digest())
+    try:
+        with _WEIGHT_DIGESTS_LOCK:
+            _WEIGHT_DIGESTS[model] = (stamp, digest.digest())
+    except TypeError:
+        pass
     return digest.digest()
 
 
