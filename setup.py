@@ -58,7 +58,8 @@ setup(
     cmdclass={"build_py": BuildWithHubFiles},
     install_requires=requirements,
     extras_require={
-        "train": ["peft>=0.15", "datasets>=3.0", "accelerate>=1.0", "matplotlib>=3.8"],
+        # pytrec-eval-terrier: `metaembed demo` evaluates the models it trains
+        "train": ["peft>=0.15", "datasets>=3.0", "accelerate>=1.0", "matplotlib>=3.8", "pytrec-eval-terrier>=0.5"],
         "search": ["faiss-cpu>=1.8", "qdrant-client>=1.12"],
         "eval": ["pytrec-eval-terrier>=0.5", "datasets>=3.0", "mteb>=2.26", "matplotlib>=3.8"],
         "test": [

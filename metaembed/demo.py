@@ -21,7 +21,10 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from scoring_metaembed import MMR_BUDGETS
+
 from .evaluation import BudgetResult, RetrievalDataset, evaluate
+from .evaluation.metrics import import_pytrec_eval
 from .training import MMR_GROUPS
 
 CELL_PIXELS = 28  # one merged Qwen-VL patch per cell
@@ -274,6 +277,7 @@ def run_demo(settings: DemoSettings, output_dir: str | None = None) -> tuple[lis
     print the table and write `quality_vs_budget.png` into `output_dir`."""
     from transformers import AutoModel
 
+    import_pytrec_eval()  # the evaluation's metrics: fail now, not after training both models
     output_dir = output_dir or tempfile.mkdtemp(prefix="metaembed-demo-")
     backbone_dir = save_demo_backbone(os.path.join(output_dir, "backbone"), settings)
     dataset = retrieval_dataset(evaluation_set(SceneTask(), settings.num_candidates, settings.num_queries))
@@ -284,7 +288,7 @@ def run_demo(settings: DemoSettings, output_dir: str | None = None) -> tuple[lis
         train_demo_model(backbone_dir, os.path.join(output_dir, name), settings, mmr)
         print(f"trained {name} in {time.perf_counter() - start:.0f} s", flush=True)
         model = AutoModel.from_pretrained(os.path.join(output_dir, name), trust_remote_code=True)
-        results[mmr] = evaluate(model, dataset, MMR_GROUPS, batch_size=64)
+        results[mmr] = evaluate(model, dataset, MMR_BUDGETS, batch_size=64)
     print(
         f"\n{settings.num_queries} queries (text and image) over {settings.num_candidates} held-out scenes; "
         "capped recall@k; float32 index:\n"

@@ -3,8 +3,10 @@ per-budget evaluator (prefix scoring, resumable embedding cache), reports, the C
 
 from __future__ import annotations
 
+import importlib
 import os
 import random
+import shutil
 
 import pytest
 import torch
@@ -16,7 +18,12 @@ from metaembed.evaluation import RetrievalDataset, evaluate, read_beir, read_dat
 from metaembed.evaluation.metrics import list_precision_at_1, ranked_ids, ranking_metrics
 from metaembed.evaluation.readers import mmeb_text
 from metaembed.evaluation.report import format_table, load_results, save_json, save_plot
+from metaembed.search import MetaEmbedIndex
+from scoring_metaembed import late_interaction_scores
 
+# The modules (the package's `evaluate` attribute is the function of the same name).
+evaluate_module = importlib.import_module("metaembed.evaluation.evaluate")
+readers_module = importlib.import_module("metaembed.evaluation.readers")
 datasets = pytest.importorskip("datasets")
 pytrec_eval = pytest.importorskip("pytrec_eval")
 
@@ -264,7 +271,8 @@ def test_bad_data_names_file_row_and_column(tmp_path):
     tables["qrels"] = datasets.Dataset.from_dict({"query-id": [10, 10], "corpus-id": [0, 99], "score": [1, 1]})
     folder = write_snapshot(tmp_path / "dangling", tables)
     with pytest.raises(
-        ValueError, match=r"dangling \[qrels/test\] row 1, column 'corpus-id': '99' is not in the corpus"
+        ValueError,
+        match=r"dangling \[qrels/test\] qrels/test-00000-of-00001.parquet row 1, column 'corpus-id': '99' is not in",
     ):
         read_beir(folder, cache_dir=str(tmp_path / "cache"))
     tables["qrels"] = datasets.Dataset.from_dict({"query-id": [10], "corpus-id": [0], "score": [0.5]})
@@ -422,14 +430,40 @@ def reencoded_ndcg(model, dataset, budget) -> dict[str, float]:
     }
 
 
-def test_prefix_scoring_equals_reencoding_at_each_budget(eval_model, colored_pages):
+def test_prefix_scoring_equals_reencoding_at_each_budget(eval_model, colored_pages, monkeypatch):
+    """Every query's score of every candidate (the run handed to the metrics) is `model.score` of the items
+    encoded at exactly that budget, and so are the metrics."""
     dataset = toy_dataset(colored_pages)
+    runs = []
+    real_ranking_metrics = evaluate_module.ranking_metrics
+
+    def recording_ranking_metrics(qrels, run, metrics):
+        runs.append(run)
+        return real_ranking_metrics(qrels, run, metrics)
+
+    monkeypatch.setattr(evaluate_module, "ranking_metrics", recording_ranking_metrics)
     results = evaluate(eval_model, dataset, BUDGETS, metrics=["ndcg@10", "ndcg@5"], batch_size=3)
-    assert [result.budget for result in results] == BUDGETS
-    for budget, result in zip(BUDGETS, results):
+    assert [result.budget for result in results] == BUDGETS and len(runs) == len(BUDGETS)
+    for budget, result, run in zip(BUDGETS, results, runs):
+        r_q, r_c = budget
+        queries = eval_model.encode_queries(list(dataset.queries), num_vectors=r_q)
+        scores = eval_model.score(queries, eval_model.encode_candidates(list(dataset.candidates), num_vectors=r_c))
+        for query, row in zip(dataset.query_ids, scores):
+            assert set(run[query]) == set(dataset.candidate_ids)  # depth 10: every candidate
+            expected = [row[dataset.candidate_ids.index(candidate)].item() for candidate in run[query]]
+            assert list(run[query].values()) == pytest.approx(expected, abs=1e-5), (budget, query)
         assert result.metrics == pytest.approx(reencoded_ndcg(eval_model, dataset, budget), abs=1e-6), budget
         assert result.index_bytes_per_candidate == budget[1] * 16 * 4
-        assert result.scoring_ms_per_query > 0 and result.num_queries == 5 and result.num_candidates == 10
+        assert result.num_queries == 5 and result.num_candidates == 10
+
+
+def test_scoring_time_is_the_scoring_calls_per_query_in_ms(eval_model, colored_pages, monkeypatch):
+    """scoring_ms_per_query: the time between the clock reads around the timed scoring, per query, in ms (a fake
+    clock that advances 1 s per read: 1000 ms over 5 queries)."""
+    clock = iter(range(1000))
+    monkeypatch.setattr(evaluate_module.time, "perf_counter", lambda: float(next(clock)))
+    results = evaluate(eval_model, toy_dataset(colored_pages), BUDGETS)
+    assert [result.scoring_ms_per_query for result in results] == [200.0] * len(BUDGETS)
 
 
 class CountingModel:
@@ -516,7 +550,9 @@ def test_evaluate_refuses_bad_arguments(eval_model, colored_pages):
         evaluate(eval_model, dataset, [(1, 1)], metrics=["ndcg10"])
     with pytest.raises(TypeError, match="RetrievalDataset"):
         evaluate(eval_model, [], [(1, 1)])
-    with pytest.raises(ValueError, match="candidate ids are not unique"):
+    with pytest.raises(
+        ValueError, match=r"x: candidate_ids\[1\]: 'c' is not unique \(first at x: candidate_ids\[0\]\)"
+    ):
         RetrievalDataset("x", ["q"], ["a"], ["c", "c"], ["x", "y"], qrels={"q": {"c": 1}})
 
 
@@ -591,3 +627,184 @@ def test_evaluate_command_writes_table_json_plot_and_card(eval_model, tmp_path, 
     with pytest.raises(SystemExit) as exit_info:
         main(["evaluate", str(model_dir), data, "--format", "beir", "--budgets", "4,9", "--output-dir", str(output)])
     assert exit_info.value.code == 2 and "r_c" in capsys.readouterr().err
+
+
+# -- memory bounds, decoding once, fingerprints, card provenance ----------------------------------------------
+
+
+def test_cached_parts_are_memory_mapped_and_score_blocks_are_bounded(eval_model, colored_pages, tmp_path, monkeypatch):
+    """With a cache, every part in use is the memory-mapped index reopened from disk (the encoded vectors leave
+    RAM); scoring computes blocks of at most `_SCORE_ELEMENTS` query x candidate scores, queries chunked too; the
+    numbers equal those of one unbounded block, for ranked datasets and candidate lists."""
+    dataset = toy_dataset(colored_pages)
+    lists = RetrievalDataset(
+        "lists",
+        dataset.query_ids,
+        dataset.queries,
+        dataset.candidate_ids,
+        dataset.candidates,
+        candidate_lists=[[(row + shift) % 10 for shift in range(0, 10, 2)] for row in range(5)],
+        metrics=("precision@1",),
+    )
+    unbounded = evaluate(eval_model, [dataset, lists], BUDGETS)
+    opened, kept, shapes = [], [], []
+    real_load, real_encode = MetaEmbedIndex.load.__func__, evaluate_module.StoredEmbeddings.encode.__func__
+
+    def load(cls, folder, mmap=True):
+        index = real_load(cls, folder, mmap)
+        opened.append((index, mmap))
+        return index
+
+    def encode(cls, *args, **kwargs):
+        stored = real_encode(cls, *args, **kwargs)
+        kept.extend(stored.parts)
+        return stored
+
+    def scores(queries, candidates, *args):
+        shapes.append((len(queries), len(candidates)))
+        return late_interaction_scores(queries, candidates, *args)
+
+    monkeypatch.setattr(MetaEmbedIndex, "load", classmethod(load))
+    monkeypatch.setattr(evaluate_module.StoredEmbeddings, "encode", classmethod(encode))
+    monkeypatch.setattr(evaluate_module, "late_interaction_scores", scores)
+    monkeypatch.setattr(evaluate_module, "_BLOCK_ELEMENTS", 2 * 4 * 16)  # 2 queries at r_q=4, 1 candidate at r_c=8
+    monkeypatch.setattr(evaluate_module, "_SCORE_ELEMENTS", 6)
+    bounded = evaluate(eval_model, [dataset, lists], BUDGETS, cache_dir=tmp_path / "cache", chunk_size=3)
+    assert len(kept) == 2 * (2 + 4) and all(any(part is index and mmap for index, mmap in opened) for part in kept)
+    assert shapes and all(queries * candidates <= 6 for queries, candidates in shapes), shapes
+    assert max(queries for queries, _ in shapes) == 5 and min(queries for queries, _ in shapes) < 5
+    for first, second in zip(unbounded, bounded):
+        assert (first.budget, first.num_queries) == (second.budget, second.num_queries)
+        assert first.metrics == pytest.approx(second.metrics, abs=1e-6)
+
+
+def test_images_are_decoded_once_per_run_and_not_at_all_on_resume(eval_model, tmp_path, monkeypatch):
+    """The cache key hashes the stored image bytes: a first run decodes each page once (to encode it), a rerun
+    decodes none, and editing a page's bytes still re-encodes its part."""
+    folder = write_snapshot(tmp_path / "snapshot", vidore_tables())
+    dataset = read_vidore(folder, cache_dir=str(tmp_path / "hf"))
+    decoded = []
+    real_open_image = readers_module._open_image
+
+    def counting_open_image(value, where):
+        decoded.append(where)
+        return real_open_image(value, where)
+
+    monkeypatch.setattr(readers_module, "_open_image", counting_open_image)
+    cache = tmp_path / "cache"
+    first = evaluate(eval_model, dataset, BUDGETS, cache_dir=cache, chunk_size=2)
+    assert sorted(decoded) == sorted(set(decoded)) and len(decoded) == len(dataset.candidate_ids)
+    decoded.clear()
+    assert numbers(evaluate(eval_model, dataset, BUDGETS, cache_dir=cache, chunk_size=2)) == numbers(first)
+    assert decoded == []
+    table = vidore_tables()[None]
+    table = table.map(lambda row, index: {"image": page("purple") if index == 4 else row["image"]}, with_indices=True)
+    edited = read_vidore(write_snapshot(tmp_path / "edited", {None: table}), cache_dir=str(tmp_path / "hf"))
+    edited.name = dataset.name
+    edited.source = dataset.source  # the same cache folder: only the content differs
+    rerun = CountingModel(eval_model)
+    evaluate(rerun, edited, BUDGETS, cache_dir=cache, chunk_size=2)
+    assert rerun.calls == [("candidate", 2, 8)]  # d.png (row 4's image) is in part 2..3
+
+
+def test_model_fingerprint_hashes_the_weights_once_per_model_until_they_change(backbone_dirs, monkeypatch):
+    from metaembed import fingerprint
+
+    model = make_model(backbone_dirs["qwen2_5_vl"])
+    hashed = []
+    real_tensor_bytes = fingerprint._tensor_bytes
+    monkeypatch.setattr(fingerprint, "_tensor_bytes", lambda tensor: hashed.append(1) or real_tensor_bytes(tensor))
+    first = fingerprint.model_fingerprint(model)
+    count = len(hashed)
+    assert count == len(model.state_dict())
+    assert fingerprint.model_fingerprint(model) == first and len(hashed) == count  # cached
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # an in-place change (an optimizer step)
+    changed = fingerprint.model_fingerprint(model)
+    assert changed != first and len(hashed) == 2 * count
+    model.config.num_query_vectors_note = "x"  # config is hashed on every call
+    assert fingerprint.model_fingerprint(model) != changed
+
+
+def test_the_card_carries_only_hub_dataset_ids(eval_model, tmp_path):
+    """A folder outside the Hub cache is no Hub id: its results stay out of the card, with a warning, unless
+    the user states the snapshot's Hub id (`dataset_id`); a local path never reaches the published card."""
+    from huggingface_hub import ModelCard
+
+    from metaembed.evaluation.card import write_card_results
+
+    folder = write_snapshot(tmp_path / "mini", beir_tables())
+    cache = str(tmp_path / "hf")
+    model_dir = tmp_path / "model"
+    eval_model.save_pretrained(model_dir)
+    local = evaluate(eval_model, read_beir(folder, cache_dir=cache), [(1, 1)], metrics=["ndcg@5"])
+    assert local[0].dataset_id is None
+    with pytest.warns(UserWarning, match=r"left out of the model card: \['mini'\].*dataset_id"):
+        write_card_results(model_dir, local)
+    card_text = (model_dir / "README.md").read_text(encoding="utf-8")
+    assert str(tmp_path) not in card_text and not ModelCard.load(model_dir / "README.md").data.eval_results
+    named = read_datasets("beir", [folder], cache_dir=cache, dataset_ids=["vidore/mini_v2"])
+    write_card_results(model_dir, evaluate(eval_model, named, [(1, 1)], metrics=["ndcg@5"]))
+    entries = ModelCard.load(model_dir / "README.md").data.eval_results
+    assert [entry.dataset_type for entry in entries] == ["vidore/mini_v2"]
+    assert str(tmp_path) not in (model_dir / "README.md").read_text(encoding="utf-8")
+    with pytest.raises(ValueError, match="dataset_id must be a Hub dataset id"):
+        read_beir(folder, cache_dir=cache, dataset_id=str(tmp_path))
+    with pytest.raises(ValueError, match="1 dataset_ids for 2 sources"):
+        read_datasets("beir", [folder, folder], dataset_ids=["a/b"])
+
+
+def test_errors_name_the_parquet_file_and_its_row(tmp_path):
+    """A split of several parquet files: an error names the file and the row within it, not the row counted
+    across the split; a save_to_disk split (no parquet files) names the row within the split."""
+    tables = beir_tables()
+    folder = write_snapshot(tmp_path / "shards", tables)
+    os.remove(os.path.join(folder, "qrels", "test-00000-of-00001.parquet"))
+    first = {"query-id": [10, 11, 11], "corpus-id": [0, 1, 2], "score": [1, 2, 1]}
+    second = {"query-id": [12, 12, 13], "corpus-id": [3, 77, 4], "score": [2, 1, 0]}
+    for number, rows in enumerate([first, second]):
+        datasets.Dataset.from_dict(rows).to_parquet(
+            os.path.join(folder, "qrels", f"test-0000{number}-of-00002.parquet")
+        )
+    with pytest.raises(
+        ValueError, match=r"shards \[qrels/test\] qrels/test-00001-of-00002.parquet row 1, column 'corpus-id': '77'"
+    ):
+        read_beir(folder, cache_dir=str(tmp_path / "cache"))
+    tables["qrels"] = datasets.concatenate_datasets([datasets.Dataset.from_dict(rows) for rows in (first, second)])
+    with pytest.raises(ValueError, match=r"saved \[qrels/test\] row 4, column 'corpus-id': '77'"):
+        read_beir(write_saved(tmp_path / "saved", tables))
+    tables["queries"] = datasets.Dataset.from_dict({"query-id": [10, 11, 10], "query": ["a", "b", "c"]})
+    with pytest.raises(ValueError, match=r"\[queries/test\] row 2, column 'query-id': '10' is not unique \(first at"):
+        read_beir(write_saved(tmp_path / "repeated", tables))
+
+
+def test_beir_layouts_of_the_hub(eval_model, tmp_path):
+    """The BEIR layouts published on the Hub read to the same dataset as ViDoRe v2's (configs corpus / queries /
+    qrels, split test): BEIR's and mteb's (configs `corpus` and `queries` whose only split is named after them,
+    qrels as config `default` with a test split), as snapshots and as save_to_disk folders."""
+    tables = beir_tables()
+    reference = read_beir(write_snapshot(tmp_path / "v2", tables), cache_dir=str(tmp_path / "hf"))
+    splits = {"corpus": "corpus", "queries": "queries", "default": "test"}
+    layout = {"corpus": tables["corpus"], "queries": tables["queries"], "default": tables["qrels"]}
+    snapshot = tmp_path / "mteb-layout"
+    lines = ["---", "configs:"]
+    for config, table in layout.items():
+        os.makedirs(snapshot / config, exist_ok=True)
+        table.to_parquet(str(snapshot / config / f"{splits[config]}-00000-of-00001.parquet"))
+        lines += [f"- config_name: {config}", "  data_files:", f"  - split: {splits[config]}"]
+        lines += [f"    path: {config}/{splits[config]}-*"]
+    (snapshot / "README.md").write_text("\n".join([*lines, "---", ""]), encoding="utf-8")
+    saved = tmp_path / "mteb-saved"
+    for config, table in layout.items():
+        datasets.DatasetDict({splits[config]: table}).save_to_disk(str(saved / config))
+    for folder in (snapshot, saved):
+        dataset = read_beir(str(folder), cache_dir=str(tmp_path / "hf"))
+        assert (dataset.query_ids, dataset.queries, dataset.candidate_ids) == (
+            reference.query_ids,
+            reference.queries,
+            reference.candidate_ids,
+        )
+        assert dataset.qrels == reference.qrels and items_equal(dataset.candidates, reference.candidates)
+    shutil.rmtree(saved / "default")
+    with pytest.raises(ValueError, match=r"no qrels table \(tried configs \['qrels', 'default'\]\)"):
+        read_beir(str(saved))

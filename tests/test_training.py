@@ -177,3 +177,16 @@ def test_demo_small_run(tmp_path, capsys):
     assert "| (1, 1) |" in output and "no-MMR" in output
     assert os.path.getsize(tmp_path / "quality_vs_budget.png") > 1000
     assert Image.open(tmp_path / "quality_vs_budget.png").size[0] > 100
+
+
+def test_demo_checks_pytrec_eval_before_training(tmp_path, monkeypatch):
+    """`metaembed demo` evaluates with pytrec_eval ([train] installs it): without it the demo stops at once with
+    the extra to install, not after training both models."""
+    import sys
+
+    import metaembed.demo as demo
+
+    monkeypatch.setitem(sys.modules, "pytrec_eval", None)  # import pytrec_eval now raises ImportError
+    monkeypatch.setattr(demo, "save_demo_backbone", lambda *args: pytest.fail("the demo started before the check"))
+    with pytest.raises(ImportError, match=r"pytrec_eval.*\[train\] for `metaembed demo`"):
+        run_demo(DemoSettings(), str(tmp_path))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 
 from ..search.storage import write_file_atomically
@@ -18,17 +19,27 @@ def budget_config(budget: tuple[int, int]) -> str:
 
 def eval_results(results: Sequence[BudgetResult]) -> list:
     """`huggingface_hub.EvalResult`s for every metric of every result (metric type as mteb names them, e.g.
-    "ndcg_at_5"; the budget in `metric_config` and `metric_name`)."""
+    "ndcg_at_5"; the budget in `metric_config` and `metric_name`). Only results with a Hub dataset id are
+    included (the card is published: a local path must not be); the others are left out with a warning."""
     from huggingface_hub import EvalResult
 
     entries = []
+    unnamed = sorted({result.dataset for result in results if not result.dataset_id})
+    if unnamed:
+        warnings.warn(
+            f"left out of the model card: {unnamed} (read from local folders, not from the Hub cache); give the "
+            "readers' dataset_id (the Hub id of the snapshot) to include them",
+            stacklevel=2,
+        )
     for result in results:
+        if not result.dataset_id:
+            continue
         for metric, value in result.metrics.items():
             entries.append(
                 EvalResult(
                     task_type="retrieval",
                     task_name=f"{result.format or 'retrieval'} retrieval".strip(),
-                    dataset_type=result.dataset_id or result.dataset,
+                    dataset_type=result.dataset_id,
                     dataset_name=result.dataset,
                     dataset_config=result.dataset_config,
                     dataset_split=result.dataset_split,
@@ -61,7 +72,7 @@ def write_card_results(
     new = eval_results(results)
     replaced = {_key(entry) for entry in new}
     kept = [entry for entry in card.data.eval_results or [] if _key(entry) not in replaced]
-    card.data.eval_results = kept + new
+    card.data.eval_results = (kept + new) or None
     card.data.model_name = card.data.model_name or model_name or os.path.basename(os.path.abspath(folder))
     write_file_atomically(path, card.save)  # the old card stays whole if anything fails
     return path

@@ -4,8 +4,10 @@ datasets, from one encoding.
 Every query and candidate is encoded once, with the largest budget's vector counts (`model.encode_*`: batched,
 length-sorted, with progress bars); each budget then scores the prefixes (the first r_q / r_c vectors), which is
 what encoding at that budget gives (attention is causal). Embeddings are kept in `MetaEmbedIndex` parts of
-`chunk_size` items; with `cache_dir` each part is saved as soon as it is encoded, so a rerun (other budgets, more
-queries) encodes nothing it already has and an interrupted run resumes at the first missing part.
+`chunk_size` items; with `cache_dir` each part is saved as soon as it is encoded and reopened memory-mapped, so
+memory stays bounded at any corpus size, a rerun (other budgets, more queries) encodes nothing it already has and
+an interrupted run resumes at the first missing part. Without `cache_dir` every embedding stays in memory.
+Scoring runs over blocks of queries x candidates of bounded size.
 """
 
 from __future__ import annotations
@@ -34,12 +36,13 @@ from .metrics import (
     scores_from_keys,
     top_k_by_rule,
 )
-from .readers import RetrievalDataset
+from .readers import LazyItems, RetrievalDataset
 
-# float32 values held at once while scoring a block of candidates (bounds the extra memory: 256 MiB).
-_BLOCK_ELEMENTS = 2**26
-# Queries scored at once against their candidate lists (MMEB).
-_LIST_QUERY_CHUNK = 256
+# float32 values of one block of candidate (or query) embeddings read at once while scoring (64 MiB).
+_BLOCK_ELEMENTS = 2**24
+# Scores of one (query block x candidate block) computed at once: 16 MiB of float32, plus twice that of int64
+# ranking keys and positions (`metrics.top_k_by_rule`).
+_SCORE_ELEMENTS = 2**22
 
 
 @dataclass
@@ -54,7 +57,8 @@ class BudgetResult:
     scoring_ms_per_query: float
     num_queries: int
     num_candidates: int
-    # where the dataset came from (for model cards): Hub id (or folder), config, split, revision, format
+    # where the dataset came from (for model cards): Hub id (None for a local folder not in the Hub cache and
+    # given no `dataset_id`: such results stay out of the card), config, split, revision, format
     dataset_id: str | None = None
     dataset_config: str | None = None
     dataset_split: str | None = None
@@ -79,7 +83,8 @@ def index_bytes_per_candidate(num_vectors: int, dim: int, storage: str) -> int:
 
 class StoredEmbeddings:
     """A dataset side's embeddings `[n, num_vectors, D]` as `MetaEmbedIndex` parts of `chunk_size` items, in the
-    order of `ids`; parts are saved under `folder` (if given) as soon as they are encoded."""
+    order of `ids`; parts are saved under `folder` (if given) as soon as they are encoded and then held
+    memory-mapped (without `folder`, in memory)."""
 
     def __init__(self, parts: list[MetaEmbedIndex]) -> None:
         self.parts = parts
@@ -111,15 +116,17 @@ class StoredEmbeddings:
         for start in range(0, len(ids), chunk_size):
             end = min(start + chunk_size, len(ids))
             # Named by the items' content: an edited item (same id) gets a new part, never the old vectors.
-            path = None
+            # Lazily read datasets are hashed from their stored image bytes, not decoded just to be hashed.
+            path, chunk = None, None
             if folder is not None:
-                digest = items_digest(items[start:end])[:16]
-                path = os.path.join(folder, f"{task}-{start:09d}-{end:09d}-{digest}")
+                stored = items.stored_items(start, end) if isinstance(items, LazyItems) else items[start:end]
+                path = os.path.join(folder, f"{task}-{start:09d}-{end:09d}-{items_digest(stored)[:16]}")
             part = _load_part(path, ids[start:end], num_vectors, dim, storage)
             if part is None:
+                chunk = items[start:end]  # sliced once: each image is decoded once, here
                 try:
                     embeddings = model.encode(
-                        items[start:end],
+                        chunk,
                         task,
                         num_vectors=num_vectors,
                         batch_size=batch_size,
@@ -129,15 +136,18 @@ class StoredEmbeddings:
                     raise ValueError(f"{description}: {task}s {start}..{end - 1}: {error}") from error
                 part = MetaEmbedIndex(dim, num_vectors, storage, getattr(model, "name_or_path", None))
                 part.add(embeddings, ids=list(ids[start:end]))
+                del embeddings, chunk
                 if path is not None:
                     part.save(path)
+                    part = MetaEmbedIndex.load(path)  # memory-mapped: the vectors leave RAM
             parts.append(part)
         return cls(parts)
 
-    def blocks(self, num_vectors: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """(start position, float32 `[b, num_vectors, D]`) over all items, in bounded blocks."""
+    def blocks(self, num_vectors: int, max_block: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """(start position, float32 `[b, num_vectors, D]`) over all items, in blocks of at most
+        `_BLOCK_ELEMENTS` values (and at most `max_block` items)."""
         for part, part_start in zip(self.parts, self.starts):
-            size = max(1, _BLOCK_ELEMENTS // (num_vectors * part.dim))
+            size = max(1, min(_BLOCK_ELEMENTS // (num_vectors * part.dim), max_block or len(part)))
             for offset in range(0, len(part), size):
                 positions = range(offset, min(offset + size, len(part)))
                 yield part_start + offset, part.get_embeddings(positions, num_vectors)
@@ -176,6 +186,12 @@ def _cache_folder(cache_dir: str | None, dataset: RetrievalDataset, fingerprint:
     safe_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset.name)[:80]
     key = f"{safe_name}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
     return os.path.join(cache_dir, key, fingerprint[:16])
+
+
+def _query_block_size(num_query_vectors: int, dim: int) -> int:
+    """Queries scored at once: their embeddings within `_BLOCK_ELEMENTS`, and at most 256 so that the candidate
+    blocks against them stay large (each query block reads the candidates once)."""
+    return max(1, min(256, _BLOCK_ELEMENTS // (num_query_vectors * dim)))
 
 
 def check_budgets(budgets: Sequence[tuple[int, int]], model: Any) -> list[tuple[int, int]]:
@@ -229,11 +245,13 @@ def evaluate(
         metrics: metric names (`metrics.ranking_metrics`); default: each dataset's own (ViDoRe: nDCG@5 first,
             BEIR: nDCG@10, recall@100, MRR@10; MMEB: precision@1 over each query's candidate list).
         batch_size: items per forward pass.
-        cache_dir: keep the embeddings there (one `MetaEmbedIndex` per `chunk_size` items, saved as encoded);
-            reruns reuse them and interrupted runs resume. A part is reused only for the same dataset (source,
-            format, config, split, name, notes), the same model (`metaembed.fingerprint.model_fingerprint`: config,
-            processor settings, weights), the same ids and the same item content (`items_digest`: text and image
-            bytes or pixels); an edited item re-encodes its part. None: in memory only.
+        cache_dir: keep the embeddings there (one `MetaEmbedIndex` per `chunk_size` items, saved as encoded and
+            reopened memory-mapped, so memory stays bounded); reruns reuse them and interrupted runs resume. A
+            part is reused only for the same dataset (source, format, config, split, name, notes), the same
+            model (`metaembed.fingerprint.model_fingerprint`: config, processor settings, every weight), the
+            same ids and the same item content (`items_digest`: text and stored image bytes, or pixels); an
+            edited item re-encodes its part. None: every embedding stays in memory (items x max r_c x D x 4 bytes
+            for the candidates): give a `cache_dir` for large corpora.
         storage: the index storage, "float32" (scores exactly as `model.score`), "float16" or "int8".
         chunk_size: items per saved part.
         show_progress_bar: passed to `model.encode` (None: when stderr is a terminal).
@@ -271,12 +289,11 @@ def evaluate(
         candidates = StoredEmbeddings.encode(
             model, dataset.candidates, dataset.candidate_ids, "candidate", max_candidate_vectors, **common
         )
-        query_embeddings = queries.gather(torch.arange(len(queries)), max_query_vectors)
         wanted = wanted_metrics[id(dataset)]
         for budget in budgets:
-            _score(query_embeddings[:1], candidates, dataset, budget, 1)  # untimed: first-call setup is not scoring
+            _score(queries, candidates, dataset, budget, 1, limit=1)  # untimed: first-call setup is not scoring
             start = time.perf_counter()
-            scored = _score(query_embeddings, candidates, dataset, budget, metric_depth(wanted))
+            scored = _score(queries, candidates, dataset, budget, metric_depth(wanted))
             seconds = time.perf_counter() - start
             if dataset.candidate_lists is not None:
                 values = {"precision@1": list_precision_at_1(scored)}
@@ -292,7 +309,7 @@ def evaluate(
                     scoring_ms_per_query=seconds * 1e3 / len(dataset.query_ids),
                     num_queries=len(dataset.query_ids),
                     num_candidates=len(dataset.candidate_ids),
-                    dataset_id=dataset.hub_id or dataset.source,
+                    dataset_id=dataset.hub_id,
                     dataset_config=dataset.config,
                     dataset_split=dataset.split,
                     dataset_revision=dataset.revision,
@@ -303,66 +320,105 @@ def evaluate(
 
 
 def _score(
-    queries: torch.Tensor, candidates: StoredEmbeddings, dataset: RetrievalDataset, budget: tuple[int, int], depth: int
+    queries: StoredEmbeddings,
+    candidates: StoredEmbeddings,
+    dataset: RetrievalDataset,
+    budget: tuple[int, int],
+    depth: int,
+    limit: int | None = None,
 ) -> Any:
-    """The first `len(queries)` queries' list scores (candidate-list datasets) or run (ranked datasets)."""
+    """The first `limit` (default all) queries' list scores (candidate-list datasets) or run (ranked datasets)."""
+    count = len(queries) if limit is None else min(limit, len(queries))
     if dataset.candidate_lists is not None:
-        return score_candidate_lists(queries, candidates, dataset.candidate_lists[: len(queries)], budget)
-    return rank_candidates(queries, candidates, dataset.query_ids[: len(queries)], dataset.candidate_ids, budget, depth)
+        return score_candidate_lists(queries, candidates, dataset.candidate_lists[:count], budget)
+    return rank_candidates(queries, candidates, dataset.query_ids[:count], dataset.candidate_ids, budget, depth)
 
 
 def rank_candidates(
-    queries: torch.Tensor,
+    queries: StoredEmbeddings,
     candidates: StoredEmbeddings,
     query_ids: Sequence[str],
     candidate_ids: Sequence[str],
     budget: tuple[int, int],
     depth: int,
 ) -> dict[str, dict[str, float]]:
-    """Each query's `depth` best candidates at `budget`, under the tie rule of `metrics` (score, then id
-    descending), as a run {query id: {candidate id: score}}."""
+    """Each of the first `len(query_ids)` queries' `depth` best candidates at `budget`, under the tie rule of
+    `metrics` (score, then id descending), as a run {query id: {candidate id: score}}. Scores are computed in
+    blocks of at most `_SCORE_ELEMENTS` (queries x candidates)."""
     ranks = torch.empty(len(candidate_ids), dtype=torch.long)
     ranks[torch.tensor(sorted(range(len(candidate_ids)), key=candidate_ids.__getitem__))] = torch.arange(
         len(candidate_ids)
     )
     num_query_vectors, num_candidate_vectors = budget
-    best = None
-    for start, block in candidates.blocks(num_candidate_vectors):
-        scores = late_interaction_scores(queries, block, num_query_vectors, num_candidate_vectors)
-        block_ranks = ranks[start : start + len(block)]
-        best = top_k_by_rule(scores, block_ranks, depth, best, start)
-    keys, positions = best
-    scores = scores_from_keys(keys).tolist()
-    return {
-        query: {candidate_ids[position]: score for position, score in zip(row_positions, row_scores)}
-        for query, row_positions, row_scores in zip(query_ids, positions.tolist(), scores)
-    }
+    query_block = _query_block_size(num_query_vectors, queries.parts[0].dim)
+    run: dict[str, dict[str, float]] = {}
+    for query_start in range(0, len(query_ids), query_block):
+        query_end = min(query_start + query_block, len(query_ids))
+        block_queries = queries.gather(torch.arange(query_start, query_end), num_query_vectors)
+        best = None
+        max_block = max(1, _SCORE_ELEMENTS // len(block_queries))
+        for start, block in candidates.blocks(num_candidate_vectors, max_block):
+            scores = late_interaction_scores(block_queries, block, num_query_vectors, num_candidate_vectors)
+            best = top_k_by_rule(scores, ranks[start : start + len(block)], depth, best, start)
+        keys, positions = best
+        for query, row_positions, row_scores in zip(
+            query_ids[query_start:query_end], positions.tolist(), scores_from_keys(keys).tolist()
+        ):
+            run[query] = {candidate_ids[position]: score for position, score in zip(row_positions, row_scores)}
+    return run
+
+
+def _list_chunks(candidate_lists: Sequence[Sequence[int]]) -> Iterator[tuple[int, int]]:
+    """(start, end) runs of queries whose score matrix [queries x union of their lists] stays within
+    `_SCORE_ELEMENTS` (at least one query each)."""
+    start, union = 0, set()
+    for end, positions in enumerate(candidate_lists):
+        grown = union | set(positions)
+        if end > start and (end + 1 - start) * len(grown) > _SCORE_ELEMENTS:
+            yield start, end
+            start, grown = end, set(positions)
+        union = grown
+    yield start, len(candidate_lists)
 
 
 def score_candidate_lists(
-    queries: torch.Tensor,
+    queries: StoredEmbeddings,
     candidates: StoredEmbeddings,
     candidate_lists: Sequence[Sequence[int]],
     budget: tuple[int, int],
 ) -> list[torch.Tensor]:
-    """Each query's scores against its own candidate list (positions into `candidates`), at `budget`."""
+    """Each of the first `len(candidate_lists)` queries' scores against its own candidate list (positions into
+    `candidates`), at `budget`."""
     num_query_vectors, num_candidate_vectors = budget
+    query_block = _query_block_size(num_query_vectors, queries.parts[0].dim)
     result: list[torch.Tensor] = []
-    for start in range(0, len(candidate_lists), _LIST_QUERY_CHUNK):
-        lists = candidate_lists[start : start + _LIST_QUERY_CHUNK]
-        union = torch.tensor(sorted({position for positions in lists for position in positions}))
-        scores = torch.empty(len(lists), len(union))
-        size = max(1, _BLOCK_ELEMENTS // (num_candidate_vectors * candidates.parts[0].dim))
-        for offset in range(0, len(union), size):
-            block = candidates.gather(union[offset : offset + size], num_candidate_vectors)
-            scores[:, offset : offset + size] = late_interaction_scores(
-                queries[start : start + len(lists)], block, num_query_vectors, num_candidate_vectors
-            )
-        columns = {position: column for column, position in enumerate(union.tolist())}
-        result.extend(
-            row[torch.tensor([columns[position] for position in positions])] for row, positions in zip(scores, lists)
-        )
+    for chunk_start, chunk_end in _list_chunks(candidate_lists):
+        for start in range(chunk_start, chunk_end, query_block):
+            lists = candidate_lists[start : min(start + query_block, chunk_end)]
+            result.extend(_score_lists(queries, candidates, start, lists, num_query_vectors, num_candidate_vectors))
     return result
+
+
+def _score_lists(
+    queries: StoredEmbeddings,
+    candidates: StoredEmbeddings,
+    start: int,
+    lists: Sequence[Sequence[int]],
+    num_query_vectors: int,
+    num_candidate_vectors: int,
+) -> list[torch.Tensor]:
+    """Queries `start..start+len(lists)-1` against their lists, via the scores against the union of the lists."""
+    block_queries = queries.gather(torch.arange(start, start + len(lists)), num_query_vectors)
+    union = torch.tensor(sorted({position for positions in lists for position in positions}))
+    scores = torch.empty(len(lists), len(union))
+    size = max(1, _BLOCK_ELEMENTS // (num_candidate_vectors * candidates.parts[0].dim))
+    for offset in range(0, len(union), size):
+        block = candidates.gather(union[offset : offset + size], num_candidate_vectors)
+        scores[:, offset : offset + size] = late_interaction_scores(
+            block_queries, block, num_query_vectors, num_candidate_vectors
+        )
+    columns = {position: column for column, position in enumerate(union.tolist())}
+    return [row[torch.tensor([columns[position] for position in positions])] for row, positions in zip(scores, lists)]
 
 
 __all__ = ["BudgetResult", "StoredEmbeddings", "evaluate", "index_bytes_per_candidate"]

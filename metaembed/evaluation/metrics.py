@@ -40,12 +40,14 @@ def metric_depth(metrics: Sequence[str]) -> int:
     return max(parse_metric(name)[1] for name in metrics)
 
 
-def _import_pytrec_eval():
+def import_pytrec_eval():
+    """The pytrec_eval module, or an ImportError saying which extra installs it (call it before long work)."""
     try:
         import pytrec_eval
     except ImportError as error:  # an optional dependency
         raise ImportError(
-            "ranking metrics need pytrec_eval: pip install 'metaembed[eval]' (pytrec-eval-terrier)"
+            "ranking metrics need pytrec_eval: pip install 'metaembed[eval]' (or [train] for `metaembed demo`; "
+            "the package is pytrec-eval-terrier)"
         ) from error
     return pytrec_eval
 
@@ -68,9 +70,12 @@ def ranking_metrics(qrels: Qrels, run: Run, metrics: Sequence[str]) -> dict[str,
     queries = [query for query, relevance in qrels.items() if any(grade >= 1 for grade in relevance.values())]
     if not queries:
         raise ValueError("no query has a relevant candidate in the qrels: nothing to evaluate")
-    qrels = {query: {doc: _as_int(grade, query, doc) for doc, grade in qrels[query].items()} for query in queries}
+    qrels = {
+        query: {doc: check_grade(grade, f"qrels[{query!r}][{doc!r}]") for doc, grade in qrels[query].items()}
+        for query in queries
+    }
     run = {query: dict(run.get(query, {})) for query in queries}
-    pytrec_eval = _import_pytrec_eval()
+    pytrec_eval = import_pytrec_eval()
     measures = {f"{PYTREC_MEASURES[kind]}.{k}" for kind, k in parsed.values() if kind in PYTREC_MEASURES}
     per_query = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run) if measures else {}
     results = {}
@@ -92,9 +97,10 @@ def ranking_metrics(qrels: Qrels, run: Run, metrics: Sequence[str]) -> dict[str,
     return results
 
 
-def _as_int(grade: object, query: str, doc: str) -> int:
-    if isinstance(grade, bool) or not float(grade).is_integer():
-        raise ValueError(f"qrels[{query!r}][{doc!r}] = {grade!r}: relevance must be an integer grade")
+def check_grade(grade: object, where: str) -> int:
+    """A relevance grade as an int; an error naming `where` for anything but an integer-valued int or float."""
+    if isinstance(grade, bool) or not isinstance(grade, (int, float)) or not float(grade).is_integer():
+        raise ValueError(f"{where}: {grade!r} is not an integer grade")
     return int(grade)
 
 
@@ -165,6 +171,8 @@ def list_precision_at_1(scores: Sequence[torch.Tensor]) -> float:
 
 __all__ = [
     "LIST_METRICS",
+    "check_grade",
+    "import_pytrec_eval",
     "list_precision_at_1",
     "metric_depth",
     "parse_metric",

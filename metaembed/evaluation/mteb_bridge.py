@@ -55,8 +55,9 @@ def mteb_model(
         budget: (r_q, r_c), within the model's vector counts.
         name: the mteb model name ("org/model"); default the Hub id, or "local/<folder name>". The budget is
             appended: "org/model-budget-4x8".
-        revision: default a hash of the model's Meta Token table, projection and config (so another training
-            run of the same folder is another entry); the budget is appended too.
+        revision: default the first 12 hex digits of `metaembed.fingerprint.model_fingerprint` (config, processor
+            settings, every weight; so another training run of the same folder is another entry), computed once
+            per model object; the budget is appended too.
         device: passed to `MultiVectorEncoder`.
 
     Returns:

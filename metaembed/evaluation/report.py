@@ -8,6 +8,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from ..search.storage import write_file_atomically
 from .evaluate import BudgetResult
 
 METRIC_LABELS = {
@@ -74,16 +75,14 @@ def results_to_json(results: Sequence[BudgetResult], **extra: Any) -> dict[str, 
 
 
 def save_json(results: Sequence[BudgetResult], path: str | os.PathLike, **extra: Any) -> None:
-    """Write `results_to_json` to `path` (whole or not at all: a temporary file is renamed into place)."""
-    temporary = f"{os.fspath(path)}.tmp-{os.getpid()}"
-    try:
+    """Write `results_to_json` to `path`, whole or not at all (`storage.write_file_atomically`)."""
+    content = json.dumps(results_to_json(results, **extra), indent=2) + "\n"
+
+    def write(temporary: str) -> None:
         with open(temporary, "w", encoding="utf-8") as file:
-            json.dump(results_to_json(results, **extra), file, indent=2)
-            file.write("\n")
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+            file.write(content)
+
+    write_file_atomically(os.fspath(path), write)
 
 
 def load_results(path: str | os.PathLike) -> list[BudgetResult]:
