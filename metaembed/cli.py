@@ -364,6 +364,7 @@ def run_evaluate(arguments: argparse.Namespace) -> None:
         split=arguments.split,
         subsets=arguments.subsets,
         image_root=arguments.image_root,
+        dataset_ids=arguments.dataset_id,
     )
     model = load_model(arguments.model, arguments.dtype, arguments.device)
     os.makedirs(arguments.output_dir, exist_ok=True)
@@ -418,6 +419,8 @@ MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from scoring_metaembed import MMR_BUDGETS
+
     parser = argparse.ArgumentParser(prog="metaembed", description="MetaEmbed multimodal retrieval")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -493,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--budgets",
         type=parse_budget,
         nargs="+",
-        default=[(1, 1), (2, 4), (4, 8), (8, 16), (16, 64)],
+        default=list(MMR_BUDGETS),
         metavar="R_Q,R_C",
         help="budgets to score (default: the paper's five)",
     )
@@ -507,6 +510,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--dtype", choices=MODEL_DTYPES, default="auto")
     evaluation.add_argument("--device", default=None)
     evaluation.add_argument("--write-card", action="store_true", help="add the results to MODEL/README.md")
+    evaluation.add_argument(
+        "--dataset-id",
+        nargs="+",
+        default=None,
+        help="the Hub id of each DATA folder (one per DATA), so --write-card can name local snapshots",
+    )
     evaluation.set_defaults(handler=run_evaluate)
     return parser
 

@@ -23,8 +23,9 @@ _WEIGHT_DIGESTS_LOCK = threading.Lock()
 
 
 def model_fingerprint(model: Any) -> str:
-    """sha256 of a model's config, its processor's settings (prompts, prefixes, text length, image processor) and
-    every weight: vectors stored under another fingerprint were made by another model or setting.
+    """sha256 of a model's config, its processor's settings (prompts, prefixes, text length, image processor), its
+    tokenizer's vocabulary and special tokens, and every weight: vectors stored under another fingerprint were
+    made by another model or setting.
 
     The weights' hash is computed once per model object and reused while no weight tensor is replaced or changed
     in place (checked on every call from each tensor's address and version counter, without reading the weights);
@@ -35,6 +36,9 @@ def model_fingerprint(model: Any) -> str:
         settings = {key: value for key, value in vars(processor).items() if isinstance(value, (str, int, float))}
         digest.update(json.dumps(settings, sort_keys=True).encode())
         digest.update(processor.image_processor.to_json_string().encode())
+        tokenizer = processor.tokenizer  # the same weights read other token ids with another vocabulary
+        vocabulary = {"vocab": tokenizer.get_vocab(), "special": sorted(map(str, tokenizer.all_special_tokens))}
+        digest.update(json.dumps(vocabulary, sort_keys=True).encode())
     digest.update(_weights_digest(model))
     return digest.hexdigest()
 

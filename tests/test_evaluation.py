@@ -627,6 +627,18 @@ def test_evaluate_command_writes_table_json_plot_and_card(eval_model, tmp_path, 
     with pytest.raises(SystemExit) as exit_info:
         main(["evaluate", str(model_dir), data, "--format", "beir", "--budgets", "4,9", "--output-dir", str(output)])
     assert exit_info.value.code == 2 and "r_c" in capsys.readouterr().err
+    # A local snapshot outside the Hub cache gets its Hub id from --dataset-id (one per DATA), else stays off the card.
+    plain = write_snapshot(tmp_path / "plain", beir_tables())
+    command = ["evaluate", str(model_dir), plain, "--format", "beir", "--budgets", "2,4", "--output-dir", str(output)]
+    main([*command, "--write-card", "--metrics", "ndcg@5", "--dataset-id", "vidore/plain_beir"])
+    card = ModelCard.load(model_dir / "README.md")
+    assert {entry.dataset_type for entry in card.data.eval_results if entry.metric_config == "r_q=2,r_c=4"} == {
+        "vidore/plain_beir"
+    }
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--dataset-id", "vidore/a", "vidore/b"])
+    assert exit_info.value.code == 2 and "one per source" in capsys.readouterr().err
 
 
 # -- memory bounds, decoding once, fingerprints, card provenance ----------------------------------------------
@@ -724,6 +736,10 @@ def test_model_fingerprint_hashes_the_weights_once_per_model_until_they_change(b
     assert changed != first and len(hashed) == 2 * count
     model.config.num_query_vectors_note = "x"  # config is hashed on every call
     assert fingerprint.model_fingerprint(model) != changed
+    # The same weights with another vocabulary read other token ids: another fingerprint.
+    with_note = fingerprint.model_fingerprint(model)
+    model.processor.tokenizer.add_tokens(["<|a-new-token|>"])
+    assert fingerprint.model_fingerprint(model) != with_note
 
 
 def test_the_card_carries_only_hub_dataset_ids(eval_model, tmp_path):
