@@ -65,6 +65,9 @@ setup(
         "test": [
             "pytest>=8",
             "ruff>=0.6",
+            # tests/test_install.py builds a wheel without build isolation
+            "setuptools>=70.1",
+            "wheel>=0.40",
             "hypothesis>=6.100",
             "peft>=0.15",
             "datasets>=3.0",
