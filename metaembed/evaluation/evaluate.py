@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -36,6 +37,7 @@ from .metrics import (
     scores_from_keys,
     top_k_by_rule,
 )
+from .protocols import Protocol, get_protocol
 from .readers import LazyItems, RetrievalDataset
 
 # float32 values of one block of candidate (or query) embeddings read at once while scoring (64 MiB).
@@ -64,6 +66,8 @@ class BudgetResult:
     dataset_split: str | None = None
     dataset_revision: str | None = None
     format: str | None = None
+    protocol: str | None = None  # `protocols.PROTOCOLS` name
+    reference: str | None = None  # the implementation and version whose numbers these are
 
     @property
     def main_value(self) -> float:
@@ -117,26 +121,18 @@ class StoredEmbeddings:
             end = min(start + chunk_size, len(ids))
             # Named by the items' content: an edited item (same id) gets a new part, never the old vectors.
             # Lazily read datasets are hashed from their stored image bytes, not decoded just to be hashed.
-            path, chunk = None, None
+            path = None
             if folder is not None:
                 stored = items.stored_items(start, end) if isinstance(items, LazyItems) else items[start:end]
                 path = os.path.join(folder, f"{task}-{start:09d}-{end:09d}-{items_digest(stored)[:16]}")
             part = _load_part(path, ids[start:end], num_vectors, dim, storage)
             if part is None:
-                chunk = items[start:end]  # sliced once: each image is decoded once, here
-                try:
-                    embeddings = model.encode(
-                        chunk,
-                        task,
-                        num_vectors=num_vectors,
-                        batch_size=batch_size,
-                        show_progress_bar=show_progress_bar,
-                    )
-                except ValueError as error:  # e.g. an unreadable image: say which dataset items
-                    raise ValueError(f"{description}: {task}s {start}..{end - 1}: {error}") from error
+                embeddings = _encode_range(
+                    model, items, start, end, task, num_vectors, batch_size, show_progress_bar, description
+                )
                 part = MetaEmbedIndex(dim, num_vectors, storage, getattr(model, "name_or_path", None))
                 part.add(embeddings, ids=list(ids[start:end]))
-                del embeddings, chunk
+                del embeddings
                 if path is not None:
                     part.save(path)
                     part = MetaEmbedIndex.load(path)  # memory-mapped: the vectors leave RAM
@@ -161,6 +157,46 @@ class StoredEmbeddings:
             local = positions[selected] - self.starts[number]
             result[selected] = self.parts[number].get_embeddings(local, num_vectors)
         return result
+
+
+def _encode_range(
+    model: Any,
+    items: Sequence[Any],
+    start: int,
+    end: int,
+    task: str,
+    num_vectors: int,
+    batch_size: int,
+    show_progress_bar: bool | None,
+    description: str,
+) -> torch.Tensor:
+    """Embeddings of items `start..end-1`. Lazily read items (page images) are made and decoded one encode batch
+    at a time, so at most `batch_size` decoded pages are alive at once whatever the part size; in-memory items go
+    to `model.encode` in one call (it sorts them by length)."""
+    step = batch_size if isinstance(items, LazyItems) else end - start
+    batches = range(start, end, step)
+    if step != end - start and (show_progress_bar or (show_progress_bar is None and sys.stderr.isatty())):
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=f"{description}: {task}s {start}..{end - 1}", unit="batch")
+    results = []
+    for first in batches:
+        last = min(first + step, end)
+        batch = items[first:last]  # made here: each image is decoded once
+        try:
+            results.append(
+                model.encode(
+                    batch,
+                    task,
+                    num_vectors=num_vectors,
+                    batch_size=batch_size,
+                    show_progress_bar=show_progress_bar if step == end - start else False,
+                )
+            )
+        except ValueError as error:  # e.g. an unreadable image: say which dataset items
+            raise ValueError(f"{description}: {task}s {first}..{last - 1}: {error}") from error
+        del batch
+    return torch.cat(results) if len(results) > 1 else results[0]
 
 
 def _load_part(path: str | None, ids: Sequence[str], num_vectors: int, dim: int, storage: str) -> MetaEmbedIndex | None:
@@ -290,15 +326,21 @@ def evaluate(
             model, dataset.candidates, dataset.candidate_ids, "candidate", max_candidate_vectors, **common
         )
         wanted = wanted_metrics[id(dataset)]
+        protocol = _protocol_of(dataset)
         for budget in budgets:
-            _score(queries, candidates, dataset, budget, 1, limit=1)  # untimed: first-call setup is not scoring
+            # Untimed warm-up: the same scoring once (first-touch of memory-mapped parts, kernel and thread pool
+            # setup), then the timed run, whose results are reported.
+            _score(queries, candidates, dataset, budget, wanted, protocol)
             start = time.perf_counter()
-            scored = _score(queries, candidates, dataset, budget, metric_depth(wanted))
+            scored = _score(queries, candidates, dataset, budget, wanted, protocol)
             seconds = time.perf_counter() - start
             if dataset.candidate_lists is not None:
                 values = {"precision@1": list_precision_at_1(scored)}
             else:
-                values = ranking_metrics(dataset.qrels, scored, wanted)
+                run, mrr_run = scored
+                values = ranking_metrics(
+                    dataset.qrels, run, wanted, mrr_run=mrr_run, round_digits=protocol.round_digits
+                )
             results.append(
                 BudgetResult(
                     dataset=dataset.name,
@@ -314,9 +356,15 @@ def evaluate(
                     dataset_split=dataset.split,
                     dataset_revision=dataset.revision,
                     format=dataset.format,
+                    protocol=protocol.name,
+                    reference=protocol.reference,
                 )
             )
     return results
+
+
+def _protocol_of(dataset: RetrievalDataset) -> Protocol:
+    return get_protocol(dataset.protocol, "mmeb" if dataset.candidate_lists is not None else dataset.format or "beir")
 
 
 def _score(
@@ -324,14 +372,30 @@ def _score(
     candidates: StoredEmbeddings,
     dataset: RetrievalDataset,
     budget: tuple[int, int],
-    depth: int,
-    limit: int | None = None,
+    metrics: Sequence[str],
+    protocol: Protocol,
 ) -> Any:
-    """The first `limit` (default all) queries' list scores (candidate-list datasets) or run (ranked datasets)."""
-    count = len(queries) if limit is None else min(limit, len(queries))
+    """Each query's list scores (candidate-list datasets), or (run, MRR run or None) for ranked datasets under the
+    protocol's rules (score clamping; MRR ties in corpus order)."""
     if dataset.candidate_lists is not None:
-        return score_candidate_lists(queries, candidates, dataset.candidate_lists[:count], budget)
-    return rank_candidates(queries, candidates, dataset.query_ids[:count], dataset.candidate_ids, budget, depth)
+        return score_candidate_lists(queries, candidates, dataset.candidate_lists, budget)
+    ids = dataset.candidate_ids
+    # trec_eval's tie rule: a greater id (string order) ranks first.
+    by_id = torch.empty(len(ids), dtype=torch.long)
+    by_id[torch.tensor(sorted(range(len(ids)), key=ids.__getitem__))] = torch.arange(len(ids))
+    # vidore-benchmark: max(results.get(page, 0), score) clamps every page but the first one scored at 0.
+    floor = torch.ones(len(ids), dtype=torch.bool) if protocol.clamp_negative_scores else None
+    if floor is not None:
+        floor[0] = False
+    run = rank_candidates(queries, candidates, dataset.query_ids, ids, budget, metric_depth(metrics), by_id, floor)
+    mrr_cutoffs = [parse_metric(name)[1] for name in metrics if parse_metric(name)[0] == "mrr"]
+    mrr_run = None
+    if protocol.mrr_ties == "corpus" and mrr_cutoffs:
+        by_position = torch.arange(len(ids) - 1, -1, -1)  # the earlier candidate ranks first
+        mrr_run = rank_candidates(
+            queries, candidates, dataset.query_ids, ids, budget, max(mrr_cutoffs), by_position, floor
+        )
+    return run, mrr_run
 
 
 def rank_candidates(
@@ -341,14 +405,13 @@ def rank_candidates(
     candidate_ids: Sequence[str],
     budget: tuple[int, int],
     depth: int,
+    tie_ranks: torch.Tensor,
+    floor_at_zero: torch.Tensor | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Each of the first `len(query_ids)` queries' `depth` best candidates at `budget`, under the tie rule of
-    `metrics` (score, then id descending), as a run {query id: {candidate id: score}}. Scores are computed in
-    blocks of at most `_SCORE_ELEMENTS` (queries x candidates)."""
-    ranks = torch.empty(len(candidate_ids), dtype=torch.long)
-    ranks[torch.tensor(sorted(range(len(candidate_ids)), key=candidate_ids.__getitem__))] = torch.arange(
-        len(candidate_ids)
-    )
+    """Each query's `depth` best candidates at `budget`, as a run {query id: {candidate id: score}} inserted best
+    first. Equal scores rank by `tie_ranks` (int64 `[N]`, the greater first: see `metrics.order_keys`); where
+    `floor_at_zero` (bool `[N]`) is set, negative scores count as 0. Scores are computed in blocks of at most
+    `_SCORE_ELEMENTS` (queries x candidates)."""
     num_query_vectors, num_candidate_vectors = budget
     query_block = _query_block_size(num_query_vectors, queries.parts[0].dim)
     run: dict[str, dict[str, float]] = {}
@@ -359,7 +422,9 @@ def rank_candidates(
         max_block = max(1, _SCORE_ELEMENTS // len(block_queries))
         for start, block in candidates.blocks(num_candidate_vectors, max_block):
             scores = late_interaction_scores(block_queries, block, num_query_vectors, num_candidate_vectors)
-            best = top_k_by_rule(scores, ranks[start : start + len(block)], depth, best, start)
+            if floor_at_zero is not None:
+                scores = torch.where(floor_at_zero[start : start + len(block)], scores.clamp_min(0.0), scores)
+            best = top_k_by_rule(scores, tie_ranks[start : start + len(block)], depth, best, start)
         keys, positions = best
         for query, row_positions, row_scores in zip(
             query_ids[query_start:query_end], positions.tolist(), scores_from_keys(keys).tolist()
@@ -387,7 +452,7 @@ def score_candidate_lists(
     candidate_lists: Sequence[Sequence[int]],
     budget: tuple[int, int],
 ) -> list[torch.Tensor]:
-    """Each of the first `len(candidate_lists)` queries' scores against its own candidate list (positions into
+    """Each query's scores against its own candidate list (positions into
     `candidates`), at `budget`."""
     num_query_vectors, num_candidate_vectors = budget
     query_block = _query_block_size(num_query_vectors, queries.parts[0].dim)

@@ -23,14 +23,16 @@ METRIC_PATTERN = re.compile(r"^(ndcg|recall|precision|map|mrr|recall_cap)@([1-9]
 # our name -> pytrec_eval measure (trec_eval names); mrr and recall_cap are handled apart.
 PYTREC_MEASURES = {"ndcg": "ndcg_cut", "recall": "recall", "precision": "P", "map": "map_cut"}
 LIST_METRICS = ("precision@1",)  # the metric of per-query candidate lists (MMEB)
+MAX_CUTOFF = 1_000_000  # trec_eval reads cutoffs as C longs; no ranking reads deeper
 
 
 def parse_metric(name: str) -> tuple[str, int]:
     """("ndcg", 10) for "ndcg@10"; raises for names this module does not compute."""
     match = METRIC_PATTERN.match(name) if isinstance(name, str) else None
-    if match is None:
+    if match is None or len(match.group(2)) > 7 or int(match.group(2)) > MAX_CUTOFF:
         raise ValueError(
-            f"unknown metric {name!r}: expected ndcg@k, recall@k, precision@k, map@k, mrr@k or recall_cap@k"
+            f"unknown metric {name!r}: expected ndcg@k, recall@k, precision@k, map@k, mrr@k or recall_cap@k "
+            f"with 1 <= k <= {MAX_CUTOFF}"
         )
     return match.group(1), int(match.group(2))
 
@@ -52,8 +54,11 @@ def import_pytrec_eval():
     return pytrec_eval
 
 
-def ranking_metrics(qrels: Qrels, run: Run, metrics: Sequence[str]) -> dict[str, float]:
-    """Mean of each metric over the queries of `qrels` that have a relevant candidate.
+def per_query_metrics(
+    qrels: Qrels, run: Run, metrics: Sequence[str], *, mrr_run: Run | None = None
+) -> dict[str, dict[str, float]]:
+    """Each metric of each query of `qrels` that has any judgement (also those judged only with grade 0: they
+    score 0, as in mteb and vidore-benchmark).
 
     Args:
         qrels: {query id: {candidate id: graded relevance (int)}}; relevance >= 1 counts as relevant, and nDCG uses
@@ -61,15 +66,18 @@ def ranking_metrics(qrels: Qrels, run: Run, metrics: Sequence[str]) -> dict[str,
         run: {query id: {candidate id: score}}, e.g. each query's `top_k_by_rule` list; a query missing from the
             run counts 0.
         metrics: names such as "ndcg@5", "recall@100", "mrr@10" (reciprocal rank within the top 10),
-            "precision@1", "map@100", "recall_cap@10" (relevant in the top k / min(k, relevant), BEIR's R_cap).
+            "precision@1", "map@100", "recall_cap@10" (relevant in the top k / min(k, relevant), BEIR's R_cap;
+            queries without a relevant candidate count 0).
+        mrr_run: the run MRR reads, ranked in its insertion order on ties (a stable sort by score: mteb 1.x, which
+            vidore-benchmark uses); None: `run` under the tie rule of this module (mteb 2.x).
 
     Returns:
-        {metric name: mean over queries}.
+        {metric name: {query id: value}}.
     """
     parsed = {name: parse_metric(name) for name in metrics}
-    queries = [query for query, relevance in qrels.items() if any(grade >= 1 for grade in relevance.values())]
+    queries = [query for query, relevance in qrels.items() if relevance]
     if not queries:
-        raise ValueError("no query has a relevant candidate in the qrels: nothing to evaluate")
+        raise ValueError("no query has a judged candidate in the qrels: nothing to evaluate")
     qrels = {
         query: {doc: check_grade(grade, f"qrels[{query!r}][{doc!r}]") for doc, grade in qrels[query].items()}
         for query in queries
@@ -77,30 +85,47 @@ def ranking_metrics(qrels: Qrels, run: Run, metrics: Sequence[str]) -> dict[str,
     run = {query: dict(run.get(query, {})) for query in queries}
     pytrec_eval = import_pytrec_eval()
     measures = {f"{PYTREC_MEASURES[kind]}.{k}" for kind, k in parsed.values() if kind in PYTREC_MEASURES}
-    per_query = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run) if measures else {}
-    results = {}
+    scored = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run) if measures else {}
+    results: dict[str, dict[str, float]] = {}
     for name, (kind, k) in parsed.items():
-        if kind in PYTREC_MEASURES:
-            values = [per_query[query][f"{PYTREC_MEASURES[kind]}_{k}"] for query in queries]
-        elif kind == "mrr":
-            # trec_eval's recip_rank has no cutoff: rank the run's first k (by the tie rule) and score those.
-            cut = {query: dict(ranked_ids(run[query])[:k]) for query in queries}
-            scored = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(cut)
-            values = [scored[query]["recip_rank"] for query in queries]
-        else:  # recall_cap: not a trec_eval measure
-            values = []
-            for query in queries:
-                relevant = {doc for doc, grade in qrels[query].items() if grade >= 1}
+        values = {}
+        for query in queries:
+            relevant = {doc for doc, grade in qrels[query].items() if grade >= 1}
+            if kind in PYTREC_MEASURES:
+                values[query] = scored[query][f"{PYTREC_MEASURES[kind]}_{k}"] if query in scored else 0.0
+            elif kind == "mrr":
+                if mrr_run is None:
+                    ranked = [doc for doc, _ in ranked_ids(run[query])[:k]]
+                else:  # stable: equal scores keep the run's order
+                    ranked = sorted(mrr_run.get(query, {}), key=mrr_run.get(query, {}).get, reverse=True)[:k]
+                values[query] = next((1 / (rank + 1) for rank, doc in enumerate(ranked) if doc in relevant), 0.0)
+            else:  # recall_cap: not a trec_eval measure
                 top = {doc for doc, _ in ranked_ids(run[query])[:k]}
-                values.append(len(relevant & top) / min(k, len(relevant)))
-        results[name] = sum(values) / len(values)
+                values[query] = len(relevant & top) / min(k, len(relevant)) if relevant else 0.0
+        results[name] = values
     return results
 
 
+def ranking_metrics(
+    qrels: Qrels, run: Run, metrics: Sequence[str], *, mrr_run: Run | None = None, round_digits: int | None = None
+) -> dict[str, float]:
+    """Mean of each metric over the judged queries (`per_query_metrics`), rounded to `round_digits` decimals as
+    the reference rounds (mteb: 5) or not at all (None)."""
+    per_query = per_query_metrics(qrels, run, metrics, mrr_run=mrr_run)
+    means = {name: sum(values.values()) / len(values) for name, values in per_query.items()}
+    return means if round_digits is None else {name: round(value, round_digits) for name, value in means.items()}
+
+
+# trec_eval allocates memory per grade level (a grade of 3e9 takes ~24 GB; 1e300 overflows): grades are bounded.
+MAX_GRADE = 1000
+
+
 def check_grade(grade: object, where: str) -> int:
-    """A relevance grade as an int; an error naming `where` for anything but an integer-valued int or float."""
-    if isinstance(grade, bool) or not isinstance(grade, (int, float)) or not float(grade).is_integer():
+    """A relevance grade as an int within +-`MAX_GRADE`; an error naming `where` for anything else."""
+    if isinstance(grade, bool) or not isinstance(grade, (int, float)):
         raise ValueError(f"{where}: {grade!r} is not an integer grade")
+    if not -MAX_GRADE <= grade <= MAX_GRADE or not float(grade).is_integer():
+        raise ValueError(f"{where}: {grade!r} is not an integer grade within -{MAX_GRADE}..{MAX_GRADE}")
     return int(grade)
 
 
@@ -171,11 +196,13 @@ def list_precision_at_1(scores: Sequence[torch.Tensor]) -> float:
 
 __all__ = [
     "LIST_METRICS",
+    "MAX_GRADE",
     "check_grade",
     "import_pytrec_eval",
     "list_precision_at_1",
     "metric_depth",
     "parse_metric",
+    "per_query_metrics",
     "ranked_ids",
     "ranking_metrics",
     "scores_from_keys",

@@ -2,45 +2,61 @@
 
 Every reader takes a dataset as the Hub publishes it, from any of three places, through one code path:
 - a local folder laid out as the Hub snapshot (`huggingface_hub.snapshot_download`: parquet files plus the
-  README.md that declares the configs), read by `datasets.load_dataset(folder, config, split=...)`;
-- a Hub dataset id (online), read by the same `datasets.load_dataset` call;
+  README.md that declares the configs), or without a README / without a `configs:` block (then each config is
+  the subfolder of that name: BEIR's `corpus/`, `queries/`, `qrels/`, MMEB's subsets), read from its parquet files
+  on every call (never served from the `datasets` cache, which would return an edited file's or a same-named
+  folder's old data);
+- a Hub dataset id (online), read by `datasets.load_dataset`;
 - a `datasets.save_to_disk` folder (one per config, as `<folder>/<config>` where the format has configs), read by
   `datasets.load_from_disk`.
 
 Formats:
 - ViDoRe v1 (`vidore/docvqa_test_subsampled`, ...): one table with `query`, `image`, `image_filename`; the corpus
   is the distinct `image_filename`s (a row may repeat an image or have no query); a query's relevant page is its
-  own row's image; repeated query texts are kept once (the first), as the ViDoRe benchmark does.
+  own row's image. A query text that repeats over rows is one query; which rows' pages are relevant follows the
+  protocol (`protocols`: mteb makes every row's page relevant, vidore-benchmark the last row's).
 - BEIR (ViDoRe v2 and later, `vidore/esg_reports_v2`, ..., and text collections): configs `corpus`
   (`corpus-id` or `_id`; `text` with optional `title`, and/or `image`), `queries` (`query-id` or `_id`; `query` or
-  `text`) and `qrels` (`query-id`, `corpus-id`, `score`, graded relevance kept).
+  `text`) and `qrels` (`query-id`, `corpus-id`, `score`, graded relevance kept; queries judged only with grade 0
+  are counted, as mteb and vidore-benchmark count them).
 - MMEB eval subsets (`TIGER-Lab/MMEB-eval`, one config per subset): `qry_text`, `qry_img_path`, `tgt_text` (list),
   `tgt_img_path` (list), and optionally `qry_inst` / `tgt_inst` (the instruct variant); image paths are relative to
   an image folder. Each query is ranked against its own candidate list, whose first entry is the positive.
+  Candidates take `tgt_inst` only where VLM2Vec gives it (`protocols.MMEB_INSTRUCTED_CANDIDATES`).
 
-Images are decoded only when an item is encoded, so a corpus of page images is never held in memory at once.
+Everything is validated when read, before any encoding, with errors naming the file, row and column. Images are
+decoded only when an item is encoded, one encode batch at a time. An image cell (or MMEB path) must name a regular
+file under the dataset's folder (or `image_root`), read with a size bound; decompression bombs are refused.
 """
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
 import re
+import shutil
+import stat
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
 
-from .metrics import check_grade
+from .metrics import check_grade, parse_metric
+from .protocols import MMEB_INSTRUCTED_CANDIDATES, MMEB_TEXT_CANDIDATES, get_protocol, main_metric
 
 FORMATS = ("vidore", "beir", "mmeb")
-# Each format's metrics; the first is the benchmark's own (the one of the paper's tables).
+# Each format's metrics; the first is the benchmark's own (the one of the paper's tables). BEIR datasets put
+# their leaderboard's main score first (`protocols.main_metric`: nDCG@5 for ViDoRe v2, nDCG@10 for v3 and BEIR).
 DEFAULT_METRICS = {
     "vidore": ("ndcg@5", "ndcg@10", "recall@100", "mrr@10"),
-    "beir": ("ndcg@10", "recall@100", "mrr@10", "ndcg@5"),
+    "beir": ("ndcg@10", "ndcg@5", "recall@100", "mrr@10"),
     "mmeb": ("precision@1",),
 }
+# An image file (or image cell's file) larger than this is refused unread.
+MAX_IMAGE_FILE_BYTES = 256 * 2**20
 IMAGE_PLACEHOLDER = re.compile(r"<\|image_\d+\|>")
 SNAPSHOT_PATH = re.compile(r"datasets--([^/\\]+)--([^/\\]+)[/\\]snapshots[/\\]([0-9a-f]{40})")
 
@@ -95,8 +111,12 @@ class RetrievalDataset:
     hub_id: str | None = None  # the Hub dataset id, when known (for the model card)
     revision: str | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    # the protocol (`protocols.PROTOCOLS`) whose rules turn scores into numbers; None: the format's default
+    # (mteb for ranked datasets, vlm2vec for candidate lists)
+    protocol: str | None = None
 
     def __post_init__(self) -> None:
+        """Checks everything evaluation reads, so bad data fails here, before any encoding."""
         if (self.qrels is None) == (self.candidate_lists is None):
             raise ValueError(f"{self.name}: give exactly one of qrels and candidate_lists")
         for kind, ids, items in (
@@ -107,11 +127,50 @@ class RetrievalDataset:
                 raise ValueError(f"{self.name}: {len(ids)} {kind} ids for {len(items)} {kind} items")
             if not ids:
                 raise ValueError(f"{self.name}: no {kind}s")
+            for position, identifier in enumerate(ids):
+                if not isinstance(identifier, str):
+                    raise ValueError(f"{self.name}: {kind}_ids[{position}] is {identifier!r}, not a string")
             check_unique(ids, lambda position, kind=kind: f"{self.name}: {kind}_ids[{position}]")
-        if self.candidate_lists is not None and len(self.candidate_lists) != len(self.query_ids):
+        if isinstance(self.metrics, str) or not self.metrics:
+            raise ValueError(f"{self.name}: metrics must be a non-empty tuple of names, got {self.metrics!r}")
+        self.metrics = tuple(self.metrics)
+        if self.candidate_lists is not None:
+            self._check_candidate_lists()
+        else:
+            for name in self.metrics:
+                parse_metric(name)
+            self._check_qrels()
+        get_protocol(self.protocol, "mmeb" if self.candidate_lists is not None else self.format or "beir")
+
+    def _check_qrels(self) -> None:
+        if not isinstance(self.qrels, dict) or not self.qrels:
+            raise ValueError(f"{self.name}: qrels must be a non-empty dict {{query id: {{candidate id: grade}}}}")
+        queries, candidates = set(self.query_ids), set(self.candidate_ids)
+        for query, judged in self.qrels.items():
+            if query not in queries:
+                raise ValueError(f"{self.name}: qrels[{query!r}]: {query!r} is not in query_ids")
+            if not isinstance(judged, dict):
+                raise ValueError(f"{self.name}: qrels[{query!r}] must be a dict {{candidate id: grade}}")
+            for doc, grade in judged.items():
+                if doc not in candidates:
+                    raise ValueError(f"{self.name}: qrels[{query!r}][{doc!r}]: {doc!r} is not in candidate_ids")
+                check_grade(grade, f"{self.name}: qrels[{query!r}][{doc!r}]")
+
+    def _check_candidate_lists(self) -> None:
+        if len(self.candidate_lists) != len(self.query_ids):
             raise ValueError(
                 f"{self.name}: {len(self.candidate_lists)} candidate lists for {len(self.query_ids)} queries"
             )
+        count = len(self.candidate_ids)
+        for number, positions in enumerate(self.candidate_lists):
+            if isinstance(positions, (str, bytes)) or not isinstance(positions, Sequence) or not positions:
+                raise ValueError(f"{self.name}: candidate_lists[{number}] must be a non-empty list of positions")
+            for entry, position in enumerate(positions):
+                if isinstance(position, bool) or not isinstance(position, int) or not 0 <= position < count:
+                    raise ValueError(
+                        f"{self.name}: candidate_lists[{number}][{entry}] is {position!r}, not a position into "
+                        f"the {count} candidates"
+                    )
 
     @property
     def main_metric(self) -> str:
@@ -147,9 +206,10 @@ class Split:
 def load_split(
     source: str, config: str | None, split: str, cache_dir: str | None = None, *, only_split: bool = False
 ) -> Split:
-    """The split `split` of `<source>/<config>` (or `source`) saved with `save_to_disk`, else of the Hub snapshot
-    folder or Hub id `source` through `datasets.load_dataset(source, config, split=split)`. With `only_split`, a
-    config without that split but with exactly one other (BEIR's `corpus` / `queries` splits) gives that one."""
+    """The split `split` of `<source>/<config>` (or `source`) saved with `save_to_disk`, else of the local folder
+    `source` (read from its parquet files, `_local_files`), else of the Hub id `source` through
+    `datasets.load_dataset(source, config, split=split)`. With `only_split`, a config without that split but with
+    exactly one other (BEIR's `corpus` / `queries` splits) gives that one."""
     import datasets
 
     saved = os.path.join(source, config) if config else source
@@ -166,6 +226,11 @@ def load_split(
         raise ValueError(f"{source} is a file; expected a dataset folder (Hub snapshot or save_to_disk) or a Hub id")
     if config and os.path.isdir(source) and (names := _saved_configs(source)):
         raise ValueError(f"{source} holds the saved configs {names}, not {config!r}")
+    if os.path.isdir(source):
+        files, split = _local_files(source, config, split, only_split)
+        # A private cache per read: the files as they are now, never a cached copy of another folder's.
+        data = datasets.Dataset.from_parquet(files, cache_dir=_fresh_cache_dir())
+        return Split(data, _where(source, config, split), _file_rows(source, files, len(data)))
     try:
         try:
             data = datasets.load_dataset(source, config, split=split, cache_dir=cache_dir)
@@ -178,24 +243,85 @@ def load_split(
     except (ValueError, FileNotFoundError) as error:
         where = f"config {config!r}, " if config else ""
         raise ValueError(f"cannot read {source} ({where}split {split!r}): {error}") from error
-    return Split(data, _where(source, config, split), _parquet_files(source, config, split, len(data)))
+    return Split(data, _where(source, config, split))
+
+
+_CACHE_ROOT: list[str] = []
+
+
+def _fresh_cache_dir() -> str:
+    """A new folder for `datasets`' arrow files of one read, removed when the process exits."""
+    if not _CACHE_ROOT:
+        _CACHE_ROOT.append(tempfile.mkdtemp(prefix="metaembed-evaluation-"))
+        atexit.register(shutil.rmtree, _CACHE_ROOT[0], True)
+    return tempfile.mkdtemp(dir=_CACHE_ROOT[0])
 
 
 def _where(source: str, config: str | None, split: str) -> str:
     return f"{source} [{config}/{split}]" if config else f"{source} [{split}]"
 
 
-def _parquet_files(source: str, config: str | None, split: str, num_rows: int) -> list[tuple[str, int]]:
-    """(file relative to `source`, first row) of a local snapshot's parquet files for the split, in the order
-    `datasets` concatenates them; empty for a Hub id or when the files do not add up to the split."""
-    if not os.path.isdir(source):
-        return []
-    import datasets
+def _declared_configs(source: str) -> list[dict[str, Any]] | None:
+    """The `configs:` of the folder's README.md front matter; None without a README or such a block."""
+    readme = os.path.join(source, "README.md")
+    if not os.path.isfile(readme):
+        return None
+    from huggingface_hub.repocard import metadata_load
+
+    try:
+        metadata = metadata_load(readme) or {}
+    except Exception as error:  # yaml raises several kinds; all mean a broken front matter
+        raise ValueError(f"{readme}: the front matter is not valid YAML ({error})") from error
+    configs = metadata.get("configs")
+    return configs if isinstance(configs, list) and configs else None
+
+
+def _split_of(path: str) -> str:
+    """The split a parquet file holds by the Hub's naming: `<split>-00000-of-00001.parquet`, `<split>.parquet`,
+    or a `<split>/` folder."""
+    name = os.path.basename(path)
+    return re.split(r"[-.]", name, maxsplit=1)[0]
+
+
+def _local_files(source: str, config: str | None, split: str, only_split: bool) -> tuple[list[str], str]:
+    """(parquet files in order, split) of a config of a local folder: those its README's `configs:` declares,
+    else every parquet file under `<source>/<config>` (or `source`), grouped by split name."""
+    if _declared_configs(source) is not None:
+        import datasets
+
+        try:
+            declared = datasets.load_dataset_builder(source, config).config.data_files or {}
+        except ValueError as error:
+            raise ValueError(f"cannot read {source} (config {config!r}): {error}") from error
+        groups = {str(name): [str(path) for path in paths] for name, paths in declared.items()}
+    else:
+        folder = os.path.join(source, config) if config else source
+        if not os.path.isdir(folder):
+            present = sorted(name for name in os.listdir(source) if os.path.isdir(os.path.join(source, name)))
+            raise ValueError(f"{source}: no {config!r} folder (a folder without README configs; found {present})")
+        groups = {}
+        for root, folders, names in os.walk(folder):
+            folders.sort()
+            for name in sorted(names):
+                if name.endswith(".parquet"):
+                    path = os.path.join(root, name)
+                    groups.setdefault(_split_of(path), []).append(path)
+    if split not in groups and (only_split or not config) and len(groups) == 1:
+        split = next(iter(groups))
+    if split not in groups:
+        where = f"{source} (config {config!r})" if config else source
+        raise ValueError(f"{where} has no split {split!r} (found {sorted(groups)})")
+    files = groups[split]
+    if not files or not all(path.endswith(".parquet") for path in files):
+        raise ValueError(f"{source}: split {split!r} must be parquet files, got {files}")
+    return files, split
+
+
+def _file_rows(source: str, files: Sequence[str], num_rows: int) -> list[tuple[str, int]]:
+    """(file relative to `source`, first row) of the parquet files of a split, in the order read; empty when
+    the files do not add up to the split."""
     import pyarrow.parquet
 
-    files = [str(path) for path in datasets.load_dataset_builder(source, config).config.data_files.get(split, [])]
-    if not files or not all(path.endswith(".parquet") for path in files):
-        return []
     result, start = [], 0
     for path in files:
         result.append((os.path.relpath(path, source), start))
@@ -211,10 +337,20 @@ def _saved_configs(folder: str) -> list[str]:
 
 
 def config_names(source: str) -> list[str]:
-    """The configs (e.g. MMEB subsets) of a save_to_disk folder (its saved subfolders), a snapshot folder or a Hub
-    id (both as declared in its README.md)."""
-    if os.path.isdir(source) and (names := _saved_configs(source)):
-        return names
+    """The configs (e.g. MMEB subsets) of a save_to_disk folder (its saved subfolders), a snapshot folder (as its
+    README.md declares them, else its subfolders holding parquet files) or a Hub id."""
+    if os.path.isdir(source):
+        if names := _saved_configs(source):
+            return names
+        declared = _declared_configs(source)
+        if declared is not None:
+            return [str(entry.get("config_name", "default")) for entry in declared if isinstance(entry, dict)]
+        return sorted(
+            name
+            for name in os.listdir(source)
+            if os.path.isdir(os.path.join(source, name))
+            and any(file.endswith(".parquet") for _, _, files in os.walk(os.path.join(source, name)) for file in files)
+        )
     import datasets
 
     return list(datasets.get_dataset_config_names(source))
@@ -272,20 +408,62 @@ def _check_columns(
     return chosen
 
 
-def _open_image(value: Any, where: str) -> Image.Image:
-    """A PIL image from a datasets Image cell (decoded or {"bytes", "path"}), loaded now so errors name the cell."""
+def safe_image_path(path: Any, root: str | None, where: str) -> str:
+    """The file `path` names under `root`, checked: a relative path without `..`, resolving (symlinks followed)
+    to a regular file inside `root` of at most `MAX_IMAGE_FILE_BYTES`. No device, FIFO or file outside."""
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{where}: expected an image path, got {path!r}")
+    if root is None:
+        raise ValueError(f"{where}: the image {path!r} is a file path: give the folder it is under (image_root)")
+    if os.path.isabs(path) or ".." in re.split(r"[/\\]", path):
+        raise ValueError(f"{where}: the image path {path!r} must be relative to {root!r}, without '..'")
+    base = os.path.realpath(root)
+    full = os.path.realpath(os.path.join(base, path))
+    if os.path.commonpath([base, full]) != base:
+        raise ValueError(f"{where}: the image path {path!r} leads outside {root!r} (a symlink?)")
+    try:
+        status = os.stat(full)
+    except OSError as error:
+        raise ValueError(f"{where}: image file {os.path.join(root, path)!r} not found") from error
+    if not stat.S_ISREG(status.st_mode):
+        raise ValueError(f"{where}: {os.path.join(root, path)!r} is not a regular file")
+    if status.st_size > MAX_IMAGE_FILE_BYTES:
+        raise ValueError(f"{where}: {os.path.join(root, path)!r} is larger than {MAX_IMAGE_FILE_BYTES} bytes")
+    return full
+
+
+def _read_bounded(path: str, where: str) -> bytes:
+    """The bytes of the regular file `path` (opened without blocking, checked again once open), at most
+    `MAX_IMAGE_FILE_BYTES`."""
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(descriptor, "rb") as file:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise ValueError(f"{where}: {path!r} is not a regular file")
+        content = file.read(MAX_IMAGE_FILE_BYTES + 1)
+    if len(content) > MAX_IMAGE_FILE_BYTES:
+        raise ValueError(f"{where}: {path!r} is larger than {MAX_IMAGE_FILE_BYTES} bytes")
+    return content
+
+
+def _open_image(value: Any, where: str, root: str | None = None) -> Image.Image:
+    """A PIL image from a datasets Image cell (decoded, or {"bytes", "path"}: a path only under `root`), loaded
+    now so errors name the cell; the pixel-count (decompression bomb) limit applies before decoding."""
+    from processing_metaembed import _check_pixel_count
+
     try:
         if isinstance(value, Image.Image):
             image = value
         elif isinstance(value, dict) and value.get("bytes") is not None:
             image = Image.open(io.BytesIO(value["bytes"]))
         elif isinstance(value, dict) and value.get("path"):
-            image = Image.open(value["path"])
+            image = Image.open(io.BytesIO(_read_bounded(safe_image_path(value["path"], root, where), where)))
         else:
             raise ValueError("no image")
+        _check_pixel_count(image.size)
         image.load()
     except Exception as error:  # PIL raises many kinds; all mean the same to the user
-        raise ValueError(f"{where}: cannot read the image ({error})") from error
+        message = str(error) if str(error).startswith(where) else f"{where}: cannot read the image ({error})"
+        raise ValueError(message) from error
     return image
 
 
@@ -319,10 +497,24 @@ def _load_beir_config(source: str, role: str, split: str, cache_dir: str | None)
 
 
 def read_vidore(
-    source: str, split: str = "test", cache_dir: str | None = None, dataset_id: str | None = None
+    source: str,
+    split: str = "test",
+    cache_dir: str | None = None,
+    dataset_id: str | None = None,
+    *,
+    protocol: str | None = None,
+    image_root: str | None = None,
 ) -> RetrievalDataset:
     """A ViDoRe v1 dataset (one table: `query`, `image`, `image_filename`); see the module docstring.
-    `dataset_id`: the Hub id of a local snapshot outside the Hub cache (for the model card)."""
+
+    Args:
+        protocol: "mteb" (default: every row of a repeated query text makes its page relevant; empty queries
+            dropped) or "vidore-benchmark" (the last row's page; an empty-string query is kept, so it is refused
+            here, as MetaEmbed cannot encode empty text).
+        dataset_id: the Hub id of a local snapshot outside the Hub cache (for the model card).
+        image_root: the folder image cells that hold a path (no bytes) are under (default: the dataset folder).
+    """
+    rules = get_protocol(protocol, "vidore")
     loaded = load_split(source, None, split, cache_dir)
     table, where, at = loaded.data, loaded.where, loaded.at
     columns = _check_columns(table, ("query", "image", "image_filename"), where)
@@ -332,34 +524,51 @@ def read_vidore(
         if not isinstance(name, str) or not name:
             raise ValueError(f"{at(row, 'image_filename')}: expected a file name, got {name!r}")
         first_row.setdefault(name, row)
-    query_rows: dict[str, int] = {}
+    # query text -> the rows that ask it, in row order
+    query_rows: dict[str, list[int]] = {}
     for row, text in enumerate(queries_column):
         if text is not None and not isinstance(text, str):
             raise ValueError(f"{at(row, 'query')}: expected a string or None, got {type(text).__name__}")
-        if text and text.strip():
-            query_rows.setdefault(text, row)
+        if text is None:
+            continue
+        if not text.strip():
+            if rules.keep_empty_queries:  # vidore-benchmark 5.x deduplicate_dataset_rows keeps "" (drops None)
+                raise ValueError(
+                    f"{at(row, 'query')}: an empty query, which protocol {rules.name!r} keeps and scores; "
+                    "MetaEmbed cannot encode empty text (use protocol 'mteb', which drops it)"
+                )
+            continue
+        query_rows.setdefault(text, []).append(row)
     if not query_rows:
         raise ValueError(f"{where}: no row has a query")
     images = _undecoded(table.select_columns([columns["image"]]), columns["image"])
     candidate_ids = list(first_row)
     candidate_rows = list(first_row.values())
+    root = image_root if image_root is not None else (source if os.path.isdir(source) else None)
 
     def stored_candidate(position: int) -> dict[str, Any]:
         return {"image": images[candidate_rows[position]][columns["image"]]}
 
     def candidate(position: int) -> dict[str, Any]:
         row = candidate_rows[position]
-        return {"image": _open_image(stored_candidate(position)["image"], f"{at(row, 'image')}")}
+        return {"image": _open_image(stored_candidate(position)["image"], at(row, "image"), root)}
 
-    query_ids = [str(row) for row in query_rows.values()]
+    query_ids = [str(rows[0]) for rows in query_rows.values()]
+    if rules.repeated_queries == "last":  # vidore_evaluator_qa.py: queries2filename, a dict over all rows
+        qrels = {str(rows[0]): {names[rows[-1]]: 1} for rows in query_rows.values()}
+    else:  # mteb's *_beir copies: every row asking the text makes its page relevant
+        qrels = {str(rows[0]): {names[row]: 1 for row in rows} for rows in query_rows.values()}
+    provenance = _provenance(source, "vidore", split, dataset_id)
     return RetrievalDataset(
         name=_display_name(source),
         query_ids=query_ids,
         queries=list(query_rows),
         candidate_ids=candidate_ids,
         candidates=LazyItems(candidate, len(candidate_ids), stored_candidate),
-        qrels={str(row): {names[row]: 1} for row in query_rows.values()},
-        **_provenance(source, "vidore", split, dataset_id),
+        qrels=qrels,
+        protocol=rules.name,
+        **provenance,
+        notes={"repeated_query_rows": sum(len(rows) - 1 for rows in query_rows.values())},
     )
 
 
@@ -371,11 +580,36 @@ def _text_of(row: dict[str, Any], columns: Sequence[str]) -> str | None:
     return " ".join(parts) if parts else None
 
 
+def _ids(split: Split, column: str) -> list[str]:
+    """The id column as strings (ints allowed, as the Hub's BEIR copies store some); None or other types fail
+    naming the row."""
+    result = []
+    for row, identifier in enumerate(split.data[column]):
+        if isinstance(identifier, bool) or not isinstance(identifier, (str, int)) or identifier == "":
+            raise ValueError(f"{split.at(row, column)}: expected an id (string or integer), got {identifier!r}")
+        result.append(str(identifier))
+    return result
+
+
 def read_beir(
-    source: str, split: str = "test", cache_dir: str | None = None, dataset_id: str | None = None
+    source: str,
+    split: str = "test",
+    cache_dir: str | None = None,
+    dataset_id: str | None = None,
+    *,
+    protocol: str | None = None,
+    image_root: str | None = None,
 ) -> RetrievalDataset:
-    """A BEIR-format dataset (configs `corpus`, `queries`, `qrels`); see the module docstring.
-    `dataset_id`: the Hub id of a local snapshot outside the Hub cache (for the model card)."""
+    """A BEIR-format dataset (configs `corpus`, `queries`, `qrels`, or folders of those names); see the module
+    docstring. Every query with a qrels row is scored, also one judged only with grade 0 (it scores 0), as mteb
+    and vidore-benchmark do; the main metric is the leaderboard's (`protocols.main_metric`).
+
+    Args:
+        protocol: "mteb" (default) or "vidore-benchmark".
+        dataset_id: the Hub id of a local snapshot outside the Hub cache (for the model card).
+        image_root: the folder image cells that hold a path (no bytes) are under (default: the dataset folder).
+    """
+    rules = get_protocol(protocol, "beir")
     tables = {role: _load_beir_config(source, role, split, cache_dir) for role in BEIR_CONFIGS}
     where = {role: loaded.where for role, loaded in tables.items()}
     corpus = tables["corpus"].data
@@ -384,10 +618,16 @@ def read_beir(
     has_image = "image" in corpus.column_names
     if not text_columns and not has_image:
         raise ValueError(f"{where['corpus']}: no 'text' or 'image' column (columns: {corpus.column_names})")
-    candidate_ids = [str(identifier) for identifier in corpus[id_column]]
+    candidate_ids = _ids(tables["corpus"], id_column)
     check_unique(candidate_ids, lambda row: tables["corpus"].at(row, id_column))
     texts = corpus.select_columns(text_columns) if text_columns else None
     images = _undecoded(corpus.select_columns(["image"]), "image") if has_image else None
+    if texts is not None:
+        for row, record in enumerate(texts):
+            for name in text_columns:
+                if record[name] is not None and not isinstance(record[name], str):
+                    raise ValueError(f"{tables['corpus'].at(row, name)}: expected a string, got {record[name]!r}")
+    root = image_root if image_root is not None else (source if os.path.isdir(source) else None)
 
     def stored_candidate(row: int) -> dict[str, Any]:
         item: dict[str, Any] = {}
@@ -402,37 +642,40 @@ def read_beir(
     def candidate(row: int) -> dict[str, Any]:
         item = stored_candidate(row)
         if "image" in item:
-            item["image"] = _open_image(item["image"], f"{tables['corpus'].at(row, 'image')}")
+            item["image"] = _open_image(item["image"], f"{tables['corpus'].at(row, 'image')}", root)
         return item
 
     queries = tables["queries"].data
     query_columns = _check_columns(
         queries, ("id", "text"), where["queries"], {"id": ("query-id", "_id"), "text": ("query", "text")}
     )
-    query_ids = [str(identifier) for identifier in queries[query_columns["id"]]]
+    query_ids = _ids(tables["queries"], query_columns["id"])
     check_unique(query_ids, lambda row: tables["queries"].at(row, query_columns["id"]))
     query_texts = list(queries[query_columns["text"]])
     for row, text in enumerate(query_texts):
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"{tables['queries'].at(row, query_columns['text'])}: empty or not a string")
 
-    qrels_table = tables["qrels"].data
-    _check_columns(qrels_table, ("query-id", "corpus-id", "score"), where["qrels"])
+    qrels_split = tables["qrels"]
+    _check_columns(qrels_split.data, ("query-id", "corpus-id", "score"), where["qrels"])
     known_queries, known_candidates = set(query_ids), set(candidate_ids)
     qrels: dict[str, dict[str, int]] = {}
+    scores = qrels_split.data["score"]
     for row, (query, doc, score) in enumerate(
-        zip(qrels_table["query-id"], qrels_table["corpus-id"], qrels_table["score"])
+        zip(_ids(qrels_split, "query-id"), _ids(qrels_split, "corpus-id"), scores)
     ):
-        query, doc = str(query), str(doc)
         if query not in known_queries:
-            raise ValueError(f"{tables['qrels'].at(row, 'query-id')}: {query!r} is not in the queries")
+            raise ValueError(f"{qrels_split.at(row, 'query-id')}: {query!r} is not in the queries")
         if doc not in known_candidates:
-            raise ValueError(f"{tables['qrels'].at(row, 'corpus-id')}: {doc!r} is not in the corpus")
-        qrels.setdefault(query, {})[doc] = check_grade(score, f"{tables['qrels'].at(row, 'score')}")
-    # Queries without a relevant candidate are not scored (as in mteb and BEIR): not encoded either.
-    kept = [row for row, query in enumerate(query_ids) if any(grade >= 1 for grade in qrels.get(query, {}).values())]
+            raise ValueError(f"{qrels_split.at(row, 'corpus-id')}: {doc!r} is not in the corpus")
+        qrels.setdefault(query, {})[doc] = check_grade(score, f"{qrels_split.at(row, 'score')}")
+    # Queries without any qrels row are not scored (mteb's _filter_queries_without_positives): not encoded either.
+    kept = [row for row, query in enumerate(query_ids) if query in qrels]
     if not kept:
-        raise ValueError(f"{where['qrels']}: no query has a relevant candidate (score >= 1)")
+        raise ValueError(f"{where['qrels']}: no query has a qrels row")
+    provenance = _provenance(source, "beir", split, dataset_id)
+    main = main_metric("beir", (provenance["hub_id"], os.path.abspath(source) if os.path.exists(source) else source))
+    provenance["metrics"] = (main, *[name for name in DEFAULT_METRICS["beir"] if name != main])
     return RetrievalDataset(
         name=_display_name(source),
         query_ids=[query_ids[row] for row in kept],
@@ -440,8 +683,12 @@ def read_beir(
         candidate_ids=candidate_ids,
         candidates=LazyItems(candidate, len(candidate_ids), stored_candidate),
         qrels={query_ids[row]: qrels[query_ids[row]] for row in kept},
-        **_provenance(source, "beir", split, dataset_id),
-        notes={"queries_without_relevant": len(query_ids) - len(kept)},
+        protocol=rules.name,
+        **provenance,
+        notes={
+            "queries_without_qrels": len(query_ids) - len(kept),
+            "queries_judged_only_zero": sum(max(qrels[query_ids[row]].values()) < 1 for row in kept),
+        },
     )
 
 
@@ -465,6 +712,12 @@ def mmeb_text(instruction: str | None, text: str | None) -> str | None:
     return joined or None
 
 
+def _optional_text(value: Any, where: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+    return value
+
+
 def read_mmeb(
     source: str,
     subset: str,
@@ -472,31 +725,34 @@ def read_mmeb(
     split: str = "test",
     cache_dir: str | None = None,
     dataset_id: str | None = None,
+    *,
+    protocol: str | None = None,
 ) -> RetrievalDataset:
-    """One MMEB eval subset (a config of `TIGER-Lab/MMEB-eval`); see the module docstring.
+    """One MMEB eval subset (a config of `TIGER-Lab/MMEB-eval`, or a subfolder of a folder without `configs:`);
+    see the module docstring.
 
     Args:
         source: the snapshot / save_to_disk folder or Hub id.
         subset: the config, e.g. "MSCOCO_i2t".
-        image_root: the folder the `*_img_path` values are relative to (MMEB's `images.zip`, unzipped).
+        image_root: the folder the `*_img_path` values are relative to (MMEB's `images.zip`, unzipped); paths
+            must stay inside it (no `..`, no absolute path, no symlink out) and name regular files.
         dataset_id: the Hub id of a local snapshot outside the Hub cache (for the model card).
+        protocol: "vlm2vec" (the only one): `tgt_inst` goes to the candidates of the datasets VLM2Vec gives it
+            (text-to-image, image-to-image, grounding); classification, VQA and image-to-text candidates are the
+            bare `tgt_text` (no instruction, no image). A subset VLM2Vec does not list gets `tgt_inst` on
+            candidates that have an image.
     """
+    rules = get_protocol(protocol, "mmeb")
     loaded = load_split(source, subset, split, cache_dir)
     table, where, at = loaded.data, loaded.where, loaded.at
     _check_columns(table, ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path"), where)
     has_instructions = "qry_inst" in table.column_names
+    text_candidates = subset in MMEB_TEXT_CANDIDATES
 
     def image(path: Any, row: int, column: str) -> str | None:
         if path is None or path == "":
             return None
-        if not isinstance(path, str):
-            raise ValueError(f"{at(row, column)}: expected a path, got {type(path).__name__}")
-        if image_root is None:
-            raise ValueError(f"{at(row, column)}: {path!r} needs image_root (MMEB's image folder)")
-        full = os.path.join(image_root, path)
-        if not os.path.isfile(full):
-            raise ValueError(f"{at(row, column)}: image file {full!r} not found")
-        return full
+        return safe_image_path(path, image_root, at(row, column))
 
     def item(text: str | None, path: str | None, row: int, column: str) -> dict[str, Any]:
         if text is None and path is None:
@@ -506,15 +762,10 @@ def read_mmeb(
     query_ids, queries, candidate_lists = [], [], []
     candidate_positions: dict[tuple[str | None, str | None], int] = {}
     for row, record in enumerate(table):
-        instruction = record.get("qry_inst") if has_instructions else None
-        queries.append(
-            item(
-                mmeb_text(instruction, record["qry_text"]),
-                image(record["qry_img_path"], row, "qry_img_path"),
-                row,
-                "qry_text",
-            )
-        )
+        instruction = _optional_text(record.get("qry_inst"), at(row, "qry_inst")) if has_instructions else None
+        text = _optional_text(record["qry_text"], at(row, "qry_text"))
+        query_image = image(record["qry_img_path"], row, "qry_img_path")
+        queries.append(item(mmeb_text(instruction, text), query_image, row, "qry_text"))
         query_ids.append(str(row))
         texts, paths = record["tgt_text"], record["tgt_img_path"]
         if not isinstance(texts, list) or not isinstance(paths, list) or len(texts) != len(paths) or not texts:
@@ -523,11 +774,17 @@ def read_mmeb(
                 f"length, got {len(texts) if isinstance(texts, list) else texts!r} / "
                 f"{len(paths) if isinstance(paths, list) else paths!r}"
             )
-        candidate_instruction = record.get("tgt_inst") if has_instructions else None
+        candidate_instruction = (
+            _optional_text(record.get("tgt_inst"), at(row, "tgt_inst")) if has_instructions else None
+        )
         positions = []
-        for text, path in zip(texts, paths):
-            key = (mmeb_text(candidate_instruction, text), image(path, row, "tgt_img_path"))
-            item(*key, row, "tgt_text")
+        for entry, (text, path) in enumerate(zip(texts, paths)):
+            text = _optional_text(text, f"{at(row, 'tgt_text')}[{entry}]")
+            # VLM2Vec image_cls / image_qa / image_i2t: the candidate is the bare tgt_text (line 26 of each).
+            path = None if text_candidates else image(path, row, f"tgt_img_path[{entry}]")
+            instructed = not text_candidates and (subset in MMEB_INSTRUCTED_CANDIDATES or path is not None)
+            key = (mmeb_text(candidate_instruction if instructed else None, text), path)
+            item(*key, row, f"tgt_text[{entry}]")
             positions.append(candidate_positions.setdefault(key, len(candidate_positions)))
         candidate_lists.append(positions)
     if not queries:
@@ -544,6 +801,7 @@ def read_mmeb(
         candidates=candidates,
         candidate_lists=candidate_lists,
         config=subset,
+        protocol=rules.name,
         **_provenance(source, "mmeb", split, dataset_id),
         notes={"image_root": None if image_root is None else os.path.abspath(image_root)},
     )
@@ -558,12 +816,14 @@ def read_datasets(
     image_root: str | None = None,
     cache_dir: str | None = None,
     dataset_ids: Sequence[str | None] | None = None,
+    protocol: str | None = None,
 ) -> list[RetrievalDataset]:
     """Every dataset of `sources` in `format` ("vidore", "beir" or "mmeb"; for MMEB each source's `subsets`,
     default all its configs). `dataset_ids`: one Hub id (or None) per source, for local snapshots outside the
-    Hub cache whose results should go into the model card."""
+    Hub cache whose results should go into the model card. `protocol`: see `protocols` (default: the format's)."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    get_protocol(protocol, format)
     if not sources:
         raise ValueError("give at least one dataset folder or Hub id")
     if dataset_ids is not None and len(dataset_ids) != len(sources):
@@ -571,18 +831,19 @@ def read_datasets(
     result = []
     for source, dataset_id in zip(sources, dataset_ids or [None] * len(sources)):
         if format == "vidore":
-            result.append(read_vidore(source, split, cache_dir, dataset_id))
+            result.append(read_vidore(source, split, cache_dir, dataset_id, protocol=protocol, image_root=image_root))
         elif format == "beir":
-            result.append(read_beir(source, split, cache_dir, dataset_id))
+            result.append(read_beir(source, split, cache_dir, dataset_id, protocol=protocol, image_root=image_root))
         else:
             for subset in subsets or config_names(source):
-                result.append(read_mmeb(source, subset, image_root, split, cache_dir, dataset_id))
+                result.append(read_mmeb(source, subset, image_root, split, cache_dir, dataset_id, protocol=protocol))
     return result
 
 
 __all__ = [
     "DEFAULT_METRICS",
     "FORMATS",
+    "MAX_IMAGE_FILE_BYTES",
     "LazyItems",
     "RetrievalDataset",
     "Split",
@@ -593,4 +854,5 @@ __all__ = [
     "read_datasets",
     "read_mmeb",
     "read_vidore",
+    "safe_image_path",
 ]
