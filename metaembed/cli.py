@@ -352,11 +352,18 @@ def parse_budget(text: str) -> tuple[int, int]:
 def run_evaluate(arguments: argparse.Namespace) -> None:
     """Evaluate a model on ViDoRe / BEIR / MMEB datasets at every budget: table, JSON, plot, card results."""
     from .evaluation import evaluate, read_datasets
-    from .evaluation.card import write_card_results
-    from .evaluation.report import format_table, save_json, save_plot
+    from .evaluation.card import read_card_metadata, write_card_results
+    from .evaluation.report import format_table, json_writer, plotting_available, save_plot, write_output
 
-    if arguments.write_card and not os.path.isfile(os.path.join(arguments.model, "README.md")):
-        raise ValueError(f"--write-card needs MODEL to be a saved model folder with a README.md: {arguments.model}")
+    # Everything that can fail after the evaluation is checked before it: the card (its front matter parses)
+    # and the optional plot (skipped with a note without matplotlib).
+    if arguments.write_card:
+        if not os.path.isdir(arguments.model):
+            raise ValueError(f"--write-card needs MODEL to be a saved model folder with a README.md: {arguments.model}")
+        read_card_metadata(arguments.model)
+    plot = plotting_available()
+    if not plot:
+        print("no plot: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
     # Bad data or arguments raise ValueError / OSError: `main` prints one line and exits 2.
     datasets = read_datasets(
         arguments.format,
@@ -365,6 +372,7 @@ def run_evaluate(arguments: argparse.Namespace) -> None:
         subsets=arguments.subsets,
         image_root=arguments.image_root,
         dataset_ids=arguments.dataset_id,
+        protocol=arguments.protocol,
     )
     model = load_model(arguments.model, arguments.dtype, arguments.device)
     os.makedirs(arguments.output_dir, exist_ok=True)
@@ -379,9 +387,15 @@ def run_evaluate(arguments: argparse.Namespace) -> None:
         show_progress_bar=True,
     )
     print(format_table(results))
-    save_json(results, os.path.join(arguments.output_dir, "results.json"), model=arguments.model)
-    save_plot(results, os.path.join(arguments.output_dir, "quality_vs_budget.png"))
-    print(f"\nresults: {arguments.output_dir}/results.json, plot: {arguments.output_dir}/quality_vs_budget.png")
+    written = [write_output(arguments.output_dir, "results.json", json_writer(results, model=arguments.model))]
+    if plot:
+        written.append(
+            write_output(arguments.output_dir, "quality_vs_budget.png", lambda path: save_plot(results, path))
+        )
+    print("\n" + ", ".join(path for path, _ in written))
+    for _, note in written:
+        if note:
+            print(note)
     if arguments.write_card:
         print(f"model card: {write_card_results(arguments.model, results)}")
 
@@ -492,6 +506,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("model", help="a MetaEmbed folder or repo id")
     evaluation.add_argument("data", nargs="+", help="dataset folders (Hub snapshot or save_to_disk) or Hub ids")
     evaluation.add_argument("--format", required=True, choices=["vidore", "beir", "mmeb"])
+    evaluation.add_argument(
+        "--protocol",
+        choices=["mteb", "vidore-benchmark", "vlm2vec"],
+        default=None,
+        help="whose published numbers to reproduce (default: mteb 2.x for vidore/beir, VLM2Vec for mmeb)",
+    )
     evaluation.add_argument(
         "--budgets",
         type=parse_budget,

@@ -74,7 +74,7 @@ class BudgetResult:
         return self.metrics[self.main_metric]
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "budget": list(self.budget)}
+        return {**asdict(self), "budget": list(self.budget), "main_score": self.main_value}
 
 
 def index_bytes_per_candidate(num_vectors: int, dim: int, storage: str) -> int:

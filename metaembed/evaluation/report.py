@@ -3,13 +3,17 @@ JSON, and a PNG plot of quality against budget."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..search.storage import write_file_atomically
+from ..search.storage import write_file_atomically, write_json_atomically
 from .evaluate import BudgetResult
+from .protocols import PROTOCOLS
 
 METRIC_LABELS = {
     "ndcg": "nDCG",
@@ -66,30 +70,89 @@ def format_table(results: Sequence[BudgetResult]) -> str:
     ]
     for label, cell in rows:
         lines.append(f"| {label} | " + " | ".join(cell(budget) for budget in budgets) + " |")
+    for name in dict.fromkeys(result.protocol for result in results if result.protocol):
+        protocol = PROTOCOLS[name]
+        lines.append(f"\nprotocol {name}: the numbers of {protocol.reference}; ties: {protocol.ties}")
     return "\n".join(lines)
 
 
 def results_to_json(results: Sequence[BudgetResult], **extra: Any) -> dict[str, Any]:
-    """{"results": [...], **extra}: every metric of every dataset and budget."""
-    return {**extra, "results": [result.to_dict() for result in results]}
+    """{"protocols": {name: its reference, ties, rounding}, "results": [...], **extra}: every metric of every
+    dataset and budget, each with its protocol, reference and main score."""
+    names = dict.fromkeys(result.protocol for result in results if result.protocol)
+    protocols = {name: PROTOCOLS[name].describe() for name in names}
+    return {**extra, "protocols": protocols, "results": [result.to_dict() for result in results]}
 
 
-def save_json(results: Sequence[BudgetResult], path: str | os.PathLike, **extra: Any) -> None:
-    """Write `results_to_json` to `path`, whole or not at all (`storage.write_file_atomically`)."""
+def json_writer(results: Sequence[BudgetResult], **extra: Any) -> Callable[[str], None]:
+    """A `write(path)` of `results_to_json` (for `write_output` / `storage.write_file_atomically`)."""
     content = json.dumps(results_to_json(results, **extra), indent=2) + "\n"
 
     def write(temporary: str) -> None:
         with open(temporary, "w", encoding="utf-8") as file:
             file.write(content)
 
-    write_file_atomically(os.fspath(path), write)
+    return write
+
+
+def save_json(results: Sequence[BudgetResult], path: str | os.PathLike, **extra: Any) -> None:
+    """Write `results_to_json` to `path`, whole or not at all (`storage.write_file_atomically`)."""
+    write_file_atomically(os.fspath(path), json_writer(results, **extra))
 
 
 def load_results(path: str | os.PathLike) -> list[BudgetResult]:
     """The results of a `save_json` file."""
     with open(path, encoding="utf-8") as file:
         rows = json.load(file)["results"]
-    return [BudgetResult(**{**row, "budget": tuple(row["budget"])}) for row in rows]
+    return [
+        BudgetResult(
+            **{**{key: value for key, value in row.items() if key != "main_score"}, "budget": tuple(row["budget"])}
+        )
+        for row in rows
+    ]
+
+
+def plotting_available() -> bool:
+    """Whether matplotlib (optional) is installed: check it before a run, and skip the plot if not."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+MANIFEST = ".metaembed-evaluation.json"  # {file name: sha256} of what this package wrote in an output folder
+
+
+def _sha256(path: str) -> str | None:
+    try:
+        with open(path, "rb") as file:
+            return hashlib.file_digest(file, "sha256").hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def write_output(folder: str, name: str, write: Callable[[str], None]) -> tuple[str, str | None]:
+    """Write `name` in the output `folder` through `write(temporary path)` (atomically), never over a file this
+    package did not write there (or that was changed since): that file is kept and the output goes to a
+    run-specific name. Returns (the path written, a note saying so or None)."""
+    manifest_path = os.path.join(folder, MANIFEST)
+    try:
+        with open(manifest_path, encoding="utf-8") as file:
+            manifest = json.load(file)
+        manifest = manifest if isinstance(manifest, dict) else {}
+    except (FileNotFoundError, ValueError):
+        manifest = {}
+    path, note = os.path.join(folder, name), None
+    current = _sha256(path)
+    if current is not None and manifest.get(name) != current:
+        stem, extension = os.path.splitext(name)
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        number = 0
+        while os.path.lexists(path):
+            number += 1
+            path = os.path.join(folder, f"{stem}-{stamp}{f'-{number}' if number > 1 else ''}{extension}")
+        note = f"{os.path.join(folder, name)} was not written by metaembed: kept; this run's is {path}"
+    write_file_atomically(path, write)
+    manifest[os.path.basename(path)] = _sha256(path)
+    write_json_atomically(manifest_path, manifest)
+    return path, note
 
 
 def save_plot(
@@ -126,8 +189,18 @@ def save_plot(
     axis.set_title(title)
     axis.legend(fontsize="small")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, format="png")  # a temporary name has no .png suffix
     plt.close(figure)
 
 
-__all__ = ["format_table", "load_results", "metric_label", "results_to_json", "save_json", "save_plot"]
+__all__ = [
+    "format_table",
+    "json_writer",
+    "load_results",
+    "metric_label",
+    "plotting_available",
+    "results_to_json",
+    "save_json",
+    "save_plot",
+    "write_output",
+]
