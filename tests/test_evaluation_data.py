@@ -154,6 +154,13 @@ def test_the_python_api_validates_datasets_when_built(changes, message):
         RetrievalDataset(**python_api_dataset(**changes))
 
 
+def test_a_dataset_changed_after_it_was_built_is_checked_again_before_encoding():
+    dataset = RetrievalDataset(**python_api_dataset())
+    dataset.qrels["q1"] = {"d9": 1}  # unknown id: silently a lower nDCG (0.75 -> 0.5) before
+    with pytest.raises(ValueError, match=r"qrels\['q1'\]\['d9'\]: 'd9' is not in candidate_ids"):
+        evaluate(NoEncoding(), dataset, [(1, 1)])
+
+
 def test_bad_metric_names_fail_before_any_encoding():
     dataset = RetrievalDataset(**python_api_dataset())
     for metrics in (["ndcg@99999999999999999999"], ["ndcg@5", "hits@3"]):

@@ -98,6 +98,7 @@ def test_mteb_at_two_budgets_matches_this_package_and_keeps_two_cache_entries(ba
                     [f"d{i}" for i in range(6)],
                     candidates,
                     qrels=RELEVANT,
+                    format="beir",  # a published format: mteb's protocol, means rounded as mteb rounds them
                 ),
                 [budget],
                 metrics=["ndcg@10"],

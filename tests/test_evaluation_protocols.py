@@ -384,3 +384,29 @@ def test_mmeb_qry_text_of_the_wrong_type_names_the_row(tmp_path):
     pyarrow.parquet.write_table(table, str(tmp_path / "mmeb" / "Sub" / "test-00000-of-00001.parquet"))
     with pytest.raises(ValueError, match=r"Sub/test-00000-of-00001.parquet row 0, column 'qry_text': expected a str"):
         read_mmeb(str(tmp_path / "mmeb"), "Sub")
+
+
+@pytest.mark.parametrize(
+    ("names", "expected"),
+    [
+        (("vidore/esg_reports_v2", None), "ndcg@5"),  # ViDoRe v2: mteb main_score ndcg_at_5
+        ((None, "/data/docvqa_test_subsampled_beir"), "ndcg@5"),  # mteb's ViDoRe v1 BEIR copies
+        (("vidore/vidore_v3_hr_mteb_format", None), "ndcg@10"),  # ViDoRe v3
+        (("mteb/scifact", "/data/scifact"), "ndcg@10"),  # BEIR
+    ],
+)
+def test_the_main_score_is_the_leaderboards(names, expected):
+    from metaembed.evaluation.protocols import main_metric
+
+    assert main_metric("beir", names) == expected
+
+
+def test_mmeb_subsets_of_a_readme_without_configs_are_read_by_folder(tmp_path):
+    image_root = str(tmp_path / "images")
+    folder = write_mmeb(tmp_path / "mmeb", image_root)
+    with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as file:
+        file.write("---\nlicense: apache-2.0\n---\n\nMMEB eval, copied without its configs.\n")
+    assert [dataset.name for dataset in read_datasets("mmeb", [folder], image_root=image_root)] == [
+        "MSCOCO_t2i",
+        "N24News",
+    ]

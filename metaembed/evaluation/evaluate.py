@@ -37,7 +37,7 @@ from .metrics import (
     scores_from_keys,
     top_k_by_rule,
 )
-from .protocols import Protocol, get_protocol
+from .protocols import DEFAULT_PROTOCOLS, Protocol, get_protocol
 from .readers import LazyItems, RetrievalDataset
 
 # float32 values of one block of candidate (or query) embeddings read at once while scoring (64 MiB).
@@ -300,6 +300,8 @@ def evaluate(
     datasets = [data] if isinstance(data, RetrievalDataset) else list(data)
     if not datasets or not all(isinstance(dataset, RetrievalDataset) for dataset in datasets):
         raise TypeError("data must be a RetrievalDataset or a non-empty list of them")
+    for dataset in datasets:
+        dataset.validate()
     budgets = check_budgets(budgets, model)
     batch_size = check_positive_int(batch_size, "batch_size")
     chunk_size = check_positive_int(chunk_size, "chunk_size")
@@ -327,6 +329,10 @@ def evaluate(
         )
         wanted = wanted_metrics[id(dataset)]
         protocol = _protocol_of(dataset)
+        # A dataset of no published format and no named protocol (e.g. the demo's) is scored under mteb's rules
+        # but reported unrounded and under no reference's name.
+        published = dataset.protocol is not None or dataset.format in DEFAULT_PROTOCOLS
+        digits = protocol.round_digits if published else None
         for budget in budgets:
             # Untimed warm-up: the same scoring once (first-touch of memory-mapped parts, kernel and thread pool
             # setup), then the timed run, whose results are reported.
@@ -339,7 +345,11 @@ def evaluate(
             else:
                 run, mrr_run = scored
                 values = ranking_metrics(
-                    dataset.qrels, run, wanted, mrr_run=mrr_run, round_digits=protocol.round_digits
+                    dataset.qrels,
+                    run,
+                    wanted,
+                    mrr_run=mrr_run,
+                    round_digits=digits,
                 )
             results.append(
                 BudgetResult(
@@ -356,8 +366,8 @@ def evaluate(
                     dataset_split=dataset.split,
                     dataset_revision=dataset.revision,
                     format=dataset.format,
-                    protocol=protocol.name,
-                    reference=protocol.reference,
+                    protocol=protocol.name if published else None,
+                    reference=protocol.reference if published else None,
                 )
             )
     return results

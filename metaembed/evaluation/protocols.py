@@ -114,12 +114,13 @@ _VIDORE_NDCG5 = re.compile(r"(_v2$|_test_subsampled_beir$|_test_beir$)", re.IGNO
 
 
 def get_protocol(name: str | None, format: str) -> Protocol:
-    """The protocol `name` (None: the format's default), checked to apply to `format`."""
-    name = DEFAULT_PROTOCOLS[format] if name is None else name
-    if name not in PROTOCOLS:
+    """The protocol `name` (None: the format's default; mteb for a format of the user's own), checked to apply to
+    `format` when it is one of the published formats."""
+    name = DEFAULT_PROTOCOLS.get(format, "mteb") if name is None else name
+    if not isinstance(name, str) or name not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, got {name!r}")
     protocol = PROTOCOLS[name]
-    if format not in protocol.formats:
+    if format in DEFAULT_PROTOCOLS and format not in protocol.formats:
         raise ValueError(f"protocol {name!r} applies to the formats {list(protocol.formats)}, not {format!r}")
     return protocol
 

@@ -116,7 +116,11 @@ class RetrievalDataset:
     protocol: str | None = None
 
     def __post_init__(self) -> None:
-        """Checks everything evaluation reads, so bad data fails here, before any encoding."""
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks everything evaluation reads, so bad data fails here (and again in `evaluate`, for a dataset
+        changed after it was built), before any encoding."""
         if (self.qrels is None) == (self.candidate_lists is None):
             raise ValueError(f"{self.name}: give exactly one of qrels and candidate_lists")
         for kind, ids, items in (
@@ -445,6 +449,12 @@ def _read_bounded(path: str, where: str) -> bytes:
     return content
 
 
+def _cell_root(source: str, image_root: str | None) -> str | None:
+    """The folder image cells holding a path may name files under: `image_root`, else a local dataset's folder
+    (a Hub id has none: such cells are refused)."""
+    return image_root if image_root is not None else (source if os.path.isdir(source) else None)
+
+
 def _open_image(value: Any, where: str, root: str | None = None) -> Image.Image:
     """A PIL image from a datasets Image cell (decoded, or {"bytes", "path"}: a path only under `root`), loaded
     now so errors name the cell; the pixel-count (decompression bomb) limit applies before decoding."""
@@ -544,7 +554,7 @@ def read_vidore(
     images = _undecoded(table.select_columns([columns["image"]]), columns["image"])
     candidate_ids = list(first_row)
     candidate_rows = list(first_row.values())
-    root = image_root if image_root is not None else (source if os.path.isdir(source) else None)
+    root = _cell_root(source, image_root)
 
     def stored_candidate(position: int) -> dict[str, Any]:
         return {"image": images[candidate_rows[position]][columns["image"]]}
@@ -627,7 +637,7 @@ def read_beir(
             for name in text_columns:
                 if record[name] is not None and not isinstance(record[name], str):
                     raise ValueError(f"{tables['corpus'].at(row, name)}: expected a string, got {record[name]!r}")
-    root = image_root if image_root is not None else (source if os.path.isdir(source) else None)
+    root = _cell_root(source, image_root)
 
     def stored_candidate(row: int) -> dict[str, Any]:
         item: dict[str, Any] = {}
