@@ -272,14 +272,16 @@ def evaluate(
     chunk_size: int = 1024,
     show_progress_bar: bool | None = None,
 ) -> list[BudgetResult]:
-    """Evaluate `model` on every dataset at every budget.
+    """Evaluate `model` on every dataset at every budget, under each dataset's protocol
+    (`metaembed.evaluation.protocols`: which queries count, score clamping, tie rules, rounding of means).
 
     Args:
         model: a `MetaEmbedModel` (its `encode` and config are used).
         data: one `RetrievalDataset` or several (see `metaembed.evaluation.readers`).
         budgets: (r_q, r_c) pairs; the default is the paper's five.
-        metrics: metric names (`metrics.ranking_metrics`); default: each dataset's own (ViDoRe: nDCG@5 first,
-            BEIR: nDCG@10, recall@100, MRR@10; MMEB: precision@1 over each query's candidate list).
+        metrics: metric names (`metrics.ranking_metrics`), the first the main score; default: each dataset's own
+            (ViDoRe v1/v2: nDCG@5 first, ViDoRe v3 and BEIR: nDCG@10; MMEB: precision@1 over each query's
+            candidate list). Checked, with every dataset, before anything is encoded.
         batch_size: items per forward pass.
         cache_dir: keep the embeddings there (one `MetaEmbedIndex` per `chunk_size` items, saved as encoded and
             reopened memory-mapped, so memory stays bounded); reruns reuse them and interrupted runs resume. A
@@ -294,8 +296,9 @@ def evaluate(
 
     Returns:
         One `BudgetResult` per dataset and budget (datasets outer, budgets in the order given): the metrics, the
-        index bytes per candidate at that r_c, and the scoring time per query (late interaction over all
-        candidates, or each query's list, and the top-k; encoding excluded).
+        index bytes per candidate at that r_c, the scoring time per query (late interaction over all
+        candidates, or each query's list, and the top-k; encoding excluded; timed after an untimed warm-up run),
+        and the protocol and reference the numbers follow.
     """
     datasets = [data] if isinstance(data, RetrievalDataset) else list(data)
     if not datasets or not all(isinstance(dataset, RetrievalDataset) for dataset in datasets):
