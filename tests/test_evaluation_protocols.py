@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 
 from metaembed.evaluation import RetrievalDataset, evaluate, read_datasets, read_mmeb, read_vidore
-from metaembed.evaluation.metrics import per_query_metrics
+from metaembed.evaluation import metrics as metrics_module
+from metaembed.evaluation.report import format_table
 
 datasets = pytest.importorskip("datasets")
 pytrec_eval = pytest.importorskip("pytrec_eval")
@@ -146,7 +147,7 @@ def test_mteb_protocol_equals_mtebs_evaluator_per_query_with_ties_grades_and_gra
     (result,) = evaluate(model, dataset, [(1, 1)])
     qrels, run, mrr_run = runs[-1]
     assert mrr_run is None  # mteb 2.x: MRR ranks under the same rule as trec_eval
-    ours = per_query_metrics(qrels, run, METRICS)
+    ours = metrics_module.per_query_metrics(qrels, run, METRICS)
     theirs, their_means = mteb_per_query(GRADED_QRELS, full_run(dataset.query_ids, DOC_IDS, TIED_SCORES))
     assert set(ours["ndcg@10"]) == {"q0", "q1", "q2", "q3", "q4"}  # the grade-0-only query counts
     assert_per_query_close(ours, theirs)
@@ -236,7 +237,7 @@ def test_mteb_protocol_makes_every_row_of_a_repeated_query_relevant(tmp_path, mo
     scores = {query_id: VIDORE_SCORES[QUERY_TEXTS.index(text)] for text, query_id in by_text.items()}
     reference_run = {query: dict(zip(PAGES, map(float, row))) for query, row in scores.items()}
     theirs, their_means = mteb_per_query(dataset.qrels, reference_run)
-    assert_per_query_close(per_query_metrics(qrels, run, METRICS), theirs)
+    assert_per_query_close(metrics_module.per_query_metrics(qrels, run, METRICS), theirs)
     assert result.metrics == their_means and result.main_metric == "ndcg@5"
 
 
@@ -281,7 +282,7 @@ def test_vidore_benchmark_protocol_last_row_wins_scores_clamped_mrr_ties_in_corp
     (result,) = evaluate(vidore_model(), dataset, [(1, 1)], metrics=METRICS)
     qrels, run, mrr_run = runs[-1]
     assert mrr_run is not None
-    ours = per_query_metrics(qrels, run, METRICS, mrr_run=mrr_run)
+    ours = metrics_module.per_query_metrics(qrels, run, METRICS, mrr_run=mrr_run)
     for name in METRICS:
         for text, query_id in by_text.items():
             assert ours[name][query_id] == pytest.approx(reference[name][text], abs=1e-6), (name, text)
@@ -373,7 +374,9 @@ def test_vlm2vec_argmax_ties_count_for_the_positive():
     model = MatrixModel([[0.5, 0.5, 0.0], [0.0, 0.25, 0.75]], "ab".index, "xyz".index)
     (result,) = evaluate(model, dataset, [(1, 1)])
     assert result.metrics == {"precision@1": 0.5}
-    assert result.protocol == "vlm2vec" and "argmax" in evaluate_module.get_protocol("vlm2vec", "mmeb").ties
+    assert result.protocol == "vlm2vec"
+    assert "protocol vlm2vec: the numbers of VLM2Vec" in format_table([result])
+    assert "argmax over the candidate list: a tie with the positive (entry 0) is a hit" in format_table([result])
 
 
 def test_mmeb_qry_text_of_the_wrong_type_names_the_row(tmp_path):
