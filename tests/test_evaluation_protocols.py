@@ -294,6 +294,25 @@ def test_vidore_benchmark_protocol_last_row_wins_scores_clamped_mrr_ties_in_corp
     assert result.protocol == "vidore-benchmark" and result.reference.startswith("vidore-benchmark 5")
 
 
+def test_mteb_protocol_scores_pages_with_the_same_image_as_one_page(tmp_path):
+    """mteb's ViDoRe v1 copies hold each distinct page image once: two files with the same bytes are one page,
+    relevant to the queries of both rows; vidore-benchmark scores them apart (by image_filename)."""
+    table = datasets.Dataset.from_dict(
+        {
+            "query": ["alpha", "beta", "gamma"],
+            "image": [numbered_page(0), numbered_page(1), numbered_page(0)],
+            "image_filename": ["a.png", "b.png", "copy-of-a.png"],
+        }
+    ).cast_column("image", datasets.Image())
+    os.makedirs(tmp_path / "v" / "data")
+    table.to_parquet(str(tmp_path / "v" / "data" / "test-00000-of-00001.parquet"))
+    mteb = read_vidore(str(tmp_path / "v"))
+    assert mteb.candidate_ids == ["a.png", "b.png"] and mteb.notes["pages_with_the_same_image"] == 1
+    assert mteb.qrels == {"0": {"a.png": 1}, "1": {"b.png": 1}, "2": {"a.png": 1}}
+    vidore_benchmark = read_vidore(str(tmp_path / "v"), protocol="vidore-benchmark")
+    assert vidore_benchmark.candidate_ids == ["a.png", "b.png", "copy-of-a.png"]
+
+
 def test_vidore_benchmark_protocol_refuses_an_empty_query_it_would_keep(tmp_path):
     table = datasets.Dataset.from_dict(
         {"query": ["", "alpha"], "image": [numbered_page(0), numbered_page(1)], "image_filename": ["a", "b"]}

@@ -32,6 +32,7 @@ file under the dataset's folder (or `image_root`), read with a size bound; decom
 from __future__ import annotations
 
 import atexit
+import hashlib
 import io
 import os
 import re
@@ -449,6 +450,20 @@ def _read_bounded(path: str, where: str) -> bytes:
     return content
 
 
+def _image_digest(value: Any, where: str, root: str | None) -> str:
+    """sha256 of an image cell's stored bytes (a path-only cell's file, read as `_open_image` reads it; a decoded
+    image's pixels)."""
+    if isinstance(value, Image.Image):
+        content = value.tobytes()
+    elif isinstance(value, dict) and value.get("bytes") is not None:
+        content = value["bytes"]
+    elif isinstance(value, dict) and value.get("path"):
+        content = _read_bounded(safe_image_path(value["path"], root, where), where)
+    else:
+        raise ValueError(f"{where}: no image")
+    return hashlib.sha256(content).hexdigest()
+
+
 def _cell_root(source: str, image_root: str | None) -> str | None:
     """The folder image cells holding a path may name files under: `image_root`, else a local dataset's folder
     (a Hub id has none: such cells are refused)."""
@@ -552,9 +567,17 @@ def read_vidore(
     if not query_rows:
         raise ValueError(f"{where}: no row has a query")
     images = _undecoded(table.select_columns([columns["image"]]), columns["image"])
-    candidate_ids = list(first_row)
-    candidate_rows = list(first_row.values())
     root = _cell_root(source, image_root)
+    # page file name -> the page it is scored as: itself, or under mteb the first file with the same image bytes
+    # (mteb's ViDoRe v1 copies hold each distinct page image once)
+    page_of = {name: name for name in first_row}
+    if rules.repeated_queries == "all":
+        first_of_digest: dict[str, str] = {}
+        for name, row in first_row.items():
+            digest = _image_digest(images[row][columns["image"]], at(row, "image"), root)
+            page_of[name] = first_of_digest.setdefault(digest, name)
+    candidate_ids = [name for name in first_row if page_of[name] == name]
+    candidate_rows = [first_row[name] for name in candidate_ids]
 
     def stored_candidate(position: int) -> dict[str, Any]:
         return {"image": images[candidate_rows[position]][columns["image"]]}
@@ -565,9 +588,9 @@ def read_vidore(
 
     query_ids = [str(rows[0]) for rows in query_rows.values()]
     if rules.repeated_queries == "last":  # vidore_evaluator_qa.py: queries2filename, a dict over all rows
-        qrels = {str(rows[0]): {names[rows[-1]]: 1} for rows in query_rows.values()}
+        qrels = {str(rows[0]): {page_of[names[rows[-1]]]: 1} for rows in query_rows.values()}
     else:  # mteb's *_beir copies: every row asking the text makes its page relevant
-        qrels = {str(rows[0]): {names[row]: 1 for row in rows} for rows in query_rows.values()}
+        qrels = {str(rows[0]): {page_of[names[row]]: 1 for row in rows} for rows in query_rows.values()}
     provenance = _provenance(source, "vidore", split, dataset_id)
     return RetrievalDataset(
         name=_display_name(source),
@@ -578,7 +601,10 @@ def read_vidore(
         qrels=qrels,
         protocol=rules.name,
         **provenance,
-        notes={"repeated_query_rows": sum(len(rows) - 1 for rows in query_rows.values())},
+        notes={
+            "repeated_query_rows": sum(len(rows) - 1 for rows in query_rows.values()),
+            "pages_with_the_same_image": len(first_row) - len(candidate_ids),
+        },
     )
 
 
