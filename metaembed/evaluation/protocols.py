@@ -17,7 +17,8 @@ Sources (read for these rules):
   `(score, doc id)` descending, means `round(..., 5)`), `mteb/abstasks/retrieval.py`
   (`_filter_queries_without_positives` drops only queries without any qrels row),
   `mteb/tasks/retrieval/eng/vidore_bench_retrieval.py` (ViDoRe v1 tasks read the
-  `mteb/*_beir` copies: one query per distinct text, every row's page relevant, each page image once; `main_score="ndcg_at_5"`).
+  `mteb/*_beir` copies: one query per distinct text, every row's page relevant, each page image once;
+  `main_score="ndcg_at_5"`).
 - vidore-benchmark 5.0 (illuin-tech/vidore-benchmark, pins mteb 1.16):
   `src/vidore_benchmark/evaluation/vidore_evaluators/vidore_evaluator_qa.py` lines 142-160 (`queries2filename`
   is a dict built over all rows: the last row wins; `max(results[query].get(filename, 0), score)` clamps every
