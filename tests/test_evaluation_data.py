@@ -225,14 +225,28 @@ def test_image_cells_read_only_regular_files_under_the_dataset_folder(tmp_path):
         str(outside): r"the image path '.*secret.png' must be relative",
     }
     for path, message in cases.items():
-        # mteb's protocol reads every page's bytes when the dataset is read (pages with the same image are one
-        # page), vidore-benchmark's when the page is encoded: both refuse, naming the cell, and never hang.
+        # Refused when the dataset is read (before any encoding), naming the cell, and never hanging.
         write_cells(folder, ["pages/fine.png", path])
         for protocol in ("mteb", "vidore-benchmark"):
             error = finishes(lambda protocol=protocol: read_vidore(str(folder), protocol=protocol).candidates[1])
             assert isinstance(error, ValueError), error
             expected = rf"data/test-00000-of-00001.parquet row 1, column 'image': {message}"
             assert re.search(expected, str(error)), (expected, str(error))
+
+
+def test_beir_image_cells_are_checked_when_read(tmp_path):
+    page(50).save(tmp_path / "secret.png")
+    features = datasets.Features({"corpus-id": datasets.Value("string"), "image": datasets.Image()})
+    corpus = pyarrow.Table.from_pydict(
+        {"corpus-id": ["d0", "d1"], "image": [{"bytes": b"", "path": None}, {"bytes": None, "path": "../secret.png"}]},
+        schema=features.arrow_schema,
+    )
+    tables = beir_tables()
+    folder = write_beir_folders(tmp_path / "beir", {"queries": tables["queries"], "qrels": tables["qrels"]})
+    os.makedirs(tmp_path / "beir" / "corpus")
+    pyarrow.parquet.write_table(corpus, str(tmp_path / "beir" / "corpus" / "corpus.parquet"))
+    with pytest.raises(ValueError, match=r"corpus/corpus.parquet row 1, column 'image': the image path '\.\./secret"):
+        read_beir(folder)
 
 
 def png_header_claiming(width: int, height: int) -> bytes:

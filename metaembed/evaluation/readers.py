@@ -464,6 +464,22 @@ def _image_digest(value: Any, where: str, root: str | None) -> str:
     return hashlib.sha256(content).hexdigest()
 
 
+def _check_path_cells(split: Split, table, column: str, rows: Sequence[int], root: str | None) -> None:
+    """Checks, when the dataset is read, the image cells among `rows` that hold only a path (`safe_image_path`),
+    without reading any stored image bytes."""
+    import pyarrow
+    import pyarrow.compute
+
+    cells = table.data.column(column)
+    if not pyarrow.types.is_struct(cells.type) or cells.type.get_field_index("path") < 0:
+        return
+    paths = pyarrow.compute.struct_field(cells, "path").to_pylist()
+    no_bytes = pyarrow.compute.is_null(pyarrow.compute.struct_field(cells, "bytes")).to_pylist()
+    for row in rows:
+        if no_bytes[row] and paths[row] is not None:
+            safe_image_path(paths[row], root, split.at(row, column))
+
+
 def _cell_root(source: str, image_root: str | None) -> str | None:
     """The folder image cells holding a path may name files under: `image_root`, else a local dataset's folder
     (a Hub id has none: such cells are refused)."""
@@ -568,6 +584,7 @@ def read_vidore(
         raise ValueError(f"{where}: no row has a query")
     images = _undecoded(table.select_columns([columns["image"]]), columns["image"])
     root = _cell_root(source, image_root)
+    _check_path_cells(loaded, images, columns["image"], list(first_row.values()), root)
     # page file name -> the page it is scored as: itself, or under mteb the first file with the same image bytes
     # (mteb's ViDoRe v1 copies hold each distinct page image once)
     page_of = {name: name for name in first_row}
@@ -658,12 +675,14 @@ def read_beir(
     check_unique(candidate_ids, lambda row: tables["corpus"].at(row, id_column))
     texts = corpus.select_columns(text_columns) if text_columns else None
     images = _undecoded(corpus.select_columns(["image"]), "image") if has_image else None
+    root = _cell_root(source, image_root)
+    if images is not None:
+        _check_path_cells(tables["corpus"], images, "image", range(len(candidate_ids)), root)
     if texts is not None:
         for row, record in enumerate(texts):
             for name in text_columns:
                 if record[name] is not None and not isinstance(record[name], str):
                     raise ValueError(f"{tables['corpus'].at(row, name)}: expected a string, got {record[name]!r}")
-    root = _cell_root(source, image_root)
 
     def stored_candidate(row: int) -> dict[str, Any]:
         item: dict[str, Any] = {}
