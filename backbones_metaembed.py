@@ -43,10 +43,11 @@ def _templates(start: str, end: str, image_before_start: bool = False) -> dict[s
 
 
 def _lora_targets(vision_tower: str, vision_layers: str) -> str:
-    """peft `target_modules` regex: q/k/v/o/gate/up/down of the language model and the linear layers of the
-    vision tower (`vision_layers`, under the module `vision_tower`), as the reference LoRA."""
+    """peft `target_modules` regex: q/k/v/o/gate/up/down of the language model (`language_model`, Idefics3's and
+    SmolVLM's `text_model`) and the linear layers of the vision tower (`vision_layers`, under the module
+    `vision_tower`), as the reference LoRA."""
     return (
-        r"vlm\.(language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+        r"vlm\.((language_model|text_model)\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
         rf"|{vision_tower}\..*\.({vision_layers}))"
     )
 
