@@ -284,3 +284,114 @@ def test_the_faces_work_on_a_non_qwen_folder(family, saved_families, family_mode
     handler = EndpointHandler(str(folder))
     answer = handler({"inputs": ["a red circle"], "parameters": {"task": "query"}})
     close(torch.tensor(answer)[0], expected_queries[0])
+
+
+# The reference prompts (facebookresearch/MetaEmbed) as the Qwen-VL models have always been given them: one string,
+# tokenised in one piece.
+QWEN_REFERENCE_PROMPTS = {
+    "text": "<|im_start|>user\nQuery: {text}Summarize above sentences in one word.<|im_end|><|endoftext|>",
+    "image": "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Query: Summarize the above image in one "
+    "word.<|im_end|><|endoftext|>",
+    "image_text": "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Query: {text}Summarize the above "
+    "image and sentences in one word.<|im_end|><|endoftext|>",
+}
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_qwen_vectors_are_the_reference_computation(family, backbone_dirs, images):
+    """Qwen-VL vectors are unchanged by the family-neutral refactor: the same token ids as the whole reference
+    prompt tokenised in one piece, and the same vectors as a plain computation (Meta Token rows written into
+    `inputs_embeds` by hand, M-RoPE positions from `get_rope_index`, no hook and no adapter)."""
+    model = make_model(backbone_dirs[family])
+    tokenizer, image_processor = model.processor.tokenizer, model.processor.image_processor
+    vlm, config = model.vlm, model.config
+    cases = [("text", "a red circle", None), ("image", None, images["rgb"]), ("image_text", "what?", images["tall"])]
+    for kind, text, image in cases:
+        item = {"text": text, "image": image} if image is not None else text
+        prompt = QWEN_REFERENCE_PROMPTS[kind].format(text=text)
+        image_inputs = {}
+        if image is not None:
+            image_inputs = dict(image_processor(images=[image], return_tensors="pt"))
+            count = int(image_inputs["image_grid_thw"].prod()) // image_processor.merge_size**2
+            prompt = prompt.replace("<|image_pad|>", "<|image_pad|>" * count)
+        content = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        features = model.processor.process_items(normalize_items([item]), "query")
+        assert torch.equal(features["input_ids"], content)
+
+        num_vectors = config.num_query_vectors
+        input_ids = torch.cat([content, torch.full((1, num_vectors), config.meta_token_id)], dim=1)
+        attention_mask = torch.ones_like(input_ids)
+        mm_token_type_ids = (input_ids == config.vlm_config.image_token_id).int()
+        position_ids, _ = vlm.get_rope_index(
+            input_ids,
+            mm_token_type_ids=mm_token_type_ids,
+            image_grid_thw=image_inputs.get("image_grid_thw"),
+            attention_mask=attention_mask,
+        )
+        embeddings = vlm.get_input_embeddings().weight[input_ids].detach().clone()
+        embeddings[0, -num_vectors:] = model.meta_tokens[:num_vectors].detach()
+        with torch.inference_mode():
+            hidden = vlm(
+                inputs_embeds=embeddings,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                mm_token_type_ids=mm_token_type_ids,
+                use_cache=False,
+                **image_inputs,
+            ).last_hidden_state
+            expected = torch.nn.functional.normalize(model.projection(hidden[:, -num_vectors:]).float(), dim=-1)
+        torch.testing.assert_close(model.encode_queries([item]), expected, atol=1e-6, rtol=0)
+
+
+def saved_config_error(folder, tmp_path, edit_config=None, edit_processor=None) -> str:
+    """The error `from_pretrained` gives for a copy of `folder` with its config / processor config edited."""
+    copy = tmp_path / "edited"
+    shutil.copytree(folder, copy)
+    for file_name, edit in (("config.json", edit_config), ("processor_config.json", edit_processor)):
+        if edit is not None:
+            content = json.loads((copy / file_name).read_text())
+            edit(content)
+            (copy / file_name).write_text(json.dumps(content))
+    with pytest.raises(ValueError) as raised:
+        MetaEmbedModel.from_pretrained(copy)
+    return str(raised.value)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "mllama", "gemma3"])
+def test_bad_configs_are_refused_at_load_naming_the_field(family, saved_families, tmp_path):
+    folder = saved_families[family][0]
+    for value in ("4", 4.5, 0, True):
+        message = saved_config_error(folder, tmp_path / f"q{value}", lambda c, v=value: c.update(num_query_vectors=v))
+        assert "num_query_vectors must be an int >= 1" in message and repr(value) in message
+    config = json.loads((folder / "config.json").read_text())
+    image_token_id = config["vlm_config"].get("image_token_id", config["vlm_config"].get("image_token_index"))
+    message = saved_config_error(folder, tmp_path / "meta", lambda c: c.update(meta_token_id=image_token_id))
+    assert "meta_token_id" in message and "vision token" in message
+
+    def zero_patch_size(content):
+        content["vlm_config"]["vision_config"]["patch_size"] = 0
+
+    message = saved_config_error(folder, tmp_path / "patch", zero_patch_size)
+    assert "vlm_config.vision_config.patch_size must be an int >= 1, got 0" in message
+    reserved = get_backbone_adapter(family).template_tokens[0]
+    message = saved_config_error(
+        folder, tmp_path / "prefix", edit_processor=lambda c: c.update(query_prefix=f"Query {reserved}: ")
+    )
+    assert "query_prefix" in message and reserved in message
+
+
+def test_an_unk_token_that_is_a_prompt_token_is_not_missing(backbone_dirs, tmp_path):
+    """`Qwen2Tokenizer`'s default `unk_token` is `<|endoftext|>`, a prompt token: the model creates, saves and
+    loads."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "backbone"
+    shutil.copytree(backbone_dirs["qwen2_5_vl"], folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.unk_token = "<|endoftext|>"
+    tokenizer.save_pretrained(folder)
+    model = make_model(str(folder))
+    assert model.processor.tokenizer.unk_token == "<|endoftext|>"
+    model.save_pretrained(tmp_path / "saved")
+    loaded = MetaEmbedModel.from_pretrained(tmp_path / "saved")
+    assert torch.equal(loaded.encode(["a red circle"]), model.encode(["a red circle"]))
