@@ -190,9 +190,12 @@ class BackboneAdapter:
         # Some processors take `video_processor` as a required argument: it is not kept (see `get_attributes`).
         parameters = inspect.signature(processor_class.__init__).parameters
         no_video = {"video_processor": None} if "video_processor" in parameters else {}
-        return images_only(
-            image_processor=image_processor, tokenizer=tokenizer, **no_video, **self.processor_init_kwargs(options)
-        )
+        try:
+            return images_only(
+                image_processor=image_processor, tokenizer=tokenizer, **no_video, **self.processor_init_kwargs(options)
+            )
+        except ImportError as error:  # e.g. SmolVLM's processor needs num2words, as in transformers
+            raise ImportError(f"the {self.name} processor ({self.processor_class}) cannot be built: {error}") from error
 
 
 _QWEN_TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>")

@@ -112,8 +112,9 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
     A vision-language backbone with a learnable Meta Token table `[R_q + R_c, hidden]` (one shared block of
     `max(R_q, R_c)` rows with `shared_meta_tokens`) and an optional projection to `embedding_dim`.
 
-    Use `from_backbone` to create one from a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint, `encode_queries` /
-    `encode_candidates` to embed items, and `score` for late-interaction scores.
+    Use `from_backbone` to create one from a checkpoint of a supported family
+    (`backbones_metaembed.SUPPORTED_MODEL_TYPES`), `encode_queries` / `encode_candidates` to embed items, and
+    `score` for late-interaction scores.
     """
 
     def __init__(self, config: MetaEmbedConfig, vlm: PreTrainedModel | None = None):

@@ -178,6 +178,21 @@ def test_user_text_never_becomes_control_tokens(family, family_model, images):
     model.encode([hostile, {"text": hostile, "image": images["rgb"]}], "query")  # and it encodes
 
 
+@pytest.mark.parametrize("family", ["mllama", "gemma3", "qwen2_5_vl"])
+def test_prompts_never_use_a_chat_template(family, family_model, images, monkeypatch):
+    """Prompts are fixed strings: Llama 3.2's chat template would put today's date into every query."""
+    model = family_model(family)
+    items = ["a red circle", {"text": "what?", "image": images["rgb"]}]
+    expected = model.encode_queries(items)
+
+    def no_template(*args, **kwargs):
+        raise AssertionError("a chat template was rendered")
+
+    for owner in (model.processor, model.processor.tokenizer, model.processor.backbone_processor):
+        monkeypatch.setattr(owner, "apply_chat_template", no_template)
+    assert torch.equal(model.encode_queries(items), expected)
+
+
 @pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
 def test_lora_targets_reach_the_language_model_and_the_vision_tower(family, family_model):
     model = family_model(family)
