@@ -50,19 +50,6 @@ def family_model(family_backbone_dir):
     return get
 
 
-def family_items(images) -> list:
-    """Text, image and text+image items of different lengths (so batches are padded)."""
-    return [
-        "a red circle in the top left corner",
-        images["rgb"],
-        {"text": "what is in this picture?", "image": images["tall"]},
-        "short",
-        {"image": images["gray"]},
-        {"text": "a longer piece of text " * 4},
-        {"text": "tiny", "image": images["tiny"]},
-    ]
-
-
 def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, atol=BATCH_TOLERANCE, rtol=0)
 
@@ -79,10 +66,10 @@ def test_the_supported_list_is_the_families_of_the_issue():
 
 @pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
 @pytest.mark.parametrize("task", ["query", "candidate"])
-def test_an_item_alone_equals_its_row_in_any_batch(family, task, family_model, images):
+def test_an_item_alone_equals_its_row_in_any_batch(family, task, family_model, mixed_items):
     """Text, image and text+image items, mixed in one batch, in two batchings, as queries and candidates."""
     model = family_model(family)
-    items = family_items(images)
+    items = mixed_items
     batched = model.encode(items, task, batch_size=len(items))
     num_vectors = model.config.num_vectors_for(task)
     assert batched.shape == (len(items), num_vectors, 16) and batched.dtype == torch.float32
@@ -93,9 +80,9 @@ def test_an_item_alone_equals_its_row_in_any_batch(family, task, family_model, i
 
 
 @pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
-def test_r_vectors_are_the_first_r_of_all(family, family_model, images):
+def test_r_vectors_are_the_first_r_of_all(family, family_model, mixed_items):
     model = family_model(family)
-    items = family_items(images)
+    items = mixed_items
     for task in ("query", "candidate"):
         full = model.encode(items, task)
         for num_vectors in (1, model.config.num_vectors_for(task) // 2):
@@ -121,15 +108,15 @@ def to_right_padding(features: dict) -> dict:
 
 
 @pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
-def test_left_and_right_padding_give_the_same_vectors(family, family_model, images):
+def test_left_and_right_padding_give_the_same_vectors(family, family_model, mixed_items):
     model = family_model(family)
-    features = model.processor.process_items(normalize_items(family_items(images)), "candidate")
+    features = model.processor.process_items(normalize_items(mixed_items), "candidate")
     assert bool((features["attention_mask"][:, 0] == 0).any())  # some rows are padded
     with torch.inference_mode():
         left = model(**features, task="candidate").embeddings
         right = model(**to_right_padding(features), task="candidate").embeddings
     close(right, left)
-    close(left, model.encode(family_items(images), "candidate"))
+    close(left, model.encode(mixed_items, "candidate"))
 
 
 @pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
