@@ -380,6 +380,25 @@ def test_bad_configs_are_refused_at_load_naming_the_field(family, saved_families
         folder, tmp_path / "prefix", edit_processor=lambda c: c.update(query_prefix=f"Query {reserved}: ")
     )
     assert "query_prefix" in message and reserved in message
+    if family == "qwen2_5_vl":  # the image processor's own patch size
+        message = saved_config_error(
+            folder, tmp_path / "image_patch", edit_processor=lambda c: c["image_processor"].update(patch_size=0)
+        )
+        assert "patch_size must be a positive int, got 0" in message
+
+
+@pytest.mark.parametrize("family", ["mllama", "paligemma2", "smolvlm"])
+def test_concurrent_encodes_do_not_mix(family, family_model, mixed_items):
+    """No per-call module state: two threads encoding different items at once get what each gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = family_model(family)
+    halves = (mixed_items[:4], mixed_items[4:])
+    expected = [model.encode(half, "query") for half in halves]
+    with ThreadPoolExecutor(2) as pool:
+        results = [pool.submit(model.encode, half, "query") for half in halves * 2]
+        for result, reference in zip(results, expected * 2):
+            close(result.result(), reference)
 
 
 def test_an_unk_token_that_is_a_prompt_token_is_not_missing(backbone_dirs, tmp_path):
