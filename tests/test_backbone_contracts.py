@@ -416,3 +416,37 @@ def test_an_unk_token_that_is_a_prompt_token_is_not_missing(backbone_dirs, tmp_p
     model.save_pretrained(tmp_path / "saved")
     loaded = MetaEmbedModel.from_pretrained(tmp_path / "saved")
     assert torch.equal(loaded.encode(["a red circle"]), model.encode(["a red circle"]))
+
+
+def test_mllama_meta_tokens_attend_to_the_image_through_cross_attention(family_model, images):
+    """Llama-3.2-Vision's image reaches the text only in cross-attention layers: the Meta Tokens' rows of
+    `cross_attention_mask` are the image's tiles (a reference forward written here), not zeros."""
+    model = family_model("mllama")
+    features = model.processor.process_items(normalize_items([{"text": "what?", "image": images["rgb"]}]), "query")
+    num_vectors = model.config.num_query_vectors
+    input_ids = torch.cat([features["input_ids"], torch.full((1, num_vectors), model.config.meta_token_id)], dim=1)
+    attention_mask = torch.ones_like(input_ids)
+    content_mask = features["cross_attention_mask"]
+    assert bool(content_mask[0, -1].any())  # the content's last token sees the image's tiles
+
+    def reference(meta_rows: torch.Tensor) -> torch.Tensor:
+        cross_attention_mask = torch.cat([content_mask, meta_rows.expand(1, num_vectors, *content_mask.shape[2:])], 1)
+        with torch.no_grad():
+            hidden = model.vlm(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=torch.arange(input_ids.shape[1])[None],
+                pixel_values=features["pixel_values"],
+                aspect_ratio_ids=features["aspect_ratio_ids"],
+                aspect_ratio_mask=features["aspect_ratio_mask"],
+                cross_attention_mask=cross_attention_mask,
+                use_cache=False,
+            ).last_hidden_state
+            return torch.nn.functional.normalize(model.projection(hidden[:, -num_vectors:]).float(), dim=-1)
+
+    with torch.no_grad():
+        vectors = model(**features, task="query").embeddings
+    # Rows masked out entirely still attend uniformly to the vision tokens in transformers' Mllama (only their MLP
+    # output is zeroed), so the two references differ by little in a tiny random model: compare to rounding.
+    assert (vectors - reference(content_mask[:, -1:])).abs().max() < 1e-6
+    assert (vectors - reference(torch.zeros_like(content_mask[:, -1:]))).abs().max() > 1e-5
