@@ -186,7 +186,12 @@ class BackboneAdapter:
         images_only = type(
             processor_class.__name__, (processor_class,), {"get_attributes": classmethod(lambda cls: attributes)}
         )
-        return images_only(image_processor=image_processor, tokenizer=tokenizer, **self.processor_init_kwargs(options))
+        # Some processors take `video_processor` as a required argument: it is not kept (see `get_attributes`).
+        parameters = inspect.signature(processor_class.__init__).parameters
+        no_video = {"video_processor": None} if "video_processor" in parameters else {}
+        return images_only(
+            image_processor=image_processor, tokenizer=tokenizer, **no_video, **self.processor_init_kwargs(options)
+        )
 
 
 _QWEN_TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>")
@@ -294,7 +299,7 @@ for _adapter in (
                 "<|begin_of_text|>User:",
                 ("<|reserved_special_token_0|>", "<|finetune_right_pad_id|>"),
             ),
-            ("smolvlm", "SmolVLM", "SmolVLMProcessor", "<|im_start|>", "<|im_start|>User:", ("<|im_end|>",)),
+            ("smolvlm", "SmolVLM", "SmolVLMProcessor", "<|im_start|>", "<|im_start|>User:", ("<|endoftext|>",)),
         )
     ),
     BackboneAdapter(
@@ -321,7 +326,7 @@ for _adapter in (
             processor_class=processor_class,
             prompt_templates=_templates(start, end),
             template_tokens=template_tokens,
-            image_placeholder="<image>",
+            image_placeholder="<IMG_CONTEXT>" if model_type == "internvl" else "<image>",
             image_token="<IMG_CONTEXT>" if model_type == "internvl" else "<image>",
             image_span_tokens=span,
             meta_tokens=meta_tokens,

@@ -342,20 +342,54 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         return MetaEmbedOutput(embeddings=embeddings, hidden_states=outputs.hidden_states)
 
     def get_text_features(
-        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, **kwargs: Any
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        mm_token_type_ids: torch.IntTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        cross_attention_mask: torch.Tensor | None = None,
     ) -> torch.FloatTensor:
         """The single-vector (budget (1, 1)) candidate embedding `[B, D]` of processed text, as CLIP-style
-        `get_text_features` (tools such as sentence-transformers' `SentenceTransformer` call it)."""
-        return self(input_ids=input_ids, attention_mask=attention_mask, num_vectors=1, **kwargs).embeddings[:, 0]
+        `get_text_features` (tools such as sentence-transformers' `SentenceTransformer` call it with the processor's
+        outputs its signature names, so every family's text inputs are named here)."""
+        inputs = {
+            "mm_token_type_ids": mm_token_type_ids,
+            "token_type_ids": token_type_ids,
+            "cross_attention_mask": cross_attention_mask,
+        }
+        present = {name: value for name, value in inputs.items() if value is not None}
+        return self(input_ids=input_ids, attention_mask=attention_mask, num_vectors=1, **present).embeddings[:, 0]
 
     def get_image_features(
-        self, pixel_values: torch.Tensor, input_ids: torch.LongTensor, attention_mask: torch.Tensor, **kwargs: Any
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        image_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.IntTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        aspect_ratio_ids: torch.LongTensor | None = None,
+        aspect_ratio_mask: torch.Tensor | None = None,
+        cross_attention_mask: torch.Tensor | None = None,
     ) -> torch.FloatTensor:
         """The single-vector (budget (1, 1)) candidate embedding `[B, D]` of processed images (with their
         prompt tokens and the family's image inputs from `MetaEmbedProcessor.__call__`), as CLIP-style
-        `get_image_features`."""
+        `get_image_features`; every family's image inputs are named (see `get_text_features`)."""
+        inputs = {
+            "image_grid_thw": image_grid_thw,
+            "mm_token_type_ids": mm_token_type_ids,
+            "token_type_ids": token_type_ids,
+            "pixel_attention_mask": pixel_attention_mask,
+            "image_sizes": image_sizes,
+            "aspect_ratio_ids": aspect_ratio_ids,
+            "aspect_ratio_mask": aspect_ratio_mask,
+            "cross_attention_mask": cross_attention_mask,
+        }
+        present = {name: value for name, value in inputs.items() if value is not None}
         return self(
-            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, num_vectors=1, **kwargs
+            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, num_vectors=1, **present
         ).embeddings[:, 0]
 
     # ----------------------------------------------------------------------------------------------------
@@ -507,6 +541,7 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         config_dict, _ = PreTrainedConfig.get_config_dict(backbone_name_or_path, **hub_kwargs)
         adapter = get_backbone_adapter(config_dict.get("model_type"))  # before any weights load
         backbone_config = AutoConfig.from_pretrained(backbone_name_or_path, **hub_kwargs)
+        from_pretrained_kwargs = _with_softcap_attention(from_pretrained_kwargs, backbone_config)
         tokenizer = AutoTokenizer.from_pretrained(backbone_name_or_path, **hub_kwargs)
         image_processor = AutoImageProcessor.from_pretrained(backbone_name_or_path, **hub_kwargs)
         processor = MetaEmbedProcessor(
@@ -560,6 +595,13 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         _check_device_map_support(kwargs)
         want_loading_info = kwargs.pop("output_loading_info", False)
         hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+        if kwargs.get("attn_implementation") is None and not args:
+            config = kwargs.get("config")
+            if not isinstance(config, MetaEmbedConfig):
+                config = MetaEmbedConfig.from_pretrained(
+                    pretrained_model_name_or_path, **{k: v for k, v in hub_kwargs.items() if k != "trust_remote_code"}
+                )
+            kwargs = _with_softcap_attention(kwargs, config.vlm_config)
         model, loading_info = super().from_pretrained(
             pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
         )
@@ -762,6 +804,15 @@ def _with_available_attention(kwargs: dict[str, Any]) -> dict[str, Any]:
         if importlib.util.find_spec(package) is None:
             warnings.warn(f"{requested} requested but {package} is not installed; using sdpa", stacklevel=3)
             kwargs = {**kwargs, "attn_implementation": "sdpa"}
+    return kwargs
+
+
+def _with_softcap_attention(kwargs: dict[str, Any], backbone_config: Any) -> dict[str, Any]:
+    """Eager attention for a backbone that caps attention logits (Gemma 2 text: PaliGemma 2), which sdpa refuses,
+    unless the caller chose an implementation."""
+    text_config = backbone_config.get_text_config()
+    if kwargs.get("attn_implementation") is None and getattr(text_config, "attn_logit_softcapping", None) is not None:
+        return {**kwargs, "attn_implementation": "eager"}
     return kwargs
 
 

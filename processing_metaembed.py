@@ -332,13 +332,30 @@ class MetaEmbedProcessor(ProcessorMixin):
         self.backbone_processor = self.adapter.build_processor(
             image_processor, tokenizer, self.backbone_processor_kwargs
         )
-        adapter = self.adapter
-        self._plain_encoder = _plain_text_encoder(
-            tokenizer, (*adapter.template_tokens, adapter.image_token, *adapter.image_span_tokens)
-        )
+        self._plain_encoder = _plain_text_encoder(tokenizer, self._control_tokens())
         # No token covers more characters than its vocabulary entry has symbols (one per byte for byte-level
         # BPE), so `max_text_tokens` tokens never need more than this many characters per token.
         self._max_token_characters = max(map(len, tokenizer.get_vocab()))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The family processor's class is made at run time (no video processor) and cannot be pickled by name:
+        # rebuilt on unpickling, as the plain-text encoder (e.g. for multi-process encoding).
+        state = self.__dict__.copy()
+        state.pop("backbone_processor", None)
+        state.pop("_plain_encoder", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.backbone_processor = self.adapter.build_processor(
+            self.image_processor, self.tokenizer, self.backbone_processor_kwargs
+        )
+        self._plain_encoder = _plain_text_encoder(self.tokenizer, self._control_tokens())
+
+    def _control_tokens(self) -> tuple[str, ...]:
+        """The family's prompt and image tokens, which user text never becomes (special or not)."""
+        adapter = self.adapter
+        return (*adapter.template_tokens, adapter.image_token, *adapter.image_span_tokens)
 
     @property
     def max_text_characters(self) -> int:
