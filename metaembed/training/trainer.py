@@ -103,10 +103,11 @@ def train_metaembed(
         target_modules = model.backbone_adapter.lora_target_modules
         config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=target_modules)
         trained = get_peft_model(model, config)
-        # The new parts are trained fully, as in the reference (peft froze everything else).
-        for name, parameter in trained.named_parameters():
-            if name.endswith("meta_tokens") or ".projection." in name:
-                parameter.requires_grad_(True)
+        # The new parts are trained fully, as in the reference (peft froze everything else). Found by identity:
+        # backbones have modules named "projection" too (InternVL's patch embedding).
+        model.meta_tokens.requires_grad_(True)
+        if model.projection is not None:
+            model.projection.requires_grad_(True)
     arguments = {
         "report_to": "none",
         "save_strategy": "no",
