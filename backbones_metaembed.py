@@ -43,10 +43,11 @@ def _templates(start: str, end: str, image_before_start: bool = False) -> dict[s
 
 
 def _lora_targets(vision_tower: str, vision_layers: str) -> str:
-    """peft `target_modules` regex: q/k/v/o/gate/up/down of the language model and the linear layers of the
-    vision tower (`vision_layers`, under the module `vision_tower`), as the reference LoRA."""
+    """peft `target_modules` regex: q/k/v/o/gate/up/down of the language model (`language_model`, Idefics3's and
+    SmolVLM's `text_model`) and the linear layers of the vision tower (`vision_layers`, under the module
+    `vision_tower`), as the reference LoRA."""
     return (
-        r"vlm\.(language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+        r"vlm\.((language_model|text_model)\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
         rf"|{vision_tower}\..*\.({vision_layers}))"
     )
 
@@ -189,9 +190,12 @@ class BackboneAdapter:
         # Some processors take `video_processor` as a required argument: it is not kept (see `get_attributes`).
         parameters = inspect.signature(processor_class.__init__).parameters
         no_video = {"video_processor": None} if "video_processor" in parameters else {}
-        return images_only(
-            image_processor=image_processor, tokenizer=tokenizer, **no_video, **self.processor_init_kwargs(options)
-        )
+        try:
+            return images_only(
+                image_processor=image_processor, tokenizer=tokenizer, **no_video, **self.processor_init_kwargs(options)
+            )
+        except ImportError as error:  # e.g. SmolVLM's processor needs num2words, as in transformers
+            raise ImportError(f"the {self.name} processor ({self.processor_class}) cannot be built: {error}") from error
 
 
 _QWEN_TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>")

@@ -112,8 +112,9 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
     A vision-language backbone with a learnable Meta Token table `[R_q + R_c, hidden]` (one shared block of
     `max(R_q, R_c)` rows with `shared_meta_tokens`) and an optional projection to `embedding_dim`.
 
-    Use `from_backbone` to create one from a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint, `encode_queries` /
-    `encode_candidates` to embed items, and `score` for late-interaction scores.
+    Use `from_backbone` to create one from a checkpoint of a supported family
+    (`backbones_metaembed.SUPPORTED_MODEL_TYPES`), `encode_queries` / `encode_candidates` to embed items, and
+    `score` for late-interaction scores.
     """
 
     def __init__(self, config: MetaEmbedConfig, vlm: PreTrainedModel | None = None):
@@ -312,9 +313,13 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         if "token_type_ids" in backbone_inputs:
             backbone_inputs["token_type_ids"] = append(backbone_inputs["token_type_ids"], adapter.meta_token_type_id)
         if backbone_inputs.get("cross_attention_mask") is not None:
-            # The Meta Tokens attend to the images the end of the content attends to.
+            # The Meta Tokens attend to the images the content's last token attends to (whatever the padding side).
             mask = backbone_inputs["cross_attention_mask"]
-            tail = mask[:, -1:].expand(-1, num_appended, *mask.shape[2:])
+            last = (attention_mask[:, : mask.shape[1]] * torch.arange(1, mask.shape[1] + 1, device=mask.device)).argmax(
+                -1
+            )
+            tail = mask[torch.arange(batch_size, device=mask.device), last].unsqueeze(1)
+            tail = tail.expand(-1, num_appended, *mask.shape[2:])
             backbone_inputs["cross_attention_mask"] = torch.cat([mask, tail], dim=1)
         # Explicit positions: independent of the padding side and amount, and the backbone's cached
         # `rope_deltas` (module state shared between threads) is never read or written.

@@ -448,9 +448,12 @@ class MetaEmbedProcessor(ProcessorMixin):
     ) -> BatchFeature:
         """Tokenise checked items for `task`, left-padded.
 
-        Returns a `BatchFeature` with `input_ids` and `attention_mask` [B, L], `mm_token_type_ids` [B, L]
-        (1 at image tokens), and, when any item has an image, `pixel_values` [num_patches, C * T * P * P]
-        and `image_grid_thw` [num_images, 3] in item order. `item_names` label items in errors.
+        Returns a `BatchFeature` with `input_ids` and `attention_mask` [B, L] and the family's other inputs
+        (`adapter.extra_input_names`): Qwen-VL `mm_token_type_ids` [B, L] (1 at image tokens) and, when any item
+        has an image, `pixel_values` [num_patches, C * T * P * P] and `image_grid_thw` [num_images, 3] in item
+        order; Gemma 3 / PaliGemma `token_type_ids` [B, L]; Mllama `cross_attention_mask` [B, L, 1, tiles]; the
+        image tensors of the family's processor (`pixel_attention_mask`, `image_sizes`, ...) as it makes them,
+        for the items with an image, in item order. `item_names` label items in errors.
         """
         if not items:
             raise ValueError("process_items needs at least one item")
@@ -508,8 +511,7 @@ class MetaEmbedProcessor(ProcessorMixin):
         pieces, tile_masks = [], []
         for row in range(len(present)):
             ids = output["input_ids"][row][output["attention_mask"][row].bool()]
-            is_span = torch.tensor([int(token) in self._span_token_ids for token in ids])
-            where = is_span.nonzero()[:, 0]
+            where = torch.isin(ids, torch.tensor(sorted(self._span_token_ids))).nonzero()[:, 0]
             if where.numel() == 0:
                 raise ValueError(
                     f"the {self.adapter.name} processor did not expand {self.adapter.image_placeholder!r} into "
