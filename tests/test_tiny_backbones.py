@@ -100,13 +100,7 @@ def noise_image(seed: int, size=(40, 30)) -> Image.Image:
     return Image.fromarray(pixels.numpy())
 
 
-@pytest.fixture(autouse=True)
-def num2words_stand_in(monkeypatch):
-    """SmolVLMProcessor refuses to build without `num2words`, which it only uses to describe videos."""
-    from transformers.models.smolvlm import processing_smolvlm
-
-    if processing_smolvlm.num2words is None:
-        monkeypatch.setattr(processing_smolvlm, "num2words", str)
+pytestmark = pytest.mark.usefixtures("num2words_stand_in")
 
 
 def test_family_lists():

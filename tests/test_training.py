@@ -115,7 +115,7 @@ def test_train_lora_merges_and_trains_the_new_parts_fully(backbone_dirs, images,
 
 @pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
 def test_train_one_step_on_every_family_with_lora_hard_negatives_and_the_gradient_cache(
-    family, family_backbone_dir, images, tmp_path
+    family, family_backbone_dir, images, tmp_path, num2words_stand_in
 ):
     """`train_metaembed` with MMR over two budgets, hard negatives, `CachedMMRLoss` over mini-batches of 2 items
     and LoRA on the family's targets: one step on the tiny backbone, then the merged model is saved and reloads."""

@@ -446,7 +446,9 @@ def test_a_processed_batch_is_not_cut_and_items_need_a_processor():
 
 
 @pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
-def test_cached_loss_over_item_mini_batches_equals_the_plain_loss(family, family_backbone_dir, images):
+def test_cached_loss_over_item_mini_batches_equals_the_plain_loss(
+    family, family_backbone_dir, images, num2words_stand_in
+):
     """Real tiny MetaEmbedModel of every backbone family, text, image and text+image items: the cached loss
     processes and embeds mini-batches of 2 items (each with its own padding and image inputs) and gives the loss
     and parameter gradients of the plain loss over the whole processed batch."""
