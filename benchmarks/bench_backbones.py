@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from functools import partial
 from pathlib import Path
 
 import torch
+from bench_encoding import best_times  # this folder is on sys.path when the script runs
 from PIL import Image
 
 from metaembed.testing import SUPPORTED_FAMILIES, save_tiny_backbone
@@ -71,24 +71,6 @@ def same_length_inputs(model: MetaEmbedModel, inputs: dict, num_appended: int) -
             value = torch.cat([value, tail], dim=1)
         extended[name] = value
     return extended
-
-
-def best_times(functions: dict[str, object], repeats: int, device: str) -> dict[str, float]:
-    """Best wall time of each function; they take turns in every repeat, so drifts in machine speed hit all
-    of them alike."""
-    for function in functions.values():
-        function()  # warm-up
-    best = dict.fromkeys(functions, float("inf"))
-    for _ in range(repeats):
-        for name, function in functions.items():
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            function()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
 
 
 def measure(model: MetaEmbedModel, family: str, args: argparse.Namespace) -> None:
