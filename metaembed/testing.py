@@ -583,7 +583,11 @@ def _paligemma(text_model_type: str):
         if text_model_type == "gemma2":
             text_config.update(sliding_window=512, query_pre_attn_scalar=sizes.head_dim)
         vision_config = sizes.vision(
-            image_size, patch_size, num_image_tokens=num_image_tokens, projection_dim=sizes.hidden_size
+            image_size,
+            patch_size,
+            num_image_tokens=num_image_tokens,
+            projection_dim=sizes.hidden_size,
+            vision_use_head=False,  # as the real configs: PaliGemma reads SigLIP's patch states
         )
         config = PaliGemmaConfig(
             text_config=text_config,
@@ -704,7 +708,7 @@ def _gemma3(sizes: TinySizes, max_image_tokens: int) -> BackboneParts:
     )
     config = Gemma3Config(
         text_config=text_config,
-        vision_config=sizes.vision(image_size, patch_size),
+        vision_config=sizes.vision(image_size, patch_size, vision_use_head=False),
         mm_tokens_per_image=mm_tokens_per_image,
         boi_token_index=ids["boi_token"],
         eoi_token_index=ids["eoi_token"],
@@ -734,7 +738,7 @@ def _llava_onevision(sizes: TinySizes, max_image_tokens: int) -> BackboneParts:
     pinpoints = [[image_size * rows, image_size * cols] for rows in (1, 2) for cols in (1, 2)]
     config = LlavaOnevisionConfig(
         text_config=sizes.text(tokenizer, model_type="qwen2", **_qwen_text_ids(tokenizer)),
-        vision_config=sizes.vision(image_size, patch_size, model_type="siglip_vision_model"),
+        vision_config=sizes.vision(image_size, patch_size, model_type="siglip_vision_model", vision_use_head=False),
         image_token_index=ids["image"],
         video_token_index=ids["video"],
         vision_feature_select_strategy="full",

@@ -48,6 +48,16 @@ def family_backbone_dir(tmp_path_factory, backbone_dirs):
     return get
 
 
+@pytest.fixture
+def num2words_stand_in(monkeypatch):
+    """SmolVLMProcessor refuses to build without `num2words` (not installed here), which it only uses to describe
+    videos: a stand-in for tests that build SmolVLM processors."""
+    from transformers.models.smolvlm import processing_smolvlm
+
+    if processing_smolvlm.num2words is None:
+        monkeypatch.setattr(processing_smolvlm, "num2words", str)
+
+
 def make_model(backbone_dir: str, embedding_dim: int | None = 16, **kwargs) -> MetaEmbedModel:
     torch.manual_seed(0)
     model = MetaEmbedModel.from_backbone(

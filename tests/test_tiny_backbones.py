@@ -100,18 +100,15 @@ def noise_image(seed: int, size=(40, 30)) -> Image.Image:
     return Image.fromarray(pixels.numpy())
 
 
-@pytest.fixture(autouse=True)
-def num2words_stand_in(monkeypatch):
-    """SmolVLMProcessor refuses to build without `num2words`, which it only uses to describe videos."""
-    from transformers.models.smolvlm import processing_smolvlm
-
-    if processing_smolvlm.num2words is None:
-        monkeypatch.setattr(processing_smolvlm, "num2words", str)
+pytestmark = pytest.mark.usefixtures("num2words_stand_in")
 
 
-def test_family_lists():
+def test_family_lists_match_the_supported_model_types():
+    from backbones_metaembed import SUPPORTED_MODEL_TYPES
+
     assert set(BACKBONE_FAMILIES) < set(SUPPORTED_FAMILIES)
-    assert not set(SUPPORTED_FAMILIES) & set(UNSUPPORTED_FAMILIES)
+    assert {MODEL_TYPES.get(family, (family,))[0] for family in SUPPORTED_FAMILIES} == set(SUPPORTED_MODEL_TYPES)
+    assert not {MODEL_TYPES.get(family, (family,))[0] for family in UNSUPPORTED_FAMILIES} & set(SUPPORTED_MODEL_TYPES)
     assert set(VIDEO_PROCESSOR_FAMILIES) <= set(ALL_FAMILIES)
 
 
