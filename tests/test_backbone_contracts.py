@@ -27,8 +27,8 @@ NON_QWEN_FACES = ("mllama", "paligemma2", "idefics3")
 
 
 @pytest.fixture(autouse=True, scope="module")
-def num2words_stand_in():
-    """SmolVLMProcessor refuses to build without `num2words`, which it only uses to describe videos."""
+def module_num2words_stand_in():
+    """conftest's `num2words_stand_in` for the whole module: the models here are built by module fixtures."""
     from transformers.models.smolvlm import processing_smolvlm
 
     with pytest.MonkeyPatch.context() as monkeypatch:
