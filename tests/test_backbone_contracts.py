@@ -450,3 +450,25 @@ def test_mllama_meta_tokens_attend_to_the_image_through_cross_attention(family_m
     # output is zeroed), so the two references differ by little in a tiny random model: compare to rounding.
     assert (vectors - reference(content_mask[:, -1:])).abs().max() < 1e-6
     assert (vectors - reference(torch.zeros_like(content_mask[:, -1:]))).abs().max() > 1e-5
+
+
+def test_a_tokenizer_without_the_familys_placeholders_gets_an_ordinary_one(family_backbone_dir, images):
+    """Real LLaVA-OneVision tokenizers have no free special token: an ordinary vocabulary entry is the placeholder,
+    and the Meta Tokens still work (their rows replace its embedding; r vectors are the first r)."""
+    import dataclasses
+
+    import backbones_metaembed
+
+    folder = family_backbone_dir("llava_onevision")
+    adapter = get_backbone_adapter("llava_onevision")
+    without = dataclasses.replace(adapter, meta_tokens=())
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setitem(backbones_metaembed._ADAPTERS, "llava_onevision", without)
+        model = make_model(folder)
+    tokenizer = model.processor.tokenizer
+    assert model.config.meta_token_id not in tokenizer.get_added_vocab().values()
+    assert model.config.meta_token_id == max(
+        index for index in tokenizer.get_vocab().values() if index not in tokenizer.get_added_vocab().values()
+    )
+    items = ["a red circle", {"text": "what?", "image": images["rgb"]}]
+    close(model.encode(items, "candidate", num_vectors=2), model.encode(items, "candidate")[:, :2])
