@@ -8,6 +8,11 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+try:
+    from .backbones_metaembed import get_backbone_adapter
+except ImportError:  # a checkout or an installed package: plain top-level modules
+    from backbones_metaembed import get_backbone_adapter
+
 # Pipeline tasks served by the pipeline registered under another task name (see `PipelineTasks`).
 PIPELINE_TASK_ALIASES = {"image-feature-extraction": "feature-extraction"}
 
@@ -48,7 +53,7 @@ class MetaEmbedConfig(PreTrainedConfig):
 
     Args:
         vlm_config (`dict` or `PreTrainedConfig`):
-            Config of the bare vision-language backbone (Qwen2-VL, Qwen2.5-VL or Qwen3-VL).
+            Config of the bare vision-language backbone, of a family in `backbones_metaembed.SUPPORTED_MODEL_TYPES`.
         num_query_vectors (`int`, defaults to 16):
             R_q, the number of query Meta Tokens (and of query vectors).
         num_candidate_vectors (`int`, defaults to 64):
@@ -87,10 +92,18 @@ class MetaEmbedConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         for name in ("num_query_vectors", "num_candidate_vectors"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.embedding_dim is not None and self.embedding_dim < 1:
-            raise ValueError(f"embedding_dim must be None or >= 1, got {self.embedding_dim}")
+            _check_size(getattr(self, name), name)
+        if self.embedding_dim is not None:
+            _check_size(self.embedding_dim, "embedding_dim", "None or ")
+        adapter = get_backbone_adapter(self.vlm_config.model_type)
+        if self.meta_token_id is not None:
+            _check_size(self.meta_token_id, "meta_token_id", minimum=0)
+            vision = adapter.vision_token_ids(self.vlm_config)
+            clash = [name for name, value in vision.items() if value == self.meta_token_id]
+            if clash:
+                raise ValueError(f"meta_token_id {self.meta_token_id} is the backbone's vision token ({clash[0]})")
+        for path, value in _image_geometry(self.vlm_config, "vlm_config"):
+            _check_size(value, path)
         if self.custom_pipelines is not None:
             tasks = PipelineTasks(self.custom_pipelines)
             for alias, task in PIPELINE_TASK_ALIASES.items():
@@ -138,6 +151,27 @@ class MetaEmbedConfig(PreTrainedConfig):
         if task == "query" or self.shared_meta_tokens:
             return num_vectors
         return self.num_query_vectors + num_vectors
+
+
+# Sizes of the vision tower that image preprocessing and positions divide by (0 would fail at encode time).
+_IMAGE_GEOMETRY = ("patch_size", "spatial_merge_size", "temporal_patch_size", "image_size", "downsample_factor")
+
+
+def _image_geometry(config: PreTrainedConfig, path: str) -> list[tuple[str, Any]]:
+    """`(dotted name, value)` of the image-geometry fields in `config` and its sub-configs."""
+    found = []
+    for name, value in vars(config).items():
+        if isinstance(value, PreTrainedConfig):
+            found += _image_geometry(value, f"{path}.{name}")
+        elif name in _IMAGE_GEOMETRY and value is not None and not isinstance(value, (list, tuple, dict)):
+            found.append((f"{path}.{name}", value))
+    return found
+
+
+def _check_size(value: Any, name: str, allowed: str = "", minimum: int = 1) -> None:
+    """One error naming the field for a size that is not an int >= `minimum` (a str "4", a float 4.5, a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be {allowed}an int >= {minimum}, got {value!r}")
 
 
 MetaEmbedConfig.register_for_auto_class()

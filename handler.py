@@ -54,7 +54,7 @@ from transformers import AutoModel
 
 logger = logging.getLogger(__name__)
 
-# A 40-megapixel photo is accepted; the Qwen-VL image processors scale anything above their max_pixels
+# A 40-megapixel photo is accepted; the backbones' image processors scale anything above their maximum size
 # (12.8 MP by default) down anyway, so bigger images add memory and decode time but no information.
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 # Encoded (compressed) size of one image after base64 decoding.

@@ -23,39 +23,39 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer, PreTrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
 try:
+    from .backbones_metaembed import BackboneAdapter, get_backbone_adapter
     from .configuration_metaembed import MetaEmbedConfig
     from .pipeline_metaembed import pipeline_registrations
     from .processing_metaembed import (
-        TEMPLATE_TOKENS,
         MetaEmbedItem,
         MetaEmbedProcessor,
         Task,
         check_task,
+        missing_tokens,
         normalize_items,
     )
     from .scoring_metaembed import check_num_vectors, check_positive_int, late_interaction_scores
 except ImportError:  # a checkout or an installed package: plain top-level modules
+    from backbones_metaembed import BackboneAdapter, get_backbone_adapter
     from configuration_metaembed import MetaEmbedConfig
     from pipeline_metaembed import pipeline_registrations
     from processing_metaembed import (
-        TEMPLATE_TOKENS,
         MetaEmbedItem,
         MetaEmbedProcessor,
         Task,
         check_task,
+        missing_tokens,
         normalize_items,
     )
     from scoring_metaembed import check_num_vectors, check_positive_int, late_interaction_scores
 
-# Placeholder appended once per Meta Token; its embedding is replaced by the learned row. Never used by the
-# prompt templates, so the appended run can't merge with content.
-DEFAULT_META_TOKEN = "<|box_start|>"
 MODEL_CARD_TEMPLATE = "model_card.md"
 HUB_FILES = (
+    "backbones_metaembed.py",
     "configuration_metaembed.py",
     "modeling_metaembed.py",
     "processing_metaembed.py",
@@ -112,8 +112,9 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
     A vision-language backbone with a learnable Meta Token table `[R_q + R_c, hidden]` (one shared block of
     `max(R_q, R_c)` rows with `shared_meta_tokens`) and an optional projection to `embedding_dim`.
 
-    Use `from_backbone` to create one from a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint, `encode_queries` /
-    `encode_candidates` to embed items, and `score` for late-interaction scores.
+    Use `from_backbone` to create one from a checkpoint of a supported family
+    (`backbones_metaembed.SUPPORTED_MODEL_TYPES`), `encode_queries` / `encode_candidates` to embed items, and
+    `score` for late-interaction scores.
     """
 
     def __init__(self, config: MetaEmbedConfig, vlm: PreTrainedModel | None = None):
@@ -125,8 +126,13 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         )
         self.processor: MetaEmbedProcessor | None = None
         # Stateless (reads only its input ids), so concurrent calls and DataParallel replicas are safe.
-        self.vlm.get_input_embeddings().register_forward_hook(self._insert_meta_tokens)
+        self.vlm.get_input_embeddings().register_forward_hook(self._insert_meta_tokens, with_kwargs=True)
         self.post_init()
+
+    @property
+    def backbone_adapter(self) -> BackboneAdapter:
+        """What MetaEmbed knows about the backbone's family (prompts, positions, inputs, LoRA targets)."""
+        return get_backbone_adapter(self.config.vlm_config.model_type)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -138,10 +144,14 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         else:
             super()._init_weights(module)
 
-    def _insert_meta_tokens(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    def _insert_meta_tokens(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
         """Forward hook on the input embeddings: the trailing run of `meta_token_id` placeholders in
-        `input_ids` [B, L] gets rows [0, K) of the Meta Token table instead of the placeholder embedding."""
-        input_ids = args[0] if args else None
+        `input_ids` [B, L] gets rows [0, K) of the Meta Token table instead of the placeholder embedding.
+
+        Every family embeds its `input_ids` through this module and keeps them for its own image placement and
+        positions, so inserting the rows here serves all of them (Qwen2-VL refuses `input_ids` together with
+        `inputs_embeds`). Stateless: it reads only its input."""
+        input_ids = args[0] if args else kwargs.get("input_ids", kwargs.get("input"))
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or self.config.meta_token_id is None:
             return output
         is_meta = input_ids == self.config.meta_token_id
@@ -170,33 +180,40 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         **kwargs: Any,
     ) -> MetaEmbedOutput:
         r"""
-        Embed a processed batch (the output of `MetaEmbedProcessor.process_queries` / `process_candidates`).
+        Embed a processed batch (the output of `MetaEmbedProcessor.process_items` / `process_queries` /
+        `process_candidates`), for any supported backbone family.
 
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): content tokens, padded on
                 either side (positions are computed from `attention_mask`).
             attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`).
-            pixel_values (`torch.Tensor` of shape `(num_patches, patch_dim)`, *optional*).
-            image_grid_thw (`torch.LongTensor` of shape `(num_images, 3)`, *optional*).
-            mm_token_type_ids (`torch.IntTensor` of shape `(batch_size, sequence_length)`, *optional*): 1 at
-                image tokens; derived from `input_ids` when absent.
+            pixel_values (`torch.Tensor`, *optional*): the family processor's image tensor (Qwen-VL:
+                `(num_patches, patch_dim)`).
+            image_grid_thw (`torch.LongTensor` of shape `(num_images, 3)`, *optional*): Qwen-VL image grids.
+            mm_token_type_ids (`torch.IntTensor` of shape `(batch_size, sequence_length)`, *optional*): Qwen-VL, 1
+                at image tokens; derived from `input_ids` when absent.
             task (`"query"` or `"candidate"`): which Meta Tokens to read.
             num_vectors (`int`, *optional*): read the first r vectors (1..R of that side); all when `None`.
+            kwargs: the family's other inputs from the processor (`pixel_attention_mask`, `image_sizes`,
+                `aspect_ratio_ids`, `aspect_ratio_mask`, `cross_attention_mask`, `token_type_ids`).
 
         Returns:
             [`MetaEmbedOutput`] with `embeddings` of shape `(batch_size, num_vectors, embedding_dim)`, float32.
         """
         task = check_task(task)
         num_vectors = check_num_vectors(num_vectors, self.config.num_vectors_for(task))
+        optional = {
+            "pixel_values": pixel_values,
+            "image_grid_thw": image_grid_thw,
+            "mm_token_type_ids": mm_token_type_ids,
+            "output_hidden_states": output_hidden_states,
+        }
         return self._embed(
             task,
             num_vectors,
             input_ids=input_ids,
             attention_mask=attention_mask,
-            mm_token_type_ids=mm_token_type_ids,
-            pixel_values=pixel_values,
-            image_grid_thw=image_grid_thw,
-            output_hidden_states=output_hidden_states,
+            **{name: value for name, value in optional.items() if value is not None},
             **kwargs,
         )
 
@@ -206,38 +223,119 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         num_vectors: int,
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor,
-        mm_token_type_ids: torch.IntTensor | None = None,
-        image_grid_thw: torch.LongTensor | None = None,
         **backbone_inputs: Any,
     ) -> MetaEmbedOutput:
         """`forward` with `task` and `num_vectors` already checked by the public entry point; `backbone_inputs`
-        (`pixel_values`, `output_hidden_states`, ...) go to the backbone."""
+        (the processor's other outputs, `output_hidden_states`, ...) go to the backbone."""
         if self.config.meta_token_id is None:
             raise ValueError("config.meta_token_id is not set; create the model with MetaEmbedModel.from_backbone")
         if bool((input_ids[:, -1] == self.config.meta_token_id).any()):
             raise ValueError("input_ids already end with the Meta Token placeholder; pass content tokens only")
+        adapter = self.backbone_adapter
+        if adapter.cross_attention and backbone_inputs.get("pixel_values") is not None:
+            has_image = (input_ids == adapter.image_token_id(self.config.vlm_config)).any(-1)
+            if not bool(has_image.all()):
+                return self._embed_split_by_image(
+                    task, num_vectors, input_ids, attention_mask, has_image, backbone_inputs
+                )
+        return self._embed_rows(task, num_vectors, input_ids, attention_mask, backbone_inputs)
+
+    def _embed_split_by_image(
+        self,
+        task: Task,
+        num_vectors: int,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        has_image: torch.Tensor,
+        backbone_inputs: dict[str, Any],
+    ) -> MetaEmbedOutput:
+        """Cross-attention families (Mllama): rows without an image run without pixel inputs, as they would alone
+        (given pixel inputs, a text-only row's masked cross-attention still reads the batch's images)."""
+        text_inputs = {
+            name: value
+            for name, value in backbone_inputs.items()
+            if name not in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
+        }
+        image_inputs = dict(backbone_inputs)
+        if "cross_attention_mask" in image_inputs:
+            image_inputs["cross_attention_mask"] = image_inputs["cross_attention_mask"][has_image]
+        parts = [
+            (
+                has_image,
+                self._embed_rows(task, num_vectors, input_ids[has_image], attention_mask[has_image], image_inputs),
+            ),
+            (
+                ~has_image,
+                self._embed_rows(task, num_vectors, input_ids[~has_image], attention_mask[~has_image], text_inputs),
+            ),
+        ]
+        embeddings = parts[0][1].embeddings.new_empty(input_ids.shape[0], *parts[0][1].embeddings.shape[1:])
+        hidden_states = None
+        if parts[0][1].hidden_states is not None:
+            hidden_states = tuple(
+                layer.new_empty(input_ids.shape[0], *layer.shape[1:]) for layer in parts[0][1].hidden_states
+            )
+        for rows, output in parts:
+            embeddings[rows] = output.embeddings
+            for merged, layer in zip(hidden_states or (), output.hidden_states or ()):
+                merged[rows] = layer
+        return MetaEmbedOutput(embeddings=embeddings, hidden_states=hidden_states)
+
+    def _embed_rows(
+        self,
+        task: Task,
+        num_vectors: int,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        backbone_inputs: dict[str, Any],
+    ) -> MetaEmbedOutput:
+        """One backbone forward over `[content; Meta Tokens]`."""
+        adapter = self.backbone_adapter
+        backbone_inputs = dict(backbone_inputs)
         batch_size = input_ids.shape[0]
         num_appended = self.config.meta_tokens_to_append(task, num_vectors)
 
         def append(tensor: torch.Tensor, value: int) -> torch.Tensor:
             return torch.cat([tensor, tensor.new_full((batch_size, num_appended), value)], dim=1)
 
-        if mm_token_type_ids is None:
-            mm_token_type_ids = (input_ids == self.config.vlm_config.image_token_id).int()
+        image_token_id = adapter.image_token_id(self.config.vlm_config)
+        if adapter.rope == "mrope" and backbone_inputs.get("mm_token_type_ids") is None:
+            backbone_inputs["mm_token_type_ids"] = (input_ids == image_token_id).int()
+        if adapter.token_type_ids is not None and backbone_inputs.get("token_type_ids") is None:
+            is_image = input_ids == image_token_id
+            backbone_inputs["token_type_ids"] = (
+                is_image.long() if adapter.token_type_ids == "image" else torch.zeros_like(input_ids)
+            )
         input_ids = append(input_ids, self.config.meta_token_id)
         attention_mask = append(attention_mask, 1)
-        mm_token_type_ids = append(mm_token_type_ids, 0)
+        if "mm_token_type_ids" in backbone_inputs:
+            backbone_inputs["mm_token_type_ids"] = append(backbone_inputs["mm_token_type_ids"], 0)
+        if "token_type_ids" in backbone_inputs:
+            backbone_inputs["token_type_ids"] = append(backbone_inputs["token_type_ids"], adapter.meta_token_type_id)
+        if backbone_inputs.get("cross_attention_mask") is not None:
+            # The Meta Tokens attend to the images the content's last token attends to (whatever the padding side).
+            mask = backbone_inputs["cross_attention_mask"]
+            last = (attention_mask[:, : mask.shape[1]] * torch.arange(1, mask.shape[1] + 1, device=mask.device)).argmax(
+                -1
+            )
+            tail = mask[torch.arange(batch_size, device=mask.device), last].unsqueeze(1)
+            tail = tail.expand(-1, num_appended, *mask.shape[2:])
+            backbone_inputs["cross_attention_mask"] = torch.cat([mask, tail], dim=1)
         # Explicit positions: independent of the padding side and amount, and the backbone's cached
         # `rope_deltas` (module state shared between threads) is never read or written.
-        position_ids, _ = self.vlm.get_rope_index(
-            input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask
-        )
+        if adapter.rope == "mrope":
+            position_ids, _ = self.vlm.get_rope_index(
+                input_ids,
+                mm_token_type_ids=backbone_inputs["mm_token_type_ids"],
+                image_grid_thw=backbone_inputs.get("image_grid_thw"),
+                attention_mask=attention_mask,
+            )
+        else:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) + adapter.position_offset
         outputs = self.vlm(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            image_grid_thw=image_grid_thw,
-            mm_token_type_ids=mm_token_type_ids,
             use_cache=False,
             return_dict=True,
             **backbone_inputs,
@@ -253,30 +351,50 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor,
         mm_token_type_ids: torch.IntTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        cross_attention_mask: torch.Tensor | None = None,
     ) -> torch.FloatTensor:
         """The single-vector (budget (1, 1)) candidate embedding `[B, D]` of processed text, as CLIP-style
-        `get_text_features` (tools such as sentence-transformers' `SentenceTransformer` call it)."""
-        return self(
-            input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids, num_vectors=1
-        ).embeddings[:, 0]
+        `get_text_features` (tools such as sentence-transformers' `SentenceTransformer` call it with the processor's
+        outputs its signature names, so every family's text inputs are named here)."""
+        inputs = {
+            "mm_token_type_ids": mm_token_type_ids,
+            "token_type_ids": token_type_ids,
+            "cross_attention_mask": cross_attention_mask,
+        }
+        present = {name: value for name, value in inputs.items() if value is not None}
+        return self(input_ids=input_ids, attention_mask=attention_mask, num_vectors=1, **present).embeddings[:, 0]
 
     def get_image_features(
         self,
         pixel_values: torch.Tensor,
-        image_grid_thw: torch.LongTensor,
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor,
+        image_grid_thw: torch.LongTensor | None = None,
         mm_token_type_ids: torch.IntTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        aspect_ratio_ids: torch.LongTensor | None = None,
+        aspect_ratio_mask: torch.Tensor | None = None,
+        cross_attention_mask: torch.Tensor | None = None,
     ) -> torch.FloatTensor:
         """The single-vector (budget (1, 1)) candidate embedding `[B, D]` of processed images (with their
-        prompt tokens from `MetaEmbedProcessor.__call__`), as CLIP-style `get_image_features`."""
+        prompt tokens and the family's image inputs from `MetaEmbedProcessor.__call__`), as CLIP-style
+        `get_image_features`; every family's image inputs are named (see `get_text_features`)."""
+        inputs = {
+            "image_grid_thw": image_grid_thw,
+            "mm_token_type_ids": mm_token_type_ids,
+            "token_type_ids": token_type_ids,
+            "pixel_attention_mask": pixel_attention_mask,
+            "image_sizes": image_sizes,
+            "aspect_ratio_ids": aspect_ratio_ids,
+            "aspect_ratio_mask": aspect_ratio_mask,
+            "cross_attention_mask": cross_attention_mask,
+        }
+        present = {name: value for name, value in inputs.items() if value is not None}
         return self(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            image_grid_thw=image_grid_thw,
-            mm_token_type_ids=mm_token_type_ids,
-            num_vectors=1,
+            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, num_vectors=1, **present
         ).embeddings[:, 0]
 
     # ----------------------------------------------------------------------------------------------------
@@ -397,23 +515,27 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         embedding_dim: int | None = None,
         *,
         shared_meta_tokens: bool = False,
-        meta_token: str = DEFAULT_META_TOKEN,
+        meta_token: str | None = None,
         processor_kwargs: dict[str, Any] | None = None,
         **from_pretrained_kwargs: Any,
     ) -> MetaEmbedModel:
         """
-        Create an untrained MetaEmbed model from a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint.
+        Create an untrained MetaEmbed model from a vision-language checkpoint of a supported family
+        (`backbones_metaembed.SUPPORTED_MODEL_TYPES`: Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE), Qwen3.5, Mllama,
+        PaliGemma (2), Idefics3, SmolVLM, Gemma 3, LLaVA-OneVision, LLaVA-NeXT, InternVL).
 
-        Loads the backbone weights (`AutoModel`, the bare VLM; a `*ForConditionalGeneration` checkpoint works,
-        its `lm_head` is dropped), its tokenizer and image processor, and adds a freshly initialised Meta
-        Token table (and projection when `embedding_dim` is set).
+        Reads the backbone's config first and refuses any other `model_type` before loading weights; checks its
+        tokenizer as `from_pretrained` does; then loads the backbone weights (`AutoModel`, the bare VLM; a
+        `*ForConditionalGeneration` checkpoint works, its `lm_head` is dropped), its tokenizer and image processor,
+        and adds a freshly initialised Meta Token table (and projection when `embedding_dim` is set).
 
         Args:
             backbone_name_or_path: local folder or Hub repo id of the backbone.
             num_query_vectors / num_candidate_vectors: R_q and R_c.
             embedding_dim: `None` uses hidden states directly; an int adds `Linear(hidden, embedding_dim)`.
             shared_meta_tokens: one table for both sides (see `MetaEmbedConfig`).
-            meta_token: vocabulary token used as the Meta Token placeholder.
+            meta_token: vocabulary token used as the Meta Token placeholder; `None` picks the family's default
+                (Qwen-VL: `<|box_start|>`), or the highest-id ordinary token when the tokenizer has none free.
             processor_kwargs: `MetaEmbedProcessor` options (`prompt_style`, `max_text_tokens`, prefixes).
             **from_pretrained_kwargs: passed to `AutoModel.from_pretrained` (`dtype`/`torch_dtype`,
                 `device_map`, `attn_implementation`, `revision`, ...).
@@ -421,16 +543,28 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         from_pretrained_kwargs = _with_available_attention(from_pretrained_kwargs)
         _check_device_map_support(from_pretrained_kwargs)
         hub_kwargs = {key: from_pretrained_kwargs[key] for key in _HUB_KWARGS if key in from_pretrained_kwargs}
-        vlm = AutoModel.from_pretrained(backbone_name_or_path, **from_pretrained_kwargs)
+        config_dict, _ = PreTrainedConfig.get_config_dict(backbone_name_or_path, **hub_kwargs)
+        adapter = get_backbone_adapter(config_dict.get("model_type"))  # before any weights load
+        backbone_config = AutoConfig.from_pretrained(backbone_name_or_path, **hub_kwargs)
+        from_pretrained_kwargs = _with_softcap_attention(from_pretrained_kwargs, backbone_config)
         tokenizer = AutoTokenizer.from_pretrained(backbone_name_or_path, **hub_kwargs)
         image_processor = AutoImageProcessor.from_pretrained(backbone_name_or_path, **hub_kwargs)
-        processor = MetaEmbedProcessor(image_processor, tokenizer, **(processor_kwargs or {}))
+        processor = MetaEmbedProcessor(
+            image_processor,
+            tokenizer,
+            backbone_model_type=adapter.model_type,
+            backbone_processor_kwargs=_backbone_processor_options(backbone_name_or_path, adapter, hub_kwargs),
+            **(processor_kwargs or {}),
+        )
+        meta_token = meta_token if meta_token is not None else _default_meta_token(tokenizer, adapter, backbone_config)
         meta_token_id = tokenizer.convert_tokens_to_ids(meta_token)
-        if meta_token_id is None or meta_token_id == tokenizer.unk_token_id:
+        if missing_tokens(tokenizer, (meta_token,)):
             raise ValueError(f"the tokenizer has no token {meta_token!r} to use as Meta Token placeholder")
-        reserved = {tokenizer.pad_token_id, vlm.config.image_token_id, vlm.config.video_token_id}
-        if meta_token_id in reserved:
-            raise ValueError(f"{meta_token!r} is a padding or vision token; choose another meta_token")
+        if meta_token_id in _reserved_token_ids(tokenizer, adapter, backbone_config):
+            raise ValueError(f"{meta_token!r} is a padding, prompt or vision token; choose another meta_token")
+        vocabulary_rows = backbone_config.get_text_config().vocab_size
+        _check_tokenizer_fits(tokenizer, backbone_config, vocabulary_rows, backbone_name_or_path)
+        vlm = AutoModel.from_pretrained(backbone_name_or_path, **from_pretrained_kwargs)
         attn_implementation = vlm.config._attn_implementation
         config = MetaEmbedConfig(
             vlm_config=vlm.config,
@@ -466,6 +600,13 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         _check_device_map_support(kwargs)
         want_loading_info = kwargs.pop("output_loading_info", False)
         hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+        if kwargs.get("attn_implementation") is None and not args:
+            config = kwargs.get("config")
+            if not isinstance(config, MetaEmbedConfig):
+                config = MetaEmbedConfig.from_pretrained(
+                    pretrained_model_name_or_path, **{k: v for k, v in hub_kwargs.items() if k != "trust_remote_code"}
+                )
+            kwargs = _with_softcap_attention(kwargs, config.vlm_config)
         model, loading_info = super().from_pretrained(
             pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
         )
@@ -493,7 +634,17 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
                 f"no MetaEmbed processor could be loaded from {pretrained_model_name_or_path} ({error}); "
                 f"{_tokenizer_files_note(pretrained_model_name_or_path)}"
             ) from error
-        _check_tokenizer_fits(processor.tokenizer, model.config, vocabulary_rows, pretrained_model_name_or_path)
+        adapter = model.backbone_adapter
+        saved = processor.adapter
+        # Folders saved before the family was recorded have the Qwen-VL default, which serves every Qwen-VL family.
+        if saved is not adapter and not (saved.rope == adapter.rope == "mrope"):
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: the processor is for {saved.model_type} backbones, the model's "
+                f"backbone is {adapter.model_type}"
+            )
+        _check_tokenizer_fits(
+            processor.tokenizer, model.config.vlm_config, vocabulary_rows, pretrained_model_name_or_path
+        )
         model.processor = processor
         return (model, loading_info) if want_loading_info else model
 
@@ -553,47 +704,86 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         )
 
 
-# Vision tokens the backbone's config names by id: the tokenizer must give them exactly these ids.
-_VISION_TOKEN_IDS = {
-    "<|image_pad|>": "image_token_id",
-    "<|video_pad|>": "video_token_id",
-    "<|vision_start|>": "vision_start_token_id",
-    "<|vision_end|>": "vision_end_token_id",
-}
-# A text every tokenizer of a Qwen-VL family encodes losslessly: one that does not (unknown tokens) would give many
+# A text every tokenizer of a supported family encodes losslessly: one that does not (unknown tokens) would give many
 # texts the same ids.
 _PROBE_TEXT = "A red circle, 42 zebras and a quarterly report"
 
 
-def _check_tokenizer_fits(tokenizer: Any, config: Any, vocabulary_rows: int, source: str | os.PathLike) -> None:
-    """Refuse a tokenizer that is not the model's: transformers builds a tokenizer from tokenizer_config.json
-    alone when the vocabulary files are missing (a vocabulary of only the special tokens), and every text then
-    gets the same embedding; a foreign tokenizer of similar size puts the vision tokens at other ids or cannot
-    encode plain text."""
-    missing_tokens = [
-        token for token in TEMPLATE_TOKENS if tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id)
-    ]
+def _check_tokenizer_fits(
+    tokenizer: Any, backbone_config: Any, vocabulary_rows: int, source: str | os.PathLike
+) -> None:
+    """Refuse a tokenizer that is not the backbone's, the same at creation (`from_backbone`) and at load: transformers
+    builds a tokenizer from tokenizer_config.json alone when the vocabulary files are missing (a vocabulary of only
+    the special tokens), and every text then gets the same embedding; a foreign tokenizer of similar size lacks the
+    family's prompt tokens, puts its vision tokens at other ids or cannot encode plain text."""
+    adapter = get_backbone_adapter(backbone_config.model_type)
+    required = (*adapter.template_tokens, adapter.image_token, *adapter.image_span_tokens)
+    missing = missing_tokens(tokenizer, tuple(dict.fromkeys(required)))
     size = len(tokenizer)
     problem = None
-    if missing_tokens or size > vocabulary_rows or size < vocabulary_rows // 2:
-        problem = f"lacks the prompt tokens {missing_tokens}" if missing_tokens else f"has {size} tokens"
+    if missing or size > vocabulary_rows or size < vocabulary_rows // 2:
+        problem = f"lacks the {adapter.name} prompt tokens {missing}" if missing else f"has {size} tokens"
     else:
-        config_ids = {token: getattr(config.vlm_config, name, None) for token, name in _VISION_TOKEN_IDS.items()}
-        moved = {
-            token: (tokenizer.convert_tokens_to_ids(token), config_id)
-            for token, config_id in config_ids.items()
-            if config_id is not None and tokenizer.convert_tokens_to_ids(token) != config_id
-        }
+        moved = {}
+        for token, attribute in adapter.named_token_ids().items():
+            config_id = getattr(backbone_config, attribute, None)
+            if isinstance(config_id, int) and tokenizer.convert_tokens_to_ids(token) != config_id:
+                moved[token] = (tokenizer.convert_tokens_to_ids(token), config_id)
         round_trip = tokenizer.decode(tokenizer(_PROBE_TEXT, add_special_tokens=False)["input_ids"])
         if moved:
             problem = f"puts vision tokens at other ids than the model's config, (tokenizer id, config id): {moved}"
-        elif round_trip != _PROBE_TEXT:
+        elif round_trip.strip() != _PROBE_TEXT:
             problem = f"does not encode plain text losslessly ({_PROBE_TEXT!r} comes back as {round_trip!r})"
     if problem:
         raise ValueError(
             f"the tokenizer loaded from {source} {problem}, the model's embedding table {vocabulary_rows} rows: "
             f"{_tokenizer_files_note(source)}"
         )
+
+
+def _reserved_token_ids(tokenizer: Any, adapter: BackboneAdapter, backbone_config: Any) -> set[int]:
+    """Ids a Meta Token placeholder must not be: padding, the prompt templates' tokens, vision tokens."""
+    template_ids = [tokenizer.convert_tokens_to_ids(token) for token in (*adapter.template_tokens, adapter.image_token)]
+    return {tokenizer.pad_token_id, *template_ids, *adapter.vision_token_ids(backbone_config).values()}
+
+
+def _default_meta_token(tokenizer: Any, adapter: BackboneAdapter, backbone_config: Any) -> str:
+    """The family's first Meta Token placeholder candidate the tokenizer has and may use; else the ordinary
+    vocabulary entry with the highest id (any token serves: its embedding is replaced, and every prompt ends with a
+    template token, so the appended run never merges with content)."""
+    reserved = _reserved_token_ids(tokenizer, adapter, backbone_config)
+    for token in adapter.meta_tokens:
+        if not missing_tokens(tokenizer, (token,)) and tokenizer.convert_tokens_to_ids(token) not in reserved:
+            return token
+    added = set(tokenizer.get_added_vocab().values())
+    vocabulary = tokenizer.get_vocab()
+    ordinary = [token for token, index in vocabulary.items() if index not in added and index not in reserved]
+    if ordinary:
+        return max(ordinary, key=vocabulary.__getitem__)
+    raise ValueError(
+        f"the tokenizer has none of the {adapter.name} Meta Token placeholders {list(adapter.meta_tokens)} free; "
+        "pass meta_token= (an ordinary token the prompts do not use)"
+    )
+
+
+def _backbone_processor_options(
+    backbone_name_or_path: str | os.PathLike, adapter: BackboneAdapter, hub_kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """The options in the backbone's processor_config.json that its family's processor takes (e.g. Idefics3's
+    `image_seq_len`); read as JSON, because the family's processor class may not load here (its video processor
+    needs torchvision)."""
+    from transformers.utils import cached_file
+
+    path = cached_file(
+        backbone_name_or_path,
+        "processor_config.json",
+        _raise_exceptions_for_missing_entries=False,
+        **{key: value for key, value in hub_kwargs.items() if key != "trust_remote_code"},
+    )
+    if path is None:
+        return {}
+    with open(path, encoding="utf-8") as file:
+        return adapter.processor_init_kwargs(json.load(file))
 
 
 def _tokenizer_files_note(source: str | os.PathLike) -> str:
@@ -626,6 +816,15 @@ def _with_available_attention(kwargs: dict[str, Any]) -> dict[str, Any]:
         if importlib.util.find_spec(package) is None:
             warnings.warn(f"{requested} requested but {package} is not installed; using sdpa", stacklevel=3)
             kwargs = {**kwargs, "attn_implementation": "sdpa"}
+    return kwargs
+
+
+def _with_softcap_attention(kwargs: dict[str, Any], backbone_config: Any) -> dict[str, Any]:
+    """Eager attention for a backbone that caps attention logits (Gemma 2 text: PaliGemma 2), which sdpa refuses,
+    unless the caller chose an implementation."""
+    text_config = backbone_config.get_text_config()
+    if kwargs.get("attn_implementation") is None and getattr(text_config, "attn_logit_softcapping", None) is not None:
+        return {**kwargs, "attn_implementation": "eager"}
     return kwargs
 
 

@@ -8,6 +8,7 @@ here: the model appends exactly the ones a call needs.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -20,33 +21,21 @@ import torch
 from transformers import BatchFeature, ProcessorMixin
 
 try:
+    from .backbones_metaembed import IMAGE_FIELD, BackboneAdapter, get_backbone_adapter
     from .scoring_metaembed import check_positive_int
 except ImportError:  # a checkout or an installed package: plain top-level modules
+    from backbones_metaembed import IMAGE_FIELD, BackboneAdapter, get_backbone_adapter
     from scoring_metaembed import check_positive_int
 
-# Reference prompt layout (facebookresearch/MetaEmbed). `{prefix}` is "Query: " for queries, empty for
-# candidates; task instructions are part of `{text}`.
-_VISION = "<|vision_start|><|image_pad|><|vision_end|>"
-PROMPT_TEMPLATES: dict[str, dict[str, str]] = {
-    "instruction": {
-        "text": "<|im_start|>user\n{prefix}{text}Summarize above sentences in one word.<|im_end|><|endoftext|>",
-        "image": "<|im_start|>user\n"
-        + _VISION
-        + "{prefix}Summarize the above image in one word.<|im_end|><|endoftext|>",
-        "image_text": "<|im_start|>user\n"
-        + _VISION
-        + "{prefix}{text}Summarize the above image and sentences in one word.<|im_end|><|endoftext|>",
-    },
-    "simple": {
-        "text": "<|im_start|>user\n{prefix}{text}<|im_end|><|endoftext|>",
-        "image": "<|im_start|>user\n" + _VISION + "{prefix}Describe the image.<|im_end|><|endoftext|>",
-        "image_text": "<|im_start|>user\n" + _VISION + "{prefix}{text}<|im_end|><|endoftext|>",
-    },
-}
-IMAGE_TOKEN = "<|image_pad|>"
-_RESERVED_TOKENS = (IMAGE_TOKEN, "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
-# Special tokens the prompt templates use: a tokenizer without them cannot format MetaEmbed prompts.
-TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>", IMAGE_TOKEN)
+DEFAULT_BACKBONE_MODEL_TYPE = "qwen2_5_vl"
+"""The backbone family of processors saved before the family was recorded (all were Qwen-VL)."""
+PROMPT_TEMPLATES: dict[str, dict[str, str]] = get_backbone_adapter(DEFAULT_BACKBONE_MODEL_TYPE).prompt_templates
+"""The reference prompt layout (facebookresearch/MetaEmbed) on Qwen-VL backbones; other families' are in their
+adapters (`backbones_metaembed.py`). `{image}` is where the image's tokens go."""
+# Image-processor settings that are sizes: 0 or a negative value would fail deep inside the first image call.
+_POSITIVE_IMAGE_SETTINGS = ("patch_size", "merge_size", "temporal_patch_size", "max_image_tiles", "image_seq_length")
+# Outputs of a family processor that depend on the text: MetaEmbed computes these over the whole prompt.
+_TEXT_ALIGNED_OUTPUTS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "cross_attention_mask")
 # Truncating a long text tokenises only a prefix of it: `(max_text_tokens + _CUT_GUARD_TOKENS) * 8` characters (BPE
 # vocabularies average about 4 characters per token on English, 1-2 on CJK text) plus the longest vocabulary entry,
 # doubled while that is too short, up to `max_text_characters`.
@@ -161,10 +150,6 @@ def _check_text(text: str, where: str) -> str:
             f"{where} contains a lone surrogate {surrogate.group()!r} at character {surrogate.start()}: "
             "not valid Unicode text"
         )
-    for token in _RESERVED_TOKENS:
-        # These would be read as vision placeholders and break the image/token alignment.
-        if token in text:
-            raise ValueError(f"{where} contains the reserved token {token}; pass images as images")
     return text
 
 
@@ -274,10 +259,16 @@ def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
 
 class MetaEmbedProcessor(ProcessorMixin):
     r"""
-    Formats MetaEmbed items with the reference prompts and tokenises them for a Qwen-VL backbone.
+    Formats MetaEmbed items with the reference prompts and tokenises them for a vision-language backbone of any
+    supported family (`backbones_metaembed.SUPPORTED_MODEL_TYPES`).
+
+    Images go through the family's own processor (its image processor, image-token expansion, tiling and masks);
+    the prompt around them is rendered by the family's adapter from fixed strings. The user's text (and the
+    prefixes) is always tokenised as plain text: a text holding `<|im_end|>`, an image token or any other special
+    token of the tokenizer gets the ids of those characters, never the special token.
 
     Args:
-        image_processor: a Qwen2-VL-style image processor (PIL or torchvision backend).
+        image_processor: the backbone's image processor (a PIL or torchvision backend).
         tokenizer: the backbone's tokenizer.
         query_prefix (`str`, defaults to `"Query: "`): put before query content.
         candidate_prefix (`str`, defaults to `""`): put before candidate content.
@@ -286,6 +277,9 @@ class MetaEmbedProcessor(ProcessorMixin):
         max_text_tokens (`int`, defaults to 4096): an item's text is truncated to at most this many tokens; only
             a prefix a few times that long is tokenised (never more than `max_text_characters`), so the work per
             item is bounded. The prompt template, image tokens and Meta Tokens are never truncated.
+        backbone_model_type (`str`, defaults to `"qwen2_5_vl"`): the backbone's `model_type`, which picks its adapter.
+        backbone_processor_kwargs (`dict`, *optional*): options of the family's processor (from the backbone's
+            processor_config.json, e.g. Idefics3's `image_seq_len`).
     """
 
     def __init__(
@@ -296,24 +290,76 @@ class MetaEmbedProcessor(ProcessorMixin):
         candidate_prefix: str = "",
         prompt_style: str = "instruction",
         max_text_tokens: int = 4096,
+        backbone_model_type: str = DEFAULT_BACKBONE_MODEL_TYPE,
+        backbone_processor_kwargs: dict[str, Any] | None = None,
         **kwargs,
     ):
-        if prompt_style not in PROMPT_TEMPLATES:
-            raise ValueError(f"prompt_style must be one of {sorted(PROMPT_TEMPLATES)}, got {prompt_style!r}")
+        self.adapter: BackboneAdapter = get_backbone_adapter(backbone_model_type)
+        if prompt_style not in self.adapter.prompt_templates:
+            raise ValueError(
+                f"prompt_style must be one of {sorted(self.adapter.prompt_templates)}, got {prompt_style!r}"
+            )
         check_positive_int(max_text_tokens, "max_text_tokens")
         self.query_prefix = query_prefix
         self.candidate_prefix = candidate_prefix
         self.prompt_style = prompt_style
         self.max_text_tokens = max_text_tokens
+        self.backbone_model_type = backbone_model_type
+        self.backbone_processor_kwargs = dict(backbone_processor_kwargs or {})
         super().__init__(image_processor, tokenizer, **kwargs)
-        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
-            raise ValueError(f"the tokenizer has no {IMAGE_TOKEN} token; MetaEmbed needs a Qwen-VL tokenizer")
+        missing = missing_tokens(tokenizer, (*self.adapter.template_tokens, self.adapter.image_token))
+        if missing:
+            raise ValueError(
+                f"the tokenizer lacks the {self.adapter.name} prompt tokens {missing}; is it the backbone's tokenizer?"
+            )
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token first")
+        # The tokenizer's special tokens and the family's prompt and image tokens (ordinary added words may appear).
+        control = {str(added) for added in tokenizer.added_tokens_decoder.values() if added.special}
+        control = sorted(control | set(self._control_tokens()), key=len, reverse=True)
+        for name in ("query_prefix", "candidate_prefix"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+            reserved = next((token for token in control if token and token in value), None)
+            if reserved is not None:
+                raise ValueError(f"{name} {value!r} contains the reserved token {reserved}")
+        for name in _POSITIVE_IMAGE_SETTINGS:
+            value = getattr(image_processor, name, None)
+            if isinstance(value, (dict, list, tuple)) or value is None:  # per-axis sizes are the family's to check
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"the image processor's {name} must be a positive int, got {value!r}")
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.adapter.image_token)
+        self._span_token_ids = {tokenizer.convert_tokens_to_ids(token) for token in self.adapter.image_span_tokens}
+        # The family's processor, for images only (no video processor: that needs torchvision).
+        self.backbone_processor = self.adapter.build_processor(
+            image_processor, tokenizer, self.backbone_processor_kwargs
+        )
+        self._plain_encoder = _plain_text_encoder(tokenizer, self._control_tokens())
         # No token covers more characters than its vocabulary entry has symbols (one per byte for byte-level
         # BPE), so `max_text_tokens` tokens never need more than this many characters per token.
         self._max_token_characters = max(map(len, tokenizer.get_vocab()))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The family processor's class is made at run time (no video processor) and cannot be pickled by name:
+        # rebuilt on unpickling, as the plain-text encoder (e.g. for multi-process encoding).
+        state = self.__dict__.copy()
+        state.pop("backbone_processor", None)
+        state.pop("_plain_encoder", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.backbone_processor = self.adapter.build_processor(
+            self.image_processor, self.tokenizer, self.backbone_processor_kwargs
+        )
+        self._plain_encoder = _plain_text_encoder(self.tokenizer, self._control_tokens())
+
+    def _control_tokens(self) -> tuple[str, ...]:
+        """The family's prompt and image tokens, which user text never becomes (special or not)."""
+        adapter = self.adapter
+        return (*adapter.template_tokens, adapter.image_token, *adapter.image_span_tokens)
 
     @property
     def max_text_characters(self) -> int:
@@ -321,12 +367,22 @@ class MetaEmbedProcessor(ProcessorMixin):
         costs no more than one of this length, usually far less (see `truncate_text`)."""
         return self.max_text_tokens * self._max_token_characters
 
+    def encode_plain_text(self, text: str) -> list[int]:
+        """Token ids of `text` as plain text: special-token strings in it are tokenised as ordinary characters.
+        For text without them, exactly the ids the tokenizer gives."""
+        if self._plain_encoder is not None:
+            return self._plain_encoder.encode(text, add_special_tokens=False).ids
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def _prompt_kind(self, item: MetaEmbedItem, text: str | None) -> str:
+        return "image_text" if item.image is not None and text else "image" if item.image is not None else "text"
+
     def format_prompt(self, item: MetaEmbedItem, task: Task, text: str | None = None) -> str:
-        """The prompt string of `item` (image tokens not yet expanded); `text` overrides the item's text."""
+        """The prompt string of `item` (image tokens not yet expanded); `text` overrides the item's text. The
+        user's text in it is encoded as plain text (see `process_items`)."""
         text = item.text if text is None else text
-        kind = "image_text" if item.image is not None and text else "image" if item.image is not None else "text"
         prefix = self.query_prefix if task == "query" else self.candidate_prefix
-        return PROMPT_TEMPLATES[self.prompt_style][kind].format(prefix=prefix, text=text or "")
+        return self.adapter.prompt_string(self._prompt_kind(item, text), self.prompt_style, prefix, text or "")
 
     def __call__(self, text: str | list[str] | None = None, images: Any = None, **kwargs: Any) -> BatchFeature:
         """Candidate inputs for `text` and/or `images` (the transformers processor convention), so generic
@@ -396,9 +452,12 @@ class MetaEmbedProcessor(ProcessorMixin):
     ) -> BatchFeature:
         """Tokenise checked items for `task`, left-padded.
 
-        Returns a `BatchFeature` with `input_ids` and `attention_mask` [B, L], `mm_token_type_ids` [B, L]
-        (1 at image tokens), and, when any item has an image, `pixel_values` [num_patches, C * T * P * P]
-        and `image_grid_thw` [num_images, 3] in item order. `item_names` label items in errors.
+        Returns a `BatchFeature` with `input_ids` and `attention_mask` [B, L] and the family's other inputs
+        (`adapter.extra_input_names`): Qwen-VL `mm_token_type_ids` [B, L] (1 at image tokens) and, when any item
+        has an image, `pixel_values` [num_patches, C * T * P * P] and `image_grid_thw` [num_images, 3] in item
+        order; Gemma 3 / PaliGemma `token_type_ids` [B, L]; Mllama `cross_attention_mask` [B, L, 1, tiles]; the
+        image tensors of the family's processor (`pixel_attention_mask`, `image_sizes`, ...) as it makes them,
+        for the items with an image, in item order. `item_names` label items in errors.
         """
         if not items:
             raise ValueError("process_items needs at least one item")
@@ -409,43 +468,91 @@ class MetaEmbedProcessor(ProcessorMixin):
     def process_checked_items(self, items: list[MetaEmbedItem], task: Task, item_names: list[str]) -> BatchFeature:
         """`process_items` for callers that checked `task` already (e.g. `MetaEmbedModel.encode`)."""
         items = [load_item(item, f"{name}['image']") for item, name in zip(items, item_names)]
-        images = [item.image for item in items if item.image is not None]
-        image_inputs: dict[str, torch.Tensor] = {}
-        image_token_counts: list[int] = []
-        if images:
-            image_inputs = dict(self.image_processor(images=images, return_tensors="pt"))
-            merge = self.image_processor.merge_size
-            image_token_counts = (image_inputs["image_grid_thw"].prod(-1) // (merge * merge)).tolist()
-
-        counts = iter(image_token_counts)
-        sequences = []
-        for item in items:
-            num_image_tokens = next(counts) if item.image is not None else 0
-            sequences.append(self._tokenize_truncated(item, task, num_image_tokens))
+        image_inputs, image_pieces, image_tile_masks = self._process_images([item.image for item in items])
+        pieces = iter(image_pieces)
+        sequences = [
+            self._tokenize_truncated(item, task, next(pieces) if item.image is not None else []) for item in items
+        ]
         batch = self.tokenizer.pad(
             {"input_ids": sequences}, padding="longest", padding_side="left", return_tensors="pt"
         )
         input_ids = batch["input_ids"]
-        return BatchFeature(
-            {
-                "input_ids": input_ids,
-                "attention_mask": batch["attention_mask"],
-                "mm_token_type_ids": (input_ids == self.image_token_id).int(),
-                **image_inputs,
-            }
+        is_image_token = input_ids == self.image_token_id
+        features: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": batch["attention_mask"]}
+        if self.adapter.rope == "mrope":
+            features["mm_token_type_ids"] = is_image_token.int()
+        if self.adapter.token_type_ids == "image":
+            features["token_type_ids"] = is_image_token.long()
+        elif self.adapter.token_type_ids == "prefix":
+            features["token_type_ids"] = torch.zeros_like(input_ids)
+        if self.adapter.cross_attention:
+            # Each text position from its image's token on attends to that image's tiles (Mllama's rule).
+            shape = (*input_ids.shape, *(image_tile_masks[0].shape if image_tile_masks else (1, 1)))
+            cross_attention_mask = torch.zeros(shape, dtype=torch.long)
+            masks = iter(image_tile_masks)
+            for row, item in enumerate(items):
+                if item.image is not None:
+                    first = int(is_image_token[row].nonzero()[0, 0])
+                    cross_attention_mask[row, first:] = next(masks)
+            features["cross_attention_mask"] = cross_attention_mask
+        return BatchFeature({**features, **image_inputs})
+
+    def _process_images(
+        self, images: list[PIL.Image.Image | None]
+    ) -> tuple[dict[str, torch.Tensor], list[list[int]], list[torch.Tensor]]:
+        """The family processor's image inputs for the items' images (in item order), each image's token ids (its
+        expansion of the placeholder) and, for cross-attention families, each image's tile mask."""
+        present = [image for image in images if image is not None]
+        if not present:
+            return {}, [], []
+        output = self.backbone_processor(
+            text=[self.adapter.image_placeholder] * len(present),
+            images=[[image] for image in present] if self.adapter.nested_images else present,
+            padding=True,
+            add_special_tokens=False,
+            return_tensors="pt",
         )
+        pieces, tile_masks = [], []
+        for row in range(len(present)):
+            ids = output["input_ids"][row][output["attention_mask"][row].bool()]
+            where = torch.isin(ids, torch.tensor(sorted(self._span_token_ids))).nonzero()[:, 0]
+            if where.numel() == 0:
+                raise ValueError(
+                    f"the {self.adapter.name} processor did not expand {self.adapter.image_placeholder!r} into "
+                    "image tokens"
+                )
+            pieces.append(ids[int(where[0]) : int(where[-1]) + 1].tolist())
+            if self.adapter.cross_attention:
+                position = int((output["input_ids"][row] == self.image_token_id).nonzero()[0, 0])
+                tile_masks.append(output["cross_attention_mask"][row, position])
+        image_inputs = {
+            key: value
+            for key, value in output.items()
+            if key not in _TEXT_ALIGNED_OUTPUTS and key in self.adapter.extra_input_names
+        }
+        return image_inputs, pieces, tile_masks
 
-    def _tokenize_truncated(self, item: MetaEmbedItem, task: Task, num_image_tokens: int) -> list[int]:
-        """Token ids of the full prompt, the item's text cut to `max_text_tokens` tokens if longer.
+    def _tokenize_truncated(self, item: MetaEmbedItem, task: Task, image_ids: list[int]) -> list[int]:
+        """Token ids of the full prompt, the item's text cut to `max_text_tokens` tokens if longer, `image_ids` in
+        place of the image.
 
-        The whole prompt is tokenised in one piece, as the reference does, so untruncated items match it
-        token for token.
+        Template tokens are looked up by name; the runs of plain text between them (prefix, the user's text and the
+        template's words) are tokenised as plain text in one piece each, as the reference tokenises its whole
+        prompt, so untruncated items of ordinary text match it token for token.
         """
         text = self.truncate_text(item.text) if item.text else item.text
-        prompt = self.format_prompt(item, task, text=text)
-        if num_image_tokens:
-            prompt = prompt.replace(IMAGE_TOKEN, IMAGE_TOKEN * num_image_tokens, 1)
-        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        prefix = self.query_prefix if task == "query" else self.candidate_prefix
+        ids: list[int] = []
+        for string, plain in self.adapter.render_prompt(
+            self._prompt_kind(item, text), self.prompt_style, prefix, text or ""
+        ):
+            if plain:
+                ids += self.encode_plain_text(string)
+            elif string == IMAGE_FIELD:
+                ids += image_ids
+            else:
+                ids.append(self.tokenizer.convert_tokens_to_ids(string))
+        return ids
 
     def truncate_text(self, text: str) -> str:
         """`text`, or the decoded first `max_text_tokens` tokens of it if it has more.
@@ -459,7 +566,7 @@ class MetaEmbedProcessor(ProcessorMixin):
         while True:
             length = min(length, self.max_text_characters)
             prefix = text[:length]
-            ids = self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+            ids = self.encode_plain_text(prefix)
             final = len(prefix) == len(text) or length == self.max_text_characters
             if len(ids) <= kept:
                 if final:
@@ -473,19 +580,53 @@ class MetaEmbedProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self) -> list[str]:
-        return ["input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"]
+        return ["input_ids", "attention_mask", *self.adapter.extra_input_names]
+
+
+def missing_tokens(tokenizer: Any, tokens: tuple[str, ...]) -> list[str]:
+    """The `tokens` the tokenizer has no id of its own for. A token whose id is the unknown token's is missing
+    unless it is the unknown token itself (`Qwen2Tokenizer`'s default `unk_token` is `<|endoftext|>`)."""
+    missing = []
+    for token in tokens:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
+            missing.append(token)
+    return missing
+
+
+def _plain_text_encoder(tokenizer: Any, control_tokens: tuple[str, ...]) -> Any:
+    """A copy of the tokenizer's fast backend that tokenises the text of its special tokens and of `control_tokens`
+    (the family's prompt and image tokens, special or not: `<|im_end|>`, `<image>`, ...) as ordinary characters:
+    user text never becomes control tokens. Other added words stay words. Built once; encoding with it changes no
+    shared state, so concurrent calls are safe (toggling `split_special_tokens` on the tokenizer per call is not).
+    `None` without a fast backend."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    import tokenizers
+
+    description = json.loads(backend.to_str())
+    for added in description.get("added_tokens") or []:
+        if added.get("content") in control_tokens:
+            added["special"] = True  # encode_special_tokens only reaches special added tokens
+    encoder = tokenizers.Tokenizer.from_str(json.dumps(description))
+    encoder.encode_special_tokens = True
+    encoder.no_truncation()
+    encoder.no_padding()
+    return encoder
 
 
 MetaEmbedProcessor.register_for_auto_class()
 
 __all__ = [
+    "DEFAULT_BACKBONE_MODEL_TYPE",
     "PROMPT_TEMPLATES",
-    "TEMPLATE_TOKENS",
     "MetaEmbedItem",
     "MetaEmbedProcessor",
     "check_task",
     "load_image",
     "load_item",
+    "missing_tokens",
     "normalize_item",
     "normalize_items",
 ]

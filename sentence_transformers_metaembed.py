@@ -183,11 +183,11 @@ class MetaEmbedModule(InputModule):
                 otherwise); sentence-transformers' trainer passes `MultiVectorEncoderTrainingArguments.max_length`.
 
         Returns:
-            The processor's `input_ids`, `attention_mask`, `mm_token_type_ids` `[B, L]` (plus `pixel_values`,
-            `image_grid_thw` when there are images); `task`: the sentence-transformers task the inputs were
-            formatted for, which `forward` follows (sentence-transformers' losses read the same key); and
-            `modality`, as sentence-transformers' modules give it: "text", "image", ("image", "text") for text +
-            image items, or "message" for a batch that mixes these.
+            The processor's `input_ids`, `attention_mask` `[B, L]` and the backbone family's other inputs (Qwen-VL:
+            `mm_token_type_ids`, plus `pixel_values`, `image_grid_thw` when there are images); `task`: the
+            sentence-transformers task the inputs were formatted for, which `forward` follows (sentence-transformers'
+            losses read the same key); and `modality`, as sentence-transformers' modules give it: "text", "image",
+            ("image", "text") for text + image items, or "message" for a batch that mixes these.
         """
         if unsupported := sorted(name for name, value in kwargs.items() if value is not None):
             raise ValueError(

@@ -1,7 +1,8 @@
 """Import checkpoints written by the reference MetaEmbed training code into this package's format.
 
 The reference code (facebookresearch/MetaEmbed, built on colpali-engine + peft) trains `LastQwen2_5`, a
-`Qwen2_5_VLForConditionalGeneration` subclass with two extra modules, and LoRA on the backbone:
+`Qwen2_5_VLForConditionalGeneration` subclass with two extra modules (and likewise `LastLlama3Vision` for
+Llama-3.2-Vision and `LastPali` for PaliGemma, see below), and LoRA on the backbone:
 
 - `prompt_embed_tokens`: `nn.Embedding(R_q + R_c, hidden)` (one block of `R_q` rows when
   `shared_query_doc_prompt=True`), the Meta Token table, query rows first;
@@ -35,13 +36,23 @@ reference key                                         here
 any other key                                         backbone tensor, name mapped as below
 ====================================================  =========================================================
 
-Backbone module names, reference -> `MetaEmbedModel.vlm` (a bare Qwen2/2.5/3-VL model), first match wins:
+Backbone module names, reference -> `MetaEmbedModel.vlm` (the bare backbone model), first match wins, per
+reference class (`REFERENCE_LAYOUTS`, chosen by the backbone's `model_type`):
 
-- `model.language_model.*` -> `language_model.*`  (transformers >= 4.52 in memory: peft adapters; 5.x files)
-- `model.visual.*`         -> `visual.*`          (same)
-- `visual.*`               -> `visual.*`          (transformers <= 4.51, and 4.52-4.57 `save_pretrained` files)
-- `model.*`                -> `language_model.*`  (same, text decoder)
-- `language_model.*`       -> `language_model.*`  (already bare-model names)
+- `LastQwen2_5` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL backbones; the class subclasses the `*ForConditionalGeneration`):
+  `model.language_model.*` -> `language_model.*`, `model.visual.*` -> `visual.*` (transformers >= 4.52 in memory:
+  peft adapters; 5.x files); `visual.*` -> `visual.*`, `model.*` -> `language_model.*` (transformers <= 4.51, and
+  4.52-4.57 `save_pretrained` files); `language_model.*` -> `language_model.*` (bare-model names).
+- `LastLlama3Vision` (Llama-3.2-Vision; subclasses `MllamaForConditionalGeneration`, code written for the
+  transformers <= 4.51 layout): `language_model.model.*` -> `language_model.*`, `vision_model.*`,
+  `multi_modal_projector.*` as they are, and the >= 4.52 names `model.language_model.*`, `model.vision_model.*`,
+  `model.multi_modal_projector.*`; `lm_head.weight` / `language_model.lm_head.weight` ignored.
+- `LastPali` (PaliGemma / PaliGemma 2; holds `PaliGemmaForConditionalGeneration` as `model`):
+  `model.language_model.model.*` -> `language_model.*`, `model.vision_tower.*` -> `vision_tower.*`,
+  `model.multi_modal_projector.*` -> `multi_modal_projector.*`, and the >= 4.52 names `model.model.<same>.*`;
+  `model.lm_head.weight` / `model.language_model.lm_head.weight` ignored.
+
+The table row layout (`[content; M_q; M_c]`, query rows first) and `custom_text_proj` are the same in all three.
 
 Every key must be understood and land on an existing tensor of matching shape; anything else is an error that
 lists the offending keys (nothing is dropped silently). Pickle files (`.bin`, `.pt`) are never opened.
@@ -78,20 +89,70 @@ TRAINING_STATE_FILES = ("optimizer.pt", "scheduler.pt", "training_args.bin", "sc
 
 TABLE_NAME = "prompt_embed_tokens"
 PROJECTION_NAME = "custom_text_proj"
-# Reference keys that carry nothing an embedding model uses.
-IGNORED_KEYS = {
-    "lm_head.weight": "the language-model head is not used for embeddings",
-    "learnable_temp": "training-only logit temperature",
-}
-# (pattern, replacement) applied to reference backbone names, first match wins; see the module docstring.
-BACKBONE_NAME_RULES: tuple[tuple[str, str], ...] = (
-    (r"^model\.language_model\.", "language_model."),
-    (r"^model\.visual\.", "visual."),
-    (r"^visual\.", "visual."),
-    (r"^model\.", "language_model."),
-    (r"^language_model\.", "language_model."),
-    (r"^embed_tokens\.", "language_model.embed_tokens."),
+_LM_HEAD = "the language-model head is not used for embeddings"
+_TEMPERATURE = "training-only logit temperature"
+
+
+@dataclass(frozen=True)
+class ReferenceLayout:
+    """How one reference model class names its tensors (see the module docstring)."""
+
+    reference_class: str
+    name_rules: tuple[tuple[str, str], ...]  # (pattern, replacement) onto `MetaEmbedModel.vlm` names, first wins
+    ignored_keys: dict[str, str]  # reference key -> why it carries nothing an embedding model uses
+
+
+_QWEN_LAYOUT = ReferenceLayout(
+    "LastQwen2_5",
+    (
+        (r"^model\.language_model\.", "language_model."),
+        (r"^model\.visual\.", "visual."),
+        (r"^visual\.", "visual."),
+        (r"^model\.", "language_model."),
+        (r"^language_model\.", "language_model."),
+        (r"^embed_tokens\.", "language_model.embed_tokens."),
+    ),
+    {"lm_head.weight": _LM_HEAD, "learnable_temp": _TEMPERATURE},
 )
+REFERENCE_LAYOUTS: dict[str, ReferenceLayout] = {
+    "qwen2_vl": _QWEN_LAYOUT,
+    "qwen2_5_vl": _QWEN_LAYOUT,
+    "qwen3_vl": _QWEN_LAYOUT,
+    # LastLlama3Vision subclasses MllamaForConditionalGeneration (its code reads `language_model.model`, the
+    # transformers <= 4.51 layout); >= 4.52 module names (peft adapters made there) are read too.
+    "mllama": ReferenceLayout(
+        "LastLlama3Vision",
+        (
+            (r"^model\.language_model\.", "language_model."),
+            (r"^model\.vision_model\.", "vision_model."),
+            (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+            (r"^language_model\.model\.", "language_model."),
+            (r"^vision_model\.", "vision_model."),
+            (r"^multi_modal_projector\.", "multi_modal_projector."),
+        ),
+        {"lm_head.weight": _LM_HEAD, "language_model.lm_head.weight": _LM_HEAD, "learnable_temp": _TEMPERATURE},
+    ),
+    # LastPali wraps PaliGemmaForConditionalGeneration as `model` (Gemma 2 text in the reference runs).
+    "paligemma": ReferenceLayout(
+        "LastPali",
+        (
+            (r"^model\.model\.language_model\.", "language_model."),
+            (r"^model\.model\.vision_tower\.", "vision_tower."),
+            (r"^model\.model\.multi_modal_projector\.", "multi_modal_projector."),
+            (r"^model\.language_model\.model\.", "language_model."),
+            (r"^model\.vision_tower\.", "vision_tower."),
+            (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+        ),
+        {
+            "model.lm_head.weight": _LM_HEAD,
+            "model.language_model.lm_head.weight": _LM_HEAD,
+            "learnable_temp": _TEMPERATURE,
+        },
+    ),
+}
+"""The reference model classes this importer reads, by backbone `model_type`."""
+BACKBONE_NAME_RULES = _QWEN_LAYOUT.name_rules
+IGNORED_KEYS = _QWEN_LAYOUT.ignored_keys
 
 _TABLE_KEY = re.compile(rf"^(?P<wrapper>.*?){TABLE_NAME}(?:\.modules_to_save\.(?P<adapter>[^.]+))?(?:\.weight)?$")
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
@@ -217,8 +278,11 @@ def load_reference_state_dict(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def parse_reference_state_dict(state_dict: Mapping[str, torch.Tensor]) -> ReferenceCheckpoint:
-    """Sort a reference state dict into table, projection, LoRA pairs, backbone tensors and ignored keys.
+def parse_reference_state_dict(
+    state_dict: Mapping[str, torch.Tensor], ignored_keys: Mapping[str, str] = IGNORED_KEYS
+) -> ReferenceCheckpoint:
+    """Sort a reference state dict into table, projection, LoRA pairs, backbone tensors and ignored keys
+    (`ignored_keys`: the layout's names, after the wrapper prefix).
 
     Raises `ReferenceCheckpointError` when the table is missing or ambiguous, keys lack the common wrapper
     prefix, LoRA pairs are incomplete or of an unsupported kind, or peft adapter names disagree.
@@ -227,7 +291,8 @@ def parse_reference_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Refere
     if not table_matches:
         raise ReferenceCheckpointError(
             f"no Meta Token table: no key ending in '{TABLE_NAME}.weight' among {len(state_dict)} keys "
-            f"(first: {sorted(state_dict)[:5]}); is this a MetaEmbed (LastQwen2_5) checkpoint?"
+            f"(first: {sorted(state_dict)[:5]}); is this a reference MetaEmbed checkpoint (LastQwen2_5, "
+            "LastLlama3Vision, LastPali)?"
         )
     if len(table_matches) > 1:
         raise ReferenceCheckpointError(f"several Meta Token tables: {sorted(key for key, _ in table_matches)}")
@@ -244,7 +309,7 @@ def parse_reference_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Refere
         if key == table_key:
             continue
         name = key[len(wrapper) :]
-        if name in IGNORED_KEYS or _ORIGINAL_MODULE.search(name):
+        if name in ignored_keys or _ORIGINAL_MODULE.search(name):
             checkpoint.ignored_keys.append(key)
             continue
         if saved := _MODULES_TO_SAVE.match(name):
@@ -290,10 +355,10 @@ def parse_reference_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Refere
     return checkpoint
 
 
-def backbone_name(reference_name: str) -> str | None:
-    """The `MetaEmbedModel.vlm` name of a reference backbone tensor or module name (`BACKBONE_NAME_RULES`), or
-    `None` when no rule applies."""
-    for pattern, replacement in BACKBONE_NAME_RULES:
+def backbone_name(reference_name: str, name_rules: tuple[tuple[str, str], ...] = BACKBONE_NAME_RULES) -> str | None:
+    """The `MetaEmbedModel.vlm` name of a reference backbone tensor or module name (the layout's `name_rules`,
+    LastQwen2_5's by default), or `None` when no rule applies."""
+    for pattern, replacement in name_rules:
         mapped, count = re.subn(pattern, replacement, reference_name, count=1)
         if count:
             return mapped
@@ -360,7 +425,8 @@ def import_reference_checkpoint(
         checkpoint: a `.safetensors` file, a folder with `adapter_model.safetensors` (peft) or
             `model.safetensors` (full / merged; sharded index supported), or an in-memory state dict. Key
             names: see the module docstring. Pickle files (`.bin`, `.pt`) are refused with a conversion command.
-        backbone_name_or_path: the Qwen-VL checkpoint the reference run started from (folder or repo id); its
+        backbone_name_or_path: the checkpoint the reference run started from (folder or repo id: Qwen2/2.5/3-VL,
+            Llama-3.2-Vision, PaliGemma; see `REFERENCE_LAYOUTS`, anything else is refused before loading); its
             tokenizer and image processor are used too.
         num_query_vectors / num_candidate_vectors: R_q and R_c of the reference run (`num_query_prompt_tokens`,
             `num_doc_prompt_tokens`); the table must have R_q + R_c rows (R_q with `shared_meta_tokens=True`,
@@ -380,8 +446,21 @@ def import_reference_checkpoint(
         ReferenceCheckpointError: missing table, wrong row count or hidden size, unknown keys (all listed),
             tensors whose shape does not match the backbone, incomplete or unsupported LoRA, pickle files.
     """
+    from transformers import AutoConfig
+
+    backbone_config_options = {
+        key: from_backbone_kwargs[key] for key in ("revision", "trust_remote_code") if key in from_backbone_kwargs
+    }
+    model_type = AutoConfig.from_pretrained(backbone_name_or_path, **backbone_config_options).model_type
+    layout = REFERENCE_LAYOUTS.get(model_type)
+    if layout is None:  # before any weight is read
+        raise ReferenceCheckpointError(
+            f"no reference model class for backbones of model_type {model_type!r}; the reference code's classes "
+            f"importable here: {', '.join(sorted({item.reference_class for item in REFERENCE_LAYOUTS.values()}))} "
+            f"(model_type {', '.join(REFERENCE_LAYOUTS)})"
+        )
     state_dict, adapter_config = load_reference_state_dict(checkpoint)
-    reference = parse_reference_state_dict(state_dict)
+    reference = parse_reference_state_dict(state_dict, layout.ignored_keys)
     if adapter_config is not None:
         _check_adapter_config(adapter_config)
         config_alpha = adapter_config.get("lora_alpha")
@@ -435,8 +514,8 @@ def import_reference_checkpoint(
             f"{tuple(reference.projection_bias.shape)} do not fit Linear({hidden_size}, {embedding_dim})"
         )
 
-    backbone_updates = _resolve_backbone_tensors(model.vlm, reference.backbone_tensors)
-    lora_targets = _resolve_lora_targets(model.vlm, reference.lora)
+    backbone_updates = _resolve_backbone_tensors(model.vlm, reference.backbone_tensors, layout.name_rules)
+    lora_targets = _resolve_lora_targets(model.vlm, reference.lora, layout.name_rules)
     with torch.no_grad():
         model.meta_tokens.copy_(table)
         if model.projection is not None:
@@ -461,7 +540,7 @@ def import_reference_checkpoint(
 
 
 def _resolve_backbone_tensors(
-    vlm: nn.Module, tensors: Mapping[str, torch.Tensor]
+    vlm: nn.Module, tensors: Mapping[str, torch.Tensor], name_rules: tuple[tuple[str, str], ...]
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Map reference backbone tensors onto `vlm`'s parameters/buffers: `[(target, source)]`. Aliases (the same
     target twice) must agree. Raises listing every name that maps nowhere or has the wrong shape."""
@@ -469,7 +548,7 @@ def _resolve_backbone_tensors(
     updates: dict[str, tuple[str, torch.Tensor]] = {}
     unknown, mismatched = [], []
     for reference_name, tensor in tensors.items():
-        name = backbone_name(reference_name)
+        name = backbone_name(reference_name, name_rules)
         if name is None or name not in targets:
             unknown.append(reference_name)
             continue
@@ -481,20 +560,22 @@ def _resolve_backbone_tensors(
         updates[name] = (reference_name, tensor)
     if unknown:
         raise ReferenceCheckpointError(
-            f"unknown keys (no backbone tensor of that name; see BACKBONE_NAME_RULES): {sorted(unknown)}"
+            f"unknown keys (no backbone tensor of that name; see REFERENCE_LAYOUTS): {sorted(unknown)}"
         )
     if mismatched:
         raise ReferenceCheckpointError(f"backbone tensors of the wrong shape: {sorted(mismatched)}")
     return [(targets[name], tensor) for name, (_, tensor) in updates.items()]
 
 
-def _resolve_lora_targets(vlm: nn.Module, lora: Mapping[str, LoraPair]) -> dict[str, tuple[nn.Linear, LoraPair]]:
+def _resolve_lora_targets(
+    vlm: nn.Module, lora: Mapping[str, LoraPair], name_rules: tuple[tuple[str, str], ...]
+) -> dict[str, tuple[nn.Linear, LoraPair]]:
     """Find the Linear layer of `vlm` for each LoRA pair (keyed by reference module name) and check shapes."""
     modules = dict(vlm.named_modules())
     resolved: dict[str, tuple[nn.Linear, LoraPair]] = {}
     unknown, mismatched = [], []
     for reference_module, pair in lora.items():
-        name = backbone_name(reference_module)
+        name = backbone_name(reference_module, name_rules)
         linear = modules.get(name) if name is not None else None
         if not isinstance(linear, nn.Linear):
             unknown.append(reference_module)
@@ -516,6 +597,7 @@ def _resolve_lora_targets(vlm: nn.Module, lora: Mapping[str, LoraPair]) -> dict[
 
 __all__ = [
     "BACKBONE_NAME_RULES",
+    "REFERENCE_LAYOUTS",
     "ReferenceCheckpointError",
     "backbone_name",
     "import_reference_checkpoint",

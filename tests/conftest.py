@@ -33,6 +33,31 @@ def backbone_dirs(tmp_path_factory) -> dict[str, str]:
     return {family: save_tiny_backbone(root / family, family) for family in BACKBONE_FAMILIES}
 
 
+@pytest.fixture(scope="session")
+def family_backbone_dir(tmp_path_factory, backbone_dirs):
+    """`family_backbone_dir(family)`: the tiny backbone folder of any family in SUPPORTED_FAMILIES or
+    UNSUPPORTED_FAMILIES, built on first use and shared by the whole session (the Qwen ones are `backbone_dirs`')."""
+    root = tmp_path_factory.mktemp("family_backbones")
+    built = dict(backbone_dirs)
+
+    def get(family: str) -> str:
+        if family not in built:
+            built[family] = save_tiny_backbone(root / family, family)
+        return built[family]
+
+    return get
+
+
+@pytest.fixture
+def num2words_stand_in(monkeypatch):
+    """SmolVLMProcessor refuses to build without `num2words` (not installed here), which it only uses to describe
+    videos: a stand-in for tests that build SmolVLM processors."""
+    from transformers.models.smolvlm import processing_smolvlm
+
+    if processing_smolvlm.num2words is None:
+        monkeypatch.setattr(processing_smolvlm, "num2words", str)
+
+
 def make_model(backbone_dir: str, embedding_dim: int | None = 16, **kwargs) -> MetaEmbedModel:
     torch.manual_seed(0)
     model = MetaEmbedModel.from_backbone(

@@ -459,3 +459,73 @@ def test_pickle_only_checkpoints_are_refused_without_unpickling(backbone_dir, tm
         import_reference_checkpoint(tmp_path, backbone_dir)
     with pytest.raises(FileNotFoundError):
         import_reference_checkpoint(tmp_path / "nowhere", backbone_dir)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The reference code's other classes: LastLlama3Vision (Llama-3.2-Vision) and LastPali (PaliGemma)
+# ------------------------------------------------------------------------------------------------------------
+
+# Bare-model name prefix -> reference prefix, per (family, transformers naming of the reference run).
+REFERENCE_PREFIXES = {
+    ("mllama", "legacy"): {"language_model.": "language_model.model.", "": ""},
+    ("mllama", "new"): {"": "model."},
+    ("paligemma2", "legacy"): {"language_model.": "model.language_model.model.", "": "model."},
+    ("paligemma2", "new"): {"": "model.model."},
+}
+LM_HEAD_KEYS = {
+    ("mllama", "legacy"): "language_model.lm_head.weight",
+    ("mllama", "new"): "lm_head.weight",
+    ("paligemma2", "legacy"): "model.language_model.lm_head.weight",
+    ("paligemma2", "new"): "model.lm_head.weight",
+}
+
+
+def reference_key(name: str, prefixes: dict[str, str]) -> str:
+    prefix = next(prefix for prefix in prefixes if name.startswith(prefix))  # longest first (dict order)
+    return prefixes[prefix] + name[len(prefix) :]
+
+
+@pytest.mark.parametrize(("family", "naming"), list(REFERENCE_PREFIXES))
+def test_llama_vision_and_paligemma_reference_checkpoints(family, naming, family_backbone_dir):
+    """A full LastLlama3Vision / LastPali state dict (every backbone tensor changed, LM head, table, projection)
+    plus LoRA pairs on a language-model and a vision-tower Linear: every tensor lands where it belongs."""
+    backbone = family_backbone_dir(family)
+    base = make_model(backbone)
+    generator = torch.Generator().manual_seed(3)
+    prefixes = REFERENCE_PREFIXES[(family, naming)]
+    decoder = {id(parameter) for parameter in base.vlm.get_decoder().parameters()}
+    linears = {name: module for name, module in base.vlm.named_modules() if isinstance(module, nn.Linear)}
+    text_q = next(name for name, m in linears.items() if "q_proj" in name and id(m.weight) in decoder)
+    vision_q = next(name for name, m in linears.items() if "q_proj" in name and id(m.weight) not in decoder)
+    expected = {
+        name: tensor + 0.01 * torch.randn(tensor.shape, generator=generator)
+        for name, tensor in base.vlm.state_dict().items()
+        if tensor.is_floating_point()
+    }
+    state_dict = {reference_key(name, prefixes): tensor for name, tensor in expected.items()}
+    hidden = base.config.hidden_size
+    state_dict[LM_HEAD_KEYS[(family, naming)]] = torch.zeros(3, hidden)
+    state_dict["prompt_embed_tokens.weight"] = torch.randn(NUM_META_TOKENS, hidden, generator=generator)
+    state_dict["custom_text_proj.weight"] = torch.randn(EMBEDDING_DIM, hidden, generator=generator)
+    state_dict["custom_text_proj.bias"] = torch.randn(EMBEDDING_DIM, generator=generator)
+    for module in (text_q, vision_q):
+        linear = linears[module]
+        down = torch.randn(LORA_RANK, linear.in_features, generator=generator)
+        up = torch.randn(linear.out_features, LORA_RANK, generator=generator)
+        state_dict[f"{reference_key(module, prefixes)}.lora_A.weight"] = down
+        state_dict[f"{reference_key(module, prefixes)}.lora_B.weight"] = up
+        expected[f"{module}.weight"] = expected[f"{module}.weight"] + (32 / LORA_RANK) * (up @ down)
+
+    imported = import_reference_checkpoint(state_dict, backbone, NUM_QUERY_VECTORS, NUM_CANDIDATE_VECTORS)
+    assert torch.equal(imported.meta_tokens, state_dict["prompt_embed_tokens.weight"])
+    assert torch.equal(imported.projection.weight, state_dict["custom_text_proj.weight"])
+    imported_state = imported.vlm.state_dict()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(imported_state[name], tensor, rtol=1e-6, atol=1e-6, msg=name)
+    assert imported.encode_queries(["a query"]).shape == (1, NUM_QUERY_VECTORS, EMBEDDING_DIM)
+
+
+def test_backbones_without_a_reference_class_are_refused_before_loading(family_backbone_dir, monkeypatch):
+    monkeypatch.setattr(MetaEmbedModel, "from_backbone", lambda *args, **kwargs: pytest.fail("loaded the backbone"))
+    with pytest.raises(ReferenceCheckpointError, match=r"model_type 'idefics3'.*LastLlama3Vision, LastPali"):
+        import_reference_checkpoint("/nonexistent/checkpoint.safetensors", family_backbone_dir("idefics3"))

@@ -107,8 +107,11 @@ def test_prompt_is_an_instruction_inside_the_template(saved, images):
     assert torch.equal(stacked(encoder.encode_query(items, prompt="Find: ")), model.encode_queries(as_text))
     with pytest.raises(ValueError, match="already puts before every query"):
         encoder.encode_query(items, prompt="Query: find")
-    with pytest.raises(ValueError, match="reserved token"):
-        encoder.encode_query(items, prompt="<|image_pad|>")
+    # A prompt is text like the item's: special-token strings in it are plain text, never control tokens.
+    assert torch.equal(
+        stacked(encoder.encode_query(items, prompt="<|image_pad|>Find: ")),
+        model.encode_queries([{**item, "text": "<|image_pad|>" + item["text"]} for item in as_text]),
+    )
 
 
 def test_task_routing_cannot_be_dropped(saved, mixed_items):

@@ -15,13 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metaembed.testing import SUPPORTED_FAMILIES
 from metaembed.training import (
     MMR_GROUPS,
     CachedMMRLoss,
+    ItemBatch,
     MMRLoss,
     MMRLossOutput,
     mmr_loss,
-    split_features,
 )
 from scoring_metaembed import late_interaction_scores
 
@@ -282,6 +283,23 @@ def tiny_features(num_items: int, seed: int) -> dict[str, torch.Tensor]:
     return {"inputs": torch.randn(num_items, 6, generator=generator, dtype=torch.float64)}
 
 
+class TinyProcessor:
+    """A stand-in for MetaEmbedProcessor over TinyEmbedder's inputs: an item is one row of `inputs`; records the
+    tasks and item names it processed."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[str]]] = []
+
+    def process_items(self, items, task, item_names):
+        self.calls.append((task, item_names))
+        return {"inputs": torch.stack(items)}
+
+
+def tiny_items(num_items: int, seed: int, name: str = "item") -> ItemBatch:
+    rows = tiny_features(num_items, seed)["inputs"].unbind(0)
+    return ItemBatch(rows, tuple(f"{name}[{index}]" for index in range(num_items)))
+
+
 def chunked(features: dict[str, torch.Tensor], sizes: list[int]) -> list[dict[str, torch.Tensor]]:
     return [{"inputs": piece} for piece in features["inputs"].split(sizes)]
 
@@ -290,7 +308,11 @@ def parameter_gradients(model: nn.Module, compute_loss) -> tuple[float, list[tor
     model.zero_grad()
     loss = compute_loss()
     loss.backward()
-    return loss.item(), [parameter.grad.clone() for parameter in model.parameters()]
+    # Parameters off the path (e.g. LLaVA-NeXT's last CLIP layer: it reads the one before) get no gradient.
+    return loss.item(), [
+        torch.zeros_like(parameter) if parameter.grad is None else parameter.grad.clone()
+        for parameter in model.parameters()
+    ]
 
 
 def test_mmr_loss_object_equals_function_on_model_embeddings():
@@ -314,11 +336,14 @@ def test_cached_gradients_equal_uncached_with_dropout(mini_batch_size, scoring_c
     """Dropout is on: equality needs the cache's second forward to replay the first one's random state."""
     model = tiny_embedder(dropout=0.3).train()
     queries, candidates, hard_negatives = tiny_features(7, 1), tiny_features(7, 2), tiny_features(14, 3)
+    processor = TinyProcessor()
     with torch.no_grad():
         assert not torch.equal(model(queries["inputs"], "query", 4), model(queries["inputs"], "query", 4))
     groups = {"groups": SMALL_GROUPS, "temperature": 0.1, "group_weights": [1.0, 2.0, 3.0]}
     uncached = MMRLoss(model, **groups)
-    cached = CachedMMRLoss(model, mini_batch_size=mini_batch_size, scoring_chunk_size=scoring_chunk_size, **groups)
+    cached = CachedMMRLoss(
+        model, mini_batch_size=mini_batch_size, scoring_chunk_size=scoring_chunk_size, processor=processor, **groups
+    )
 
     def sizes(num_items: int) -> list[int]:
         return [min(mini_batch_size, num_items - begin) for begin in range(0, num_items, mini_batch_size)]
@@ -332,7 +357,15 @@ def test_cached_gradients_equal_uncached_with_dropout(mini_batch_size, scoring_c
         ),
     )
     torch.manual_seed(1)
-    output = cached(queries, candidates, hard_negatives)
+    output = cached(tiny_items(7, 1, "query"), tiny_items(7, 2, "positive"), tiny_items(14, 3, "negatives"))
+    # Each mini-batch of items is processed once, with its column's task and its items' names.
+    assert [call[0] for call in processor.calls] == ["query"] * len(sizes(7)) + ["candidate"] * len(
+        sizes(7) + sizes(14)
+    )
+    assert processor.calls[0][1] == [f"query[{index}]" for index in range(sizes(7)[0])]
+    assert [name for task, names in processor.calls[len(sizes(7)) :] for name in names][-14:] == [
+        f"negatives[{index}]" for index in range(14)
+    ]
     rng_state_after_forward = torch.get_rng_state()
     model.zero_grad()
     output.loss.backward()
@@ -376,8 +409,8 @@ def test_cached_replay_uses_the_first_forwards_autocast_state():
 
 def test_cached_loss_scales_with_the_incoming_gradient_and_runs_without_grad():
     model = tiny_embedder()
-    queries, candidates = tiny_features(6, 1), tiny_features(6, 2)
-    cached = CachedMMRLoss(model, groups=SMALL_GROUPS, mini_batch_size=4)
+    queries, candidates = tiny_items(6, 1), tiny_items(6, 2)
+    cached = CachedMMRLoss(model, groups=SMALL_GROUPS, mini_batch_size=4, processor=TinyProcessor())
     _, full = parameter_gradients(model, lambda: cached(queries, candidates).loss)
     # Gradient accumulation divides the loss: every replayed mini-batch must see that factor.
     _, halved = parameter_gradients(model, lambda: cached(queries, candidates).loss * 0.5)
@@ -386,7 +419,8 @@ def test_cached_loss_scales_with_the_incoming_gradient_and_runs_without_grad():
     with torch.no_grad():
         evaluation = cached(queries, candidates)
     assert not evaluation.loss.requires_grad
-    assert evaluation.loss.item() == pytest.approx(MMRLoss(model, groups=SMALL_GROUPS)(queries, candidates).loss.item())
+    plain = MMRLoss(model, groups=SMALL_GROUPS)(tiny_features(6, 1), tiny_features(6, 2))
+    assert evaluation.loss.item() == pytest.approx(plain.loss.item())
 
 
 def test_hard_negative_items_must_be_a_multiple_of_the_queries():
@@ -397,41 +431,50 @@ def test_hard_negative_items_must_be_a_multiple_of_the_queries():
         CachedMMRLoss(model, mini_batch_size=0)
 
 
-def test_split_features_and_cached_loss_with_metaembed(backbone_dirs, images):
-    """Real tiny MetaEmbedModel, text and image items: split mini-batches embed like the full batch, and the
-    cached loss gives the plain loss's parameter gradients."""
+def test_a_processed_batch_is_not_cut_and_items_need_a_processor():
+    """Processed features hold a family's image inputs, which only the family knows how to cut: the cached loss
+    takes items (or a list of processed mini-batches) instead of guessing."""
+    model = tiny_embedder()
+    with pytest.raises(ValueError, match="processed batch of 6 items cannot be cut into mini-batches of 4"):
+        CachedMMRLoss(model, groups=SMALL_GROUPS, mini_batch_size=4)(tiny_features(6, 1), tiny_features(6, 2))
+    with pytest.raises(ValueError, match="need a processor"):
+        MMRLoss(model, groups=SMALL_GROUPS)(tiny_items(4, 1), tiny_items(4, 2))
+    with pytest.raises(TypeError, match="must be an ItemBatch"):
+        MMRLoss(model, groups=SMALL_GROUPS)("text", tiny_features(4, 2))
+    with pytest.raises(ValueError, match="3 items but 2 item names"):
+        ItemBatch(("a", "b", "c"), ("x", "y"))
+
+
+@pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
+def test_cached_loss_over_item_mini_batches_equals_the_plain_loss(
+    family, family_backbone_dir, images, num2words_stand_in
+):
+    """Real tiny MetaEmbedModel of every backbone family, text, image and text+image items: the cached loss
+    processes and embeds mini-batches of 2 items (each with its own padding and image inputs) and gives the loss
+    and parameter gradients of the plain loss over the whole processed batch."""
     from conftest import NUM_CANDIDATE_VECTORS, NUM_QUERY_VECTORS, make_model
 
-    model = make_model(backbone_dirs["qwen2_5_vl"])
-    processor = model.processor
+    from processing_metaembed import normalize_items
+
+    model = make_model(family_backbone_dir(family))
     query_items = ["red circle", {"text": "like this", "image": images["rgb"]}, "a much longer query " * 3, "x"]
     candidate_items = [images["tall"], "a red circle top left", {"text": "scene", "image": images["gray"]}, "blue"]
     hard_negative_items = ["green square", images["rgba"], "red square", {"text": "t", "image": images["tiny"]}]
-    query_features = processor.process_queries(query_items)
-    candidate_features = processor.process_candidates(candidate_items)
-    hard_negative_features = processor.process_candidates(hard_negative_items)  # H = 1 per query
 
-    with torch.no_grad():
-        full = model(**candidate_features, task="candidate").embeddings
-        chunks = split_features(candidate_features, 3)
-        assert [chunk["input_ids"].shape[0] for chunk in chunks] == [3, 1]
-        assert chunks[1]["input_ids"].shape[1] < candidate_features["input_ids"].shape[1]  # padding dropped
-        assert "pixel_values" not in chunks[1]
-        split = torch.cat([model(**chunk, task="candidate").embeddings for chunk in chunks])
-    torch.testing.assert_close(split, full, rtol=1e-4, atol=1e-5)
+    def item_batch(items, name):
+        return ItemBatch(tuple(normalize_items(items, name)), tuple(f"{name}[{index}]" for index in range(len(items))))
 
+    batches = [item_batch(items, name) for items, name in ((query_items, "query"), (candidate_items, "positive"))]
+    batches.append(item_batch(hard_negative_items, "negatives"))  # H = 1 per query
     groups = {"groups": ((1, 1), (2, 4), (NUM_QUERY_VECTORS, NUM_CANDIDATE_VECTORS)), "temperature": 0.1}
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    processed = model.processor.process_candidates(candidate_items)
     expected_loss, expected_gradients = parameter_gradients(
-        model, lambda: MMRLoss(model, **groups)(query_features, candidate_features, hard_negative_features).loss
+        model,
+        lambda: MMRLoss(model, **groups)(model.processor.process_queries(query_items), processed, batches[2]).loss,
     )
     loss, gradients = parameter_gradients(
-        model,
-        lambda: (
-            CachedMMRLoss(model, mini_batch_size=2, **groups)(
-                query_features, candidate_features, hard_negative_features
-            ).loss
-        ),
+        model, lambda: CachedMMRLoss(model, mini_batch_size=2, **groups)(*batches).loss
     )
     assert loss == pytest.approx(expected_loss, rel=1e-5)
     assert len(gradients) == len(trainable)
@@ -486,16 +529,22 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, result_file:
     model = tiny_embedder()
     ddp_model = DistributedDataParallel(model)
     local_features = [{"inputs": feature["inputs"][local]} for feature in features]
+    local_items = [
+        ItemBatch(tuple(feature["inputs"].unbind(0)), tuple(map(str, range(len(feature["inputs"])))))
+        for feature in local_features
+    ]
     options = {"groups": DISTRIBUTED_GROUPS, "temperature": 0.1, "gather_across_devices": True}
     _, uncached = parameter_gradients(model, lambda: MMRLoss(ddp_model, **options)(*local_features).loss)
     # Each mini-batch's forward reaches only one of the two heads: DDP's own sync would go wrong here.
-    cached_loss = CachedMMRLoss(ddp_model, mini_batch_size=2, scoring_chunk_size=1, **options)
-    _, cached = parameter_gradients(model, lambda: cached_loss(*local_features).loss)
+    cached_loss = CachedMMRLoss(
+        ddp_model, mini_batch_size=2, scoring_chunk_size=1, processor=TinyProcessor(), **options
+    )
+    _, cached = parameter_gradients(model, lambda: cached_loss(*local_items).loss)
     # Gradient accumulation: a first step under the trainer's no_sync stays local, the second synchronises both.
     model.zero_grad()
     with ddp_model.no_sync():
-        cached_loss(*local_features).loss.backward()
-    cached_loss(*local_features).loss.backward()
+        cached_loss(*local_items).loss.backward()
+    cached_loss(*local_items).loss.backward()
     accumulated = [parameter.grad / 2 for parameter in model.parameters()]
     torch.save(
         {

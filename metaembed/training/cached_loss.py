@@ -14,7 +14,7 @@ from torch.utils.checkpoint import get_device_states, set_device_states
 from scoring_metaembed import check_positive_int
 
 from .distributed import average_gradients_across_ranks
-from .loss import Features, MMRLoss, MMRLossOutput, as_chunks, backward_context, per_query_hard_negatives
+from .loss import Batch, Features, MMRLoss, MMRLossOutput, backward_context, per_query_hard_negatives
 
 
 class CachedMMRLoss(MMRLoss):
@@ -46,8 +46,8 @@ class CachedMMRLoss(MMRLoss):
     supported.
 
     Args:
-        mini_batch_size: items per forward when the features are given as one batch (a list of mini-batches is
-            used as given; `split_features` shows how a `MetaEmbedProcessor` batch is cut).
+        mini_batch_size: items per forward for `ItemBatch` inputs (cut into mini-batches of items, each processed
+            on its own); a list of processed mini-batches is used as given.
         scoring_chunk_size: queries per chunk in step 2; `None` scores all queries at once.
         Other arguments: as `MMRLoss`.
     """
@@ -68,20 +68,18 @@ class CachedMMRLoss(MMRLoss):
 
     def __call__(
         self,
-        query_features: Features | Sequence[Features],
-        candidate_features: Features | Sequence[Features],
-        hard_negative_features: Features | Sequence[Features] | None = None,
+        queries: Batch | Sequence[Features],
+        candidates: Batch | Sequence[Features],
+        hard_negatives: Batch | Sequence[Features] | None = None,
         *,
         model: nn.Module | None = None,
     ) -> MMRLossOutput:
         """Steps 1 and 2; step 3 runs when the returned loss is back-propagated. `model`: as `MMRLoss`."""
         model = self.model if model is None else model
-        sides = [
-            _Side("query", as_chunks(query_features, self.mini_batch_size)),
-            _Side("candidate", as_chunks(candidate_features, self.mini_batch_size)),
-        ]
-        if hard_negative_features is not None:
-            sides.append(_Side("candidate", as_chunks(hard_negative_features, self.mini_batch_size)))
+        columns = [("query", queries), ("candidate", candidates)]
+        if hard_negatives is not None:
+            columns.append(("candidate", hard_negatives))
+        sides = [_Side(task, self.chunks(model, batch, task, self.mini_batch_size)) for task, batch in columns]
         record_states = torch.is_grad_enabled()
         # Step 1.
         with torch.no_grad():

@@ -1,4 +1,4 @@
-"""`MetaEmbedDataCollator`: `datasets` rows -> the processed query, candidate and hard-negative batches."""
+"""`MetaEmbedDataCollator`: `datasets` rows -> the query, candidate and hard-negative batches of items."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from typing import Any
 import PIL.Image
 
 from processing_metaembed import normalize_items
+
+from .loss import ItemBatch
 
 
 def _row_item(value: Any, where: str) -> Any:
@@ -30,30 +32,29 @@ def _row_item(value: Any, where: str) -> Any:
 
 
 class MetaEmbedDataCollator:
-    """Turns `datasets` rows into the three processed batches the MMR loss takes.
+    """Turns `datasets` rows into the three batches of checked items the MMR loss takes.
 
     Each row holds `query_column`, `positive_column` and optionally `negatives_column` (a list with the same
     number H of hard negatives in every row); each cell is a text, a PIL image, or a {"text", "image"} dict.
     A dataset item may also be a list of rows, a pre-built batch, which is flattened in order.
-    Returns {"query_features", "candidate_features"[, "hard_negative_features"]} with B (and B x H) items,
-    hard negatives query-major.
+    Returns {"queries", "candidates"[, "hard_negatives"]}: `ItemBatch`es of B (and B x H) items, hard negatives
+    query-major. The loss processes them (with the task of each column), one mini-batch of items at a time
+    under `CachedMMRLoss`: a backbone family's processed image inputs cannot be cut into mini-batches, items can.
     """
 
     def __init__(
         self,
-        processor: Any,
         query_column: str = "query",
         positive_column: str = "positive",
         negatives_column: str | None = "negatives",
     ) -> None:
-        self.processor = processor
         self.query_column = query_column
         self.positive_column = positive_column
         self.negatives_column = negatives_column
 
-    def _process(self, cells: list[Any], task: str, name: str) -> Any:
+    def _items(self, cells: list[Any], name: str) -> ItemBatch:
         items = normalize_items([_row_item(cell, f"{name}[{index}]") for index, cell in enumerate(cells)], name)
-        return self.processor.process_items(items, task, item_names=[f"{name}[{index}]" for index in range(len(items))])
+        return ItemBatch(tuple(items), tuple(f"{name}[{index}]" for index in range(len(items))))
 
     def __call__(self, rows: list[Mapping[str, Any]] | list[list[Mapping[str, Any]]]) -> dict[str, Any]:
         # Items that are lists are pre-built batches (e.g. free of false negatives): flatten them.
@@ -63,8 +64,8 @@ class MetaEmbedDataCollator:
             if missing:
                 raise KeyError(f"rows {missing[:5]} have no column {column!r}")
         batch = {
-            "query_features": self._process([row[self.query_column] for row in rows], "query", "query"),
-            "candidate_features": self._process([row[self.positive_column] for row in rows], "candidate", "positive"),
+            "queries": self._items([row[self.query_column] for row in rows], "query"),
+            "candidates": self._items([row[self.positive_column] for row in rows], "positive"),
         }
         negatives = [row.get(self.negatives_column) for row in rows] if self.negatives_column else [None]
         if any(value is not None for value in negatives):
@@ -72,5 +73,5 @@ class MetaEmbedDataCollator:
             if len(counts) != 1 or 0 in counts:
                 raise ValueError(f"every row needs the same number of {self.negatives_column!r}, got {sorted(counts)}")
             flat = [negative for value in negatives for negative in value]
-            batch["hard_negative_features"] = self._process(flat, "candidate", self.negatives_column)
+            batch["hard_negatives"] = self._items(flat, self.negatives_column)
         return batch

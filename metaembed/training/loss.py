@@ -9,8 +9,9 @@ on the (L2-normalised) vectors, takes an InfoNCE loss over the in-batch candidat
 negatives with logits s / temperature, and averages the groups' losses with weights.
 
 - `mmr_loss`: the loss on embeddings you computed (optionally with candidates gathered across ranks).
-- `MMRLoss`: embeds processed batches with a model (e.g. `MetaEmbedModel`), then `mmr_loss`.
-- `split_features`: cuts a `MetaEmbedProcessor` batch (text and images) into mini-batches.
+- `MMRLoss`: embeds batches (`ItemBatch` items or processed features) with a model (e.g. `MetaEmbedModel`), then
+  `mmr_loss`.
+- `ItemBatch`: checked items of one input column, processed per mini-batch by the loss (any backbone family).
 
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, overload
 
 import torch
@@ -436,6 +438,50 @@ EmbedFn = Callable[[nn.Module, Features, str, int], torch.Tensor]
 """`(model, features, task, num_vectors) -> [b, num_vectors, D]` embeddings, task "query" or "candidate"."""
 
 
+@dataclass(frozen=True)
+class ItemBatch:
+    """The checked items of one input column (queries, positives or hard negatives), not processed yet.
+
+    The loss processes them itself, with the task of their column, one mini-batch of items at a time
+    (`processor.process_items(items, task, item_names)`): processed features hold family-specific image inputs
+    (Qwen's patch rows, Idefics3's tiles, Mllama's cross-attention masks, ...) that cannot be cut into mini-batches
+    without knowing the family; items can. A MetaEmbed model's vectors do not depend on the batch an item is
+    processed in, so the mini-batches embed as the whole batch would.
+    """
+
+    items: tuple[Any, ...]
+    item_names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.items) != len(self.item_names):
+            raise ValueError(f"{len(self.items)} items but {len(self.item_names)} item names")
+        if not self.items:
+            raise ValueError("an ItemBatch needs at least one item")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def split(self, size: int) -> list[ItemBatch]:
+        """Consecutive batches of at most `size` items, in order."""
+        check_positive_int(size, "mini_batch_size")
+        return [
+            ItemBatch(self.items[begin : begin + size], self.item_names[begin : begin + size])
+            for begin in range(0, len(self.items), size)
+        ]
+
+    def process(self, processor: Any, task: str, device: torch.device | None = None) -> dict[str, Any]:
+        """The model inputs of these items for `task`, on `device`."""
+        features = processor.process_items(list(self.items), task, item_names=list(self.item_names))
+        return {
+            key: value.to(device) if device is not None and isinstance(value, torch.Tensor) else value
+            for key, value in features.items()
+        }
+
+
+Batch = ItemBatch | Features
+"""One input column of a step: items (processed by the loss) or processed model inputs."""
+
+
 def embed_with_model(model: nn.Module, features: Features, task: str, num_vectors: int) -> torch.Tensor:
     """The default `EmbedFn`: `model(**features, task=task, num_vectors=num_vectors)`, as `MetaEmbedModel.forward`
     (also wrapped in DDP) takes it; reads `.embeddings` (or `["embeddings"]`) or takes a plain tensor output."""
@@ -448,16 +494,18 @@ def embed_with_model(model: nn.Module, features: Features, task: str, num_vector
 
 
 class MMRLoss:
-    """MMR loss on processed batches: embeds queries, candidates and hard negatives with `model`, then `mmr_loss`.
+    """MMR loss on batches: embeds queries, candidates and hard negatives with `model`, then `mmr_loss`.
 
     `model` is called through `embed_fn` with `num_vectors` = the largest budget of that side, so a candidate
-    needs only the Meta Tokens the budgets read. Call it with the features of one step:
+    needs only the Meta Tokens the budgets read. Call it with the batches of one step:
 
-        output = loss_fn(query_features, candidate_features, hard_negative_features)
+        output = loss_fn(queries, candidates, hard_negatives)
         output.loss.backward()  # output.group_losses: per budget, for logging
 
-    Features are a processed batch (a `Mapping` of model inputs) or a list of such mini-batches, concatenated in
-    order. Hard negatives are B x H items, query-major: items a*H .. a*H + H - 1 belong to query a.
+    Each batch is an `ItemBatch` (as `MetaEmbedDataCollator` makes it; processed here with `processor`, default
+    the model's, and moved to the model's device), a processed batch (a `Mapping` of model inputs), or a list of
+    processed mini-batches, concatenated in order. Hard negatives are B x H items, query-major: items
+    a*H .. a*H + H - 1 belong to query a.
     """
 
     def __init__(
@@ -469,8 +517,10 @@ class MMRLoss:
         group_weights: Sequence[float] | None = None,
         gather_across_devices: bool = False,
         embed_fn: EmbedFn = embed_with_model,
+        processor: Any = None,
     ) -> None:
         self.model = model
+        self.processor = processor
         self.groups = _check_groups(groups)
         self.temperature = _check_temperature(temperature)
         # Validated now, so a bad configuration fails before any training step.
@@ -491,26 +541,52 @@ class MMRLoss:
 
     def __call__(
         self,
-        query_features: Features | Sequence[Features],
-        candidate_features: Features | Sequence[Features],
-        hard_negative_features: Features | Sequence[Features] | None = None,
+        queries: Batch | Sequence[Features],
+        candidates: Batch | Sequence[Features],
+        hard_negatives: Batch | Sequence[Features] | None = None,
         *,
         model: nn.Module | None = None,
     ) -> MMRLossOutput:
         """Embed with gradients and compute the loss; the group losses carry gradients too. `model` replaces
         `self.model` for this call (e.g. the DDP-wrapped model a trainer passes to its `compute_loss`)."""
         model = self.model if model is None else model
-        query_embeddings = torch.cat([self._embed(model, chunk, "query") for chunk in as_chunks(query_features, None)])
-        candidate_embeddings = torch.cat(
-            [self._embed(model, chunk, "candidate") for chunk in as_chunks(candidate_features, None)]
-        )
+
+        def embed(batch: Batch | Sequence[Features], task: str) -> torch.Tensor:
+            return torch.cat([self._embed(model, chunk, task) for chunk in self.chunks(model, batch, task, None)])
+
+        query_embeddings = embed(queries, "query")
+        candidate_embeddings = embed(candidates, "candidate")
         hard_negative_embeddings = None
-        if hard_negative_features is not None:
-            flat = torch.cat(
-                [self._embed(model, chunk, "candidate") for chunk in as_chunks(hard_negative_features, None)]
-            )
+        if hard_negatives is not None:
+            flat = embed(hard_negatives, "candidate")
             hard_negative_embeddings = per_query_hard_negatives(flat, query_embeddings.shape[0])
         return self._loss(query_embeddings, candidate_embeddings, hard_negative_embeddings)
+
+    def chunks(
+        self, model: nn.Module, batch: Batch | Sequence[Features], task: str, mini_batch_size: int | None
+    ) -> list[Features]:
+        """The processed mini-batches of `batch`, in order. An `ItemBatch` is cut into mini-batches of
+        `mini_batch_size` items (whole if None), each processed for `task` on the model's device; a list of
+        processed mini-batches is used as given; a processed batch is one mini-batch (it cannot be cut without
+        knowing the backbone family's image inputs, so one larger than `mini_batch_size` is refused)."""
+        if isinstance(batch, ItemBatch):
+            processor = self.processor if self.processor is not None else _model_processor(model)
+            pieces = [batch] if mini_batch_size is None else batch.split(mini_batch_size)
+            return [piece.process(processor, task, _model_device(model)) for piece in pieces]
+        if isinstance(batch, Mapping):
+            rows = _batch_size(batch)
+            if mini_batch_size is not None and rows is not None and rows > mini_batch_size:
+                raise ValueError(
+                    f"a processed batch of {rows} items cannot be cut into mini-batches of {mini_batch_size}: pass "
+                    "an ItemBatch (as MetaEmbedDataCollator makes) or a list of processed mini-batches"
+                )
+            return [dict(batch)]
+        chunks = list(batch) if isinstance(batch, Sequence) else []
+        if not chunks or not all(isinstance(chunk, Mapping) for chunk in chunks):
+            raise TypeError(
+                "a batch must be an ItemBatch, a mapping of model inputs or a non-empty list of such mappings"
+            )
+        return chunks
 
     def _embed(self, model: nn.Module, features: Features, task: str) -> torch.Tensor:
         num_vectors = self.num_query_vectors if task == "query" else self.num_candidate_vectors
@@ -547,79 +623,25 @@ def per_query_hard_negatives(flat_hard_negatives: torch.Tensor, num_queries: int
     return flat_hard_negatives.view(num_queries, -1, *flat_hard_negatives.shape[1:])
 
 
-def as_chunks(features: Features | Sequence[Features], mini_batch_size: int | None) -> list[Features]:
-    """A list of mini-batches: a given list as is, one batch split by `mini_batch_size` (or whole if None)."""
-    if isinstance(features, Mapping):
-        return [dict(features)] if mini_batch_size is None else split_features(features, mini_batch_size)
-    chunks = list(features)
-    if not chunks or not all(isinstance(chunk, Mapping) for chunk in chunks):
-        raise TypeError("features must be a mapping of model inputs or a non-empty list of such mappings")
-    return chunks
+def _batch_size(features: Features) -> int | None:
+    """Rows of a processed batch: the first dim of `input_ids` / `attention_mask` (else of its first tensor)."""
+    tensors = {key: value for key, value in features.items() if isinstance(value, torch.Tensor) and value.dim() > 0}
+    for key in ("input_ids", "attention_mask", *tensors):
+        if key in tensors:
+            return tensors[key].shape[0]
+    return None
 
 
-def split_features(features: Features, mini_batch_size: int) -> list[dict[str, Any]]:
-    """Cut a processed batch into mini-batches of at most `mini_batch_size` items, in order.
+def _model_device(model: nn.Module) -> torch.device | None:
+    parameter = next(model.parameters(), None)
+    return None if parameter is None else parameter.device
 
-    Made for `MetaEmbedProcessor` outputs: `input_ids`, `attention_mask`, `mm_token_type_ids` [B, L] are sliced by
-    row, and columns that are padding in every row of a mini-batch are dropped (positions come from the attention
-    mask, so the embeddings do not change); `pixel_values` [num_patches, ...] and `image_grid_thw` [num_images, 3]
-    are cut to the images of the mini-batch's items (at most one image per item, an item having one when its
-    `mm_token_type_ids` row has a 1). Any other tensor whose first dim is B is sliced by row; other values are
-    passed through.
-    """
-    check_positive_int(mini_batch_size, "mini_batch_size")
-    tensors = {key: value for key, value in features.items() if isinstance(value, torch.Tensor)}
-    batch_tensor = next(
-        (tensors[key] for key in ("input_ids", "attention_mask") if key in tensors),
-        next((value for value in tensors.values() if value.dim() > 0), None),
-    )
-    if batch_tensor is None:
-        raise ValueError("cannot find the batch size: the features hold no batched tensor")
-    batch_size = batch_tensor.shape[0]
-    attention_mask = tensors.get("attention_mask")
-    token_shape = tuple(attention_mask.shape) if attention_mask is not None and attention_mask.dim() == 2 else None
 
-    image_keys = {"pixel_values", "image_grid_thw"} & tensors.keys()
-    if image_keys:
-        if image_keys != {"pixel_values", "image_grid_thw"} or "mm_token_type_ids" not in tensors:
-            raise ValueError(
-                "splitting a batch with images needs pixel_values, image_grid_thw and mm_token_type_ids "
-                "(as MetaEmbedProcessor returns them)"
-            )
-        has_image = tensors["mm_token_type_ids"].bool().any(-1)
-        image_grid = tensors["image_grid_thw"]
-        if int(has_image.sum()) != image_grid.shape[0]:
-            raise ValueError(
-                f"{int(has_image.sum())} items have image tokens but image_grid_thw has {image_grid.shape[0]} rows; "
-                "split_features supports at most one image per item"
-            )
-        # images_before[i]: images of items < i; patch_offsets[k]: first patch of image k.
-        images_before = F.pad(has_image.long().cumsum(0), (1, 0)).tolist()
-        patch_offsets = F.pad(image_grid.prod(-1).cumsum(0), (1, 0)).tolist()
-
-    chunks = []
-    for begin in range(0, batch_size, mini_batch_size):
-        end = min(begin + mini_batch_size, batch_size)
-        columns = slice(None)
-        if token_shape is not None:
-            active_columns = attention_mask[begin:end].bool().any(0).nonzero().flatten()
-            if active_columns.numel() > 0:
-                columns = slice(int(active_columns[0]), int(active_columns[-1]) + 1)
-        chunk: dict[str, Any] = {}
-        for key, value in features.items():
-            if key in image_keys:
-                first_image, end_image = images_before[begin], images_before[end]
-                if first_image == end_image:
-                    continue  # no image in this mini-batch: the model gets none
-                if key == "image_grid_thw":
-                    chunk[key] = value[first_image:end_image]
-                else:
-                    chunk[key] = value[patch_offsets[first_image] : patch_offsets[end_image]]
-            elif not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != batch_size:
-                chunk[key] = value
-            elif token_shape is not None and tuple(value.shape[:2]) == token_shape:
-                chunk[key] = value[begin:end, columns]
-            else:
-                chunk[key] = value[begin:end]
-        chunks.append(chunk)
-    return chunks
+def _model_processor(model: nn.Module) -> Any:
+    """The processor attached to `model` (through DDP's `.module`; peft forwards attributes itself)."""
+    while not hasattr(model, "processor") and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    processor = getattr(model, "processor", None)
+    if processor is None:
+        raise ValueError("ItemBatch inputs need a processor: pass processor= to the loss or attach one to the model")
+    return processor

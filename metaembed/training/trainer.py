@@ -11,13 +11,6 @@ from .cached_loss import CachedMMRLoss
 from .data import MetaEmbedDataCollator
 from .loss import DEFAULT_TEMPERATURE, MMR_GROUPS, Budget, MMRLoss
 
-LORA_TARGET_MODULES = (
-    r"vlm\.(language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-    r"|visual\.blocks\..*\.(attn\.qkv|attn\.proj|mlp\.gate_proj|mlp\.up_proj|mlp\.down_proj))"
-)
-"""LoRA targets: q/k/v/o/gate/up/down of the language model and of the vision tower (whose attention packs
-q/k/v into `qkv` and names o `proj`). The reference regex only reaches the vision MLP, through its naming."""
-
 
 def _trainer_class() -> type:
     """`MetaEmbedTrainer`, built on first use so that importing this file does not import the Trainer stack."""
@@ -36,9 +29,9 @@ def _trainer_class() -> type:
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             output = self.loss_fn(
-                inputs["query_features"],
-                inputs["candidate_features"],
-                inputs.get("hard_negative_features"),
+                inputs["queries"],
+                inputs["candidates"],
+                inputs.get("hard_negatives"),
                 model=model,
             )
             for budget, value in output.group_losses.items():
@@ -83,12 +76,14 @@ def train_metaembed(
             Dataset, or any sequence of dicts); cells are text, PIL images or {"text", "image"} dicts.
         output_dir: checkpoints and the final model folder.
         groups / temperature / group_weights: the MMR loss (see `mmr_loss`).
-        lora_rank / lora_alpha: LoRA (peft) on `LORA_TARGET_MODULES`, the reference's r = alpha = 32; the Meta
-            Token table and the projection are trained fully. `lora_rank=None` trains every parameter (for
-            backbones trained from scratch, like the demo's).
+        lora_rank / lora_alpha: LoRA (peft) on the backbone family's linear layers
+            (`model.backbone_adapter.lora_target_modules`: language model and vision tower), the reference's
+            r = alpha = 32; the Meta Token table and the projection are trained fully. `lora_rank=None` trains
+            every parameter (for backbones trained from scratch, like the demo's).
         merge_lora: merge the adapters into the weights before returning and saving, so the folder loads like
             any MetaEmbed model. With False the returned model is the peft model and nothing is saved.
-        cached_mini_batch_size: use `CachedMMRLoss` with this mini-batch size (large effective batches).
+        cached_mini_batch_size: use `CachedMMRLoss` with this mini-batch size (large effective batches): each
+            mini-batch of items is processed and embedded on its own, for every backbone family.
         save: write the final model to `output_dir` with `save_pretrained`.
         **training_arguments: `transformers.TrainingArguments` fields (per_device_train_batch_size,
             learning_rate, max_steps, bf16, gradient_checkpointing, logging_steps, report_to, ...).
@@ -105,12 +100,14 @@ def train_metaembed(
     if lora_rank is not None:
         from peft import LoraConfig, get_peft_model
 
-        config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGET_MODULES)
+        target_modules = model.backbone_adapter.lora_target_modules
+        config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=target_modules)
         trained = get_peft_model(model, config)
-        # The new parts are trained fully, as in the reference (peft froze everything else).
-        for name, parameter in trained.named_parameters():
-            if name.endswith("meta_tokens") or ".projection." in name:
-                parameter.requires_grad_(True)
+        # The new parts are trained fully, as in the reference (peft froze everything else). Found by identity:
+        # backbones have modules named "projection" too (InternVL's patch embedding).
+        model.meta_tokens.requires_grad_(True)
+        if model.projection is not None:
+            model.projection.requires_grad_(True)
     arguments = {
         "report_to": "none",
         "save_strategy": "no",
@@ -125,12 +122,13 @@ def train_metaembed(
         "temperature": temperature,
         "group_weights": group_weights,
         "gather_across_devices": args.world_size > 1,
+        "processor": processor,
     }
     if cached_mini_batch_size is not None:
         loss = CachedMMRLoss(trained, mini_batch_size=cached_mini_batch_size, **loss_options)
     else:
         loss = MMRLoss(trained, **loss_options)
-    collator = MetaEmbedDataCollator(processor, query_column, positive_column, negatives_column)
+    collator = MetaEmbedDataCollator(query_column, positive_column, negatives_column)
     trainer = _trainer_class()(
         model=trained,
         args=args,
