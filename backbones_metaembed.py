@@ -11,7 +11,7 @@ Images are always prepared by the family's own processor (its token expansion, t
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 PromptKind = Literal["text", "image", "image_text"]
@@ -110,7 +110,6 @@ class BackboneAdapter:
     token_type_ids: Literal["image", "prefix"] | None = None
     meta_token_type_id: int = 0
     cross_attention: bool = False
-    processor_defaults: dict[str, Any] = field(default_factory=dict)
     extra_named_token_ids: tuple[tuple[str, str], ...] = ()
 
     def named_token_ids(self) -> dict[str, str]:
@@ -174,12 +173,15 @@ class BackboneAdapter:
 
         parameters = inspect.signature(getattr(transformers, self.processor_class).__init__).parameters
         skipped = {"self", "image_processor", "tokenizer", "video_processor", "chat_template", "kwargs", "args"}
-        merged = {**self.processor_defaults, **(options or {})}
-        return {key: value for key, value in merged.items() if key in parameters and key not in skipped}
+        return {key: value for key, value in (options or {}).items() if key in parameters and key not in skipped}
 
     def build_processor(self, image_processor: Any, tokenizer: Any, options: dict[str, Any] | None = None) -> Any:
         """The family's processor over `image_processor` and `tokenizer`, without a video processor: MetaEmbed
-        embeds images, and video processors need torchvision, which a user may not have."""
+        embeds images, and video processors need torchvision, which a user may not have.
+
+        The one place that leans on transformers internals: `ProcessorMixin` takes its sub-processors from
+        `get_attributes()`, narrowed here to the two kept. tests/test_backbone_contracts.py builds every family's
+        processor this way and fails loudly if that changes."""
         import transformers
 
         processor_class = getattr(transformers, self.processor_class)

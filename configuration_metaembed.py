@@ -98,7 +98,7 @@ class MetaEmbedConfig(PreTrainedConfig):
         adapter = get_backbone_adapter(self.vlm_config.model_type)
         if self.meta_token_id is not None:
             _check_size(self.meta_token_id, "meta_token_id", minimum=0)
-            vision = {name: value for name, value in adapter.vision_token_ids(self.vlm_config).items()}
+            vision = adapter.vision_token_ids(self.vlm_config)
             clash = [name for name, value in vision.items() if value == self.meta_token_id]
             if clash:
                 raise ValueError(f"meta_token_id {self.meta_token_id} is the backbone's vision token ({clash[0]})")

@@ -535,7 +535,7 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
             embedding_dim: `None` uses hidden states directly; an int adds `Linear(hidden, embedding_dim)`.
             shared_meta_tokens: one table for both sides (see `MetaEmbedConfig`).
             meta_token: vocabulary token used as the Meta Token placeholder; `None` picks the family's default
-                (Qwen-VL: `<|box_start|>`).
+                (Qwen-VL: `<|box_start|>`), or the highest-id ordinary token when the tokenizer has none free.
             processor_kwargs: `MetaEmbedProcessor` options (`prompt_style`, `max_text_tokens`, prefixes).
             **from_pretrained_kwargs: passed to `AutoModel.from_pretrained` (`dtype`/`torch_dtype`,
                 `device_map`, `attn_implementation`, `revision`, ...).
@@ -748,11 +748,18 @@ def _reserved_token_ids(tokenizer: Any, adapter: BackboneAdapter, backbone_confi
 
 
 def _default_meta_token(tokenizer: Any, adapter: BackboneAdapter, backbone_config: Any) -> str:
-    """The family's first Meta Token placeholder candidate the tokenizer has and may use."""
+    """The family's first Meta Token placeholder candidate the tokenizer has and may use; else the ordinary
+    vocabulary entry with the highest id (any token serves: its embedding is replaced, and every prompt ends with a
+    template token, so the appended run never merges with content)."""
     reserved = _reserved_token_ids(tokenizer, adapter, backbone_config)
     for token in adapter.meta_tokens:
         if not missing_tokens(tokenizer, (token,)) and tokenizer.convert_tokens_to_ids(token) not in reserved:
             return token
+    added = set(tokenizer.get_added_vocab().values())
+    vocabulary = tokenizer.get_vocab()
+    ordinary = [token for token, index in vocabulary.items() if index not in added and index not in reserved]
+    if ordinary:
+        return max(ordinary, key=vocabulary.__getitem__)
     raise ValueError(
         f"the tokenizer has none of the {adapter.name} Meta Token placeholders {list(adapter.meta_tokens)} free; "
         "pass meta_token= (an ordinary token the prompts do not use)"

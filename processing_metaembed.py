@@ -314,17 +314,21 @@ class MetaEmbedProcessor(ProcessorMixin):
             )
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token first")
-        special = sorted(map(str, tokenizer.get_added_vocab()), key=len, reverse=True)
+        # The tokenizer's special tokens and the family's prompt and image tokens (ordinary added words may appear).
+        control = {str(added) for added in tokenizer.added_tokens_decoder.values() if added.special}
+        control = sorted(control | set(self._control_tokens()), key=len, reverse=True)
         for name in ("query_prefix", "candidate_prefix"):
             value = getattr(self, name)
             if not isinstance(value, str):
                 raise TypeError(f"{name} must be a str, got {type(value).__name__}")
-            reserved = next((token for token in special if token and token in value), None)
+            reserved = next((token for token in control if token and token in value), None)
             if reserved is not None:
                 raise ValueError(f"{name} {value!r} contains the reserved token {reserved}")
         for name in _POSITIVE_IMAGE_SETTINGS:
             value = getattr(image_processor, name, None)
-            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            if isinstance(value, (dict, list, tuple)) or value is None:  # per-axis sizes are the family's to check
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"the image processor's {name} must be a positive int, got {value!r}")
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.adapter.image_token)
         self._span_token_ids = {tokenizer.convert_tokens_to_ids(token) for token in self.adapter.image_span_tokens}

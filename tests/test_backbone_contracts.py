@@ -27,8 +27,8 @@ NON_QWEN_FACES = ("mllama", "paligemma2", "idefics3")
 
 
 @pytest.fixture(autouse=True, scope="module")
-def num2words_stand_in():
-    """SmolVLMProcessor refuses to build without `num2words`, which it only uses to describe videos."""
+def module_num2words_stand_in():
+    """conftest's `num2words_stand_in` for the whole module: the models here are built by module fixtures."""
     from transformers.models.smolvlm import processing_smolvlm
 
     with pytest.MonkeyPatch.context() as monkeypatch:
@@ -50,19 +50,6 @@ def family_model(family_backbone_dir):
     return get
 
 
-def family_items(images) -> list:
-    """Text, image and text+image items of different lengths (so batches are padded)."""
-    return [
-        "a red circle in the top left corner",
-        images["rgb"],
-        {"text": "what is in this picture?", "image": images["tall"]},
-        "short",
-        {"image": images["gray"]},
-        {"text": "a longer piece of text " * 4},
-        {"text": "tiny", "image": images["tiny"]},
-    ]
-
-
 def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, atol=BATCH_TOLERANCE, rtol=0)
 
@@ -79,10 +66,10 @@ def test_the_supported_list_is_the_families_of_the_issue():
 
 @pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
 @pytest.mark.parametrize("task", ["query", "candidate"])
-def test_an_item_alone_equals_its_row_in_any_batch(family, task, family_model, images):
+def test_an_item_alone_equals_its_row_in_any_batch(family, task, family_model, mixed_items):
     """Text, image and text+image items, mixed in one batch, in two batchings, as queries and candidates."""
     model = family_model(family)
-    items = family_items(images)
+    items = mixed_items
     batched = model.encode(items, task, batch_size=len(items))
     num_vectors = model.config.num_vectors_for(task)
     assert batched.shape == (len(items), num_vectors, 16) and batched.dtype == torch.float32
@@ -93,9 +80,9 @@ def test_an_item_alone_equals_its_row_in_any_batch(family, task, family_model, i
 
 
 @pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
-def test_r_vectors_are_the_first_r_of_all(family, family_model, images):
+def test_r_vectors_are_the_first_r_of_all(family, family_model, mixed_items):
     model = family_model(family)
-    items = family_items(images)
+    items = mixed_items
     for task in ("query", "candidate"):
         full = model.encode(items, task)
         for num_vectors in (1, model.config.num_vectors_for(task) // 2):
@@ -121,15 +108,15 @@ def to_right_padding(features: dict) -> dict:
 
 
 @pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
-def test_left_and_right_padding_give_the_same_vectors(family, family_model, images):
+def test_left_and_right_padding_give_the_same_vectors(family, family_model, mixed_items):
     model = family_model(family)
-    features = model.processor.process_items(normalize_items(family_items(images)), "candidate")
+    features = model.processor.process_items(normalize_items(mixed_items), "candidate")
     assert bool((features["attention_mask"][:, 0] == 0).any())  # some rows are padded
     with torch.inference_mode():
         left = model(**features, task="candidate").embeddings
         right = model(**to_right_padding(features), task="candidate").embeddings
     close(right, left)
-    close(left, model.encode(family_items(images), "candidate"))
+    close(left, model.encode(mixed_items, "candidate"))
 
 
 @pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
@@ -393,6 +380,25 @@ def test_bad_configs_are_refused_at_load_naming_the_field(family, saved_families
         folder, tmp_path / "prefix", edit_processor=lambda c: c.update(query_prefix=f"Query {reserved}: ")
     )
     assert "query_prefix" in message and reserved in message
+    if family == "qwen2_5_vl":  # the image processor's own patch size
+        message = saved_config_error(
+            folder, tmp_path / "image_patch", edit_processor=lambda c: c["image_processor"].update(patch_size=0)
+        )
+        assert "patch_size must be a positive int, got 0" in message
+
+
+@pytest.mark.parametrize("family", ["mllama", "paligemma2", "smolvlm"])
+def test_concurrent_encodes_do_not_mix(family, family_model, mixed_items):
+    """No per-call module state: two threads encoding different items at once get what each gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = family_model(family)
+    halves = (mixed_items[:4], mixed_items[4:])
+    expected = [model.encode(half, "query") for half in halves]
+    with ThreadPoolExecutor(2) as pool:
+        results = [pool.submit(model.encode, half, "query") for half in halves * 2]
+        for result, reference in zip(results, expected * 2):
+            close(result.result(), reference)
 
 
 def test_an_unk_token_that_is_a_prompt_token_is_not_missing(backbone_dirs, tmp_path):
@@ -410,3 +416,59 @@ def test_an_unk_token_that_is_a_prompt_token_is_not_missing(backbone_dirs, tmp_p
     model.save_pretrained(tmp_path / "saved")
     loaded = MetaEmbedModel.from_pretrained(tmp_path / "saved")
     assert torch.equal(loaded.encode(["a red circle"]), model.encode(["a red circle"]))
+
+
+def test_mllama_meta_tokens_attend_to_the_image_through_cross_attention(family_model, images):
+    """Llama-3.2-Vision's image reaches the text only in cross-attention layers: the Meta Tokens' rows of
+    `cross_attention_mask` are the image's tiles (a reference forward written here), not zeros."""
+    model = family_model("mllama")
+    features = model.processor.process_items(normalize_items([{"text": "what?", "image": images["rgb"]}]), "query")
+    num_vectors = model.config.num_query_vectors
+    input_ids = torch.cat([features["input_ids"], torch.full((1, num_vectors), model.config.meta_token_id)], dim=1)
+    attention_mask = torch.ones_like(input_ids)
+    content_mask = features["cross_attention_mask"]
+    assert bool(content_mask[0, -1].any())  # the content's last token sees the image's tiles
+
+    def reference(meta_rows: torch.Tensor) -> torch.Tensor:
+        cross_attention_mask = torch.cat([content_mask, meta_rows.expand(1, num_vectors, *content_mask.shape[2:])], 1)
+        with torch.no_grad():
+            hidden = model.vlm(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=torch.arange(input_ids.shape[1])[None],
+                pixel_values=features["pixel_values"],
+                aspect_ratio_ids=features["aspect_ratio_ids"],
+                aspect_ratio_mask=features["aspect_ratio_mask"],
+                cross_attention_mask=cross_attention_mask,
+                use_cache=False,
+            ).last_hidden_state
+            return torch.nn.functional.normalize(model.projection(hidden[:, -num_vectors:]).float(), dim=-1)
+
+    with torch.no_grad():
+        vectors = model(**features, task="query").embeddings
+    # Rows masked out entirely still attend uniformly to the vision tokens in transformers' Mllama (only their MLP
+    # output is zeroed), so the two references differ by little in a tiny random model: compare to rounding.
+    assert (vectors - reference(content_mask[:, -1:])).abs().max() < 1e-6
+    assert (vectors - reference(torch.zeros_like(content_mask[:, -1:]))).abs().max() > 1e-5
+
+
+def test_a_tokenizer_without_the_familys_placeholders_gets_an_ordinary_one(family_backbone_dir, images):
+    """Real LLaVA-OneVision tokenizers have no free special token: an ordinary vocabulary entry is the placeholder,
+    and the Meta Tokens still work (their rows replace its embedding; r vectors are the first r)."""
+    import dataclasses
+
+    import backbones_metaembed
+
+    folder = family_backbone_dir("llava_onevision")
+    adapter = get_backbone_adapter("llava_onevision")
+    without = dataclasses.replace(adapter, meta_tokens=())
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setitem(backbones_metaembed._ADAPTERS, "llava_onevision", without)
+        model = make_model(folder)
+    tokenizer = model.processor.tokenizer
+    assert model.config.meta_token_id not in tokenizer.get_added_vocab().values()
+    assert model.config.meta_token_id == max(
+        index for index in tokenizer.get_vocab().values() if index not in tokenizer.get_added_vocab().values()
+    )
+    items = ["a red circle", {"text": "what?", "image": images["rgb"]}]
+    close(model.encode(items, "candidate", num_vectors=2), model.encode(items, "candidate")[:, :2])
