@@ -4,7 +4,8 @@ processed inputs.
     python benchmarks/bench_backbones.py                      # every family, random backbones, CPU
     python benchmarks/bench_backbones.py --families mllama paligemma2 --hidden-size 512 --device cuda
 
-Per family and input kind it prints two ratios, each the best of --repeats runs taken in turns:
+Per family and input kind it prints two ratios, each of the best of --repeats runs taken in turns (CPU time of
+this process on the CPU, so run it with OMP_NUM_THREADS=1 there; wall time on a GPU):
 
 - `MetaEmbed / bare (content)`: `model(**inputs, task, num_vectors)` against `model.vlm(**inputs)` on the same
   processed content. Above 1 mostly by the appended Meta Tokens (R_q for a query, R_q + r_c for a candidate),
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from functools import partial
 from pathlib import Path
 
@@ -88,6 +90,9 @@ def measure(model: MetaEmbedModel, family: str, args: argparse.Namespace) -> Non
             },
             args.repeats,
             args.device,
+            # CPU time of this process on the CPU (with one thread, its compute time): on a shared machine the
+            # wall time swings by tens of percent with the neighbours' load.
+            time.perf_counter if args.device.startswith("cuda") else time.process_time,
         )
         print(
             f"| {family} | {name} | {inputs['input_ids'].shape[1]} | {appended} | "
@@ -96,8 +101,18 @@ def measure(model: MetaEmbedModel, family: str, args: argparse.Namespace) -> Non
         )
 
 
+def allow_smolvlm_without_num2words() -> None:
+    """SmolVLM's processor refuses to build without `num2words`, which it uses only to write video prompts; this
+    benchmark embeds images and text, so a stand-in does where the package is not installed."""
+    from transformers.models.smolvlm import processing_smolvlm
+
+    if processing_smolvlm.num2words is None:
+        processing_smolvlm.num2words = str
+
+
 def main() -> None:
     args = parse_args()
+    allow_smolvlm_without_num2words()
     root = Path(tempfile.mkdtemp(prefix="metaembed-bench-backbones-"))
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
     print(

@@ -416,8 +416,8 @@ def _named(named):
     return {"extra_special_tokens": named} if named else {}
 
 
-def _qwen_tokenizer(extra_tokens=(), named=None, cls=Qwen2Tokenizer):
-    specials = QWEN_SPECIAL_TOKENS + tuple(extra_tokens)
+def _qwen_tokenizer(extra_tokens=(), named=None, cls=Qwen2Tokenizer, base_tokens=QWEN_SPECIAL_TOKENS):
+    specials = tuple(base_tokens) + tuple(extra_tokens)
     tokenizer = cls(
         vocab=_byte_vocab(specials),
         merges=[],
@@ -732,7 +732,12 @@ def _llava_onevision(sizes: TinySizes, max_image_tokens: int) -> BackboneParts:
         LlavaOnevisionImageProcessorPil,
     )
 
-    tokenizer = _qwen_tokenizer(("<image>", "<video>"), {"image_token": "<image>", "video_token": "<video>"})
+    # The Qwen2 (text) tokenizer: three special tokens, no vision or box tokens; <image>, <video> follow.
+    tokenizer = _qwen_tokenizer(
+        ("<image>", "<video>"),
+        {"image_token": "<image>", "video_token": "<video>"},
+        base_tokens=QWEN_SPECIAL_TOKENS[:3],
+    )
     ids = _ids(tokenizer, image="<image>", video="<video>")
     image_size, patch_size = 28, 14
     pinpoints = [[image_size * rows, image_size * cols] for rows in (1, 2) for cols in (1, 2)]
