@@ -64,7 +64,7 @@ def run_train(arguments: argparse.Namespace) -> None:
         train_dataset = load_from_disk(arguments.dataset)
     load_options = {"dtype": "bfloat16"} if arguments.bf16 else {}
     if arguments.model:
-        model = MetaEmbedModel.from_pretrained(arguments.model, trust_remote_code=True, **load_options)
+        model = load_model(arguments.model, load_options.get("dtype", "auto"), None, arguments.trust_remote_code)
     else:
         model = MetaEmbedModel.from_backbone(
             arguments.backbone,
@@ -161,13 +161,13 @@ def distributed_rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def load_model(name_or_path: str, dtype: str, device: str | None) -> Any:
-    from transformers import AutoModel
+def load_model(name_or_path: str, dtype: str, device: str | None, trust_remote_code: bool = False) -> Any:
+    """The model of a command: served by the installed package's classes unless `--trust-remote-code` (see
+    `metaembed.loading`); model paths come from users and from data (an index's index.json) alike."""
+    from .loading import load_model as load_metaembed_model
 
-    options: dict[str, Any] = {"trust_remote_code": True}
-    if dtype != "auto":
-        options["dtype"] = dtype
-    model = AutoModel.from_pretrained(name_or_path, **options)
+    options: dict[str, Any] = {} if dtype == "auto" else {"dtype": dtype}
+    model = load_metaembed_model(name_or_path, trust_remote_code=trust_remote_code, **options)
     if device is None and os.environ.get("LOCAL_RANK") is not None:
         import torch
 
@@ -191,7 +191,7 @@ def run_index(arguments: argparse.Namespace) -> None:
     existing = _existing_index(folder)
     items, ids, metadata = read_corpus(arguments.input)
     rank, world_size = distributed_rank()
-    model = load_model(arguments.model, arguments.dtype, arguments.device)
+    model = load_model(arguments.model, arguments.dtype, arguments.device, arguments.trust_remote_code)
     num_vectors = check_num_vectors(arguments.num_vectors, model.config.num_candidate_vectors, "--num-vectors")
     model_path = os.path.abspath(arguments.model) if os.path.isdir(arguments.model) else arguments.model
     corpus = {"input": os.path.abspath(arguments.input), "items": len(items), "shard_size": arguments.shard_size}
@@ -312,7 +312,7 @@ def run_search(arguments: argparse.Namespace) -> None:
     model_name = arguments.model or index.model_name_or_path
     if not model_name:
         raise ValueError(f"{arguments.index} records no model: pass --model")
-    model = load_model(model_name, arguments.dtype, arguments.device)
+    model = load_model(model_name, arguments.dtype, arguments.device, arguments.trust_remote_code)
     queries: list[Any] = list(arguments.queries)
     if arguments.image:
         queries += [{"image": path} for path in arguments.image]
@@ -366,7 +366,7 @@ def run_evaluate(arguments: argparse.Namespace) -> None:
         image_root=arguments.image_root,
         dataset_ids=arguments.dataset_id,
     )
-    model = load_model(arguments.model, arguments.dtype, arguments.device)
+    model = load_model(arguments.model, arguments.dtype, arguments.device, arguments.trust_remote_code)
     os.makedirs(arguments.output_dir, exist_ok=True)
     results = evaluate(
         model,
@@ -418,6 +418,15 @@ def positive_float(text: str) -> float:
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def add_trust_remote_code_argument(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the .py files of the model folder (also one an index names); without it the installed "
+        "metaembed serves the model and a folder with other code is refused",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from scoring_metaembed import MMR_BUDGETS
 
@@ -455,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--bf16", action="store_true")
     train.add_argument("--gradient-checkpointing", action="store_true")
     train.add_argument("--logging-steps", type=positive_int, default=10)
+    add_trust_remote_code_argument(train)
     train.set_defaults(handler=run_train)
 
     index = commands.add_parser("index", help="encode a folder of images, a text file or a JSONL file into an index")
@@ -470,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument(
         "--overwrite", action="store_true", help="replace a MetaEmbed index made with other settings in output_dir"
     )
+    add_trust_remote_code_argument(index)
     index.set_defaults(handler=run_index)
 
     search = commands.add_parser("search", help="search an index: queries -> ranked ids with scores")
@@ -485,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--dtype", choices=MODEL_DTYPES, default="auto")
     search.add_argument("--device", default=None)
     search.add_argument("--json", action="store_true", help="print JSON")
+    add_trust_remote_code_argument(search)
     search.set_defaults(handler=run_search)
     evaluation = commands.add_parser(
         "evaluate", help="quality, index size and scoring time at every budget on ViDoRe / BEIR / MMEB datasets"
@@ -516,6 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the Hub id of each DATA folder (one per DATA), so --write-card can name local snapshots",
     )
+    add_trust_remote_code_argument(evaluation)
     evaluation.set_defaults(handler=run_evaluate)
     return parser
 
