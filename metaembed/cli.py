@@ -21,27 +21,6 @@ def run_demo(arguments: argparse.Namespace) -> None:
     run_demo(settings, arguments.output_dir)
 
 
-def read_jsonl_rows(path: str) -> list[dict[str, Any]]:
-    """Training rows from a JSONL file: {"query": ..., "positive": ..., "negatives": [...]}, each cell a string
-    (text) or {"text": ..., "image": "path"} with image paths relative to the file's folder."""
-    folder = Path(path).resolve().parent
-    rows = []
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number} is not valid JSON: {error}") from error
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number} must be a JSON object with 'query' and 'positive'")
-            rows.append({key: _resolve_images(value, folder) for key, value in row.items()})
-    if not rows:
-        raise ValueError(f"{path} holds no rows")
-    return rows
-
-
 def _resolve_images(value: Any, folder: Path) -> Any:
     if isinstance(value, list):
         return [_resolve_images(item, folder) for item in value]
@@ -57,7 +36,9 @@ def run_train(arguments: argparse.Namespace) -> None:
     from .training import train_metaembed
 
     if arguments.train_file:
-        train_dataset = read_jsonl_rows(arguments.train_file)
+        from .training.data import read_training_jsonl
+
+        train_dataset = read_training_jsonl(arguments.train_file, arguments.allow_absolute_image_paths)
     else:
         from datasets import load_from_disk
 
@@ -447,6 +428,11 @@ def build_parser() -> argparse.ArgumentParser:
     data = train.add_mutually_exclusive_group(required=True)
     data.add_argument("--train-file", help="JSONL rows {query, positive, negatives?}")
     data.add_argument("--dataset", help="a datasets folder (save_to_disk) with query / positive / negatives")
+    train.add_argument(
+        "--allow-absolute-image-paths",
+        action="store_true",
+        help="let --train-file name images by absolute paths or outside its folder",
+    )
     train.add_argument("--output-dir", required=True)
     train.add_argument("--num-query-vectors", type=positive_int, default=16)
     train.add_argument("--num-candidate-vectors", type=positive_int, default=64)
