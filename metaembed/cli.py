@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -172,6 +173,10 @@ def run_index(arguments: argparse.Namespace) -> None:
     existing = _existing_index(folder)
     items, ids, metadata = read_corpus(arguments.input)
     rank, world_size = distributed_rank()
+    # Another writer (a `save`, another job) holding the folder: fail now, or wait as --wait says, not after encoding.
+    lock_wait = arguments.wait if arguments.wait is not None else (0.0 if world_size == 1 else math.inf)
+    with storage.write_lock(folder, lock_wait, report=_print_progress):
+        pass
     model = load_model(arguments.model, arguments.dtype, arguments.device, arguments.trust_remote_code)
     num_vectors = check_num_vectors(arguments.num_vectors, model.config.num_candidate_vectors, "--num-vectors")
     model_path = os.path.abspath(arguments.model) if os.path.isdir(arguments.model) else arguments.model
@@ -220,7 +225,7 @@ def run_index(arguments: argparse.Namespace) -> None:
             raise
         raise _job_removed(folder) from None
     print(f"[rank {rank}] {reused} shard(s) reused, {encoded} encoded", flush=True)
-    with storage.write_lock(folder, wait=True):  # a short wait for another rank committing the same job
+    with storage.write_lock(folder, lock_wait, report=_print_progress):  # ranks of one job commit in turn
         current = storage.read_manifest(folder)
         if current is not None and current.get("generation") == generation:
             print(f"[rank {rank}] done: {folder}", flush=True)
@@ -237,6 +242,10 @@ def run_index(arguments: argparse.Namespace) -> None:
             return
         storage.commit(folder, generation, settings, len(shards))
     print(f"[rank {rank}] done: {folder}", flush=True)
+
+
+def _print_progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _job_removed(folder: str) -> OSError:
@@ -396,6 +405,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """argparse type: a number >= 0 (`inf` allowed)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text}")
+    return value
+
+
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -465,6 +485,14 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--device", default=None, help="e.g. cuda:0 (default: the model's; LOCAL_RANK's GPU)")
     index.add_argument(
         "--overwrite", action="store_true", help="replace a MetaEmbed index made with other settings in output_dir"
+    )
+    index.add_argument(
+        "--wait",
+        type=non_negative_float,
+        default=None,
+        metavar="SECONDS",
+        help="wait up to this long for another process writing the index (default: fail at once; ranks of a "
+        "multi-process job wait for each other)",
     )
     add_trust_remote_code_argument(index)
     index.set_defaults(handler=run_index)

@@ -430,17 +430,21 @@ class MetaEmbedIndex:
         storage.read_manifest(folder)  # raises if an index.json there is not an index's: it is never replaced
         with storage.write_lock(folder):
             generation = storage.new_generation()
-            path = storage.generation_folder(folder, generation)
-            pieces = [piece for piece in self._pieces(max_shard_candidates) if len(piece[2])]
-            for number, (embeddings, scales, ids, metadata) in enumerate(pieces):
-                storage.write_shard(path, number, len(pieces), embeddings, scales, ids, metadata)
-            if self._ann is not None:
-                faiss = _import_faiss()
-                storage.write_file_atomically(
-                    os.path.join(path, storage.ANN_FILE), lambda temporary: faiss.write_index(self._ann, temporary)
-                )
-            ann_vectors_sha256 = None if self._ann is None else self._ann_vectors_sha256
-            storage.commit(folder, generation, self.manifest(), len(pieces), ann_vectors_sha256)
+            try:
+                path = storage.generation_folder(folder, generation)
+                pieces = [piece for piece in self._pieces(max_shard_candidates) if len(piece[2])]
+                for number, (embeddings, scales, ids, metadata) in enumerate(pieces):
+                    storage.write_shard(path, number, len(pieces), embeddings, scales, ids, metadata)
+                if self._ann is not None:
+                    faiss = _import_faiss()
+                    storage.write_file_atomically(
+                        os.path.join(path, storage.ANN_FILE), lambda temporary: faiss.write_index(self._ann, temporary)
+                    )
+                ann_vectors_sha256 = None if self._ann is None else self._ann_vectors_sha256
+                storage.commit(folder, generation, self.manifest(), len(pieces), ann_vectors_sha256)
+            except BaseException:
+                storage.discard_generation(folder, generation)  # the old index stays; nothing half-written with it
+                raise
 
     def _pieces(self, max_shard_candidates: int | None) -> Iterator[tuple[Any, ...]]:
         for shard in self._shards:

@@ -1,0 +1,144 @@
+"""Index writes under contention and failing disks, and values that cannot be stored: a held lock fails at once
+naming its holder (or waits as long as `--wait` says), write failures are `OSError`s naming the file with nothing
+half-written left, vectors not finite in the storage dtype and non-standard JSON metadata are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import ROOT, make_model
+
+from metaembed.search import storage
+from metaembed.search.index import MetaEmbedIndex
+from metaembed.search.storage import IndexLockedError
+
+
+def vectors(count: int, num_vectors: int = 4, dim: int = 8, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(count, num_vectors, dim, generator=generator), dim=-1)
+
+
+def small_index(count: int = 3, storage_dtype: str = "float32") -> MetaEmbedIndex:
+    index = MetaEmbedIndex(8, 4, storage_dtype)
+    index.add(vectors(count), ids=[f"doc-{number}" for number in range(count)])
+    return index
+
+
+def files_below(folder) -> list[str]:
+    """Every file below `folder` but the lock file (which records its last holder's pid)."""
+    found = (os.path.relpath(os.path.join(path, name), folder) for path, _, names in os.walk(folder) for name in names)
+    return sorted(name for name in found if name != storage.LOCK_FILE)
+
+
+@pytest.fixture(scope="module")
+def model_dir(backbone_dirs, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    make_model(backbone_dirs["qwen2_5_vl"]).save_pretrained(folder)
+    return str(folder)
+
+
+def run_cli(*arguments: str, limit_file_bytes: int | None = None) -> subprocess.CompletedProcess:
+    """`metaembed ...` in a fresh process (flock locks are per open file: the test's own lock contends with it),
+    optionally with every file it writes limited to `limit_file_bytes` (a full disk, for the writer)."""
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_bytes, limit_file_bytes))
+
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "metaembed.cli", *arguments],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit if limit_file_bytes else None,
+    )
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("\r")]
+
+
+# -- locks ----------------------------------------------------------------------------------------------------
+
+
+def test_a_held_lock_fails_save_at_once_naming_the_holder(tmp_path):
+    small_index().save(str(tmp_path))
+    locked = pytest.raises(IndexLockedError, match=rf"another process \(pid {os.getpid()}\)")
+    with storage.write_lock(str(tmp_path)), locked:
+        small_index(5).save(str(tmp_path))
+    assert len(MetaEmbedIndex.load(str(tmp_path))) == 3
+
+
+def test_index_command_fails_at_once_or_waits_as_long_as_asked_for_a_held_lock(model_dir, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a red circle\na blue square\n")
+    output = tmp_path / "index"
+    with storage.write_lock(str(output)):
+        result = run_cli("index", model_dir, str(corpus), str(output))
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        [line] = error_lines(result)
+        assert line.startswith("metaembed index: error: ") and f"another process (pid {os.getpid()})" in line
+        assert "--wait" in line
+
+        result = run_cli("index", model_dir, str(corpus), str(output), "--wait", "0.3")
+        lines = error_lines(result)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert "waiting up to 0.3 s" in lines[0] and f"pid {os.getpid()}" in lines[0]
+        assert lines[-1].startswith("metaembed index: error: ") and "after waiting 0 s" in lines[-1]
+    assert not (output / "index.json").exists()
+
+
+# -- failing disks --------------------------------------------------------------------------------------------
+
+SAVE_ON_A_FULL_DISK = textwrap.dedent(
+    """
+    import json, resource, signal, sys, torch
+    sys.path.insert(0, sys.argv[2])
+    from metaembed.search.index import MetaEmbedIndex
+    index = MetaEmbedIndex(8, 4, "float32")
+    index.add(torch.nn.functional.normalize(torch.randn(2000, 4, 8), dim=-1))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))  # each file: at most 50 kB (the shard: 256 kB)
+    try:
+        index.save(sys.argv[1])
+    except BaseException as error:
+        print(json.dumps({"type": type(error).__name__, "oserror": isinstance(error, OSError), "message": str(error)}))
+    """
+)
+
+
+def test_a_failed_write_is_an_oserror_naming_the_file_and_leaves_the_old_index_alone(tmp_path):
+    folder = tmp_path / "index"
+    small_index().save(str(folder))
+    before = {name: (folder / name).read_bytes() for name in files_below(folder)}
+    result = subprocess.run(
+        [sys.executable, "-c", SAVE_ON_A_FULL_DISK, str(folder), str(ROOT)], capture_output=True, text=True
+    )
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome["oserror"], outcome
+    assert "shard-00000-of-00001.safetensors" in outcome["message"] and "File too large" in outcome["message"]
+    # Nothing half-written is left (no new generation, no temporary file); the old index is whole.
+    assert {name: (folder / name).read_bytes() for name in files_below(folder)} == before
+    assert MetaEmbedIndex.load(str(folder)).ids == ["doc-0", "doc-1", "doc-2"]
+
+
+def test_index_command_on_a_full_disk_prints_one_line_and_leaves_no_partial_shard(model_dir, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"item number {number}\n" for number in range(40)))  # 40 x 8 x 16 floats: 20 kB
+    output = tmp_path / "index"
+    result = run_cli("index", model_dir, str(corpus), str(output), "--storage", "float32", limit_file_bytes=12_000)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    line = error_lines(result)[-1]
+    assert line.startswith("metaembed index: error: ") and "shard-00000-of-00001.safetensors" in line, line
+    assert "File too large" in line
+    assert files_below(output) == []
