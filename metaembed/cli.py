@@ -90,6 +90,8 @@ def read_corpus(path: str) -> tuple[list[Any], list[Any], list[Any]]:
     """
     from processing_metaembed import normalize_item
 
+    from .search.storage import check_strict_json
+
     if os.path.isdir(path):
         files = sorted(
             os.path.relpath(os.path.join(folder, name), path)
@@ -128,6 +130,7 @@ def read_corpus(path: str) -> tuple[list[Any], list[Any], list[Any]]:
             normalize_item(items[-1], f"{path}:{number}")
             ids.append(identifier)
             metadata.append({key: value for key, value in row.items() if key != "id"})
+            check_strict_json(metadata[-1], f"{path}:{number}")  # Python's json reads NaN / Infinity too
     if not items:
         raise ValueError(f"{path} holds no items")
     seen: set[Any] = set()

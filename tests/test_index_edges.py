@@ -142,3 +142,61 @@ def test_index_command_on_a_full_disk_prints_one_line_and_leaves_no_partial_shar
     assert line.startswith("metaembed index: error: ") and "shard-00000-of-00001.safetensors" in line, line
     assert "File too large" in line
     assert files_below(output) == []
+
+
+# -- values ---------------------------------------------------------------------------------------------------
+
+
+def test_vectors_not_finite_in_the_storage_dtype_are_refused_naming_the_item():
+    index = MetaEmbedIndex(8, 4, "float16")
+    large = vectors(3)
+    large[1, 2, 5] = 1e30  # finite in float32, inf in float16: every score against it would be NaN
+    with pytest.raises(ValueError, match=r"embeddings\[1\] \(id 'b'\) is not finite once stored as float16"):
+        index.add(large, ids=["a", "b", "c"])
+    assert len(index) == 0
+    index.add(vectors(3), ids=["a", "b", "c"])  # nothing of the refused call was kept
+    float32 = MetaEmbedIndex(8, 4, "float32")
+    float32.add(large, ids=["a", "b", "c"])  # representable there
+    doubles = vectors(2).double()
+    doubles[0, 0, 0] = 1e300
+    with pytest.raises(ValueError, match=r"embeddings\[0\] \(id 3\) is not finite once stored as float32"):
+        float32.add(doubles)
+
+
+def test_metadata_must_be_standard_json_naming_the_key(tmp_path):
+    index = MetaEmbedIndex(8, 4)
+    for metadata, message in [
+        ([{"score": float("nan")}, {}], r"metadata\[0\]\['score'\] is nan: metadata must be standard JSON"),
+        ([{}, {"scores": [1.0, float("inf")]}], r"metadata\[1\]\['scores'\]\[1\] is inf"),
+        ([-float("inf"), None], r"metadata\[0\] is -inf"),
+        ([{1: "a"}, None], r"metadata\[0\] has the key 1: JSON object keys must be strings"),
+    ]:
+        with pytest.raises((ValueError, TypeError), match=message):
+            index.add(vectors(2), metadata=metadata)
+    assert len(index) == 0
+    index.add(vectors(2), metadata=[{"score": 1.5, "tags": ["x"]}, None])
+    index.save(str(tmp_path / "index"))
+    sidecars = list((tmp_path / "index").glob("gen-*/shard-*.json"))
+    json.loads(sidecars[0].read_text(), parse_constant=lambda constant: pytest.fail(f"{constant} written"))
+    # A corpus line of `metaembed index`: Python's json reads NaN, the index must not store it.
+    from metaembed.cli import read_corpus
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "ok", "score": 1}\n{"text": "bad", "score": NaN}\n')
+    with pytest.raises(ValueError, match=r"corpus\.jsonl:2\['score'\] is nan"):
+        read_corpus(str(corpus))
+
+
+def test_qdrant_refuses_duplicate_ids_in_one_add():
+    import qdrant_client
+
+    from metaembed.search.qdrant import MetaEmbedQdrant
+
+    store = MetaEmbedQdrant(qdrant_client.QdrantClient(":memory:"), "metaembed", candidate_vector_counts=[1, 4])
+    store.create(dim=8)
+    with pytest.raises(ValueError, match=r"ids\[2\] = 'a' repeats ids\[0\]"):
+        store.add(vectors(3), ids=["a", "b", "a"])
+    assert store.client.count("metaembed", exact=True).count == 0
+    store.add(vectors(2), ids=["a", 1])
+    store.add(vectors(1, seed=1), ids=["a"])  # a later add replaces the point
+    assert store.client.count("metaembed", exact=True).count == 2

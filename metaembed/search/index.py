@@ -8,7 +8,6 @@ The folder layout is `storage`'s (the module that owns the file format).
 from __future__ import annotations
 
 import hashlib
-import json
 import numbers
 import os
 import threading
@@ -138,11 +137,9 @@ class MetaEmbedIndex:
             if len(metadata) != count:
                 raise ValueError(f"got {len(metadata)} metadata values for {count} embeddings")
             for index, value in enumerate(metadata):
-                try:
-                    json.dumps(value)
-                except (TypeError, ValueError) as error:
-                    raise TypeError(f"metadata[{index}] is not JSON-serialisable: {error}") from error
+                storage.check_strict_json(value, f"metadata[{index}]")
         stored, scales = quantize(embeddings[:, : self.num_vectors].detach().cpu(), self.storage)
+        _check_storable(stored, scales, ids, self.storage)
         if stored.untyped_storage().data_ptr() == embeddings.untyped_storage().data_ptr():
             stored = stored.clone()  # never keep the caller's memory: later writes to it would change the index
         start = len(self)
@@ -525,6 +522,20 @@ class MetaEmbedIndex:
                 raise ValueError(f"{ann_path} holds {ann.ntotal} vectors, the shards {len(index)} candidates")
             index._ann, index._ann_vectors_sha256 = ann, vectors_sha256
         return index
+
+
+def _check_storable(stored: torch.Tensor, scales: torch.Tensor | None, ids: list[Any], storage_dtype: str) -> None:
+    """Refuse candidates whose stored form is not finite (e.g. values beyond float16's 65504 become inf there, and
+    every score with them NaN), naming the first such item."""
+    values = stored if scales is None else scales
+    if values.dtype.is_floating_point:
+        finite = torch.isfinite(values).flatten(1).all(1)
+        if not bool(finite.all()):
+            row = int((~finite).nonzero()[0, 0])
+            raise ValueError(
+                f"embeddings[{row}] (id {ids[row]!r}) is not finite once stored as {storage_dtype} (too large for "
+                "that dtype); store the model's L2-normalised vectors"
+            )
 
 
 def _check_queries(queries: Any, dim: int) -> torch.Tensor:

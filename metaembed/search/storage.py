@@ -386,7 +386,7 @@ def write_file_atomically(path: str, write: Callable[[str], None]) -> None:
 def write_json_atomically(path: str, value: Any) -> None:
     def write(temporary: str) -> None:
         with open(temporary, "w", encoding="utf-8") as file:
-            json.dump(value, file)
+            json.dump(value, file, allow_nan=False)  # standard JSON only: other readers refuse NaN / Infinity
 
     write_file_atomically(path, write)
 
@@ -409,6 +409,24 @@ def _sha256(path: str) -> str:  # of a file written by this process, never of on
         while block := file.read(_HASH_BLOCK):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_strict_json(value: Any, where: str) -> None:
+    """Refuse what JSON cannot hold as it is (`where` names the value, the path inside it is added): NaN and
+    infinite floats (`json` would write non-standard `NaN` / `Infinity`), keys that are not strings (they would come
+    back as strings), and anything not serialisable."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} is {value!r}: metadata must be standard JSON (no NaN or infinity)")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where} has the key {key!r}: JSON object keys must be strings")
+            check_strict_json(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for number, item in enumerate(value):
+            check_strict_json(item, f"{where}[{number}]")
+    elif not (value is None or isinstance(value, (str, bool, int, float))):
+        raise TypeError(f"{where} is a {type(value).__name__}, which is not JSON-serialisable")
 
 
 # -- reading --------------------------------------------------------------------------------------------------
