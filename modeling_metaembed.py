@@ -28,7 +28,7 @@ from transformers.utils import ModelOutput
 
 try:
     from .configuration_metaembed import MetaEmbedConfig
-    from .pipeline_metaembed import pipeline_registrations
+    from .pipeline_metaembed import check_processed_inputs, pipeline_registrations
     from .processing_metaembed import (
         TEMPLATE_TOKENS,
         MetaEmbedItem,
@@ -40,7 +40,7 @@ try:
     from .scoring_metaembed import check_num_vectors, check_positive_int, late_interaction_scores
 except ImportError:  # a checkout or an installed package: plain top-level modules
     from configuration_metaembed import MetaEmbedConfig
-    from pipeline_metaembed import pipeline_registrations
+    from pipeline_metaembed import check_processed_inputs, pipeline_registrations
     from processing_metaembed import (
         TEMPLATE_TOKENS,
         MetaEmbedItem,
@@ -188,6 +188,7 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         """
         task = check_task(task)
         num_vectors = check_num_vectors(num_vectors, self.config.num_vectors_for(task))
+        check_processed_inputs(self.processor, input_ids, attention_mask)
         return self._embed(
             task,
             num_vectors,
