@@ -53,6 +53,7 @@ def run_train(arguments: argparse.Namespace) -> None:
             arguments.num_query_vectors,
             arguments.num_candidate_vectors,
             embedding_dim=arguments.embedding_dim,
+            trust_remote_code=arguments.trust_remote_code,  # False: a backbone needing remote code is refused
             **load_options,
         )
     train_metaembed(
@@ -221,6 +222,7 @@ def run_index(arguments: argparse.Namespace) -> None:
                 items[start:end], num_vectors=num_vectors, batch_size=arguments.batch_size, show_progress_bar=True
             )
             stored, scales = storage.quantize(embeddings, arguments.storage)
+            storage.check_storable(stored, scales, shard_ids, arguments.storage)
             storage.write_shard(path, number, len(shards), stored, scales, shard_ids, metadata[start:end], source)
             encoded += 1
     except FileNotFoundError:

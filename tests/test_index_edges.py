@@ -107,26 +107,31 @@ SAVE_ON_A_FULL_DISK = textwrap.dedent(
     from metaembed.search.index import MetaEmbedIndex
     index = MetaEmbedIndex(8, 4, "float32")
     index.add(torch.nn.functional.normalize(torch.randn(2000, 4, 8), dim=-1))
+    if sys.argv[3] == "ann":
+        index.build_ann(num_vectors=4, kind="flat")  # 256 kB, the shards 64 kB each
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))  # each file: at most 50 kB (the shard: 256 kB)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # each file: at most 100 kB
     try:
-        index.save(sys.argv[1])
+        index.save(sys.argv[1], max_shard_candidates=500 if sys.argv[3] == "ann" else None)
     except BaseException as error:
         print(json.dumps({"type": type(error).__name__, "oserror": isinstance(error, OSError), "message": str(error)}))
     """
 )
 
 
-def test_a_failed_write_is_an_oserror_naming_the_file_and_leaves_the_old_index_alone(tmp_path):
+@pytest.mark.parametrize(
+    ("failing", "file_name"), [("shard", "shard-00000-of-00001.safetensors"), ("ann", "ann.faiss")]
+)
+def test_a_failed_write_is_an_oserror_naming_the_file_and_leaves_the_old_index_alone(tmp_path, failing, file_name):
     folder = tmp_path / "index"
     small_index().save(str(folder))
     before = {name: (folder / name).read_bytes() for name in files_below(folder)}
     result = subprocess.run(
-        [sys.executable, "-c", SAVE_ON_A_FULL_DISK, str(folder), str(ROOT)], capture_output=True, text=True
+        [sys.executable, "-c", SAVE_ON_A_FULL_DISK, str(folder), str(ROOT), failing], capture_output=True, text=True
     )
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
     assert outcome["oserror"], outcome
-    assert "shard-00000-of-00001.safetensors" in outcome["message"] and "File too large" in outcome["message"]
+    assert f"cannot write {folder}" in outcome["message"] and file_name in outcome["message"], outcome
     # Nothing half-written is left (no new generation, no temporary file); the old index is whole.
     assert {name: (folder / name).read_bytes() for name in files_below(folder)} == before
     assert MetaEmbedIndex.load(str(folder)).ids == ["doc-0", "doc-1", "doc-2"]

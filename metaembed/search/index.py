@@ -7,6 +7,7 @@ The folder layout is `storage`'s (the module that owns the file format).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import numbers
 import os
@@ -139,7 +140,7 @@ class MetaEmbedIndex:
             for index, value in enumerate(metadata):
                 storage.check_strict_json(value, f"metadata[{index}]")
         stored, scales = quantize(embeddings[:, : self.num_vectors].detach().cpu(), self.storage)
-        _check_storable(stored, scales, ids, self.storage)
+        storage.check_storable(stored, scales, ids, self.storage)
         if stored.untyped_storage().data_ptr() == embeddings.untyped_storage().data_ptr():
             stored = stored.clone()  # never keep the caller's memory: later writes to it would change the index
         start = len(self)
@@ -434,9 +435,8 @@ class MetaEmbedIndex:
                     storage.write_shard(path, number, len(pieces), embeddings, scales, ids, metadata)
                 if self._ann is not None:
                     faiss = _import_faiss()
-                    storage.write_file_atomically(
-                        os.path.join(path, storage.ANN_FILE), lambda temporary: faiss.write_index(self._ann, temporary)
-                    )
+                    ann_path = os.path.join(path, storage.ANN_FILE)
+                    storage.write_file_atomically(ann_path, lambda temporary: _write_faiss(faiss, self._ann, temporary))
                 ann_vectors_sha256 = None if self._ann is None else self._ann_vectors_sha256
                 storage.commit(folder, generation, self.manifest(), len(pieces), ann_vectors_sha256)
             except BaseException:
@@ -524,20 +524,6 @@ class MetaEmbedIndex:
         return index
 
 
-def _check_storable(stored: torch.Tensor, scales: torch.Tensor | None, ids: list[Any], storage_dtype: str) -> None:
-    """Refuse candidates whose stored form is not finite (e.g. values beyond float16's 65504 become inf there, and
-    every score with them NaN), naming the first such item."""
-    values = stored if scales is None else scales
-    if values.dtype.is_floating_point:
-        finite = torch.isfinite(values).flatten(1).all(1)
-        if not bool(finite.all()):
-            row = int((~finite).nonzero()[0, 0])
-            raise ValueError(
-                f"embeddings[{row}] (id {ids[row]!r}) is not finite once stored as {storage_dtype} (too large for "
-                "that dtype); store the model's L2-normalised vectors"
-            )
-
-
 def _check_queries(queries: Any, dim: int) -> torch.Tensor:
     if not isinstance(queries, torch.Tensor):
         raise TypeError(f"queries must be a float tensor [Q, R_q, D], got {type(queries).__name__}")
@@ -556,6 +542,14 @@ def _check_queries(queries: Any, dim: int) -> torch.Tensor:
         row = int((~torch.isfinite(queries)).flatten(1).any(1).nonzero()[0, 0])
         raise ValueError(f"queries[{row}] contains NaN or infinite values")
     return queries
+
+
+def _write_faiss(faiss: Any, ann: Any, path: str) -> None:
+    """`faiss.write_index`, whose I/O failures are `RuntimeError`s: raised as an `OSError`."""
+    try:
+        faiss.write_index(ann, path)
+    except RuntimeError as error:
+        raise OSError(errno.EIO, f"faiss could not write the ANN index ({str(error).strip()})") from error
 
 
 def _import_faiss() -> Any:

@@ -669,6 +669,20 @@ def quantize(embeddings: torch.Tensor, storage: str) -> tuple[torch.Tensor, torc
     return quantized.contiguous(), scales.contiguous()
 
 
+def check_storable(stored: torch.Tensor, scales: torch.Tensor | None, ids: list[Any], storage_dtype: str) -> None:
+    """Refuse candidates whose stored form is not finite (e.g. values beyond float16's 65504 become inf there, and
+    every score with them NaN), naming the first such item."""
+    values = stored if scales is None else scales
+    if values.dtype.is_floating_point:
+        finite = torch.isfinite(values).flatten(1).all(1)
+        if not bool(finite.all()):
+            row = int((~finite).nonzero()[0, 0])
+            raise ValueError(
+                f"embeddings[{row}] (id {ids[row]!r}) is not finite once stored as {storage_dtype} (NaN, or too "
+                "large for that dtype); store the model's L2-normalised vectors"
+            )
+
+
 def dequantize(stored: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
     """float32 `[n, r, D]` from stored vectors (and int8 scales `[n, r]`)."""
     if scales is None:
