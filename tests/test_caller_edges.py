@@ -1,11 +1,7 @@
-"""Callers' edges: mteb_model where users look for it, image URLs that answer an error status, transformers'
-stock pipeline around a loaded model, the model card's sentence-transformers tag."""
+"""Callers' edges: mteb_model where users look for it, transformers' stock pipeline around a loaded model, the
+model card's sentence-transformers tag (image URLs answering an error status: test_pipelines.py)."""
 
 from __future__ import annotations
-
-import io
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 import torch
@@ -21,55 +17,11 @@ def saved_folder(backbone_dirs, tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def image_server(images):
-    buffer = io.BytesIO()
-    images["rgb"].save(buffer, format="PNG")
-    payload = buffer.getvalue()
-
-    class Route(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path == "/forbidden.png":
-                self.send_error(403)
-            elif self.path != "/scene.png":
-                self.send_error(404)
-            else:
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Route)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-    thread.join()
-
-
 def test_mteb_model_is_exported_by_the_evaluation_package():
     from metaembed import evaluation
     from metaembed.evaluation import mteb_bridge, mteb_model
 
     assert mteb_model is mteb_bridge.mteb_model and "mteb_model" in evaluation.__all__
-
-
-def test_an_image_url_answering_an_error_status_says_so(saved_folder, image_server, images):
-    extractor = pipeline("image-feature-extraction", model=saved_folder, trust_remote_code=True)
-    with pytest.raises(ValueError, match=r"inputs: cannot load image '.*/missing\.png': .*HTTP 404 Not Found"):
-        extractor(f"{image_server}/missing.png", timeout=10)
-    with pytest.raises(ValueError, match=r"inputs\[1\]: .*HTTP 403 Forbidden"):
-        extractor([f"{image_server}/scene.png", f"{image_server}/forbidden.png"], batch_size=2)
-    closed = "http://127.0.0.1:9/scene.png"  # the discard port: nothing listens
-    with pytest.raises(ValueError, match=r"cannot load image .*the request failed"):
-        extractor(closed, timeout=10)
-    expected = extractor.model.encode_candidates([images["rgb"].convert("RGB")])[0]
-    assert torch.equal(torch.tensor(extractor(f"{image_server}/scene.png", timeout=10)), expected)
 
 
 @pytest.mark.parametrize("loading", ["installed", "remote_code"])
