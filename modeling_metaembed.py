@@ -29,7 +29,7 @@ from transformers.utils import ModelOutput
 try:
     from .backbones_metaembed import BackboneAdapter, get_backbone_adapter
     from .configuration_metaembed import MetaEmbedConfig
-    from .pipeline_metaembed import pipeline_registrations
+    from .pipeline_metaembed import check_processed_inputs, pipeline_registrations
     from .processing_metaembed import (
         MetaEmbedItem,
         MetaEmbedProcessor,
@@ -42,7 +42,7 @@ try:
 except ImportError:  # a checkout or an installed package: plain top-level modules
     from backbones_metaembed import BackboneAdapter, get_backbone_adapter
     from configuration_metaembed import MetaEmbedConfig
-    from pipeline_metaembed import pipeline_registrations
+    from pipeline_metaembed import check_processed_inputs, pipeline_registrations
     from processing_metaembed import (
         MetaEmbedItem,
         MetaEmbedProcessor,
@@ -202,6 +202,7 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         """
         task = check_task(task)
         num_vectors = check_num_vectors(num_vectors, self.config.num_vectors_for(task))
+        check_processed_inputs(self.processor, input_ids, attention_mask)
         optional = {
             "pixel_values": pixel_values,
             "image_grid_thw": image_grid_thw,

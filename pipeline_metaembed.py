@@ -8,10 +8,12 @@ Registered through `custom_pipelines` in config.json, so `pipeline(task, model=r
 
 from __future__ import annotations
 
+import io
 import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import PIL.Image
 import torch
 from transformers import Pipeline
 from transformers.image_utils import load_image as load_image_reference
@@ -33,6 +35,62 @@ def pipeline_registrations() -> dict[str, dict[str, Any]]:
     """The `custom_pipelines` entry of config.json: one entry, so `pipeline(model=folder)` infers its task (the
     config answers for `image-feature-extraction` with the same entry)."""
     return {DEFAULT_PIPELINE_TASK: {"impl": "pipeline_metaembed.MetaEmbedPipeline", "pt": ["AutoModel"]}}
+
+
+def check_processed_inputs(processor: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    """Refuse `input_ids` that are not MetaEmbed prompts, e.g. raw text from a tokenizer, as transformers' stock
+    `feature-extraction` pipeline passes when it is built around a loaded model object (`pipeline(task,
+    model=model)` does not read the model's `custom_pipelines`): its vectors would silently differ from
+    `encode_candidates`. A row must start (after padding) with the opening tokens all of `processor`'s prompts share.
+    """
+    if processor is None or input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
+        return
+    prefix = torch.tensor(_prompt_prefix(processor), dtype=input_ids.dtype, device=input_ids.device)
+    if len(prefix) == 0 or input_ids.shape[1] < len(prefix):
+        return
+    first = attention_mask.long().argmax(1, keepdim=True)  # the first attended position, either padding side
+    positions = (first + torch.arange(len(prefix), device=input_ids.device)).clamp(max=input_ids.shape[1] - 1)
+    prompted = (input_ids.gather(1, positions) == prefix).all(1)
+    if not bool(prompted.all()):
+        row = int((~prompted).nonzero()[0, 0])
+        raise ValueError(
+            f"input_ids[{row}] is not a MetaEmbed prompt (raw tokenizer output?): build inputs with model.processor "
+            "(process_queries / process_candidates) or call model.encode_queries / encode_candidates. For a "
+            "pipeline around a loaded model use MetaEmbedPipeline(model=model) or pipeline(task, model=model, "
+            "pipeline_class=MetaEmbedPipeline); pipeline(task, model=folder, trust_remote_code=True) finds it itself"
+        )
+
+
+def _prompt_prefix(processor: Any) -> list[int]:
+    """The token ids every prompt of `processor` starts with (query and candidate alike)."""
+    rows = []
+    for batch in (processor.process_queries(["x"]), processor.process_candidates(["x"])):
+        ids, mask = batch["input_ids"][0], batch["attention_mask"][0]
+        rows.append(ids[mask.bool()].tolist())
+    prefix = []
+    for query_id, candidate_id in zip(*rows):
+        if query_id != candidate_id:
+            break
+        prefix.append(query_id)
+    return prefix
+
+
+def _is_url(reference: str) -> bool:
+    return reference.startswith(("http://", "https://"))
+
+
+def _fetch_url(url: str, timeout: float | None) -> PIL.Image.Image:
+    """The image at an http(s) URL, fetched as transformers' `load_image` fetches it (httpx, redirects followed),
+    but an error status or a failed request is an error saying so, not an attempt to decode the error page."""
+    import httpx  # a dependency of transformers, which fetches image URLs with it
+
+    try:
+        response = httpx.get(url, timeout=timeout, follow_redirects=True)
+    except httpx.HTTPError as error:
+        raise ValueError(f"the request failed: {error}") from error
+    if response.is_error:
+        raise ValueError(f"the server answered HTTP {response.status_code} {response.reason_phrase}")
+    return PIL.Image.open(io.BytesIO(response.content))
 
 
 class MetaEmbedPipeline(Pipeline):
@@ -119,7 +177,7 @@ class MetaEmbedPipeline(Pipeline):
         string loaded as an image."""
         if self.task in PIPELINE_TASK_ALIASES and isinstance(item, str):
             try:
-                item = load_image_reference(item, timeout=timeout)
+                item = load_image_reference(_fetch_url(item, timeout) if _is_url(item) else item, timeout=timeout)
             except (OSError, ValueError) as error:
                 raise ValueError(f"{where}: cannot load image {item[:200]!r}: {error}") from error
         checked = normalize_item(item, where)

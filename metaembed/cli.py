@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -21,27 +22,6 @@ def run_demo(arguments: argparse.Namespace) -> None:
     run_demo(settings, arguments.output_dir)
 
 
-def read_jsonl_rows(path: str) -> list[dict[str, Any]]:
-    """Training rows from a JSONL file: {"query": ..., "positive": ..., "negatives": [...]}, each cell a string
-    (text) or {"text": ..., "image": "path"} with image paths relative to the file's folder."""
-    folder = Path(path).resolve().parent
-    rows = []
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number} is not valid JSON: {error}") from error
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number} must be a JSON object with 'query' and 'positive'")
-            rows.append({key: _resolve_images(value, folder) for key, value in row.items()})
-    if not rows:
-        raise ValueError(f"{path} holds no rows")
-    return rows
-
-
 def _resolve_images(value: Any, folder: Path) -> Any:
     if isinstance(value, list):
         return [_resolve_images(item, folder) for item in value]
@@ -57,20 +37,23 @@ def run_train(arguments: argparse.Namespace) -> None:
     from .training import train_metaembed
 
     if arguments.train_file:
-        train_dataset = read_jsonl_rows(arguments.train_file)
+        from .training.data import read_training_jsonl
+
+        train_dataset = read_training_jsonl(arguments.train_file, arguments.allow_absolute_image_paths)
     else:
         from datasets import load_from_disk
 
         train_dataset = load_from_disk(arguments.dataset)
     load_options = {"dtype": "bfloat16"} if arguments.bf16 else {}
     if arguments.model:
-        model = MetaEmbedModel.from_pretrained(arguments.model, trust_remote_code=True, **load_options)
+        model = load_model(arguments.model, load_options.get("dtype", "auto"), None, arguments.trust_remote_code)
     else:
         model = MetaEmbedModel.from_backbone(
             arguments.backbone,
             arguments.num_query_vectors,
             arguments.num_candidate_vectors,
             embedding_dim=arguments.embedding_dim,
+            trust_remote_code=arguments.trust_remote_code,  # False: a backbone needing remote code is refused
             **load_options,
         )
     train_metaembed(
@@ -107,6 +90,8 @@ def read_corpus(path: str) -> tuple[list[Any], list[Any], list[Any]]:
     path relative to the folder).
     """
     from processing_metaembed import normalize_item
+
+    from .search.storage import check_strict_json
 
     if os.path.isdir(path):
         files = sorted(
@@ -146,6 +131,7 @@ def read_corpus(path: str) -> tuple[list[Any], list[Any], list[Any]]:
             normalize_item(items[-1], f"{path}:{number}")
             ids.append(identifier)
             metadata.append({key: value for key, value in row.items() if key != "id"})
+            check_strict_json(metadata[-1], f"{path}:{number}")  # Python's json reads NaN / Infinity too
     if not items:
         raise ValueError(f"{path} holds no items")
     seen: set[Any] = set()
@@ -161,13 +147,13 @@ def distributed_rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def load_model(name_or_path: str, dtype: str, device: str | None) -> Any:
-    from transformers import AutoModel
+def load_model(name_or_path: str, dtype: str, device: str | None, trust_remote_code: bool = False) -> Any:
+    """The model of a command: served by the installed package's classes unless `--trust-remote-code` (see
+    `metaembed.loading`); model paths come from users and from data (an index's index.json) alike."""
+    from .loading import load_model as load_metaembed_model
 
-    options: dict[str, Any] = {"trust_remote_code": True}
-    if dtype != "auto":
-        options["dtype"] = dtype
-    model = AutoModel.from_pretrained(name_or_path, **options)
+    options: dict[str, Any] = {} if dtype == "auto" else {"dtype": dtype}
+    model = load_metaembed_model(name_or_path, trust_remote_code=trust_remote_code, **options)
     if device is None and os.environ.get("LOCAL_RANK") is not None:
         import torch
 
@@ -191,7 +177,11 @@ def run_index(arguments: argparse.Namespace) -> None:
     existing = _existing_index(folder)
     items, ids, metadata = read_corpus(arguments.input)
     rank, world_size = distributed_rank()
-    model = load_model(arguments.model, arguments.dtype, arguments.device)
+    # Another writer (a `save`, another job) holding the folder: fail now, or wait as --wait says, not after encoding.
+    lock_wait = arguments.wait if arguments.wait is not None else (0.0 if world_size == 1 else math.inf)
+    with storage.write_lock(folder, lock_wait, report=_print_progress):
+        pass
+    model = load_model(arguments.model, arguments.dtype, arguments.device, arguments.trust_remote_code)
     num_vectors = check_num_vectors(arguments.num_vectors, model.config.num_candidate_vectors, "--num-vectors")
     model_path = os.path.abspath(arguments.model) if os.path.isdir(arguments.model) else arguments.model
     corpus = {"input": os.path.abspath(arguments.input), "items": len(items), "shard_size": arguments.shard_size}
@@ -232,6 +222,7 @@ def run_index(arguments: argparse.Namespace) -> None:
                 items[start:end], num_vectors=num_vectors, batch_size=arguments.batch_size, show_progress_bar=True
             )
             stored, scales = storage.quantize(embeddings, arguments.storage)
+            storage.check_storable(stored, scales, shard_ids, arguments.storage)
             storage.write_shard(path, number, len(shards), stored, scales, shard_ids, metadata[start:end], source)
             encoded += 1
     except FileNotFoundError:
@@ -239,7 +230,7 @@ def run_index(arguments: argparse.Namespace) -> None:
             raise
         raise _job_removed(folder) from None
     print(f"[rank {rank}] {reused} shard(s) reused, {encoded} encoded", flush=True)
-    with storage.write_lock(folder, wait=True):  # a short wait for another rank committing the same job
+    with storage.write_lock(folder, lock_wait, report=_print_progress):  # ranks of one job commit in turn
         current = storage.read_manifest(folder)
         if current is not None and current.get("generation") == generation:
             print(f"[rank {rank}] done: {folder}", flush=True)
@@ -256,6 +247,10 @@ def run_index(arguments: argparse.Namespace) -> None:
             return
         storage.commit(folder, generation, settings, len(shards))
     print(f"[rank {rank}] done: {folder}", flush=True)
+
+
+def _print_progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _job_removed(folder: str) -> OSError:
@@ -312,7 +307,7 @@ def run_search(arguments: argparse.Namespace) -> None:
     model_name = arguments.model or index.model_name_or_path
     if not model_name:
         raise ValueError(f"{arguments.index} records no model: pass --model")
-    model = load_model(model_name, arguments.dtype, arguments.device)
+    model = load_model(model_name, arguments.dtype, arguments.device, arguments.trust_remote_code)
     queries: list[Any] = list(arguments.queries)
     if arguments.image:
         queries += [{"image": path} for path in arguments.image]
@@ -374,7 +369,7 @@ def run_evaluate(arguments: argparse.Namespace) -> None:
         dataset_ids=arguments.dataset_id,
         protocol=arguments.protocol,
     )
-    model = load_model(arguments.model, arguments.dtype, arguments.device)
+    model = load_model(arguments.model, arguments.dtype, arguments.device, arguments.trust_remote_code)
     os.makedirs(arguments.output_dir, exist_ok=True)
     results = evaluate(
         model,
@@ -429,7 +424,27 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """argparse type: a number >= 0 (`inf` allowed)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text}")
+    return value
+
+
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_trust_remote_code_argument(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the .py files of the model folder (also one an index names); without it the installed "
+        "metaembed serves the model and a folder with other code is refused",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -452,6 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
     data = train.add_mutually_exclusive_group(required=True)
     data.add_argument("--train-file", help="JSONL rows {query, positive, negatives?}")
     data.add_argument("--dataset", help="a datasets folder (save_to_disk) with query / positive / negatives")
+    train.add_argument(
+        "--allow-absolute-image-paths",
+        action="store_true",
+        help="let --train-file name images by absolute paths or outside its folder",
+    )
     train.add_argument("--output-dir", required=True)
     train.add_argument("--num-query-vectors", type=positive_int, default=16)
     train.add_argument("--num-candidate-vectors", type=positive_int, default=64)
@@ -469,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--bf16", action="store_true")
     train.add_argument("--gradient-checkpointing", action="store_true")
     train.add_argument("--logging-steps", type=positive_int, default=10)
+    add_trust_remote_code_argument(train)
     train.set_defaults(handler=run_train)
 
     index = commands.add_parser("index", help="encode a folder of images, a text file or a JSONL file into an index")
@@ -484,6 +505,15 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument(
         "--overwrite", action="store_true", help="replace a MetaEmbed index made with other settings in output_dir"
     )
+    index.add_argument(
+        "--wait",
+        type=non_negative_float,
+        default=None,
+        metavar="SECONDS",
+        help="wait up to this long for another process writing the index (default: fail at once; ranks of a "
+        "multi-process job wait for each other)",
+    )
+    add_trust_remote_code_argument(index)
     index.set_defaults(handler=run_index)
 
     search = commands.add_parser("search", help="search an index: queries -> ranked ids with scores")
@@ -499,6 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--dtype", choices=MODEL_DTYPES, default="auto")
     search.add_argument("--device", default=None)
     search.add_argument("--json", action="store_true", help="print JSON")
+    add_trust_remote_code_argument(search)
     search.set_defaults(handler=run_search)
     evaluation = commands.add_parser(
         "evaluate", help="quality, index size and scoring time at every budget on ViDoRe / BEIR / MMEB datasets"
@@ -536,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the Hub id of each DATA folder (one per DATA), so --write-card can name local snapshots",
     )
+    add_trust_remote_code_argument(evaluation)
     evaluation.set_defaults(handler=run_evaluate)
     return parser
 

@@ -188,6 +188,17 @@ def test_image_task_loads_urls(saved_folder, loaded, image_url):
     assert torch.equal(as_tensor(text), loaded.encode_candidates([f"{base}/scene.png"])[0])
 
 
+def test_an_image_url_answering_an_error_status_says_so(saved_folder, image_url):
+    base, _ = image_url
+    extractor = pipeline("image-feature-extraction", model=saved_folder, trust_remote_code=True)
+    with pytest.raises(ValueError, match=r"inputs: cannot load image '.*/missing\.png': .*HTTP 404 Not Found"):
+        extractor(f"{base}/missing.png", timeout=10)
+    with pytest.raises(ValueError, match=r"inputs\[1\]: .*HTTP 404 Not Found"):
+        extractor([f"{base}/scene.png", f"{base}/missing.png"], batch_size=2)
+    with pytest.raises(ValueError, match=r"cannot load image .*the request failed"):
+        extractor("http://127.0.0.1:9/scene.png", timeout=10)  # the discard port: nothing listens
+
+
 def test_pipeline_parameter_errors(saved_folder):
     extractor = pipeline("feature-extraction", model=saved_folder, trust_remote_code=True)
     with pytest.raises(ValueError, match="num_vectors"):

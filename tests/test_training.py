@@ -14,10 +14,11 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModel
 
-from metaembed.cli import main, read_jsonl_rows
+from metaembed.cli import main
 from metaembed.demo import PALETTE, DemoSettings, SceneTask, cell_tint, evaluation_set, run_demo
 from metaembed.testing import SUPPORTED_FAMILIES, save_tiny_backbone
 from metaembed.training import MetaEmbedDataCollator, train_metaembed
+from metaembed.training.data import read_training_jsonl
 
 
 def rows(images, count: int = 8) -> list[dict]:
@@ -163,7 +164,7 @@ def test_train_command_from_jsonl(family, family_backbone_dir, images, tmp_path)
         {"query": {"text": "find", "image": "scene.png"}, "positive": "a document", "negatives": ["other"]},
     ] * 2
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
-    assert read_jsonl_rows(str(tmp_path / "train.jsonl"))[0]["positive"]["image"] == str(tmp_path / "scene.png")
+    assert read_training_jsonl(str(tmp_path / "train.jsonl"))[0]["positive"]["image"] == str(tmp_path / "scene.png")
     main([
         "train", "--backbone", family_backbone_dir(family), "--train-file", str(tmp_path / "train.jsonl"),
         "--output-dir", str(tmp_path / "out"), "--num-query-vectors", "16", "--num-candidate-vectors", "64",
@@ -174,7 +175,7 @@ def test_train_command_from_jsonl(family, family_backbone_dir, images, tmp_path)
     assert trained.encode_candidates(["x"], num_vectors=2).shape == (1, 2, 8)
     (tmp_path / "bad.jsonl").write_text('{"query": "q", "positive": "p"}\nnot json\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2 is not valid JSON"):
-        read_jsonl_rows(str(tmp_path / "bad.jsonl"))
+        read_training_jsonl(str(tmp_path / "bad.jsonl"))
 
 
 def test_scene_batches_have_no_false_negatives():

@@ -6,6 +6,7 @@ imported only where used.
 """
 
 from .evaluate import BudgetResult, evaluate, index_bytes_per_candidate
+from .mteb_bridge import mteb_model
 from .readers import RetrievalDataset, read_beir, read_datasets, read_mmeb, read_vidore
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "RetrievalDataset",
     "evaluate",
     "index_bytes_per_candidate",
+    "mteb_model",
     "read_beir",
     "read_datasets",
     "read_mmeb",

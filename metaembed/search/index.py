@@ -7,8 +7,8 @@ The folder layout is `storage`'s (the module that owns the file format).
 
 from __future__ import annotations
 
+import errno
 import hashlib
-import json
 import numbers
 import os
 import threading
@@ -138,11 +138,9 @@ class MetaEmbedIndex:
             if len(metadata) != count:
                 raise ValueError(f"got {len(metadata)} metadata values for {count} embeddings")
             for index, value in enumerate(metadata):
-                try:
-                    json.dumps(value)
-                except (TypeError, ValueError) as error:
-                    raise TypeError(f"metadata[{index}] is not JSON-serialisable: {error}") from error
+                storage.check_strict_json(value, f"metadata[{index}]")
         stored, scales = quantize(embeddings[:, : self.num_vectors].detach().cpu(), self.storage)
+        storage.check_storable(stored, scales, ids, self.storage)
         if stored.untyped_storage().data_ptr() == embeddings.untyped_storage().data_ptr():
             stored = stored.clone()  # never keep the caller's memory: later writes to it would change the index
         start = len(self)
@@ -430,17 +428,20 @@ class MetaEmbedIndex:
         storage.read_manifest(folder)  # raises if an index.json there is not an index's: it is never replaced
         with storage.write_lock(folder):
             generation = storage.new_generation()
-            path = storage.generation_folder(folder, generation)
-            pieces = [piece for piece in self._pieces(max_shard_candidates) if len(piece[2])]
-            for number, (embeddings, scales, ids, metadata) in enumerate(pieces):
-                storage.write_shard(path, number, len(pieces), embeddings, scales, ids, metadata)
-            if self._ann is not None:
-                faiss = _import_faiss()
-                storage.write_file_atomically(
-                    os.path.join(path, storage.ANN_FILE), lambda temporary: faiss.write_index(self._ann, temporary)
-                )
-            ann_vectors_sha256 = None if self._ann is None else self._ann_vectors_sha256
-            storage.commit(folder, generation, self.manifest(), len(pieces), ann_vectors_sha256)
+            try:
+                path = storage.generation_folder(folder, generation)
+                pieces = [piece for piece in self._pieces(max_shard_candidates) if len(piece[2])]
+                for number, (embeddings, scales, ids, metadata) in enumerate(pieces):
+                    storage.write_shard(path, number, len(pieces), embeddings, scales, ids, metadata)
+                if self._ann is not None:
+                    faiss = _import_faiss()
+                    ann_path = os.path.join(path, storage.ANN_FILE)
+                    storage.write_file_atomically(ann_path, lambda temporary: _write_faiss(faiss, self._ann, temporary))
+                ann_vectors_sha256 = None if self._ann is None else self._ann_vectors_sha256
+                storage.commit(folder, generation, self.manifest(), len(pieces), ann_vectors_sha256)
+            except BaseException:
+                storage.discard_generation(folder, generation)  # the old index stays; nothing half-written with it
+                raise
 
     def _pieces(self, max_shard_candidates: int | None) -> Iterator[tuple[Any, ...]]:
         for shard in self._shards:
@@ -541,6 +542,14 @@ def _check_queries(queries: Any, dim: int) -> torch.Tensor:
         row = int((~torch.isfinite(queries)).flatten(1).any(1).nonzero()[0, 0])
         raise ValueError(f"queries[{row}] contains NaN or infinite values")
     return queries
+
+
+def _write_faiss(faiss: Any, ann: Any, path: str) -> None:
+    """`faiss.write_index`, whose I/O failures are `RuntimeError`s: raised as an `OSError`."""
+    try:
+        faiss.write_index(ann, path)
+    except RuntimeError as error:
+        raise OSError(errno.EIO, f"faiss could not write the ANN index ({str(error).strip()})") from error
 
 
 def _import_faiss() -> Any:

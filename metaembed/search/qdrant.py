@@ -101,9 +101,16 @@ class MetaEmbedQdrant:
         ids = list(ids)
         if len(ids) != count or (metadata is not None and len(metadata) != count):
             raise ValueError(f"ids and metadata must have one entry per embedding ({count})")
+        first_positions: dict[Any, int] = {}
         for index, identifier in enumerate(ids):
             if isinstance(identifier, bool) or not isinstance(identifier, (str, int)):
                 raise TypeError(f"ids[{index}] must be a str or int, got {type(identifier).__name__}")
+            # One point per id: a repeat would silently replace the earlier candidate of this same call.
+            if first_positions.setdefault(identifier, index) != index:
+                raise ValueError(
+                    f"ids[{index}] = {identifier!r} repeats ids[{first_positions[identifier]}]; ids in one add must be "
+                    "unique (adding an id again in a later add replaces its point)"
+                )
         for index, payload in enumerate(metadata or ()):
             if payload is not None and not isinstance(payload, dict):
                 raise TypeError(f"metadata[{index}] must be a dict (a Qdrant payload), got {type(payload).__name__}")

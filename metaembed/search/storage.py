@@ -33,6 +33,7 @@ import math
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from mmap import ACCESS_COPY
@@ -40,6 +41,7 @@ from mmap import mmap as map_file
 from typing import Any, NamedTuple
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
@@ -55,6 +57,8 @@ _VERSION_1_STAGING = re.compile(r"\.saving-[A-Za-z0-9_]{8}$")  # tempfile.mkdtem
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "I8": torch.int8}
 _MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit
 _HASH_BLOCK = 1 << 22
+_LOCK_POLL_SECONDS = 0.1
+_LOCK_REPORT_SECONDS = 10.0
 
 
 class IndexLockedError(OSError):
@@ -106,20 +110,56 @@ def generation_folder(folder: str, generation: str) -> str:
 
 
 @contextlib.contextmanager
-def write_lock(folder: str, wait: bool = False) -> Iterator[None]:
-    """Hold the folder's write lock (created if missing); the system releases it when the process dies.
+def write_lock(folder: str, wait: float = 0.0, report: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold the folder's write lock (created if missing; it records the holder's pid); the system releases it when
+    the process dies.
 
-    Raises `IndexLockedError` at once if another process holds it, unless `wait`."""
+    If another process holds it, retry for up to `wait` seconds, calling `report` with a progress line when the
+    wait starts and about every 10 s; then raise `IndexLockedError` naming the holder's pid. `wait=0` fails at
+    once, `math.inf` waits as long as it takes."""
     os.makedirs(folder, exist_ok=True)
-    descriptor = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o666)
+    path = os.path.join(folder, LOCK_FILE)
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise IndexLockedError(f"{folder}: the index is being written by another process") from None
+        _acquire(descriptor, folder, wait, report)
+        with contextlib.suppress(OSError):  # the pid is for other writers' messages only: never fail on it
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
         os.close(descriptor)
+
+
+def _acquire(descriptor: int, folder: str, wait: float, report: Callable[[str], None] | None) -> None:
+    started = time.monotonic()
+    next_report = started
+    while True:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        holder = _lock_holder(descriptor)
+        elapsed = time.monotonic() - started
+        if elapsed >= wait:
+            waited = f" after waiting {elapsed:.0f} s" if wait > 0 else ""
+            raise IndexLockedError(
+                f"{folder}: the index is being written by another process ({holder}){waited}; retry when it is "
+                "done (metaembed index: --wait SECONDS)"
+            )
+        if report is not None and time.monotonic() >= next_report:
+            report(f"{folder}: the index is being written by another process ({holder}); waiting up to {wait:g} s")
+            next_report += _LOCK_REPORT_SECONDS
+        time.sleep(min(_LOCK_POLL_SECONDS, max(0.0, wait - elapsed)))
+
+
+def _lock_holder(descriptor: int) -> str:
+    """ "pid N" of the lock's holder, as it recorded itself in the lock file (unknown if it has not yet)."""
+    try:
+        content = os.pread(descriptor, 32, 0).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        content = ""
+    return f"pid {content}" if content.isdigit() else "pid unknown"
 
 
 # -- writing --------------------------------------------------------------------------------------------------
@@ -146,7 +186,24 @@ def write_shard(
     if source is not None:
         sidecar["source"] = source
     write_json_atomically(stem + ".json", sidecar)
-    write_file_atomically(stem + ".safetensors", lambda temporary: save_file(tensors, temporary))
+    try:
+        write_file_atomically(stem + ".safetensors", lambda temporary: _save_safetensors(tensors, temporary))
+    except BaseException:
+        with contextlib.suppress(OSError):  # a sidecar without its tensors is half a shard: not left behind
+            os.remove(stem + ".json")
+        raise
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: str) -> None:
+    """`save_file`, whose I/O failures (disk full, quota, read-only) are `SafetensorError`s: raised as the
+    `OSError` they are."""
+    try:
+        save_file(tensors, path)
+    except SafetensorError as error:
+        code = re.search(r"os error (\d+)", str(error))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from error
 
 
 def shard_written(generation_path: str, number: int, total: int, ids: list[Any], source: dict[str, Any]) -> bool:
@@ -239,6 +296,18 @@ def commit(
     return manifest
 
 
+def discard_generation(folder: str, generation: str) -> None:
+    """Remove what a failed save wrote into `generation` (its files of this format, then the folder if empty),
+    unless index.json names it: then it is the index. Nothing is removed when index.json cannot be read."""
+    with contextlib.suppress(OSError, ValueError):
+        manifest = read_manifest(folder)
+        if manifest is not None and manifest.get("generation") == generation:
+            return
+        path = os.path.join(folder, generation)
+        _remove_format_files(path, set())
+        os.rmdir(path)
+
+
 def remove_leftovers(folder: str, manifest: dict[str, Any], replaced_version_1: bool = False) -> None:
     """Remove, from a folder whose index.json is `manifest` (version 2), the files of this format it does not
     name: older generations and temporary files of interrupted writes, and, when `replaced_version_1` (the
@@ -289,7 +358,8 @@ def _is_temporary(name: str, base: str) -> bool:
 def write_file_atomically(path: str, write: Callable[[str], None]) -> None:
     """`write(temporary)` to a temporary name unique to this writer, fsync, then rename to `path`: readers and
     other processes writing the same file never see or clobber a partial file, and a crash cannot leave a
-    renamed file whose content is not on disk."""
+    renamed file whose content is not on disk. Any failure to write (disk full, quota, read-only) is an `OSError`
+    naming `path`, and leaves no temporary file behind."""
     temporary = f"{path}.tmp-{uuid.uuid4().hex}"
     try:
         # The mode a new file gets under the user's umask: kept, as safetensors' writer (and mkstemp) would
@@ -304,16 +374,19 @@ def write_file_atomically(path: str, write: Callable[[str], None]) -> None:
         finally:
             os.close(descriptor)
         os.replace(temporary, path)
+        _fsync_directory(os.path.dirname(path) or ".")
+    except OSError as error:
+        raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from error
     finally:
         if os.path.lexists(temporary):
-            os.remove(temporary)
-    _fsync_directory(os.path.dirname(path) or ".")
+            with contextlib.suppress(OSError):  # never hide the error that got here; a later save removes it
+                os.remove(temporary)
 
 
 def write_json_atomically(path: str, value: Any) -> None:
     def write(temporary: str) -> None:
         with open(temporary, "w", encoding="utf-8") as file:
-            json.dump(value, file)
+            json.dump(value, file, allow_nan=False)  # standard JSON only: other readers refuse NaN / Infinity
 
     write_file_atomically(path, write)
 
@@ -336,6 +409,24 @@ def _sha256(path: str) -> str:  # of a file written by this process, never of on
         while block := file.read(_HASH_BLOCK):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_strict_json(value: Any, where: str) -> None:
+    """Refuse what JSON cannot hold as it is (`where` names the value, the path inside it is added): NaN and
+    infinite floats (`json` would write non-standard `NaN` / `Infinity`), keys that are not strings (they would come
+    back as strings), and anything not serialisable."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} is {value!r}: metadata must be standard JSON (no NaN or infinity)")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where} has the key {key!r}: JSON object keys must be strings")
+            check_strict_json(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for number, item in enumerate(value):
+            check_strict_json(item, f"{where}[{number}]")
+    elif not (value is None or isinstance(value, (str, bool, int, float))):
+        raise TypeError(f"{where} is a {type(value).__name__}, which is not JSON-serialisable")
 
 
 # -- reading --------------------------------------------------------------------------------------------------
@@ -576,6 +667,20 @@ def quantize(embeddings: torch.Tensor, storage: str) -> tuple[torch.Tensor, torc
     scales = embeddings.abs().amax(dim=-1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
     quantized = torch.round(embeddings / scales.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
     return quantized.contiguous(), scales.contiguous()
+
+
+def check_storable(stored: torch.Tensor, scales: torch.Tensor | None, ids: list[Any], storage_dtype: str) -> None:
+    """Refuse candidates whose stored form is not finite (e.g. values beyond float16's 65504 become inf there, and
+    every score with them NaN), naming the first such item."""
+    values = stored if scales is None else scales
+    if values.dtype.is_floating_point:
+        finite = torch.isfinite(values).flatten(1).all(1)
+        if not bool(finite.all()):
+            row = int((~finite).nonzero()[0, 0])
+            raise ValueError(
+                f"embeddings[{row}] (id {ids[row]!r}) is not finite once stored as {storage_dtype} (NaN, or too "
+                "large for that dtype); store the model's L2-normalised vectors"
+            )
 
 
 def dequantize(stored: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from .cached_loss import CachedMMRLoss
-from .data import MetaEmbedDataCollator
+from .data import MetaEmbedDataCollator, validate_training_rows
 from .loss import DEFAULT_TEMPERATURE, MMR_GROUPS, Budget, MMRLoss
 
 
@@ -73,7 +73,8 @@ def train_metaembed(
     Args:
         model: a `MetaEmbedModel` (e.g. from `MetaEmbedModel.from_backbone`), with its processor attached.
         train_dataset: rows with `query_column`, `positive_column`, optional `negatives_column` (a `datasets`
-            Dataset, or any sequence of dicts); cells are text, PIL images or {"text", "image"} dicts.
+            Dataset, or any sequence of dicts); cells are text, PIL images or {"text", "image"} dicts. Every row is
+            checked before training starts (`validate_training_rows`), unless the dataset has no length.
         output_dir: checkpoints and the final model folder.
         groups / temperature / group_weights: the MMR loss (see `mmr_loss`).
         lora_rank / lora_alpha: LoRA (peft) on the backbone family's linear layers
@@ -96,6 +97,8 @@ def train_metaembed(
     processor = model.processor
     if processor is None:
         raise ValueError("the model has no processor attached; create it with from_backbone or from_pretrained")
+    if hasattr(train_dataset, "__len__"):  # every row checked before the first step (a stream cannot be)
+        validate_training_rows(train_dataset, query_column, positive_column, negatives_column)
     trained = model
     if lora_rank is not None:
         from peft import LoraConfig, get_peft_model
