@@ -41,7 +41,8 @@ def check_processed_inputs(processor: Any, input_ids: torch.Tensor, attention_ma
     """Refuse `input_ids` that are not MetaEmbed prompts, e.g. raw text from a tokenizer, as transformers' stock
     `feature-extraction` pipeline passes when it is built around a loaded model object (`pipeline(task,
     model=model)` does not read the model's `custom_pipelines`): its vectors would silently differ from
-    `encode_candidates`. A row must start (after padding) with the opening tokens all of `processor`'s prompts share.
+    `encode_candidates`. A row must start (after padding) with the opening tokens all of `processor`'s text prompts
+    share, or hold the family's image token (PaliGemma's image prompts start with the image, before that opening).
     """
     if processor is None or input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
         return
@@ -51,6 +52,9 @@ def check_processed_inputs(processor: Any, input_ids: torch.Tensor, attention_ma
     first = attention_mask.long().argmax(1, keepdim=True)  # the first attended position, either padding side
     positions = (first + torch.arange(len(prefix), device=input_ids.device)).clamp(max=input_ids.shape[1] - 1)
     prompted = (input_ids.gather(1, positions) == prefix).all(1)
+    image_token_id = getattr(processor, "image_token_id", None)
+    if image_token_id is not None:
+        prompted |= ((input_ids == image_token_id) & attention_mask.bool()).any(1)
     if not bool(prompted.all()):
         row = int((~prompted).nonzero()[0, 0])
         raise ValueError(
@@ -62,7 +66,7 @@ def check_processed_inputs(processor: Any, input_ids: torch.Tensor, attention_ma
 
 
 def _prompt_prefix(processor: Any) -> list[int]:
-    """The token ids every prompt of `processor` starts with (query and candidate alike)."""
+    """The token ids every text prompt of `processor` starts with (query and candidate alike)."""
     rows = []
     for batch in (processor.process_queries(["x"]), processor.process_candidates(["x"])):
         ids, mask = batch["input_ids"][0], batch["attention_mask"][0]

@@ -89,6 +89,20 @@ def test_r_vectors_are_the_first_r_of_all(family, family_model, mixed_items):
             close(model.encode(items, task, num_vectors=num_vectors), full[:, :num_vectors])
 
 
+@pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
+def test_forward_on_processed_items_equals_encode(family, family_model, mixed_items):
+    """`model(**processor.process_*(items))`, as pipelines and `get_*_features` call it, accepts every family's
+    prompts (PaliGemma's image prompts start with the image) and gives `encode`'s vectors."""
+    model = family_model(family)
+    for task, process in (
+        ("query", model.processor.process_queries),
+        ("candidate", model.processor.process_candidates),
+    ):
+        with torch.no_grad():
+            forward = model(**process(mixed_items), task=task).embeddings
+        close(forward, model.encode(mixed_items, task))
+
+
 TEXT_ALIGNED = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids", "cross_attention_mask")
 
 
