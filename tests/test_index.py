@@ -3,6 +3,7 @@ search, bad input, threads; the Qdrant adapter against the index."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -102,9 +103,10 @@ def test_save_load_round_trip_is_exact_and_memory_mapped(candidates, queries, tm
     loaded = MetaEmbedIndex.load(str(tmp_path))
     assert len(loaded) == len(index) and loaded.ids == index.ids and loaded.storage == storage
     assert torch.equal(loaded.get_embeddings(range(len(index))), index.get_embeddings(range(len(index))))
-    embeddings = loaded._shards[0].embeddings
-    # A view into a mapping of the whole file, not a copy of the tensor.
-    assert embeddings.untyped_storage().nbytes() == os.path.getsize(shard_files[0])
+    # Prefix blocks (vectors 0, 1, 2-3, 4-7, ...), each a view into a mapping of the whole file, not a copy.
+    blocks = loaded._shards[0].blocks
+    assert [block.shape[1] for block in blocks] == [1, 1, 2, 4, 8, 16, 32]
+    assert all(block.untyped_storage().nbytes() == os.path.getsize(shard_files[0]) for block in blocks)
     for r_q, r_c in ((1, 1), (16, 64)):
         before, after = index.search(queries, r_q, r_c, top_k=7), loaded.search(queries, r_q, r_c, top_k=7)
         assert torch.equal(before.scores, after.scores) and torch.equal(before.indices, after.indices)
@@ -289,10 +291,10 @@ def test_add_copies_the_callers_memory(candidates, queries):
 
 
 def test_int8_search_over_several_dequantised_blocks(candidates, queries, monkeypatch):
-    import metaembed.search.index as index_module
+    import scoring_metaembed
 
     whole = build(candidates, "int8").search(queries, 16, 64, top_k=10)
-    monkeypatch.setattr(index_module, "_BLOCK_ELEMENTS", 64 * DIM * 50)  # blocks of 50 candidates
+    monkeypatch.setattr(scoring_metaembed, "_STAGING_ELEMENTS_CPU", 64 * DIM * 50)  # chunks of 50 candidates
     blocked = build(candidates, "int8").search(queries, 16, 64, top_k=10)
     assert torch.equal(blocked.indices, whole.indices)
     torch.testing.assert_close(blocked.scores, whole.scores, atol=1e-5, rtol=0)
@@ -414,14 +416,63 @@ def test_saved_files_get_the_usual_file_mode(candidates, tmp_path):
 # ------------------------------------------------------------------------------------------------------------
 
 
-def to_version_1(folder):
-    """Rewrite a saved folder in the version 1 layout (shards beside index.json, no generation, no records)."""
+def to_whole_tensors(shard_path):
+    """Rewrite a shard in the tensor layout of versions 1 and 2: one "embeddings" [n, R, D] (and "scales" [n, R])
+    instead of prefix blocks."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(shard_path))
+    count = sum(name.startswith("embeddings.") for name in tensors)
+    whole = {"embeddings": torch.cat([tensors[f"embeddings.{number}"] for number in range(count)], dim=1)}
+    if "scales.0" in tensors:
+        whole["scales"] = torch.cat([tensors[f"scales.{number}"] for number in range(count)], dim=1)
+    save_file(whole, str(shard_path))
+
+
+def to_version_2(folder):
+    """Rewrite a saved folder as a version 2 save wrote it: whole-candidate tensors, their records updated."""
     manifest = json.loads((folder / "index.json").read_text())
+    for entry in manifest["shards"]:
+        path = folder / manifest["generation"] / (entry["name"] + ".safetensors")
+        to_whole_tensors(path)
+        entry["safetensors"] = {"bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    (folder / "index.json").write_text(json.dumps({**manifest, "version": 2}))
+
+
+def to_version_1(folder):
+    """Rewrite a saved folder in the version 1 layout (shards beside index.json, no generation, no records,
+    whole-candidate tensors)."""
+    manifest = json.loads((folder / "index.json").read_text())
+    for entry in manifest["shards"]:
+        to_whole_tensors(folder / manifest["generation"] / (entry["name"] + ".safetensors"))
     for path in (folder / manifest.pop("generation")).iterdir():
         os.replace(path, folder / path.name)
     for key in ("version", "shards", "ann_file"):
         manifest.pop(key)
     (folder / "index.json").write_text(json.dumps({**manifest, "version": 1}))
+
+
+@pytest.mark.parametrize("storage", ["float32", "int8"])
+def test_version_2_folders_load_search_the_same_and_the_next_save_writes_prefix_blocks(
+    candidates, queries, tmp_path, storage
+):
+    index = build(candidates[:60], storage)
+    index.build_ann(kind="flat")
+    index.save(str(tmp_path), max_shard_candidates=25)
+    to_version_2(tmp_path)
+    loaded = MetaEmbedIndex.load(str(tmp_path))
+    assert [len(shard.blocks) for shard in loaded._shards] == [1, 1, 1]  # whole-candidate tensors, as saved
+    assert loaded._ann is not None  # the ANN file is tied to the same vectors
+    assert torch.equal(loaded.get_embeddings(range(60)), index.get_embeddings(range(60)))
+    for budget in ((1, 1), (4, 8), (16, 64)):
+        before, after = index.search(queries, *budget, top_k=5), loaded.search(queries, *budget, top_k=5)
+        assert torch.equal(before.indices, after.indices)
+        torch.testing.assert_close(before.scores, after.scores, rtol=1e-6, atol=1e-6)
+    loaded.save(str(tmp_path))
+    assert json.loads((tmp_path / "index.json").read_text())["version"] == 3
+    again = MetaEmbedIndex.load(str(tmp_path), mmap=False)
+    assert [len(shard.blocks) for shard in again._shards] == [7, 7, 7]
+    assert torch.equal(again.get_embeddings(range(60)), index.get_embeddings(range(60)))
 
 
 def test_version_1_folders_load_and_the_next_save_replaces_only_their_files(candidates, queries, tmp_path):

@@ -17,15 +17,21 @@ from typing import Any, NamedTuple
 
 import torch
 
-from scoring_metaembed import check_num_vectors, check_positive_int, late_interaction_scores, merge_top_k
+from scoring_metaembed import (
+    PrefixBlocks,
+    check_num_vectors,
+    check_positive_int,
+    late_interaction_scores,
+    merge_top_k,
+)
 
 from . import storage
-from .storage import INDEX_FORMAT, STORAGE_DTYPES, dequantize, quantize
+from .storage import INDEX_FORMAT, STORAGE_DTYPES, dequantize, prefix_blocks, quantize
 
 __all__ = ["MetaEmbedIndex", "SearchResults"]
 
-# int8 candidates dequantised at a time in an exhaustive search: bounds its extra memory.
-_BLOCK_ELEMENTS = 2**24
+# Candidate vectors dequantised at a time for the ANN index: bounds its extra memory.
+_ANN_BLOCK_ELEMENTS = 2**24
 
 
 class SearchResults(NamedTuple):
@@ -40,10 +46,43 @@ class SearchResults(NamedTuple):
 
 
 class _Shard(NamedTuple):
-    embeddings: torch.Tensor  # [n, R_c, D] in the storage dtype (memory-mapped once saved and loaded)
-    scales: torch.Tensor | None  # [n, R_c] float32, int8 storage only
+    # Prefix blocks [n, R_b, D] in the storage dtype (memory-mapped once saved and loaded), together R_c vectors:
+    # `storage.prefix_block_bounds`, or one block for a shard of an index saved before that layout.
+    blocks: tuple[torch.Tensor, ...]
+    scales: tuple[torch.Tensor | None, ...]  # [n, R_b] float32 per block, int8 storage only
     ids: list[Any]
     metadata: list[Any] | None
+
+    def candidates(self) -> PrefixBlocks:
+        return PrefixBlocks(self.blocks, self.scales)
+
+    def dequantized(
+        self, rows: torch.Tensor | slice, num_vectors: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """float32 `[len(rows), num_vectors, D]`: the first `num_vectors` stored vectors of the candidates at
+        `rows` (ascending int64 positions in the shard, or a slice), written into `out` if given."""
+        first = self.blocks[0][rows] if isinstance(rows, slice) else None
+        count = len(first) if first is not None else len(rows)
+        if out is None:
+            out = torch.empty(count, num_vectors, self.blocks[0].shape[2])
+        start = 0
+        for block, scales in zip(self.blocks, self.scales):
+            if start == num_vectors:
+                break
+            end = min(start + block.shape[1], num_vectors)
+            block, scales = block[:, : end - start], None if scales is None else scales[:, : end - start]
+            if isinstance(rows, slice):
+                stored, scales = block[rows], None if scales is None else scales[rows]
+            elif block.dtype == torch.float32:
+                torch.index_select(block, 0, rows, out=out[:, start:end])
+                start = end
+                continue
+            else:
+                stored = torch.index_select(block, 0, rows)
+                scales = None if scales is None else torch.index_select(scales, 0, rows)
+            out[:, start:end] = dequantize(stored, scales)
+            start = end
+        return out
 
 
 class MetaEmbedIndex:
@@ -143,10 +182,14 @@ class MetaEmbedIndex:
                 except (TypeError, ValueError) as error:
                     raise TypeError(f"metadata[{index}] is not JSON-serialisable: {error}") from error
         stored, scales = quantize(embeddings[:, : self.num_vectors].detach().cpu(), self.storage)
-        if stored.untyped_storage().data_ptr() == embeddings.untyped_storage().data_ptr():
-            stored = stored.clone()  # never keep the caller's memory: later writes to it would change the index
+        blocks, block_scales = prefix_blocks(stored, scales)
+        # Never keep the caller's memory: later writes to it would change the index.
+        blocks = [
+            block.clone() if block.untyped_storage().data_ptr() == embeddings.untyped_storage().data_ptr() else block
+            for block in blocks
+        ]
         start = len(self)
-        self._shards.append(_Shard(stored, scales, ids, metadata))
+        self._shards.append(_Shard(tuple(blocks), tuple(block_scales), ids, metadata))
         self._id_positions.update((identifier, start + offset) for offset, identifier in enumerate(ids))
         self._ann = None
 
@@ -222,15 +265,8 @@ class MetaEmbedIndex:
         shard_numbers, local = self._split_positions(positions)
         bounds = torch.searchsorted(shard_numbers, torch.arange(len(self._shards) + 1)).tolist()
         for shard, start, end in zip(self._shards, bounds[:-1], bounds[1:]):
-            if start == end:
-                continue
-            rows = local[start:end]
-            if shard.embeddings.dtype == torch.float32:
-                torch.index_select(shard.embeddings[:, :num_vectors], 0, rows, out=result[start:end])
-            else:
-                stored = torch.index_select(shard.embeddings[:, :num_vectors], 0, rows)
-                scales = None if shard.scales is None else torch.index_select(shard.scales[:, :num_vectors], 0, rows)
-                result[start:end] = dequantize(stored, scales)
+            if start != end:
+                shard.dequantized(local[start:end], num_vectors, out=result[start:end])
         return result
 
     def _locate(self, position: int) -> tuple[_Shard, int]:
@@ -238,23 +274,6 @@ class MetaEmbedIndex:
             raise IndexError(f"position {position!r} is out of range for an index of {len(self)} candidates")
         shard_number, local = self._split_positions(torch.tensor([int(position)]))
         return self._shards[int(shard_number)], int(local)
-
-    def _blocks(self, num_vectors: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """(start position, candidates `[n, >= num_vectors, D]`) over the whole index, float32 / float16 shards as
-        they are (the scorer reads only the first `num_vectors`), int8 ones dequantised a block at a time."""
-        start = 0
-        for shard in self._shards:
-            if shard.scales is None:
-                yield start, shard.embeddings
-            else:
-                block = max(1, _BLOCK_ELEMENTS // (num_vectors * self.dim))
-                for offset in range(0, len(shard.ids), block):
-                    end = offset + block
-                    yield (
-                        start + offset,
-                        dequantize(shard.embeddings[offset:end, :num_vectors], shard.scales[offset:end, :num_vectors]),
-                    )
-            start += len(shard.ids)
 
     # -- search --------------------------------------------------------------------------------------------
 
@@ -303,10 +322,14 @@ class MetaEmbedIndex:
     def _search_exhaustive(
         self, queries: torch.Tensor, num_candidate_vectors: int, top_k: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        # The kernel reads each shard's prefix blocks as stored (only those r_c reaches), upcasting or
+        # dequantising a cache-sized chunk at a time for all queries at once.
         best_scores = best_indices = None
-        for start, block in self._blocks(num_candidate_vectors):
-            top = late_interaction_scores(queries, block, None, num_candidate_vectors, top_k=top_k)
+        start = 0
+        for shard in self._shards:
+            top = late_interaction_scores(queries, shard.candidates(), None, num_candidate_vectors, top_k=top_k)
             best_scores, best_indices = merge_top_k(best_scores, best_indices, top.scores, top.indices + start, top_k)
+            start += len(shard.ids)
         return best_scores, best_indices
 
     def _search_two_stage(
@@ -371,8 +394,11 @@ class MetaEmbedIndex:
     def _ann_vectors(self, num_vectors: int) -> Iterator[Any]:
         """The vectors an ANN index over each candidate's first `num_vectors` holds, in order: float32 numpy
         blocks `[n * num_vectors, D]`."""
-        for _, block in self._blocks(num_vectors):
-            yield block[:, :num_vectors].float().reshape(-1, self.dim).contiguous().numpy()
+        block = max(1, _ANN_BLOCK_ELEMENTS // (num_vectors * self.dim))
+        for shard in self._shards:
+            for offset in range(0, len(shard.ids), block):
+                vectors = shard.dequantized(slice(offset, offset + block), num_vectors)
+                yield vectors.reshape(-1, self.dim).numpy()
 
     def _ann_vectors_digest(self, num_vectors: int) -> str:
         digest = hashlib.sha256()
@@ -447,9 +473,14 @@ class MetaEmbedIndex:
             size = max_shard_candidates or len(shard.ids)
             for offset in range(0, len(shard.ids), size):
                 end = offset + size
+                if len(shard.blocks) == 1:  # an index saved before the prefix-block layout: split on save
+                    blocks, scales = prefix_blocks(shard.blocks[0][offset:end], _slice(shard.scales[0], offset, end))
+                else:
+                    blocks = [block[offset:end] for block in shard.blocks]
+                    scales = [_slice(block_scales, offset, end) for block_scales in shard.scales]
                 yield (
-                    shard.embeddings[offset:end],
-                    None if shard.scales is None else shard.scales[offset:end],
+                    blocks,
+                    scales,
                     shard.ids[offset:end],
                     None if shard.metadata is None else shard.metadata[offset:end],
                 )
@@ -490,17 +521,21 @@ class MetaEmbedIndex:
         index = cls(manifest["dim"], manifest["num_vectors"], manifest["storage"], manifest.get("model_name_or_path"))
         shards, ann_path = storage.index_files(folder, manifest)
         for shard in shards:
-            embeddings, scales, ids, metadata = storage.read_shard(shard, mmap)
+            blocks, scales, ids, metadata = storage.read_shard(shard, mmap)
+            widths = [block.shape[1] for block in blocks]
+            expected = [index.num_vectors] if len(blocks) == 1 else storage.prefix_block_widths(index.num_vectors)
             if (
-                embeddings.shape[1:] != (index.num_vectors, index.dim)
-                or embeddings.dtype != STORAGE_DTYPES[index.storage]
+                widths != expected
+                or blocks[0].shape[2] != index.dim
+                or any(block.dtype != STORAGE_DTYPES[index.storage] for block in blocks)
             ):
+                found = ", ".join(f"{block.dtype} {list(block.shape)}" for block in blocks)
                 raise ValueError(
-                    f"{shard.tensors} holds {embeddings.dtype} {list(embeddings.shape)}, expected {index.storage} "
-                    f"[n, {index.num_vectors}, {index.dim}]"
+                    f"{shard.tensors} holds {found}, expected {index.storage} [n, R_b, {index.dim}] with R_b "
+                    f"{expected} ({index.num_vectors} vectors)"
                 )
             start = len(index)
-            index._shards.append(_Shard(embeddings, scales, ids, metadata))
+            index._shards.append(_Shard(tuple(blocks), tuple(scales), ids, metadata))
             for offset, identifier in enumerate(ids):
                 if isinstance(identifier, bool) or not isinstance(identifier, (str, int)):
                     raise ValueError(f"{shard.sidecar}: id {identifier!r} is not a str or int")
@@ -521,6 +556,10 @@ class MetaEmbedIndex:
                 raise ValueError(f"{ann_path} holds {ann.ntotal} vectors, the shards {len(index)} candidates")
             index._ann, index._ann_vectors_sha256 = ann, vectors_sha256
         return index
+
+
+def _slice(tensor: torch.Tensor | None, start: int, end: int) -> torch.Tensor | None:
+    return None if tensor is None else tensor[start:end]
 
 
 def _check_queries(queries: Any, dim: int) -> torch.Tensor:
