@@ -130,7 +130,7 @@ def test_two_stage_search_reranks_the_ann_shortlist_exactly(candidates, queries)
     index.build_ann()
     # A shortlist of everything is the exhaustive search.
     full = index.search(queries, 16, 64, top_k=10, shortlist_size=len(candidates))
-    exhaustive = index.search(queries, 16, 64, top_k=10)
+    exhaustive = index.search(queries, 16, 64, top_k=10, shortlist_size=None)
     assert torch.equal(full.indices, exhaustive.indices)
     torch.testing.assert_close(full.scores, exhaustive.scores, atol=1e-5, rtol=0)
     # A short list: the first stage finds the first vectors nearest the query's first vector ...
@@ -141,7 +141,7 @@ def test_two_stage_search_reranks_the_ann_shortlist_exactly(candidates, queries)
         brute_force = set(scores.topk(50).indices.tolist())
         assert len(brute_force & set(shortlist.tolist())) >= 45  # approximate, but close on 700 points
     # ... and the second stage scores those exactly, keeping the best.
-    results = index.search(queries, 16, 64, top_k=10, shortlist_size=50)
+    results = index.search(queries, 16, 64, top_k=10, shortlist_size=50, ann_query_vectors=1)
     for row, shortlist in enumerate(shortlists):
         expected_scores, expected_positions = reference_top_k(queries[row : row + 1], candidates[shortlist], 16, 64, 10)
         assert torch.equal(results.indices[row], shortlist[expected_positions[0]])
@@ -465,9 +465,11 @@ def test_version_2_folders_load_search_the_same_and_the_next_save_writes_prefix_
     assert loaded._ann is not None  # the ANN file is tied to the same vectors
     assert torch.equal(loaded.get_embeddings(range(60)), index.get_embeddings(range(60)))
     for budget in ((1, 1), (4, 8), (16, 64)):
-        before, after = index.search(queries, *budget, top_k=5), loaded.search(queries, *budget, top_k=5)
-        assert torch.equal(before.indices, after.indices)
-        torch.testing.assert_close(before.scores, after.scores, rtol=1e-6, atol=1e-6)
+        for shortlist in (None, "auto"):
+            before = index.search(queries, *budget, top_k=5, shortlist_size=shortlist)
+            after = loaded.search(queries, *budget, top_k=5, shortlist_size=shortlist)
+            assert torch.equal(before.indices, after.indices)
+            torch.testing.assert_close(before.scores, after.scores, rtol=1e-6, atol=1e-6)
     loaded.save(str(tmp_path))
     assert json.loads((tmp_path / "index.json").read_text())["version"] == 3
     again = MetaEmbedIndex.load(str(tmp_path), mmap=False)
@@ -688,3 +690,34 @@ def test_an_ann_index_of_other_vectors_is_refused_at_load(candidates, tmp_path):
     # The same files with the ANN index built from them load, and search with it.
     first.save(str(tmp_path / "fresh"))
     assert MetaEmbedIndex.load(str(tmp_path / "fresh"))._ann is not None
+
+
+def test_default_search_is_two_stage_exactly_when_the_index_has_an_ann(candidates, queries, tmp_path):
+    index = build(candidates)
+    # Queries for targets 3, 300, 600 whose first vector says nothing about them; vectors 1-3 are the target's
+    # first vector, slightly perturbed: a first stage with one query vector misses them, the default's four find them.
+    targets = torch.tensor([3, 300, 600])
+    hard = unit_vectors(3, 16, DIM, seed=5)
+    hard[:, 1:4] = F.normalize(candidates[targets, :1] + 0.05 * unit_vectors(3, 3, DIM, seed=6), dim=-1)
+    exhaustive = index.search(hard, 4, 64, top_k=10, shortlist_size=None)
+    assert torch.equal(exhaustive.indices[:, 0], targets)
+    assert index.search_plan(10, 4) == (None, 4)
+    assert torch.equal(index.search(hard, 4, 64, top_k=10).indices, exhaustive.indices)
+    index.build_ann(kind="flat")
+    assert index.search_plan(10, 16) == (100, 4) and index.search_plan(30, 2) == (300, 2)
+    default = index.search(hard, 4, 64, top_k=10)
+    explicit = index.search(hard, 4, 64, top_k=10, shortlist_size=100, ann_query_vectors=4)
+    assert torch.equal(default.indices, explicit.indices) and torch.equal(default.scores, explicit.scores)
+    assert torch.equal(default.indices[:, 0], targets)
+    one_vector = index.search(hard, 4, 64, top_k=10, shortlist_size=10, ann_query_vectors=1)
+    assert not torch.equal(one_vector.indices[:, 0], targets)
+    # Saved and loaded with its ANN index: still two stages; `add` drops the ANN index: exhaustive again.
+    index.save(str(tmp_path))
+    loaded = MetaEmbedIndex.load(str(tmp_path))
+    assert loaded.search_plan(10, 16) == (100, 4)
+    loaded.add(candidates[:1], ids=["extra"])
+    assert loaded.search_plan(10, 16) == (None, 4)
+    with pytest.raises(ValueError, match="shortlist_size must be 'auto', None or a positive int"):
+        index.search(queries, 16, 64, shortlist_size="fast")
+    with pytest.raises(ValueError, match=r"shortlist_size \(5\) must be at least top_k \(10\)"):
+        index.search(queries, 16, 64, shortlist_size=5)

@@ -30,6 +30,10 @@ from .storage import INDEX_FORMAT, STORAGE_DTYPES, dequantize, prefix_blocks, qu
 
 __all__ = ["MetaEmbedIndex", "SearchResults"]
 
+# The default two-stage search ("auto"): nearest indexed vectors fetched per query vector, and query vectors
+# sent to the first stage (see `MetaEmbedIndex.search_plan`).
+AUTO_SHORTLIST = 100
+AUTO_ANN_QUERY_VECTORS = 4
 # Candidate vectors dequantised at a time for the ANN index: bounds its extra memory.
 _ANN_BLOCK_ELEMENTS = 2**24
 
@@ -283,8 +287,8 @@ class MetaEmbedIndex:
         num_query_vectors: int | None = None,
         num_candidate_vectors: int | None = None,
         top_k: int = 10,
-        shortlist_size: int | None = None,
-        ann_query_vectors: int = 1,
+        shortlist_size: int | str | None = "auto",
+        ann_query_vectors: int | None = None,
     ) -> SearchResults:
         """The `top_k` best candidates per query at the budget (r_q, r_c).
 
@@ -292,11 +296,14 @@ class MetaEmbedIndex:
             queries: float `[Q, R_q, D]` query embeddings (e.g. `model.encode_queries(texts)`).
             num_query_vectors / num_candidate_vectors: the budget; `None` uses all vectors.
             top_k: results per query (clipped to the index size).
-            shortlist_size: `None` scores every candidate (exact). An int S runs two stages: each of the
-                query's first `ann_query_vectors` vectors fetches its S nearest indexed vectors from the ANN
-                index (`build_ann`, an HNSW over first vectors built on first use), and only their owners are
-                scored exactly at the budget. Rows get -inf / -1 / None past the last candidate found.
-            ann_query_vectors: query vectors sent to the first stage (more: better recall, more to rerank).
+            shortlist_size: "auto" (default): two stages when the index has an ANN index (built with `build_ann`
+                or loaded with the index), with the shortlist `search_plan` names, else every candidate. `None`
+                scores every candidate (exact). An int S runs two stages: each of the query's first
+                `ann_query_vectors` vectors fetches its S nearest indexed vectors from the ANN index (`build_ann`,
+                an HNSW over first vectors built on first use), and only their owners are scored exactly at the
+                budget. Rows get -inf / -1 / None past the last candidate found.
+            ann_query_vectors: query vectors sent to the first stage (more: better recall, more to rerank);
+                default: the first `AUTO_ANN_QUERY_VECTORS` of the budget's r_q.
 
         Returns:
             `SearchResults(scores [Q, k] float32, indices [Q, k] int64, ids)`, best first.
@@ -308,16 +315,45 @@ class MetaEmbedIndex:
         num_query_vectors = check_num_vectors(num_query_vectors, queries.shape[1], "num_query_vectors")
         top_k = min(check_positive_int(top_k, "top_k"), len(self))
         queries = queries[:, :num_query_vectors].float()
+        shortlist_size, ann_query_vectors = self.search_plan(
+            top_k, num_query_vectors, shortlist_size, ann_query_vectors
+        )
         if shortlist_size is None:
             scores, indices = self._search_exhaustive(queries, num_candidate_vectors, top_k)
         else:
-            shortlist_size = check_positive_int(shortlist_size, "shortlist_size", none_allowed=True)
-            if shortlist_size < top_k:
-                raise ValueError(f"shortlist_size ({shortlist_size}) must be at least top_k ({top_k})")
             scores, indices = self._search_two_stage(
                 queries, num_candidate_vectors, top_k, shortlist_size, ann_query_vectors
             )
         return SearchResults(scores, indices, self._ids_at(indices))
+
+    def search_plan(
+        self,
+        top_k: int = 10,
+        num_query_vectors: int = 1,
+        shortlist_size: int | str | None = "auto",
+        ann_query_vectors: int | None = None,
+    ) -> tuple[int | None, int]:
+        """(shortlist size per first-stage query vector, or None for exhaustive; first-stage query vectors) that
+        `search` uses for these arguments. "auto" means two stages exactly when the index has an ANN index, with
+        a shortlist of `max(AUTO_SHORTLIST, 10 * top_k)` per query vector and the first
+        `min(AUTO_ANN_QUERY_VECTORS, num_query_vectors)` query vectors: on the benchmark's queries (a third
+        whose first vector says nothing about the target), recall@10 against exhaustive search was 1.000
+        there and 0.67 with one query vector."""
+        if ann_query_vectors is None:
+            ann_query_vectors = min(AUTO_ANN_QUERY_VECTORS, num_query_vectors)
+        ann_query_vectors = check_num_vectors(ann_query_vectors, num_query_vectors, "ann_query_vectors")
+        if isinstance(shortlist_size, str):
+            if shortlist_size != "auto":
+                raise ValueError(f"shortlist_size must be 'auto', None or a positive int, got {shortlist_size!r}")
+            if self._ann is None:
+                return None, ann_query_vectors
+            return max(AUTO_SHORTLIST, 10 * top_k), ann_query_vectors
+        if shortlist_size is None:
+            return None, ann_query_vectors
+        shortlist_size = check_positive_int(shortlist_size, "shortlist_size", none_allowed=True)
+        if shortlist_size < top_k:
+            raise ValueError(f"shortlist_size ({shortlist_size}) must be at least top_k ({top_k})")
+        return shortlist_size, ann_query_vectors
 
     def _search_exhaustive(
         self, queries: torch.Tensor, num_candidate_vectors: int, top_k: int
