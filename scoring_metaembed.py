@@ -53,12 +53,15 @@ class PrefixBlocks:
     """Candidates stored the way an index keeps them: their vectors split into consecutive blocks, block b
     holding vectors `offset_b .. offset_b + R_b - 1` of every candidate (e.g. vectors 0, 1, 2-3, 4-7, ...), so
     the first vectors of all candidates lie together and a budget r_c reads only the blocks it uses. A block is
-    float (any floating dtype), or int8 with one float32 scale per vector (`vector = int8 * scale`); scoring
-    upcasts / dequantises a cache-sized chunk at a time, once for all queries of a call.
+    float (any floating dtype); int8 with one float32 scale per vector (`vector = int8 * scale`); or uint8 holding
+    4-bit codes, two per byte along D (element 2i in the low nibble, 2i + 1 in the high one), with one float32
+    scale per vector (`element = (code - 8) * scale`). Scoring upcasts / dequantises a cache-sized chunk at a
+    time, once for all queries of a call.
 
     Args:
-        blocks: one or more tensors `[N, R_b, D]` (views are fine), all with the same N and D, on one device.
-        scales: None, or one entry per block: None for a float block, float32 `[N, R_b]` for an int8 block.
+        blocks: one or more tensors `[N, R_b, D]` (`[N, R_b, D / 2]` for 4-bit codes; views are fine), all with
+            the same N and D, on one device.
+        scales: None, or one entry per block: None for a float block, float32 `[N, R_b]` for a quantised one.
     """
 
     def __init__(self, blocks: Sequence[torch.Tensor], scales: Sequence[torch.Tensor | None] | None = None) -> None:
@@ -81,16 +84,21 @@ class PrefixBlocks:
                 raise ValueError(f"blocks[{number}] is on {block.device}, but blocks[0] is on {blocks[0].device}")
             if block.shape[1] == 0:
                 raise ValueError(f"blocks[{number}] holds no vectors (shape {list(block.shape)})")
-            if block.dtype == torch.int8:
+            if block.dtype in (torch.int8, torch.uint8):
                 if not isinstance(block_scales, torch.Tensor) or block_scales.dtype != torch.float32:
-                    raise TypeError(f"blocks[{number}] is int8: scales[{number}] must be a float32 tensor [N, R_b]")
+                    raise TypeError(
+                        f"blocks[{number}] is {str(block.dtype).removeprefix('torch.')}: scales[{number}] must be a "
+                        "float32 tensor [N, R_b]"
+                    )
                 if block_scales.shape != block.shape[:2] or block_scales.device != block.device:
                     raise ValueError(
                         f"scales[{number}] has shape {list(block_scales.shape)} on {block_scales.device}, expected "
                         f"{list(block.shape[:2])} on {block.device}"
                     )
             elif not block.dtype.is_floating_point:
-                raise TypeError(f"blocks[{number}] has dtype {block.dtype}, expected a floating dtype or int8")
+                raise TypeError(
+                    f"blocks[{number}] has dtype {block.dtype}, expected a floating dtype, int8 or uint8 (4-bit codes)"
+                )
             elif block_scales is not None:
                 raise ValueError(f"blocks[{number}] is {block.dtype}: scales[{number}] must be None")
         self.blocks: tuple[torch.Tensor, ...] = tuple(blocks)
@@ -103,6 +111,12 @@ class PrefixBlocks:
     def num_vectors(self) -> int:
         """Vectors per candidate, over all blocks."""
         return sum(block.shape[1] for block in self.blocks)
+
+    @property
+    def dim(self) -> int:
+        """D: the vector dimension (twice the stored last dimension for 4-bit codes)."""
+        block = self.blocks[0]
+        return block.shape[2] * (2 if block.dtype == torch.uint8 else 1)
 
 
 class TopKScores(NamedTuple):
@@ -272,7 +286,7 @@ class _EmbeddingSide:
             if mask is not None:
                 raise ValueError(f"{mask_name} does not apply to PrefixBlocks: every stored vector is real")
             self.blocks, self.count, self.width = embeddings, len(embeddings), embeddings.num_vectors
-            self.dim, self.device = embeddings.blocks[0].shape[2], embeddings.blocks[0].device
+            self.dim, self.device = embeddings.dim, embeddings.blocks[0].device
         elif isinstance(embeddings, (list, tuple)):
             if mask is not None:
                 raise ValueError(
@@ -403,7 +417,14 @@ class _EmbeddingSide:
         """
         if self.blocks is not None:
             length = out.shape[1]
-            out.copy_(self.blocks.blocks[part][start:end, :length])
+            stored = self.blocks.blocks[part][start:end, :length]
+            if stored.dtype == torch.uint8:  # 4-bit codes: low nibble = even element, high nibble = odd element
+                pairs = out.view(end - start, length, -1, 2)
+                pairs[..., 0].copy_(stored & 15)
+                pairs[..., 1].copy_(stored >> 4)
+                out.sub_(8.0)
+            else:
+                out.copy_(stored)
             scales = self.blocks.scales[part]
             if scales is not None:
                 out.mul_(scales[start:end, :length].unsqueeze(-1))

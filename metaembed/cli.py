@@ -478,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("model", help="a MetaEmbed folder or repo id")
     index.add_argument("input", help="a folder of images, a .jsonl file ({text?, image?, id?, ...}) or a text file")
     index.add_argument("output_dir", help="a new or empty folder, or a MetaEmbed index to resume or replace")
-    index.add_argument("--storage", choices=["float32", "float16", "int8"], default="float16")
+    index.add_argument("--storage", choices=["float32", "float16", "int8", "int4"], default="float16")
     index.add_argument("--num-vectors", type=positive_int, default=None, help="candidate vectors kept (default: all)")
     index.add_argument("--batch-size", type=positive_int, default=32)
     index.add_argument("--shard-size", type=positive_int, default=50_000, help="candidates per shard file")

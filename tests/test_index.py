@@ -69,7 +69,7 @@ def test_exhaustive_search_matches_reference(candidates, queries, budget):
     assert index.metadata(int(results.indices[0, 0])) == {"n": int(results.indices[0, 0])}
 
 
-@pytest.mark.parametrize(("storage", "tolerance"), [("float16", 1e-3), ("int8", 5e-3)])
+@pytest.mark.parametrize(("storage", "tolerance"), [("float16", 1e-3), ("int8", 5e-3), ("int4", 0.07)])
 def test_storage_dtypes_dequantise_closely_and_search_what_is_stored(candidates, queries, storage, tolerance):
     index = build(candidates, storage)
     stored = index.get_embeddings(range(len(candidates)))
@@ -81,9 +81,9 @@ def test_storage_dtypes_dequantise_closely_and_search_what_is_stored(candidates,
     assert torch.equal(results.indices, expected_indices)
 
 
-def test_int8_is_a_quarter_of_float32_plus_scales(candidates, tmp_path):
+def test_int8_is_a_quarter_and_int4_an_eighth_of_float32_plus_scales(candidates, tmp_path):
     sizes = {}
-    for storage in ("float32", "float16", "int8"):
+    for storage in ("float32", "float16", "int8", "int4"):
         build(candidates, storage).save(str(tmp_path / storage))
         folder = tmp_path / storage
         sizes[storage] = sum(os.path.getsize(path) for path in folder.rglob("*.safetensors"))
@@ -91,9 +91,24 @@ def test_int8_is_a_quarter_of_float32_plus_scales(candidates, tmp_path):
     assert sizes["float32"] == pytest.approx(4 * payload, rel=0.01)
     assert sizes["float16"] == pytest.approx(2 * payload, rel=0.01)
     assert sizes["int8"] == pytest.approx(payload + 4 * len(candidates) * NUM_VECTORS, rel=0.01)
+    assert sizes["int4"] == pytest.approx(payload / 2 + 4 * len(candidates) * NUM_VECTORS, rel=0.01)
 
 
-@pytest.mark.parametrize("storage", ["float32", "float16", "int8"])
+def test_int4_codes_are_the_plain_per_vector_max_abs_quantisation(candidates, queries):
+    index = build(candidates, "int4")
+    scales = candidates.abs().amax(dim=-1, keepdim=True) / 7
+    expected = torch.round(candidates / scales).clamp(-7, 7) * scales
+    torch.testing.assert_close(index.get_embeddings(range(len(candidates))), expected, atol=1e-6, rtol=0)
+    for budget in ((1, 1), (4, 8), (16, 64)):
+        results = index.search(queries, *budget, top_k=10)
+        expected_scores, expected_indices = reference_top_k(queries, expected, *budget, 10)
+        torch.testing.assert_close(results.scores.double(), expected_scores, atol=1e-5, rtol=0)
+        assert torch.equal(results.indices, expected_indices)
+    with pytest.raises(ValueError, match="dim must be even"):
+        MetaEmbedIndex(7, 4, storage="int4")
+
+
+@pytest.mark.parametrize("storage", ["float32", "float16", "int8", "int4"])
 def test_save_load_round_trip_is_exact_and_memory_mapped(candidates, queries, tmp_path, storage):
     index = build(candidates, storage)
     index.save(str(tmp_path), max_shard_candidates=256)

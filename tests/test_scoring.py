@@ -480,6 +480,12 @@ def prefix_blocks(candidates: torch.Tensor, bounds: list[int], storage: str = "f
             blocks.append(codes)
             scales.append(scale)
             values.append(codes.float() * scale.unsqueeze(-1))
+        elif storage == "int4":  # codes 1..15 (value + 8), two per byte: even element low, odd element high
+            scale = part.abs().amax(dim=-1) / 7.0
+            codes = (torch.round(part / scale.unsqueeze(-1)) + 8).to(torch.uint8)
+            blocks.append(codes[..., 0::2] | (codes[..., 1::2] << 4))
+            scales.append(scale)
+            values.append((codes.float() - 8) * scale.unsqueeze(-1))
         else:
             blocks.append(part.to(getattr(torch, storage)).contiguous())
             scales.append(None)
@@ -487,7 +493,7 @@ def prefix_blocks(candidates: torch.Tensor, bounds: list[int], storage: str = "f
     return scoring_metaembed.PrefixBlocks(blocks, scales), torch.cat(values, dim=1)
 
 
-@pytest.mark.parametrize("storage", ["float32", "float16", "int8"])
+@pytest.mark.parametrize("storage", ["float32", "float16", "int8", "int4"])
 @pytest.mark.parametrize("budget", [(1, 1), (2, 3), (4, 8), (5, 13), (16, 64)])
 @pytest.mark.parametrize("num_queries", [1, 6])
 def test_prefix_blocks_score_what_they_store_at_every_budget(storage, budget, num_queries):

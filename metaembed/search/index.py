@@ -53,7 +53,7 @@ class _Shard(NamedTuple):
     # Prefix blocks [n, R_b, D] in the storage dtype (memory-mapped once saved and loaded), together R_c vectors:
     # `storage.prefix_block_bounds`, or one block for a shard of an index saved before that layout.
     blocks: tuple[torch.Tensor, ...]
-    scales: tuple[torch.Tensor | None, ...]  # [n, R_b] float32 per block, int8 storage only
+    scales: tuple[torch.Tensor | None, ...]  # [n, R_b] float32 per block, int8 / int4 storage only
     ids: list[Any]
     metadata: list[Any] | None
 
@@ -68,7 +68,7 @@ class _Shard(NamedTuple):
         first = self.blocks[0][rows] if isinstance(rows, slice) else None
         count = len(first) if first is not None else len(rows)
         if out is None:
-            out = torch.empty(count, num_vectors, self.blocks[0].shape[2])
+            out = torch.empty(count, num_vectors, self.candidates().dim)
         start = 0
         for block, scales in zip(self.blocks, self.scales):
             if start == num_vectors:
@@ -95,8 +95,9 @@ class MetaEmbedIndex:
     Args:
         dim: vector dimension D.
         num_vectors: vectors stored per candidate (R_c, or fewer: a budget's r_c cannot exceed it).
-        storage: "float32", "float16" (half the bytes, same ranking in practice) or "int8" (a quarter, one
-            float32 scale per vector: `vector = int8 * scale`). Scores are always computed in float32.
+        storage: "float32", "float16" (half the bytes, same ranking in practice), "int8" (a quarter, one
+            float32 scale per vector: `vector = int8 * scale`) or "int4" (an eighth plus the scale: 4-bit codes,
+            68 bytes per 128-dim vector; rerank-grade, see the README). Scores are always computed in float32.
         model_name_or_path: recorded in `index.json`, so `metaembed search` knows which model encodes queries.
 
     Example:
@@ -115,6 +116,8 @@ class MetaEmbedIndex:
         if storage not in STORAGE_DTYPES:
             raise ValueError(f"storage must be one of {sorted(STORAGE_DTYPES)}, got {storage!r}")
         self.dim, self.num_vectors = check_positive_int(dim, "dim"), check_positive_int(num_vectors, "num_vectors")
+        if storage == "int4" and self.dim % 2:
+            raise ValueError(f"int4 storage packs two values per byte: dim must be even, got {self.dim}")
         self.storage = storage
         self.model_name_or_path = model_name_or_path
         self._shards: list[_Shard] = []
@@ -562,7 +565,7 @@ class MetaEmbedIndex:
             expected = [index.num_vectors] if len(blocks) == 1 else storage.prefix_block_widths(index.num_vectors)
             if (
                 widths != expected
-                or blocks[0].shape[2] != index.dim
+                or blocks[0].shape[2] != storage.stored_dim(index.dim, index.storage)
                 or any(block.dtype != STORAGE_DTYPES[index.storage] for block in blocks)
             ):
                 found = ", ".join(f"{block.dtype} {list(block.shape)}" for block in blocks)

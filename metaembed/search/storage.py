@@ -48,7 +48,9 @@ from typing import Any, NamedTuple
 import torch
 from safetensors.torch import save_file
 
-STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8, "int4": torch.uint8}
+# Storage types kept as integer codes with one float32 scale per vector.
+QUANTIZED_STORAGE = ("int8", "int4")
 INDEX_FORMAT = "metaembed-index"
 FORMAT_VERSION = 3
 # Versions this package reads: 1 (flat folder), 2 (generations, whole-candidate tensors), 3 (prefix blocks).
@@ -60,7 +62,7 @@ _GENERATION_PATTERN = re.compile(r"gen-[0-9a-f]{16}$")
 _SHARD_PATTERN = re.compile(r"shard-(\d{5})-of-(\d{5})\.(safetensors|json)$")
 _TEMPORARY_SUFFIX = re.compile(r"\.tmp-[0-9a-f]{32}$")
 _VERSION_1_STAGING = re.compile(r"\.saving-[A-Za-z0-9_]{8}$")  # tempfile.mkdtemp folders of version 1 saves
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "I8": torch.int8}
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "I8": torch.int8, "U8": torch.uint8}
 _MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit
 _HASH_BLOCK = 1 << 22
 
@@ -137,13 +139,18 @@ def prefix_blocks(
     return blocks, block_scales
 
 
-def _block_entries(num_vectors: int, dim: int, int8: bool) -> dict[str, tuple[list[int], bool]]:
+def stored_dim(dim: int, storage: str) -> int:
+    """The last dimension of stored vectors: D, or D / 2 for "int4" (two 4-bit codes per byte)."""
+    return dim // 2 if storage == "int4" else dim
+
+
+def _block_entries(num_vectors: int, dim: int, storage: str) -> dict[str, tuple[list[int], bool]]:
     """The tensors of a version 3 shard: name -> (shape after n, is a scale)."""
     bounds = prefix_block_bounds(num_vectors)
     entries = {}
     for number, (start, end) in enumerate(itertools.pairwise(bounds)):
-        entries[f"embeddings.{number}"] = ([end - start, dim], False)
-        if int8:
+        entries[f"embeddings.{number}"] = ([end - start, stored_dim(dim, storage)], False)
+        if storage in QUANTIZED_STORAGE:
             entries[f"scales.{number}"] = ([end - start], True)
     return entries
 
@@ -225,9 +232,9 @@ def _has_layout(path: str, count: int, source: dict[str, Any]) -> bool:
         prefix += file.read(min(int.from_bytes(prefix.ljust(8, b"\0"), "little"), _MAX_HEADER_BYTES))
     _, entries = _parse_header(path, size, prefix)
     storage, num_vectors, dim = source.get("storage"), source.get("num_vectors"), source.get("dim")
-    if storage not in STORAGE_DTYPES or not isinstance(num_vectors, int) or num_vectors < 1:
+    if storage not in STORAGE_DTYPES or not isinstance(num_vectors, int) or num_vectors < 1 or not isinstance(dim, int):
         return False
-    expected = _block_entries(num_vectors, dim, storage == "int8")
+    expected = _block_entries(num_vectors, dim, storage)
     return set(entries) == set(expected) and all(
         entries[name]["shape"] == [count, *shape]
         and _SAFETENSORS_DTYPES[entries[name]["dtype"]] == (torch.float32 if is_scale else STORAGE_DTYPES[storage])
@@ -505,11 +512,11 @@ def read_shard(
             f"'embeddings' [n, R, D] (and 'scales' [n, R]), got {_shapes(tensors)}"
         )
     for block, block_scales in zip(blocks, scales):
-        if (block_scales is None) != (block.dtype != torch.int8) or (
+        if (block_scales is None) != (block.dtype not in (torch.int8, torch.uint8)) or (
             block_scales is not None and (block_scales.dtype != torch.float32 or block_scales.shape != block.shape[:2])
         ):
             raise ValueError(
-                f"{shard.tensors}: int8 embeddings need float32 scales [n, R] of the same vectors, got "
+                f"{shard.tensors}: int8 / int4 embeddings need float32 scales [n, R] of the same vectors, got "
                 f"{_shapes(tensors)}"
             )
     try:
@@ -643,18 +650,27 @@ def _read_safetensors(path: str, record: dict[str, Any] | None, mmap: bool) -> d
 
 
 def quantize(embeddings: torch.Tensor, storage: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Float `[n, R, D]` embeddings in a storage dtype: (stored `[n, R, D]`, None), or for "int8" (int8
-    `[n, R, D]`, float32 scales `[n, R]`) with one symmetric max-abs scale per vector."""
-    if storage != "int8":
+    """Float `[n, R, D]` embeddings in a storage type: (stored `[n, R, D]`, None); for "int8" (int8 `[n, R, D]`,
+    float32 scales `[n, R]`) with one symmetric max-abs scale per vector; for "int4" (uint8 `[n, R, D / 2]`: codes
+    `round(x / scale) + 8` in 1..15, two per byte, element 2i in the low nibble; float32 scales `[n, R]`)."""
+    if storage not in QUANTIZED_STORAGE:
         return embeddings.to(STORAGE_DTYPES[storage]).contiguous(), None
+    levels = 127.0 if storage == "int8" else 7.0
     embeddings = embeddings.float()
-    scales = embeddings.abs().amax(dim=-1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
-    quantized = torch.round(embeddings / scales.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
-    return quantized.contiguous(), scales.contiguous()
+    scales = embeddings.abs().amax(dim=-1).clamp(min=torch.finfo(torch.float32).tiny) / levels
+    codes = torch.round(embeddings / scales.unsqueeze(-1)).clamp(-levels, levels)
+    if storage == "int8":
+        return codes.to(torch.int8).contiguous(), scales.contiguous()
+    codes = (codes + 8).to(torch.uint8)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous(), scales.contiguous()
 
 
 def dequantize(stored: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
-    """float32 `[n, r, D]` from stored vectors (and int8 scales `[n, r]`)."""
+    """float32 `[n, r, D]` from stored vectors (and int8 / int4 scales `[n, r]`)."""
     if scales is None:
         return stored.float()
-    return stored.float() * scales.float().unsqueeze(-1)
+    if stored.dtype == torch.uint8:
+        values = torch.stack([stored & 15, stored >> 4], dim=-1).flatten(-2).float() - 8.0
+    else:
+        values = stored.float()
+    return values * scales.float().unsqueeze(-1)
