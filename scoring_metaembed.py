@@ -37,9 +37,10 @@ MMR_BUDGETS: tuple[tuple[int, int], ...] = ((1, 1), (2, 4), (4, 8), (8, 16), (16
 # number of candidates.
 _TILE_ELEMENTS_CPU = 2**21
 _TILE_ELEMENTS_GPU = 2**24
-# Elements of candidates staged (upcast from float16, dequantised from int8) at a time on CPU: 1 MiB of
-# float32, so the matmul reads what was just written from cache rather than from RAM.
-_STAGING_ELEMENTS_CPU = 2**18
+# Elements of candidates read or staged (upcast from float16, dequantised from int8 / int4) per chunk on CPU:
+# 8 MiB of float32, read back from cache. Smaller chunks (1 MiB) made one-query search dispatch-bound at r_c = 64
+# (seven blocks, a few torch calls each per chunk of 32 candidates).
+_STAGING_ELEMENTS_CPU = 2**21
 # Below this many candidates per tile the matmuls get too thin to be efficient: queries are split instead.
 _MIN_CANDIDATES_PER_TILE = 16
 # Up to this many query vectors in a tile (e.g. one query at r_q <= 16, the serving case), similarities are
@@ -489,10 +490,10 @@ def _score(
     widest_part = max(part_lengths)
     on_cpu = device.type == "cpu"
     tile_elements = _TILE_ELEMENTS_CPU if on_cpu else _TILE_ELEMENTS_GPU
-    # Candidates that are copied (upcast, dequantised) are staged a chunk at a time; on CPU a chunk that fits
-    # the cache is matmul'd while still there. Views of float32 memory need no staging budget.
-    staged = not all(candidate_side.as_matrix(0, 1, device, part) is not None for part in range(len(part_lengths)))
-    staging_elements = (_STAGING_ELEMENTS_CPU if on_cpu else tile_elements) if staged else num_candidates * dim
+    # Candidates are read (views) or staged (upcast, dequantised) a chunk of at most this many elements at a
+    # time: on CPU a chunk that fits the cache is matmul'd while still there, and MKL's skinny matmuls (one query)
+    # slow down on much larger operands.
+    staging_elements = _STAGING_ELEMENTS_CPU if on_cpu else tile_elements
     pair_elements = query_vectors * widest_part
     if chunk_size is None:
         queries_per_tile = tile_elements // (pair_elements * _MIN_CANDIDATES_PER_TILE)
