@@ -211,9 +211,8 @@ def run_peer(args, candidates, queries, reference, results) -> None:
         command = [args.peer_python, str(Path(__file__).with_name("peer_plaid.py")), folder, str(args.threads)]
         completed = subprocess.run(command, capture_output=True, text=True)
         if completed.returncode != 0:
-            print(
-                f"\nfast-plaid skipped: {completed.stderr.strip().splitlines()[-1] if completed.stderr else 'failed'}"
-            )
+            last = completed.stderr.strip().splitlines()[-1] if completed.stderr.strip() else "no message"
+            print(f"\nfast-plaid skipped: its process exited with status {completed.returncode} ({last})")
             return
         report = json.loads(completed.stdout.strip().splitlines()[-1])
         found = load_file(f"{folder}/results.safetensors")["indices"]

@@ -97,7 +97,7 @@ class MetaEmbedIndex:
         num_vectors: vectors stored per candidate (R_c, or fewer: a budget's r_c cannot exceed it).
         storage: "float32", "float16" (half the bytes, same ranking in practice), "int8" (a quarter, one
             float32 scale per vector: `vector = int8 * scale`) or "int4" (an eighth plus the scale: 4-bit codes,
-            68 bytes per 128-dim vector; rerank-grade, see the README). Scores are always computed in float32.
+            68 bytes per 128-dim vector; coarser: see the README). Scores are always computed in float32.
         model_name_or_path: recorded in `index.json`, so `metaembed search` knows which model encodes queries.
 
     Example:
