@@ -485,6 +485,14 @@ def test_version_2_folders_load_search_the_same_and_the_next_save_writes_prefix_
             after = loaded.search(queries, *budget, top_k=5, shortlist_size=shortlist)
             assert torch.equal(before.indices, after.indices)
             torch.testing.assert_close(before.scores, after.scores, rtol=1e-6, atol=1e-6)
+    # Shards of both layouts in one index (version 2 shards, then an add): two stages rerank across them exactly.
+    mixed = MetaEmbedIndex.load(str(tmp_path))
+    mixed.add(candidates[60:70])
+    assert [len(shard.blocks) for shard in mixed._shards] == [1, 1, 1, 7]
+    everything = mixed.search(queries, 16, 64, top_k=5, shortlist_size=70, ann_query_vectors=1)
+    exhaustive = mixed.search(queries, 16, 64, top_k=5, shortlist_size=None)
+    assert torch.equal(everything.indices, exhaustive.indices)
+    torch.testing.assert_close(everything.scores, exhaustive.scores, rtol=1e-6, atol=1e-6)
     loaded.save(str(tmp_path))
     assert json.loads((tmp_path / "index.json").read_text())["version"] == 3
     again = MetaEmbedIndex.load(str(tmp_path), mmap=False)
