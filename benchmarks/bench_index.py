@@ -55,6 +55,8 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--peer-candidates", type=int, default=None, help="fast-plaid on the first N (default: all)")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--plot", default=None, help="write the ratios to the bound as this PNG")
+    parser.add_argument("--from-json", default=None, help="only plot the results a --json run wrote")
     return parser.parse_args()
 
 
@@ -89,6 +91,9 @@ def load_average() -> str:
 
 def main() -> None:
     args = parse_args()
+    if args.from_json:
+        save_plot(json.loads(Path(args.from_json).read_text()), args.plot)
+        return
     torch.set_num_threads(args.threads)
     budgets = [tuple(int(part) for part in text.split(",")) for text in args.budgets]
     print(f"torch {torch.__version__}, {args.threads} threads; load average at start {load_average()}")
@@ -196,6 +201,39 @@ def main() -> None:
     print(f"\nload average at end {load_average()}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, default=str))
+    if args.plot:
+        save_plot(json.loads(json.dumps(results, default=str)), args.plot)
+
+
+def save_plot(results: dict, path: str) -> None:
+    """Ratio to the bound per storage and budget, one query and 32 queries side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    storages = list(dict.fromkeys(row["storage"] for row in results["rows"]))
+    budgets = list(dict.fromkeys(str(tuple(row["budget"])) for row in results["rows"]))
+    figure, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    width = 0.8 / len(storages)
+    for cell, (axis, title) in enumerate(zip(axes, ("one query", "32 queries"))):
+        for offset, storage in enumerate(storages):
+            ratios = [
+                row["cells"][cell][1] / row["cells"][cell][0]
+                for budget in budgets
+                for row in results["rows"]
+                if row["storage"] == storage and str(tuple(row["budget"])) == budget
+            ]
+            axis.bar([i + offset * width for i in range(len(budgets))], ratios, width, label=storage)
+        axis.axhline(0.8, color="black", ls="--", lw=0.8)
+        axis.set_xticks([i + 0.4 - width / 2 for i in range(len(budgets))], budgets)
+        axis.set_xlabel("budget (r_q, r_c)")
+        axis.set_title(f"{title}: bound / time")
+    axes[0].set_ylabel("ratio to max(compute, read) bound")
+    axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    print(f"plot: {path}")
 
 
 def run_peer(args, candidates, queries, reference, results) -> None:
