@@ -56,7 +56,7 @@ class PrefixBlocks:
     the first vectors of all candidates lie together and a budget r_c reads only the blocks it uses. A block is
     float (any floating dtype); int8 with one float32 scale per vector (`vector = int8 * scale`); or uint8 holding
     4-bit codes, two per byte along D (element 2i in the low nibble, 2i + 1 in the high one), with one float32
-    scale per vector (`element = (code - 8) * scale`). Scoring upcasts / dequantises a cache-sized chunk at a
+    scale per vector (`element = (code - 8) * scale`). Scoring upcasts / dequantises an 8 MiB chunk at a
     time, once for all queries of a call.
 
     Args:

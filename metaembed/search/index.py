@@ -291,7 +291,7 @@ class MetaEmbedIndex:
 
     def _gather_stored(self, positions: torch.Tensor, num_vectors: int) -> PrefixBlocks | torch.Tensor:
         """The candidates at ascending `positions` for the kernel: their stored blocks, gathered in the storage
-        type (the kernel upcasts a cache-sized chunk at a time), or float32 `[n, num_vectors, D]` where shards of
+        type (the kernel upcasts an 8 MiB chunk at a time), or float32 `[n, num_vectors, D]` where shards of
         different layouts (an index saved before prefix blocks, then added to) are involved."""
         shard_numbers, local = self._split_positions(positions)
         bounds = torch.searchsorted(shard_numbers, torch.arange(len(self._shards) + 1)).tolist()
@@ -397,7 +397,7 @@ class MetaEmbedIndex:
         self, queries: torch.Tensor, num_candidate_vectors: int, top_k: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # The kernel reads each shard's prefix blocks as stored (only those r_c reaches), upcasting or
-        # dequantising a cache-sized chunk at a time for all queries at once.
+        # dequantising an 8 MiB chunk at a time for all queries at once.
         best_scores = best_indices = None
         start = 0
         for shard in self._shards:
