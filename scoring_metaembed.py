@@ -18,6 +18,7 @@ import torch
 
 __all__ = [
     "MMR_BUDGETS",
+    "PrefixBlocks",
     "TopKScores",
     "check_num_vectors",
     "check_positive_int",
@@ -36,6 +37,10 @@ MMR_BUDGETS: tuple[tuple[int, int], ...] = ((1, 1), (2, 4), (4, 8), (8, 16), (16
 # number of candidates.
 _TILE_ELEMENTS_CPU = 2**21
 _TILE_ELEMENTS_GPU = 2**24
+# Elements of candidates read or staged (upcast from float16, dequantised from int8 / int4) per chunk on CPU:
+# 8 MiB of float32, read back from cache. Smaller chunks (1 MiB) made one-query search dispatch-bound at r_c = 64
+# (seven blocks, a few torch calls each per chunk of 32 candidates).
+_STAGING_ELEMENTS_CPU = 2**21
 # Below this many candidates per tile the matmuls get too thin to be efficient: queries are split instead.
 _MIN_CANDIDATES_PER_TILE = 16
 # Up to this many query vectors in a tile (e.g. one query at r_q <= 16, the serving case), similarities are
@@ -43,6 +48,76 @@ _MIN_CANDIDATES_PER_TILE = 16
 # axis of [candidates, r_c, 16] is 3x slower on CPU (measured). Wider tiles keep [candidate vectors, query
 # vectors], where the max vectorises across the query vectors.
 _MAX_QUERY_VECTORS_FOR_ROW_LAYOUT = 16
+
+
+class PrefixBlocks:
+    """Candidates stored the way an index keeps them: their vectors split into consecutive blocks, block b
+    holding vectors `offset_b .. offset_b + R_b - 1` of every candidate (e.g. vectors 0, 1, 2-3, 4-7, ...), so
+    the first vectors of all candidates lie together and a budget r_c reads only the blocks it uses. A block is
+    float (any floating dtype); int8 with one float32 scale per vector (`vector = int8 * scale`); or uint8 holding
+    4-bit codes, two per byte along D (element 2i in the low nibble, 2i + 1 in the high one), with one float32
+    scale per vector (`element = (code - 8) * scale`). Scoring upcasts / dequantises an 8 MiB chunk at a
+    time, once for all queries of a call.
+
+    Args:
+        blocks: one or more tensors `[N, R_b, D]` (`[N, R_b, D / 2]` for 4-bit codes; views are fine), all with
+            the same N and D, on one device.
+        scales: None, or one entry per block: None for a float block, float32 `[N, R_b]` for a quantised one.
+    """
+
+    def __init__(self, blocks: Sequence[torch.Tensor], scales: Sequence[torch.Tensor | None] | None = None) -> None:
+        blocks = list(blocks) if isinstance(blocks, (list, tuple)) else blocks
+        if not isinstance(blocks, list) or not blocks:
+            raise TypeError(f"blocks must be a non-empty list of [N, R_b, D] tensors, got {type(blocks).__name__}")
+        scales = [None] * len(blocks) if scales is None else list(scales)
+        if len(scales) != len(blocks):
+            raise ValueError(f"got {len(scales)} scales for {len(blocks)} blocks")
+        for number, (block, block_scales) in enumerate(zip(blocks, scales)):
+            if not isinstance(block, torch.Tensor) or block.ndim != 3:
+                shape = list(block.shape) if isinstance(block, torch.Tensor) else type(block).__name__
+                raise ValueError(f"blocks[{number}] must be a tensor [N, R_b, D], got {shape}")
+            if block.shape[0] != blocks[0].shape[0] or block.shape[2] != blocks[0].shape[2]:
+                raise ValueError(
+                    f"blocks[{number}] has shape {list(block.shape)}, but blocks[0] has {list(blocks[0].shape)}: "
+                    f"every block needs the same number of candidates and dim"
+                )
+            if block.device != blocks[0].device:
+                raise ValueError(f"blocks[{number}] is on {block.device}, but blocks[0] is on {blocks[0].device}")
+            if block.shape[1] == 0:
+                raise ValueError(f"blocks[{number}] holds no vectors (shape {list(block.shape)})")
+            if block.dtype in (torch.int8, torch.uint8):
+                if not isinstance(block_scales, torch.Tensor) or block_scales.dtype != torch.float32:
+                    raise TypeError(
+                        f"blocks[{number}] is {str(block.dtype).removeprefix('torch.')}: scales[{number}] must be a "
+                        "float32 tensor [N, R_b]"
+                    )
+                if block_scales.shape != block.shape[:2] or block_scales.device != block.device:
+                    raise ValueError(
+                        f"scales[{number}] has shape {list(block_scales.shape)} on {block_scales.device}, expected "
+                        f"{list(block.shape[:2])} on {block.device}"
+                    )
+            elif not block.dtype.is_floating_point:
+                raise TypeError(
+                    f"blocks[{number}] has dtype {block.dtype}, expected a floating dtype, int8 or uint8 (4-bit codes)"
+                )
+            elif block_scales is not None:
+                raise ValueError(f"blocks[{number}] is {block.dtype}: scales[{number}] must be None")
+        self.blocks: tuple[torch.Tensor, ...] = tuple(blocks)
+        self.scales: tuple[torch.Tensor | None, ...] = tuple(scales)
+
+    def __len__(self) -> int:
+        return self.blocks[0].shape[0]
+
+    @property
+    def num_vectors(self) -> int:
+        """Vectors per candidate, over all blocks."""
+        return sum(block.shape[1] for block in self.blocks)
+
+    @property
+    def dim(self) -> int:
+        """D: the vector dimension (twice the stored last dimension for 4-bit codes)."""
+        block = self.blocks[0]
+        return block.shape[2] * (2 if block.dtype == torch.uint8 else 1)
 
 
 class TopKScores(NamedTuple):
@@ -106,7 +181,8 @@ def late_interaction_scores(
     Args:
         queries: float tensor `[Q, R_q, D]` (padded; see `query_mask`) or a list/tuple of `[R_i, D]`
             tensors (ragged), all on one device.
-        candidates: the same for candidates, `[N, R_c, D]` or a list of `[R_j, D]` tensors.
+        candidates: the same for candidates, `[N, R_c, D]` or a list of `[R_j, D]` tensors, or `PrefixBlocks`
+            (the blocked, possibly int8, layout of an index).
         num_query_vectors: r_q, in `1..R_q` (the padded width); `None` uses all vectors.
         num_candidate_vectors: r_c, in `1..R_c`; `None` uses all vectors.
         query_mask: optional bool (or 0/1 integer) `[Q, R_q]` for a padded `queries`, True for real vectors.
@@ -204,8 +280,14 @@ class _EmbeddingSide:
         self.items: list[torch.Tensor] | None = None
         self.mask: torch.Tensor | None = None
         self.lengths: list[int] | None = None
+        self.blocks: PrefixBlocks | None = None
         if isinstance(embeddings, torch.Tensor):
             self._init_padded(embeddings, mask, mask_name)
+        elif isinstance(embeddings, PrefixBlocks):
+            if mask is not None:
+                raise ValueError(f"{mask_name} does not apply to PrefixBlocks: every stored vector is real")
+            self.blocks, self.count, self.width = embeddings, len(embeddings), embeddings.num_vectors
+            self.dim, self.device = embeddings.dim, embeddings.blocks[0].device
         elif isinstance(embeddings, (list, tuple)):
             if mask is not None:
                 raise ValueError(
@@ -215,8 +297,8 @@ class _EmbeddingSide:
             self._init_list(list(embeddings))
         else:
             raise TypeError(
-                f"{name} must be a torch.Tensor of shape [num_items, num_vectors, dim] or a list of "
-                f"[num_vectors, dim] tensors, got {type(embeddings).__name__}"
+                f"{name} must be a torch.Tensor of shape [num_items, num_vectors, dim], a list of "
+                f"[num_vectors, dim] tensors or PrefixBlocks, got {type(embeddings).__name__}"
             )
         self.num_vectors = self.width
 
@@ -289,29 +371,65 @@ class _EmbeddingSide:
             return
         self.num_vectors = check_num_vectors(num_vectors, self.width, argument_name)
 
-    def as_matrix(self, start: int, end: int, device: torch.device) -> torch.Tensor | None:
-        """Items `start:end` as a float32 `[(end - start) * num_vectors, dim]` view without a copy, or None
-        where that needs one (other dtype or device, padding inside the budget, a layout a matmul can't read).
-        Saves a pass over memory that matters at small budgets, where a copy costs as much as the matmul."""
-        if self.padded is None or self.padded.dtype != torch.float32 or self.padded.device != device:
-            return None
-        if self.mask is not None and not bool(self.mask[start:end, : self.num_vectors].all()):
-            return None
-        chunk = self.padded[start:end, : self.num_vectors]
+    def part_lengths(self) -> list[int]:
+        """Vectors per item in each part the scoring reads separately: for `PrefixBlocks`, the blocks the first
+        `num_vectors` vectors lie in (the last one possibly cut); otherwise one part of all `num_vectors`."""
+        if self.blocks is None:
+            return [self.num_vectors]
+        lengths, remaining = [], self.num_vectors
+        for block in self.blocks.blocks:
+            if remaining == 0:
+                break
+            lengths.append(min(block.shape[1], remaining))
+            remaining -= lengths[-1]
+        return lengths
+
+    def as_matrix(self, start: int, end: int, device: torch.device, part: int = 0) -> torch.Tensor | None:
+        """Items `start:end` (their vectors in `part`) as a float32 `[(end - start) * length, dim]` view without
+        a copy, or None where that needs one (other dtype or device, padding inside the budget, a layout a matmul
+        can't read). Saves a pass over memory that matters at small budgets, where a copy costs as much as the
+        matmul."""
+        length = self.part_lengths()[part]
+        if self.blocks is not None:
+            source = self.blocks.blocks[part]
+            if source.dtype != torch.float32 or source.device != device:
+                return None
+        else:
+            source = self.padded
+            if source is None or source.dtype != torch.float32 or source.device != device:
+                return None
+            if self.mask is not None and not bool(self.mask[start:end, :length].all()):
+                return None
+        chunk = source[start:end, :length]
         if chunk.stride(2) != 1:
             return None
-        if self.num_vectors > 1 and (chunk.stride(1) != self.dim or chunk.stride(0) != self.num_vectors * self.dim):
+        if length > 1 and (chunk.stride(1) != self.dim or chunk.stride(0) != length * self.dim):
             return None
         return chunk.reshape(-1, self.dim)
 
-    def stage(self, start: int, end: int, out: torch.Tensor, pad_with_zeros: bool) -> None:
-        """Copy items `start:end` into `out` (float32 `[end - start, num_vectors, dim]`, contiguous).
+    def stage(self, start: int, end: int, out: torch.Tensor, pad_with_zeros: bool, part: int = 0) -> None:
+        """Copy items `start:end` (their vectors in `part`) into `out` (float32 `[end - start, length, dim]`,
+        contiguous), upcast or dequantised.
 
         Items with fewer than `num_vectors` real vectors are padded with zero vectors (`pad_with_zeros`,
         for queries: a zero query vector adds exactly 0 to the sum) or with copies of their own first vector
         (for candidates: a duplicate never changes a max, where a zero could win it over negative
         similarities).
         """
+        if self.blocks is not None:
+            length = out.shape[1]
+            stored = self.blocks.blocks[part][start:end, :length]
+            if stored.dtype == torch.uint8:  # 4-bit codes: low nibble = even element, high nibble = odd element
+                pairs = out.view(end - start, length, -1, 2)
+                pairs[..., 0].copy_(stored & 15)
+                pairs[..., 1].copy_(stored >> 4)
+                out.sub_(8.0)
+            else:
+                out.copy_(stored)
+            scales = self.blocks.scales[part]
+            if scales is not None:
+                out.mul_(scales[start:end, :length].unsqueeze(-1))
+            return
         if self.items is not None:
             self._stage_list(start, end, out, pad_with_zeros)
             return
@@ -363,17 +481,25 @@ def _score(
     chunk_size: int | None,
     device: torch.device,
 ) -> torch.Tensor | TopKScores:
-    """The chunked kernel: per candidate chunk and query tile, one matmul into a reused buffer, a max over
-    each candidate's vectors, a sum over each query's vectors. Inputs are non-empty and validated."""
+    """The chunked kernel: per candidate chunk and query tile, one matmul per part of the candidates' vectors
+    (one part, or the blocks of `PrefixBlocks`) into a reused buffer, a max over each candidate's vectors
+    (running across parts), a sum over each query's vectors. Inputs are non-empty and validated."""
     num_queries, num_candidates, dim = query_side.count, candidate_side.count, query_side.dim
     query_vectors, candidate_vectors = query_side.num_vectors, candidate_side.num_vectors
-    tile_elements = _TILE_ELEMENTS_CPU if device.type == "cpu" else _TILE_ELEMENTS_GPU
-    pair_elements = query_vectors * candidate_vectors
+    part_lengths = candidate_side.part_lengths()
+    widest_part = max(part_lengths)
+    on_cpu = device.type == "cpu"
+    tile_elements = _TILE_ELEMENTS_CPU if on_cpu else _TILE_ELEMENTS_GPU
+    # Candidates are read (views) or staged (upcast, dequantised) a chunk of at most this many elements at a
+    # time: on CPU a chunk that fits the cache is matmul'd while still there, and MKL's skinny matmuls (one query)
+    # slow down on much larger operands.
+    staging_elements = _STAGING_ELEMENTS_CPU if on_cpu else tile_elements
+    pair_elements = query_vectors * widest_part
     if chunk_size is None:
         queries_per_tile = tile_elements // (pair_elements * _MIN_CANDIDATES_PER_TILE)
         queries_per_tile = max(1, min(num_queries, queries_per_tile, tile_elements // (query_vectors * dim)))
         candidates_per_chunk = min(
-            tile_elements // (queries_per_tile * pair_elements), tile_elements // (candidate_vectors * dim)
+            tile_elements // (queries_per_tile * pair_elements), staging_elements // (candidate_vectors * dim)
         )
         candidates_per_chunk = max(1, min(num_candidates, candidates_per_chunk))
     else:
@@ -384,24 +510,27 @@ def _score(
     # Buffers allocated once and reused: a fresh large allocation costs page faults on every chunk, and a
     # reused tile stays in cache. The staging buffers are only made when some chunk needs a copy.
     float32 = {"dtype": torch.float32, "device": device}
-    similarity_buffer = torch.empty(
-        candidates_per_chunk * candidate_vectors * queries_per_tile * query_vectors, **float32
-    )
-    # At r_c = 1 the similarities already are the maxima: no buffer for them.
-    max_elements = candidates_per_chunk * queries_per_tile * query_vectors if candidate_vectors > 1 else 0
-    max_buffer = torch.empty(max_elements, **float32)
+    similarity_buffer = torch.empty(candidates_per_chunk * widest_part * queries_per_tile * query_vectors, **float32)
+    # A single part of one vector per candidate: the similarities already are the maxima, no buffer for them.
+    max_elements = candidates_per_chunk * queries_per_tile * query_vectors
+    max_buffer = torch.empty(max_elements if part_lengths != [1] else 0, **float32)
+    # Maxima of the parts after the first, merged into max_buffer.
+    part_max_buffer = torch.empty(max_elements if any(length > 1 for length in part_lengths[1:]) else 0, **float32)
     staging_buffers: dict[str, torch.Tensor] = {}
 
-    def as_matrix(side: _EmbeddingSide, start: int, end: int, pad_with_zeros: bool) -> torch.Tensor:
-        """Items `start:end` of `side` as float32 `[(end - start) * num_vectors, dim]` on `device`."""
-        matrix = side.as_matrix(start, end, device)
+    def as_matrix(side: _EmbeddingSide, start: int, end: int, pad_with_zeros: bool, part: int = 0) -> torch.Tensor:
+        """Items `start:end` of `side` (vectors of `part`) as float32 `[(end - start) * length, dim]` on `device`;
+        the parts of one chunk are staged side by side."""
+        matrix = side.as_matrix(start, end, device, part)
         if matrix is not None:
             return matrix
         items_per_buffer = queries_per_tile if side is query_side else candidates_per_chunk
         if side.name not in staging_buffers:
             staging_buffers[side.name] = torch.empty(items_per_buffer * side.num_vectors * dim, **float32)
-        staged = staging_buffers[side.name][: (end - start) * side.num_vectors * dim]
-        side.stage(start, end, staged.view(end - start, side.num_vectors, dim), pad_with_zeros)
+        length = side.part_lengths()[part]
+        offset = items_per_buffer * sum(side.part_lengths()[:part]) * dim
+        staged = staging_buffers[side.name][offset : offset + (end - start) * length * dim]
+        side.stage(start, end, staged.view(end - start, length, dim), pad_with_zeros, part)
         return staged.view(-1, dim)
 
     query_tiles = [
@@ -417,7 +546,7 @@ def _score(
     for chunk_start in range(0, num_candidates, candidates_per_chunk):
         chunk_end = min(chunk_start + candidates_per_chunk, num_candidates)
         chunk_length = chunk_end - chunk_start
-        chunk = as_matrix(candidate_side, chunk_start, chunk_end, False)
+        parts = [as_matrix(candidate_side, chunk_start, chunk_end, False, part) for part in range(len(part_lengths))]
         chunk_scores = scores[:, chunk_start:chunk_end] if k is None else scores[:, :chunk_length]
         for query_start, query_end in query_tiles:
             if single_query_tile is not None:
@@ -425,32 +554,47 @@ def _score(
             else:
                 tile_queries = as_matrix(query_side, query_start, query_end, True)
             tile_length, query_width = query_end - query_start, tile_queries.shape[0]
-            elements = chunk.shape[0] * query_width
-            if query_width <= _MAX_QUERY_VECTORS_FOR_ROW_LAYOUT:
-                # [tile queries * r_q, chunk * r_c]; max over each candidate's r_c contiguous columns.
-                similarities = similarity_buffer[:elements].view(query_width, chunk.shape[0])
-                torch.mm(tile_queries, chunk.T, out=similarities)
-                maxima = similarities
-                if candidate_vectors > 1:
-                    maxima = max_buffer[: query_width * chunk_length].view(query_width, chunk_length)
-                    torch.amax(similarities.view(query_width, chunk_length, candidate_vectors), dim=2, out=maxima)
-                # Sum over each query's vectors, in float32 -> [tile queries, chunk].
+            # Up to _MAX_QUERY_VECTORS_FOR_ROW_LAYOUT query vectors: [query vectors, candidate vectors], the max
+            # over each candidate's contiguous columns. Wider: [candidate vectors, query vectors], the max over
+            # rows, vectorised across query vectors.
+            row_layout = query_width <= _MAX_QUERY_VECTORS_FOR_ROW_LAYOUT
+            shape = (query_width, chunk_length) if row_layout else (chunk_length, query_width)
+            maxima = None
+            for number, (matrix, length) in enumerate(zip(parts, part_lengths)):
+                elements = matrix.shape[0] * query_width
+                if row_layout:
+                    similarities = similarity_buffer[:elements].view(query_width, matrix.shape[0])
+                    torch.mm(tile_queries, matrix.T, out=similarities)
+                    grouped, vector_axis = similarities.view(query_width, chunk_length, length), 2
+                else:
+                    similarities = similarity_buffer[:elements].view(matrix.shape[0], query_width)
+                    torch.mm(matrix, tile_queries.T, out=similarities)
+                    grouped, vector_axis = similarities.view(chunk_length, length, query_width), 1
+                # Max over each candidate's vectors in this part, merged into the running max of earlier parts.
+                if number == 0:
+                    if len(parts) == 1 and length == 1:
+                        maxima = similarities.view(shape)
+                        continue
+                    maxima = max_buffer[: chunk_length * query_width].view(shape)
+                    if length == 1:
+                        maxima.copy_(similarities.view(shape))
+                    else:
+                        torch.amax(grouped, dim=vector_axis, out=maxima)
+                elif length == 1:
+                    torch.maximum(maxima, similarities.view(shape), out=maxima)
+                else:
+                    part_maxima = part_max_buffer[: chunk_length * query_width].view(shape)
+                    torch.amax(grouped, dim=vector_axis, out=part_maxima)
+                    torch.maximum(maxima, part_maxima, out=maxima)
+            # Sum over each query's vectors, in float32 -> [tile queries, chunk].
+            if row_layout:
                 tile_scores = maxima.view(tile_length, query_vectors, chunk_length).sum(dim=1)
                 chunk_scores[query_start:query_end].copy_(tile_scores)
-                continue
-            # [chunk * r_c, tile queries * r_q]: the max below runs over rows, vectorised across query vectors.
-            similarities = similarity_buffer[:elements].view(chunk.shape[0], query_width)
-            torch.mm(chunk, tile_queries.T, out=similarities)
-            # Max over each candidate's vectors -> [chunk, tile queries * r_q] (nothing to do at r_c = 1).
-            maxima = similarities
-            if candidate_vectors > 1:
-                maxima = max_buffer[: chunk_length * query_width].view(chunk_length, -1)
-                torch.amax(similarities.view(chunk_length, candidate_vectors, -1), dim=1, out=maxima)
-            # Sum over each query's vectors, in float32 -> [chunk, tile queries].
-            tile_scores = maxima
-            if query_vectors > 1:
-                tile_scores = maxima.view(chunk_length, tile_length, query_vectors).sum(dim=2)
-            chunk_scores[query_start:query_end].copy_(tile_scores.T)
+            else:
+                tile_scores = maxima
+                if query_vectors > 1:
+                    tile_scores = maxima.view(chunk_length, tile_length, query_vectors).sum(dim=2)
+                chunk_scores[query_start:query_end].copy_(tile_scores.T)
         if k is not None:
             best_scores, best_indices = merge_top_k(best_scores, best_indices, chunk_scores, chunk_start, k)
 

@@ -138,7 +138,9 @@ def main() -> None:
         budget_rows[set_name], exhaustive = [], {}
         for r_q, r_c in MMR_BUDGETS:
             seconds, results = timed(
-                lambda r_q=r_q, r_c=r_c, embeddings=query_embeddings: index.search(embeddings, r_q, r_c, top_k=10)
+                lambda r_q=r_q, r_c=r_c, embeddings=query_embeddings: index.search(
+                    embeddings, r_q, r_c, top_k=10, shortlist_size=None
+                )
             )
             exhaustive[(r_q, r_c)] = (seconds, results)
             recall_1, recall_10 = task_recalls(results.indices, relevant)
@@ -153,8 +155,8 @@ def main() -> None:
         for storage, size in (("float32", 4 * dim), ("float16", 2 * dim), ("int8", dim + 4)):
             copy = MetaEmbedIndex(dim, index.num_vectors, storage)
             copy.add(everything)
-            full_budget = copy.search(query_embeddings, 16, 64, top_k=10).indices
-            single_vector = copy.search(query_embeddings, 1, 1, top_k=10).indices
+            full_budget = copy.search(query_embeddings, 16, 64, top_k=10, shortlist_size=None).indices
+            single_vector = copy.search(query_embeddings, 1, 1, top_k=10, shortlist_size=None).indices
             cells = [
                 overlap_at_k(full_budget, exhaustive[(16, 64)][1].indices),
                 overlap_at_k(single_vector, exhaustive[(1, 1)][1].indices),
@@ -165,7 +167,9 @@ def main() -> None:
         # 3. Two-stage search at (16, 64) against exhaustive.
         exhaustive_seconds, exhaustive_results = exhaustive[(16, 64)]
         singles = query_embeddings[: args.single_queries]
-        single_seconds = one_at_a_time(lambda query: index.search(query, 16, 64, top_k=10), singles)
+        single_seconds = one_at_a_time(
+            lambda query: index.search(query, 16, 64, top_k=10, shortlist_size=None), singles
+        )
         print(
             f"\nexhaustive (16,64): {exhaustive_seconds / num_queries * 1e3:.2f} ms / query in a batch of "
             f"{num_queries}, {single_seconds * 1e3:.2f} ms one query at a time"

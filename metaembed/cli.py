@@ -315,8 +315,25 @@ def run_search(arguments: argparse.Namespace) -> None:
         raise ValueError("give at least one query text or --image")
     num_query_vectors, num_candidate_vectors = arguments.budget
     embeddings = model.encode_queries(queries, num_vectors=num_query_vectors)
+    top_k = min(arguments.top_k, len(index))
+    requested = None if arguments.exhaustive else arguments.shortlist or "auto"
+    shortlist, ann_query_vectors = index.search_plan(top_k, num_query_vectors or embeddings.shape[1], requested)
+    # Said on stderr, so --json output stays one JSON document.
+    if shortlist is None:
+        print("search: exhaustive (every candidate scored exactly)", file=sys.stderr)
+    else:
+        print(
+            f"search: two stages, the ANN index's {shortlist} nearest vectors to each of {ann_query_vectors} query "
+            "vector(s), reranked exactly (--exhaustive scores every candidate)",
+            file=sys.stderr,
+        )
     results = index.search(
-        embeddings, num_query_vectors, num_candidate_vectors, arguments.top_k, shortlist_size=arguments.shortlist
+        embeddings,
+        num_query_vectors,
+        num_candidate_vectors,
+        top_k,
+        shortlist_size=shortlist,
+        ann_query_vectors=ann_query_vectors,
     )
     output = []
     for query, scores, positions, row_ids in zip(queries, results.scores, results.indices, results.ids):
@@ -496,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("model", help="a MetaEmbed folder or repo id")
     index.add_argument("input", help="a folder of images, a .jsonl file ({text?, image?, id?, ...}) or a text file")
     index.add_argument("output_dir", help="a new or empty folder, or a MetaEmbed index to resume or replace")
-    index.add_argument("--storage", choices=["float32", "float16", "int8"], default="float16")
+    index.add_argument("--storage", choices=["float32", "float16", "int8", "int4"], default="float16")
     index.add_argument("--num-vectors", type=positive_int, default=None, help="candidate vectors kept (default: all)")
     index.add_argument("--batch-size", type=positive_int, default=32)
     index.add_argument("--shard-size", type=positive_int, default=50_000, help="candidates per shard file")
@@ -524,7 +541,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget", type=positive_int, nargs=2, default=(None, None), metavar=("R_Q", "R_C"), help="default: all"
     )
     search.add_argument("--top-k", type=positive_int, default=10)
-    search.add_argument("--shortlist", type=positive_int, default=None, help="two-stage search with this shortlist")
+    stages = search.add_mutually_exclusive_group()
+    stages.add_argument(
+        "--shortlist",
+        type=positive_int,
+        default=None,
+        help="two-stage search with this shortlist per first-stage query vector (default: two stages with the "
+        "index's own default when it holds an ANN index, else exhaustive)",
+    )
+    stages.add_argument("--exhaustive", action="store_true", help="score every candidate (exact)")
     search.add_argument("--model", default=None, help="override the model recorded in the index")
     search.add_argument("--dtype", choices=MODEL_DTYPES, default="auto")
     search.add_argument("--device", default=None)

@@ -250,6 +250,28 @@ def test_search_prints_only_found_candidates_when_a_two_stage_row_ends_early(mod
     assert [hit["rank"] for hit in hits] == list(range(1, len(hits) + 1))
 
 
+def test_search_defaults_to_two_stages_when_the_index_has_an_ann_and_says_so(model_dir, image_folder, tmp_path, capsys):
+    output = str(tmp_path / "index")
+    main(["index", model_dir, str(image_folder), output, "--storage", "float32"])
+    capsys.readouterr()
+    main(["search", output, "a red circle", "--top-k", "2", "--json"])
+    captured = capsys.readouterr()
+    assert "search: exhaustive" in captured.err  # no ANN index saved: exact
+    exact = json.loads(captured.out)[0]["results"]
+    index = MetaEmbedIndex.load(output)
+    index.build_ann(kind="flat")
+    index.save(output)
+    main(["search", output, "a red circle", "--top-k", "2", "--json"])
+    captured = capsys.readouterr()
+    assert "search: two stages" in captured.err and "--exhaustive" in captured.err
+    assert json.loads(captured.out)[0]["results"] == exact  # a shortlist of 100 holds this small index whole
+    main(["search", output, "a red circle", "--top-k", "2", "--json", "--exhaustive"])
+    captured = capsys.readouterr()
+    assert "search: exhaustive" in captured.err and json.loads(captured.out)[0]["results"] == exact
+    with pytest.raises(SystemExit):
+        main(["search", output, "a red circle", "--exhaustive", "--shortlist", "5"])
+
+
 def test_resume_never_reuses_shards_of_another_storage_or_vector_count(model_dir, tmp_path, capsys):
     from transformers import AutoModel
 

@@ -3,6 +3,7 @@ search, bad input, threads; the Qdrant adapter against the index."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -68,7 +69,7 @@ def test_exhaustive_search_matches_reference(candidates, queries, budget):
     assert index.metadata(int(results.indices[0, 0])) == {"n": int(results.indices[0, 0])}
 
 
-@pytest.mark.parametrize(("storage", "tolerance"), [("float16", 1e-3), ("int8", 5e-3)])
+@pytest.mark.parametrize(("storage", "tolerance"), [("float16", 1e-3), ("int8", 5e-3), ("int4", 0.07)])
 def test_storage_dtypes_dequantise_closely_and_search_what_is_stored(candidates, queries, storage, tolerance):
     index = build(candidates, storage)
     stored = index.get_embeddings(range(len(candidates)))
@@ -80,9 +81,9 @@ def test_storage_dtypes_dequantise_closely_and_search_what_is_stored(candidates,
     assert torch.equal(results.indices, expected_indices)
 
 
-def test_int8_is_a_quarter_of_float32_plus_scales(candidates, tmp_path):
+def test_int8_is_a_quarter_and_int4_an_eighth_of_float32_plus_scales(candidates, tmp_path):
     sizes = {}
-    for storage in ("float32", "float16", "int8"):
+    for storage in ("float32", "float16", "int8", "int4"):
         build(candidates, storage).save(str(tmp_path / storage))
         folder = tmp_path / storage
         sizes[storage] = sum(os.path.getsize(path) for path in folder.rglob("*.safetensors"))
@@ -90,9 +91,24 @@ def test_int8_is_a_quarter_of_float32_plus_scales(candidates, tmp_path):
     assert sizes["float32"] == pytest.approx(4 * payload, rel=0.01)
     assert sizes["float16"] == pytest.approx(2 * payload, rel=0.01)
     assert sizes["int8"] == pytest.approx(payload + 4 * len(candidates) * NUM_VECTORS, rel=0.01)
+    assert sizes["int4"] == pytest.approx(payload / 2 + 4 * len(candidates) * NUM_VECTORS, rel=0.01)
 
 
-@pytest.mark.parametrize("storage", ["float32", "float16", "int8"])
+def test_int4_codes_are_the_plain_per_vector_max_abs_quantisation(candidates, queries):
+    index = build(candidates, "int4")
+    scales = candidates.abs().amax(dim=-1, keepdim=True) / 7
+    expected = torch.round(candidates / scales).clamp(-7, 7) * scales
+    torch.testing.assert_close(index.get_embeddings(range(len(candidates))), expected, atol=1e-6, rtol=0)
+    for budget in ((1, 1), (4, 8), (16, 64)):
+        results = index.search(queries, *budget, top_k=10)
+        expected_scores, expected_indices = reference_top_k(queries, expected, *budget, 10)
+        torch.testing.assert_close(results.scores.double(), expected_scores, atol=1e-5, rtol=0)
+        assert torch.equal(results.indices, expected_indices)
+    with pytest.raises(ValueError, match="dim must be even"):
+        MetaEmbedIndex(7, 4, storage="int4")
+
+
+@pytest.mark.parametrize("storage", ["float32", "float16", "int8", "int4"])
 def test_save_load_round_trip_is_exact_and_memory_mapped(candidates, queries, tmp_path, storage):
     index = build(candidates, storage)
     index.save(str(tmp_path), max_shard_candidates=256)
@@ -102,9 +118,10 @@ def test_save_load_round_trip_is_exact_and_memory_mapped(candidates, queries, tm
     loaded = MetaEmbedIndex.load(str(tmp_path))
     assert len(loaded) == len(index) and loaded.ids == index.ids and loaded.storage == storage
     assert torch.equal(loaded.get_embeddings(range(len(index))), index.get_embeddings(range(len(index))))
-    embeddings = loaded._shards[0].embeddings
-    # A view into a mapping of the whole file, not a copy of the tensor.
-    assert embeddings.untyped_storage().nbytes() == os.path.getsize(shard_files[0])
+    # Prefix blocks (vectors 0, 1, 2-3, 4-7, ...), each a view into a mapping of the whole file, not a copy.
+    blocks = loaded._shards[0].blocks
+    assert [block.shape[1] for block in blocks] == [1, 1, 2, 4, 8, 16, 32]
+    assert all(block.untyped_storage().nbytes() == os.path.getsize(shard_files[0]) for block in blocks)
     for r_q, r_c in ((1, 1), (16, 64)):
         before, after = index.search(queries, r_q, r_c, top_k=7), loaded.search(queries, r_q, r_c, top_k=7)
         assert torch.equal(before.scores, after.scores) and torch.equal(before.indices, after.indices)
@@ -128,7 +145,7 @@ def test_two_stage_search_reranks_the_ann_shortlist_exactly(candidates, queries)
     index.build_ann()
     # A shortlist of everything is the exhaustive search.
     full = index.search(queries, 16, 64, top_k=10, shortlist_size=len(candidates))
-    exhaustive = index.search(queries, 16, 64, top_k=10)
+    exhaustive = index.search(queries, 16, 64, top_k=10, shortlist_size=None)
     assert torch.equal(full.indices, exhaustive.indices)
     torch.testing.assert_close(full.scores, exhaustive.scores, atol=1e-5, rtol=0)
     # A short list: the first stage finds the first vectors nearest the query's first vector ...
@@ -139,7 +156,7 @@ def test_two_stage_search_reranks_the_ann_shortlist_exactly(candidates, queries)
         brute_force = set(scores.topk(50).indices.tolist())
         assert len(brute_force & set(shortlist.tolist())) >= 45  # approximate, but close on 700 points
     # ... and the second stage scores those exactly, keeping the best.
-    results = index.search(queries, 16, 64, top_k=10, shortlist_size=50)
+    results = index.search(queries, 16, 64, top_k=10, shortlist_size=50, ann_query_vectors=1)
     for row, shortlist in enumerate(shortlists):
         expected_scores, expected_positions = reference_top_k(queries[row : row + 1], candidates[shortlist], 16, 64, 10)
         assert torch.equal(results.indices[row], shortlist[expected_positions[0]])
@@ -289,10 +306,10 @@ def test_add_copies_the_callers_memory(candidates, queries):
 
 
 def test_int8_search_over_several_dequantised_blocks(candidates, queries, monkeypatch):
-    import metaembed.search.index as index_module
+    import scoring_metaembed
 
     whole = build(candidates, "int8").search(queries, 16, 64, top_k=10)
-    monkeypatch.setattr(index_module, "_BLOCK_ELEMENTS", 64 * DIM * 50)  # blocks of 50 candidates
+    monkeypatch.setattr(scoring_metaembed, "_STAGING_ELEMENTS_CPU", 64 * DIM * 50)  # chunks of 50 candidates
     blocked = build(candidates, "int8").search(queries, 16, 64, top_k=10)
     assert torch.equal(blocked.indices, whole.indices)
     torch.testing.assert_close(blocked.scores, whole.scores, atol=1e-5, rtol=0)
@@ -414,14 +431,73 @@ def test_saved_files_get_the_usual_file_mode(candidates, tmp_path):
 # ------------------------------------------------------------------------------------------------------------
 
 
-def to_version_1(folder):
-    """Rewrite a saved folder in the version 1 layout (shards beside index.json, no generation, no records)."""
+def to_whole_tensors(shard_path):
+    """Rewrite a shard in the tensor layout of versions 1 and 2: one "embeddings" [n, R, D] (and "scales" [n, R])
+    instead of prefix blocks."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(shard_path))
+    count = sum(name.startswith("embeddings.") for name in tensors)
+    whole = {"embeddings": torch.cat([tensors[f"embeddings.{number}"] for number in range(count)], dim=1)}
+    if "scales.0" in tensors:
+        whole["scales"] = torch.cat([tensors[f"scales.{number}"] for number in range(count)], dim=1)
+    save_file(whole, str(shard_path))
+
+
+def to_version_2(folder):
+    """Rewrite a saved folder as a version 2 save wrote it: whole-candidate tensors, their records updated."""
     manifest = json.loads((folder / "index.json").read_text())
+    for entry in manifest["shards"]:
+        path = folder / manifest["generation"] / (entry["name"] + ".safetensors")
+        to_whole_tensors(path)
+        entry["safetensors"] = {"bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    (folder / "index.json").write_text(json.dumps({**manifest, "version": 2}))
+
+
+def to_version_1(folder):
+    """Rewrite a saved folder in the version 1 layout (shards beside index.json, no generation, no records,
+    whole-candidate tensors)."""
+    manifest = json.loads((folder / "index.json").read_text())
+    for entry in manifest["shards"]:
+        to_whole_tensors(folder / manifest["generation"] / (entry["name"] + ".safetensors"))
     for path in (folder / manifest.pop("generation")).iterdir():
         os.replace(path, folder / path.name)
     for key in ("version", "shards", "ann_file"):
         manifest.pop(key)
     (folder / "index.json").write_text(json.dumps({**manifest, "version": 1}))
+
+
+@pytest.mark.parametrize("storage", ["float32", "int8"])
+def test_version_2_folders_load_search_the_same_and_the_next_save_writes_prefix_blocks(
+    candidates, queries, tmp_path, storage
+):
+    index = build(candidates[:60], storage)
+    index.build_ann(kind="flat")
+    index.save(str(tmp_path), max_shard_candidates=25)
+    to_version_2(tmp_path)
+    loaded = MetaEmbedIndex.load(str(tmp_path))
+    assert [len(shard.blocks) for shard in loaded._shards] == [1, 1, 1]  # whole-candidate tensors, as saved
+    assert loaded._ann is not None  # the ANN file is tied to the same vectors
+    assert torch.equal(loaded.get_embeddings(range(60)), index.get_embeddings(range(60)))
+    for budget in ((1, 1), (4, 8), (16, 64)):
+        for shortlist in (None, "auto"):
+            before = index.search(queries, *budget, top_k=5, shortlist_size=shortlist)
+            after = loaded.search(queries, *budget, top_k=5, shortlist_size=shortlist)
+            assert torch.equal(before.indices, after.indices)
+            torch.testing.assert_close(before.scores, after.scores, rtol=1e-6, atol=1e-6)
+    # Shards of both layouts in one index (version 2 shards, then an add): two stages rerank across them exactly.
+    mixed = MetaEmbedIndex.load(str(tmp_path))
+    mixed.add(candidates[60:70])
+    assert [len(shard.blocks) for shard in mixed._shards] == [1, 1, 1, 7]
+    everything = mixed.search(queries, 16, 64, top_k=5, shortlist_size=70, ann_query_vectors=1)
+    exhaustive = mixed.search(queries, 16, 64, top_k=5, shortlist_size=None)
+    assert torch.equal(everything.indices, exhaustive.indices)
+    torch.testing.assert_close(everything.scores, exhaustive.scores, rtol=1e-6, atol=1e-6)
+    loaded.save(str(tmp_path))
+    assert json.loads((tmp_path / "index.json").read_text())["version"] == 3
+    again = MetaEmbedIndex.load(str(tmp_path), mmap=False)
+    assert [len(shard.blocks) for shard in again._shards] == [7, 7, 7]
+    assert torch.equal(again.get_embeddings(range(60)), index.get_embeddings(range(60)))
 
 
 def test_version_1_folders_load_and_the_next_save_replaces_only_their_files(candidates, queries, tmp_path):
@@ -637,3 +713,34 @@ def test_an_ann_index_of_other_vectors_is_refused_at_load(candidates, tmp_path):
     # The same files with the ANN index built from them load, and search with it.
     first.save(str(tmp_path / "fresh"))
     assert MetaEmbedIndex.load(str(tmp_path / "fresh"))._ann is not None
+
+
+def test_default_search_is_two_stage_exactly_when_the_index_has_an_ann(candidates, queries, tmp_path):
+    index = build(candidates)
+    # Queries for targets 3, 300, 600 whose first vector says nothing about them; vectors 1-3 are the target's
+    # first vector, slightly perturbed: a first stage with one query vector misses them, the default's four find them.
+    targets = torch.tensor([3, 300, 600])
+    hard = unit_vectors(3, 16, DIM, seed=5)
+    hard[:, 1:4] = F.normalize(candidates[targets, :1] + 0.05 * unit_vectors(3, 3, DIM, seed=6), dim=-1)
+    exhaustive = index.search(hard, 4, 64, top_k=10, shortlist_size=None)
+    assert torch.equal(exhaustive.indices[:, 0], targets)
+    assert index.search_plan(10, 4) == (None, 4)
+    assert torch.equal(index.search(hard, 4, 64, top_k=10).indices, exhaustive.indices)
+    index.build_ann(kind="flat")
+    assert index.search_plan(10, 16) == (100, 4) and index.search_plan(30, 2) == (300, 2)
+    default = index.search(hard, 4, 64, top_k=10)
+    explicit = index.search(hard, 4, 64, top_k=10, shortlist_size=100, ann_query_vectors=4)
+    assert torch.equal(default.indices, explicit.indices) and torch.equal(default.scores, explicit.scores)
+    assert torch.equal(default.indices[:, 0], targets)
+    one_vector = index.search(hard, 4, 64, top_k=10, shortlist_size=10, ann_query_vectors=1)
+    assert not torch.equal(one_vector.indices[:, 0], targets)
+    # Saved and loaded with its ANN index: still two stages; `add` drops the ANN index: exhaustive again.
+    index.save(str(tmp_path))
+    loaded = MetaEmbedIndex.load(str(tmp_path))
+    assert loaded.search_plan(10, 16) == (100, 4)
+    loaded.add(candidates[:1], ids=["extra"])
+    assert loaded.search_plan(10, 16) == (None, 4)
+    with pytest.raises(ValueError, match="shortlist_size must be 'auto', None or a positive int"):
+        index.search(queries, 16, 64, shortlist_size="fast")
+    with pytest.raises(ValueError, match=r"shortlist_size \(5\) must be at least top_k \(10\)"):
+        index.search(queries, 16, 64, shortlist_size=5)

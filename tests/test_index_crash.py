@@ -42,10 +42,10 @@ def no_disk_flush(monkeypatch):
     monkeypatch.setattr(os, "fsync", lambda descriptor: None)
 
 
-@pytest.fixture(scope="module")
-def versions() -> tuple[MetaEmbedIndex, MetaEmbedIndex]:
-    """(old, new): different sizes, shard counts, storage dtypes, metadata and ANN files."""
-    return make_index(1, 30, "float32", ann=False), make_index(2, 42, "int8", ann=True)
+@pytest.fixture(scope="module", params=["int8", "int4"])
+def versions(request) -> tuple[MetaEmbedIndex, MetaEmbedIndex]:
+    """(old, new): different sizes, shard counts, storage types (each quantised one), metadata and ANN files."""
+    return make_index(1, 30, "float32", ann=False), make_index(2, 42, request.param, ann=True)
 
 
 def state_of(index: MetaEmbedIndex) -> tuple:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
@@ -465,3 +466,79 @@ def test_one_query_and_a_wide_batch_use_either_layout_and_agree(budget):
     for row in (0, 3, 5):
         single = late_interaction_scores(queries[row : row + 1], candidates, *budget)
         assert_same_up_to_rounding(single, batch[row : row + 1])
+
+
+def prefix_blocks(candidates: torch.Tensor, bounds: list[int], storage: str = "float32"):
+    """`candidates` [N, R, D] split into consecutive blocks at `bounds` (as an index stores them), in float32,
+    float16 or int8 (per-vector scales), and the float32 values those blocks hold, [N, R, D]."""
+    blocks, scales, values = [], [], []
+    for start, end in itertools.pairwise(bounds):
+        part = candidates[:, start:end]
+        if storage == "int8":
+            scale = part.abs().amax(dim=-1) / 127.0
+            codes = torch.round(part / scale.unsqueeze(-1)).to(torch.int8)
+            blocks.append(codes)
+            scales.append(scale)
+            values.append(codes.float() * scale.unsqueeze(-1))
+        elif storage == "int4":  # codes 1..15 (value + 8), two per byte: even element low, odd element high
+            scale = part.abs().amax(dim=-1) / 7.0
+            codes = (torch.round(part / scale.unsqueeze(-1)) + 8).to(torch.uint8)
+            blocks.append(codes[..., 0::2] | (codes[..., 1::2] << 4))
+            scales.append(scale)
+            values.append((codes.float() - 8) * scale.unsqueeze(-1))
+        else:
+            blocks.append(part.to(getattr(torch, storage)).contiguous())
+            scales.append(None)
+            values.append(blocks[-1].float())
+    return scoring_metaembed.PrefixBlocks(blocks, scales), torch.cat(values, dim=1)
+
+
+@pytest.mark.parametrize("storage", ["float32", "float16", "int8", "int4"])
+@pytest.mark.parametrize("budget", [(1, 1), (2, 3), (4, 8), (5, 13), (16, 64)])
+@pytest.mark.parametrize("num_queries", [1, 6])
+def test_prefix_blocks_score_what_they_store_at_every_budget(storage, budget, num_queries):
+    generator = torch.Generator().manual_seed(11)
+    queries = torch.nn.functional.normalize(torch.randn(num_queries, 16, 32, generator=generator), dim=-1)
+    candidates = torch.nn.functional.normalize(torch.randn(40, 64, 32, generator=generator), dim=-1)
+    blocks, values = prefix_blocks(candidates, [0, 1, 2, 4, 8, 16, 32, 64], storage)
+    expected = reference_scores(list(queries), list(values), *budget)
+    assert_close_to_reference(late_interaction_scores(queries, blocks, *budget), expected)
+    # The same float32 values stored whole give the same scores, up to rounding; so do tiny chunks and top-k.
+    whole = late_interaction_scores(queries, values, *budget)
+    assert_same_up_to_rounding(late_interaction_scores(queries, blocks, *budget), whole)
+    assert_same_up_to_rounding(late_interaction_scores(queries, blocks, *budget, chunk_size=3), expected)
+    top = late_interaction_scores(queries, blocks, *budget, top_k=5)
+    torch.testing.assert_close(top.scores, expected.topk(5, dim=1).values, rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_blocks_read_only_the_blocks_a_budget_uses():
+    # Later blocks hold NaN: a budget inside the first blocks must never touch them.
+    generator = torch.Generator().manual_seed(3)
+    queries = torch.nn.functional.normalize(torch.randn(2, 4, 8, generator=generator), dim=-1)
+    first = torch.nn.functional.normalize(torch.randn(9, 4, 8, generator=generator), dim=-1)
+    blocks = scoring_metaembed.PrefixBlocks([first[:, :1], first[:, 1:4], torch.full((9, 4, 8), float("nan"))])
+    assert blocks.num_vectors == 8 and len(blocks) == 9
+    for r_c in (1, 2, 4):
+        expected = reference_scores(list(queries), list(first), 4, r_c)
+        assert_close_to_reference(late_interaction_scores(queries, blocks, 4, r_c), expected)
+    assert torch.isnan(late_interaction_scores(queries, blocks, 4, 5)).all()
+
+
+def test_prefix_blocks_refuse_inconsistent_blocks():
+    block = torch.zeros(3, 2, 8)
+    with pytest.raises(ValueError, match=r"blocks\[1\] has shape \[4, 2, 8\]"):
+        scoring_metaembed.PrefixBlocks([block, torch.zeros(4, 2, 8)])
+    with pytest.raises(TypeError, match=r"blocks\[0\] is int8: scales\[0\] must be a float32"):
+        scoring_metaembed.PrefixBlocks([block.to(torch.int8)])
+    with pytest.raises(ValueError, match=r"scales\[0\] has shape \[3\]"):
+        scoring_metaembed.PrefixBlocks([block.to(torch.int8)], [torch.ones(3)])
+    with pytest.raises(ValueError, match=r"blocks\[0\] is torch.float32: scales\[0\] must be None"):
+        scoring_metaembed.PrefixBlocks([block], [torch.ones(3, 2)])
+    with pytest.raises(TypeError, match="blocks must be a non-empty list"):
+        scoring_metaembed.PrefixBlocks([])
+    with pytest.raises(ValueError, match="candidate_mask does not apply to PrefixBlocks"):
+        late_interaction_scores(
+            torch.zeros(1, 1, 8), scoring_metaembed.PrefixBlocks([block]), candidate_mask=torch.ones(3, 2)
+        )
+    with pytest.raises(ValueError, match="num_candidate_vectors must be between 1 and 2"):
+        late_interaction_scores(torch.zeros(1, 1, 8), scoring_metaembed.PrefixBlocks([block]), 1, 3)

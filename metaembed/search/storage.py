@@ -4,8 +4,11 @@
                                             the generation it names with the size and sha256 of each file
     index.lock                              locked (flock) by the process writing the folder
     gen-<16 hex>/                           one generation: every file of one saved version
-        shard-00000-of-00002.safetensors    "embeddings" [n, R_c, D] (float32 / float16 / int8),
-                                            "scales" [n, R_c] float32 (int8 storage only)
+        shard-00000-of-00002.safetensors    the prefix-block layout: "embeddings.<b>" [n, R_b, D] (float32 /
+                                            float16 / int8) holding vectors 0, 1, 2-3, 4-7, ... of every
+                                            candidate (`prefix_block_bounds`), so a budget r_c reads only the
+                                            first vectors of all candidates, stored together; "scales.<b>"
+                                            [n, R_b] float32 (int8 storage only)
         shard-00000-of-00002.json           ids and metadata of that shard's candidates (and, from
                                             `metaembed index`, a hash of their content and of the model)
         ann.faiss                           optional: the first-stage ANN index (faiss, built by `build_ann`);
@@ -18,7 +21,9 @@ see the complete old or the complete new version. Only names of this format are 
 Each process of a multi-process encode (`metaembed index`) writes its own shards into the generation of that job;
 whichever process finds all shards written commits it. No communication is needed.
 
-Version 1 folders (index.json with `shard-*` files beside it, no generation) still load. Their ann.faiss is not
+Version 2 folders (one "embeddings" [n, R_c, D] and "scales" [n, R_c] per shard) still load and search as one
+block; the next save writes version 3. Version 1 folders (index.json with `shard-*` files beside it, no
+generation) still load. Their ann.faiss is not
 used (nothing ties it to the shards; it is rebuilt on first use), and the next save replaces their files. Top-level
 files with version 1 names are removed only then, when the index.json replaced was a version 1 index's.
 """
@@ -28,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -44,9 +50,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8, "int4": torch.uint8}
+# Storage types kept as integer codes with one float32 scale per vector.
+QUANTIZED_STORAGE = ("int8", "int4")
 INDEX_FORMAT = "metaembed-index"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+# Versions this package reads: 1 (flat folder), 2 (generations, whole-candidate tensors), 3 (prefix blocks).
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST_FILE = "index.json"
 LOCK_FILE = "index.lock"
 ANN_FILE = "ann.faiss"
@@ -54,7 +64,7 @@ _GENERATION_PATTERN = re.compile(r"gen-[0-9a-f]{16}$")
 _SHARD_PATTERN = re.compile(r"shard-(\d{5})-of-(\d{5})\.(safetensors|json)$")
 _TEMPORARY_SUFFIX = re.compile(r"\.tmp-[0-9a-f]{32}$")
 _VERSION_1_STAGING = re.compile(r"\.saving-[A-Za-z0-9_]{8}$")  # tempfile.mkdtemp folders of version 1 saves
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "I8": torch.int8}
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "I8": torch.int8, "U8": torch.uint8}
 _MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit
 _HASH_BLOCK = 1 << 22
 _LOCK_POLL_SECONDS = 0.1
@@ -104,6 +114,49 @@ def generation_folder(folder: str, generation: str) -> str:
         os.makedirs(path, exist_ok=True)
         _fsync_directory(folder)
     return path
+
+
+def prefix_block_bounds(num_vectors: int) -> list[int]:
+    """Where the blocks of the prefix-block layout start and end: 0, 1, 2, 4, 8, ... (doubling), then
+    `num_vectors`. Every MMR budget's r_c (1, 4, 8, 16, 64) ends on a block boundary."""
+    bounds = [0, 1]
+    while bounds[-1] < num_vectors:
+        bounds.append(min(2 * bounds[-1], num_vectors))
+    return bounds[: bounds.index(num_vectors) + 1]
+
+
+def prefix_block_widths(num_vectors: int) -> list[int]:
+    """Vectors per block of the prefix-block layout: 1, 1, 2, 4, ..."""
+    return [end - start for start, end in itertools.pairwise(prefix_block_bounds(num_vectors))]
+
+
+def prefix_blocks(
+    stored: torch.Tensor, scales: torch.Tensor | None
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """Stored vectors `[n, R, D]` (and int8 scales `[n, R]`) as contiguous prefix blocks `[n, R_b, D]` (and
+    `[n, R_b]`), see `prefix_block_bounds`."""
+    bounds = prefix_block_bounds(stored.shape[1])
+    blocks = [stored[:, start:end].contiguous() for start, end in itertools.pairwise(bounds)]
+    block_scales = [
+        None if scales is None else scales[:, start:end].contiguous() for start, end in itertools.pairwise(bounds)
+    ]
+    return blocks, block_scales
+
+
+def stored_dim(dim: int, storage: str) -> int:
+    """The last dimension of stored vectors: D, or D / 2 for "int4" (two 4-bit codes per byte)."""
+    return dim // 2 if storage == "int4" else dim
+
+
+def _block_entries(num_vectors: int, dim: int, storage: str) -> dict[str, tuple[list[int], bool]]:
+    """The tensors of a version 3 shard: name -> (shape after n, is a scale)."""
+    bounds = prefix_block_bounds(num_vectors)
+    entries = {}
+    for number, (start, end) in enumerate(itertools.pairwise(bounds)):
+        entries[f"embeddings.{number}"] = ([end - start, stored_dim(dim, storage)], False)
+        if storage in QUANTIZED_STORAGE:
+            entries[f"scales.{number}"] = ([end - start], True)
+    return entries
 
 
 # -- locking --------------------------------------------------------------------------------------------------
@@ -169,19 +222,25 @@ def write_shard(
     generation_path: str,
     number: int,
     total: int,
-    embeddings: torch.Tensor,
-    scales: torch.Tensor | None,
+    embeddings: torch.Tensor | list[torch.Tensor],
+    scales: torch.Tensor | list[torch.Tensor | None] | None,
     ids: list[Any],
     metadata: list[Any] | None,
     source: dict[str, Any] | None = None,
 ) -> None:
-    """Write shard `number` of `total` (stored embeddings `[n, R, D]`, int8 scales `[n, R]`, ids, metadata, and
-    optionally `source`, what the shard was made from) into a generation folder. The `.safetensors` file comes
-    last: once it exists, the shard is whole."""
+    """Write shard `number` of `total` (stored embeddings `[n, R, D]` and int8 scales `[n, R]`, or their prefix
+    blocks from `prefix_blocks`; ids, metadata, and optionally `source`, what the shard was made from) into a
+    generation folder, in the prefix-block layout. The `.safetensors` file comes last: once it exists, the shard
+    is whole."""
+    if isinstance(embeddings, torch.Tensor):
+        embeddings, scales = prefix_blocks(embeddings, scales)
+    scales = [None] * len(embeddings) if scales is None else scales
     stem = os.path.join(generation_path, shard_stem(number, total))
-    tensors = {"embeddings": embeddings.contiguous()}
-    if scales is not None:
-        tensors["scales"] = scales.contiguous()
+    tensors = {}
+    for block_number, (block, block_scales) in enumerate(zip(embeddings, scales)):
+        tensors[f"embeddings.{block_number}"] = block.contiguous()
+        if block_scales is not None:
+            tensors[f"scales.{block_number}"] = block_scales.contiguous()
     sidecar: dict[str, Any] = {"ids": ids, "metadata": metadata}
     if source is not None:
         sidecar["source"] = source
@@ -221,22 +280,22 @@ def shard_written(generation_path: str, number: int, total: int, ids: list[Any],
 
 
 def _has_layout(path: str, count: int, source: dict[str, Any]) -> bool:
-    """The safetensors file at `path` holds `count` candidates in the storage dtype, vector count and dim of
-    `source` (and int8 scales exactly when the storage is int8). Raises OSError / ValueError if unreadable."""
+    """The safetensors file at `path` holds `count` candidates in the prefix-block layout of the storage dtype,
+    vector count and dim of `source` (and int8 scales exactly when the storage is int8). Raises OSError /
+    ValueError if unreadable."""
     with open(path, "rb") as file:
         size = os.fstat(file.fileno()).st_size
         prefix = file.read(8)
         prefix += file.read(min(int.from_bytes(prefix.ljust(8, b"\0"), "little"), _MAX_HEADER_BYTES))
     _, entries = _parse_header(path, size, prefix)
-    storage = source.get("storage")
-    embeddings, scales = entries.get("embeddings"), entries.get("scales")
-    expected = ({"embeddings"} | ({"scales"} if storage == "int8" else set())) == set(entries)
-    return (
-        expected
-        and storage in STORAGE_DTYPES
-        and _SAFETENSORS_DTYPES[embeddings["dtype"]] == STORAGE_DTYPES[storage]
-        and embeddings["shape"] == [count, source.get("num_vectors"), source.get("dim")]
-        and (scales is None or (scales["dtype"] == "F32" and scales["shape"] == [count, source.get("num_vectors")]))
+    storage, num_vectors, dim = source.get("storage"), source.get("num_vectors"), source.get("dim")
+    if storage not in STORAGE_DTYPES or not isinstance(num_vectors, int) or num_vectors < 1 or not isinstance(dim, int):
+        return False
+    expected = _block_entries(num_vectors, dim, storage)
+    return set(entries) == set(expected) and all(
+        entries[name]["shape"] == [count, *shape]
+        and _SAFETENSORS_DTYPES[entries[name]["dtype"]] == (torch.float32 if is_scale else STORAGE_DTYPES[storage])
+        for name, (shape, is_scale) in expected.items()
     )
 
 
@@ -445,12 +504,12 @@ def read_manifest(folder: str) -> dict[str, Any] | None:
     if not isinstance(manifest, dict) or manifest.get("format") != INDEX_FORMAT:
         raise ValueError(f"{path} is not a MetaEmbed index manifest")
     version = manifest.get("version", 1)
-    if version not in (1, FORMAT_VERSION):
-        raise ValueError(f"{path} has format version {version!r}; this package reads 1 and {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"{path} has format version {version!r}; this package reads {READABLE_VERSIONS}")
     settings_ok = isinstance(manifest.get("dim"), int) and isinstance(manifest.get("num_vectors"), int)
     if not settings_ok or manifest.get("storage") not in STORAGE_DTYPES:
         raise ValueError(f"{path} has invalid dim / num_vectors / storage")
-    if version == FORMAT_VERSION:
+    if version != 1:
         shards = manifest.get("shards")
         valid = _GENERATION_PATTERN.match(str(manifest.get("generation"))) and isinstance(shards, list) and shards
         if not valid or not all(_valid_shard_entry(entry, number, len(shards)) for number, entry in enumerate(shards)):
@@ -514,20 +573,43 @@ def _v1_shards(folder: str) -> list[str]:
     return [os.path.join(folder, name) for name, _, _ in matches]
 
 
-def read_shard(shard: ShardFiles, mmap: bool) -> tuple[torch.Tensor, torch.Tensor | None, list[Any], list[Any] | None]:
-    """(stored embeddings `[n, R, D]`, int8 scales `[n, R]` or None, ids, metadata or None) of a shard, each
-    file checked against its manifest record and its own structure; every error names the file."""
+def read_shard(
+    shard: ShardFiles, mmap: bool
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None], list[Any], list[Any] | None]:
+    """(stored prefix blocks `[n, R_b, D]`, their int8 scales `[n, R_b]` or Nones, ids, metadata or None) of a
+    shard, each file checked against its manifest record and its own structure; every error names the file. A
+    shard of version 1 or 2 (one "embeddings" [n, R, D], "scales" [n, R]) is one block."""
     sidecar_bytes = _read_checked(shard.sidecar, shard.sidecar_record)
     tensors = _read_safetensors(shard.tensors, shard.tensors_record, mmap)
-    embeddings, scales = tensors.get("embeddings"), tensors.get("scales")
-    if embeddings is None or embeddings.ndim != 3 or set(tensors) - {"embeddings", "scales"}:
-        raise ValueError(
-            f"{shard.tensors} must hold 'embeddings' [n, R, D] (and 'scales' [n, R]), got {_shapes(tensors)}"
-        )
-    if (scales is None) != (embeddings.dtype != torch.int8) or (
-        scales is not None and (scales.dtype != torch.float32 or scales.shape != embeddings.shape[:2])
+    if "embeddings" in tensors:
+        blocks, scales = [tensors["embeddings"]], [tensors.get("scales")]
+        if set(tensors) - {"embeddings", "scales"}:
+            blocks = []
+    else:
+        count = sum(name.startswith("embeddings.") for name in tensors)
+        blocks = [tensors.get(f"embeddings.{number}") for number in range(count)]
+        scales = [tensors.get(f"scales.{number}") for number in range(count)]
+        named = {f"embeddings.{number}" for number in range(count)} | {
+            f"scales.{number}" for number, block_scales in enumerate(scales) if block_scales is not None
+        }
+        if set(tensors) != named:
+            blocks = []
+    if not blocks or any(
+        block is None or block.ndim != 3 or block.shape[0] != blocks[0].shape[0] or block.shape[2] != blocks[0].shape[2]
+        for block in blocks
     ):
-        raise ValueError(f"{shard.tensors}: int8 embeddings need float32 'scales' [n, R], got {_shapes(tensors)}")
+        raise ValueError(
+            f"{shard.tensors} must hold 'embeddings.<b>' [n, R_b, D] blocks (and 'scales.<b>' [n, R_b]), or "
+            f"'embeddings' [n, R, D] (and 'scales' [n, R]), got {_shapes(tensors)}"
+        )
+    for block, block_scales in zip(blocks, scales):
+        if (block_scales is None) != (block.dtype not in (torch.int8, torch.uint8)) or (
+            block_scales is not None and (block_scales.dtype != torch.float32 or block_scales.shape != block.shape[:2])
+        ):
+            raise ValueError(
+                f"{shard.tensors}: int8 / int4 embeddings need float32 scales [n, R] of the same vectors, got "
+                f"{_shapes(tensors)}"
+            )
     try:
         sidecar = json.loads(sidecar_bytes)
     except (UnicodeDecodeError, ValueError) as error:
@@ -536,10 +618,10 @@ def read_shard(shard: ShardFiles, mmap: bool) -> tuple[torch.Tensor, torch.Tenso
     metadata = sidecar.get("metadata") if isinstance(sidecar, dict) else None
     if not isinstance(ids, list) or not (metadata is None or isinstance(metadata, list)):
         raise ValueError(f"{shard.sidecar} must be an object with a list 'ids' and a list or null 'metadata'")
-    if len(ids) != len(embeddings) or (metadata is not None and len(metadata) != len(ids)):
+    if len(ids) != len(blocks[0]) or (metadata is not None and len(metadata) != len(ids)):
         counts = f"{len(ids)} ids, {'no' if metadata is None else len(metadata)} metadata values"
-        raise ValueError(f"{shard.sidecar}: {counts} for the {len(embeddings)} candidates of {shard.tensors}")
-    return embeddings, scales, ids, metadata
+        raise ValueError(f"{shard.sidecar}: {counts} for the {len(blocks[0])} candidates of {shard.tensors}")
+    return blocks, scales, ids, metadata
 
 
 def _shapes(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -659,14 +741,19 @@ def _read_safetensors(path: str, record: dict[str, Any] | None, mmap: bool) -> d
 
 
 def quantize(embeddings: torch.Tensor, storage: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Float `[n, R, D]` embeddings in a storage dtype: (stored `[n, R, D]`, None), or for "int8" (int8
-    `[n, R, D]`, float32 scales `[n, R]`) with one symmetric max-abs scale per vector."""
-    if storage != "int8":
+    """Float `[n, R, D]` embeddings in a storage type: (stored `[n, R, D]`, None); for "int8" (int8 `[n, R, D]`,
+    float32 scales `[n, R]`) with one symmetric max-abs scale per vector; for "int4" (uint8 `[n, R, D / 2]`: codes
+    `round(x / scale) + 8` in 1..15, two per byte, element 2i in the low nibble; float32 scales `[n, R]`)."""
+    if storage not in QUANTIZED_STORAGE:
         return embeddings.to(STORAGE_DTYPES[storage]).contiguous(), None
+    levels = 127.0 if storage == "int8" else 7.0
     embeddings = embeddings.float()
-    scales = embeddings.abs().amax(dim=-1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
-    quantized = torch.round(embeddings / scales.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
-    return quantized.contiguous(), scales.contiguous()
+    scales = embeddings.abs().amax(dim=-1).clamp(min=torch.finfo(torch.float32).tiny) / levels
+    codes = torch.round(embeddings / scales.unsqueeze(-1)).clamp(-levels, levels)
+    if storage == "int8":
+        return codes.to(torch.int8).contiguous(), scales.contiguous()
+    codes = (codes + 8).to(torch.uint8)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous(), scales.contiguous()
 
 
 def check_storable(stored: torch.Tensor, scales: torch.Tensor | None, ids: list[Any], storage_dtype: str) -> None:
@@ -684,7 +771,11 @@ def check_storable(stored: torch.Tensor, scales: torch.Tensor | None, ids: list[
 
 
 def dequantize(stored: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
-    """float32 `[n, r, D]` from stored vectors (and int8 scales `[n, r]`)."""
+    """float32 `[n, r, D]` from stored vectors (and int8 / int4 scales `[n, r]`)."""
     if scales is None:
         return stored.float()
-    return stored.float() * scales.float().unsqueeze(-1)
+    if stored.dtype == torch.uint8:
+        values = torch.stack([stored & 15, stored >> 4], dim=-1).flatten(-2).float() - 8.0
+    else:
+        values = stored.float()
+    return values * scales.float().unsqueeze(-1)

@@ -1,0 +1,275 @@
+"""MetaEmbedIndex at the machine's limits: exhaustive search per storage type and budget against its bound,
+two-stage recall and time, bytes per candidate; optionally fast-plaid (a peer) on the same data.
+
+One run measures, on the same machine and moment:
+  - the fp32 GEMM rate (square matmul) and the read bandwidth (a sum over 1 GiB), with `uptime`'s load;
+  - per storage (float32, float16, int8, int4) and budget (r_q, r_c), exhaustive top-10 search for one query
+    (median over queries) and a batch of 32, against the bound max(FLOPs / GEMM rate, stored bytes read / read
+    bandwidth): ratio = bound / time (1.0 = at the bound). "float32, whole" scores today's whole-candidate tensor
+    [N, R_c, D] (versions 1-2 of the format) through the same kernel, for the prefix-block layout's effect;
+  - two-stage search (the default when an ANN index exists) against exhaustive float32 MaxSim: recall@10, time;
+  - bytes per candidate of each storage (safetensors shards as saved) and the HNSW build time.
+
+    python benchmarks/bench_index.py --num-candidates 20000 --threads 2
+    python benchmarks/bench_index.py --peer-python VENV/bin/python   # also fast-plaid (benchmarks/peer_plaid.py)
+
+Data: `synthetic.make_collection` (clustered candidates, a third of the queries with an uninformative first
+vector, so a first-vector shortlist is not flattered).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from synthetic import make_collection
+
+from metaembed.search.index import MetaEmbedIndex
+from scoring_metaembed import late_interaction_scores
+
+BYTES_PER_ELEMENT = {"float32": 4.0, "float16": 2.0, "int8": 1.0, "int4": 0.5}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-candidates", type=int, default=20_000)
+    parser.add_argument("--num-queries", type=int, default=32)
+    parser.add_argument("--single-queries", type=int, default=5, help="queries timed one at a time (median)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--budgets", nargs="+", default=["1,1", "4,8", "16,64"])
+    parser.add_argument("--storages", nargs="+", default=["float32", "float16", "int8", "int4"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--peer-python", default=None, help="python with fast-plaid installed (benchmarks/peer_plaid.py)"
+    )
+    parser.add_argument("--peer-candidates", type=int, default=None, help="fast-plaid on the first N (default: all)")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--plot", default=None, help="write the ratios to the bound as this PNG")
+    parser.add_argument("--from-json", default=None, help="only plot the results a --json run wrote")
+    return parser.parse_args()
+
+
+def best_time(function, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def machine_limits(repeats: int) -> tuple[float, float]:
+    """(fp32 GEMM FLOP/s, read bytes/s), best of `repeats` each."""
+    left, right = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    torch.mm(left, right)
+    gemm = 2 * 2048**3 / best_time(lambda: torch.mm(left, right), repeats)
+    big = torch.ones(2**28)  # 1 GiB: beyond the caches
+    array = big.numpy()
+    read = (
+        big.numel()
+        * 4
+        / min(best_time(lambda: big.sum(), repeats), best_time(lambda: numpy.add.reduce(array), repeats))
+    )
+    return gemm, read
+
+
+def load_average() -> str:
+    with open("/proc/loadavg") as file:
+        return " ".join(file.read().split()[:3])
+
+
+def main() -> None:
+    args = parse_args()
+    if args.from_json:
+        save_plot(json.loads(Path(args.from_json).read_text()), args.plot)
+        return
+    torch.set_num_threads(args.threads)
+    budgets = [tuple(int(part) for part in text.split(",")) for text in args.budgets]
+    print(f"torch {torch.__version__}, {args.threads} threads; load average at start {load_average()}")
+    candidates, queries, _ = make_collection(args.num_candidates, max(args.num_queries, args.single_queries))
+    queries = queries[: args.num_queries]
+    num_candidates, num_vectors, dim = candidates.shape
+    gemm, read = machine_limits(args.repeats)
+    print(f"N={num_candidates} R_c={num_vectors} D={dim}; GEMM {gemm / 1e9:.0f} GFLOP/s, read {read / 1e9:.1f} GB/s")
+    results: dict = {"gemm": gemm, "read": read, "rows": [], "two_stage": [], "sizes": {}}
+
+    exact = MetaEmbedIndex(dim, num_vectors, "float32")
+    exact.add(candidates)
+    reference = exact.search(queries, 16, 64, top_k=10, shortlist_size=None)
+
+    print(
+        "\n| storage | bytes / candidate | budget | 1 query ms | bound ms | ratio | 32 queries ms | bound ms | ratio |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    indexes = {}
+    for storage in ["float32, whole", *args.storages]:
+        if storage == "float32, whole":
+
+            def search(batch, budget):
+                return late_interaction_scores(batch, candidates, *budget, top_k=10)
+
+            element_bytes, scale_bytes = 4.0, 0
+        else:
+            index = MetaEmbedIndex(dim, num_vectors, storage)
+            index.add(candidates)
+            indexes[storage] = index
+            with tempfile.TemporaryDirectory() as folder:
+                index.save(folder)
+                size = sum(path.stat().st_size for path in Path(folder).rglob("*.safetensors"))
+            results["sizes"][storage] = size / num_candidates
+
+            def search(batch, budget, index=index):
+                return index.search(batch, *budget, top_k=10, shortlist_size=None)
+
+            element_bytes, scale_bytes = BYTES_PER_ELEMENT[storage], 4 if storage in ("int8", "int4") else 0
+        per_candidate = results["sizes"].get(storage, num_vectors * dim * 4)
+        for budget in budgets:
+            r_q, r_c = budget
+            stored = num_candidates * r_c * (dim * element_bytes + scale_bytes)
+            cells = []
+            for batch in (queries[:1], queries):
+                search(batch, budget)  # warm-up
+                if len(batch) == 1:
+                    times = [
+                        best_time(lambda row=row, budget=budget: search(queries[row : row + 1], budget), 1)
+                        for row in range(args.single_queries)
+                    ]
+                    seconds = sorted(times)[len(times) // 2]
+                else:
+                    seconds = best_time(lambda batch=batch, budget=budget: search(batch, budget), args.repeats)
+                bound = max(2 * len(batch) * r_q * num_candidates * r_c * dim / gemm, stored / read)
+                cells.append((seconds, bound))
+            results["rows"].append({"storage": storage, "budget": budget, "cells": cells})
+            print(
+                f"| {storage} | {per_candidate:.0f} | ({r_q},{r_c}) | "
+                + " | ".join(f"{s * 1e3:.2f} | {b * 1e3:.2f} | {b / s:.2f}" for s, b in cells)
+                + " |"
+            )
+
+    print(
+        "\nTwo-stage (default: HNSW over first vectors, shortlist max(100, 10 k) per query vector, first 4 query"
+        " vectors), (16,64), recall@10 against exhaustive float32"
+    )
+    print(
+        "| storage | HNSW build s | recall@10 | hard queries | ms / query (batch) | ms (one query) "
+        "| exhaustive ms / query (batch) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    hard = torch.arange(len(queries)) % 3 == 2
+    for storage, index in indexes.items():
+        start = time.perf_counter()
+        index.build_ann()
+        build = time.perf_counter() - start
+        found = index.search(queries, 16, 64, top_k=10)
+        seconds = best_time(lambda index=index: index.search(queries, 16, 64, top_k=10), args.repeats)
+        one = sorted(
+            best_time(lambda row=row, index=index: index.search(queries[row : row + 1], 16, 64, top_k=10), 1)
+            for row in range(args.single_queries)
+        )[args.single_queries // 2]
+        overlap = torch.tensor(
+            [len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(found.indices, reference.indices)]
+        )
+        exhaustive = next(row for row in results["rows"] if row["storage"] == storage and row["budget"] == (16, 64))
+        results["two_stage"].append(
+            {
+                "storage": storage,
+                "build": build,
+                "recall": float(overlap.mean()),
+                "hard": float(overlap[hard].mean()),
+                "batch": seconds / len(queries),
+                "one": one,
+            }
+        )
+        print(
+            f"| {storage} | {build:.1f} | {overlap.mean():.3f} | {overlap[hard].mean():.3f} | "
+            f"{seconds / len(queries) * 1e3:.2f} | {one * 1e3:.2f} | "
+            f"{exhaustive['cells'][1][0] / len(queries) * 1e3:.2f} |"
+        )
+    if args.peer_python:
+        run_peer(args, candidates, queries, reference, results)
+    print(f"\nload average at end {load_average()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, default=str))
+    if args.plot:
+        save_plot(json.loads(json.dumps(results, default=str)), args.plot)
+
+
+def save_plot(results: dict, path: str) -> None:
+    """Ratio to the bound per storage and budget, one query and 32 queries side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    storages = list(dict.fromkeys(row["storage"] for row in results["rows"]))
+    budgets = list(dict.fromkeys(str(tuple(row["budget"])) for row in results["rows"]))
+    figure, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    width = 0.8 / len(storages)
+    for cell, (axis, title) in enumerate(zip(axes, ("one query", "32 queries"))):
+        for offset, storage in enumerate(storages):
+            ratios = [
+                row["cells"][cell][1] / row["cells"][cell][0]
+                for budget in budgets
+                for row in results["rows"]
+                if row["storage"] == storage and str(tuple(row["budget"])) == budget
+            ]
+            axis.bar([i + offset * width for i in range(len(budgets))], ratios, width, label=storage)
+        axis.axhline(0.8, color="black", ls="--", lw=0.8)
+        axis.set_xticks([i + 0.4 - width / 2 for i in range(len(budgets))], budgets)
+        axis.set_xlabel("budget (r_q, r_c)")
+        axis.set_title(f"{title}: bound / time")
+    axes[0].set_ylabel("ratio to max(compute, read) bound")
+    axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+def run_peer(args, candidates, queries, reference, results) -> None:
+    """fast-plaid in its own environment on the same vectors (benchmarks/peer_plaid.py)."""
+    from safetensors.torch import load_file, save_file
+
+    count = args.peer_candidates or len(candidates)
+    with tempfile.TemporaryDirectory() as folder:
+        save_file(
+            {"candidates": candidates[:count].contiguous(), "queries": queries.contiguous()},
+            f"{folder}/data.safetensors",
+        )
+        command = [args.peer_python, str(Path(__file__).with_name("peer_plaid.py")), folder, str(args.threads)]
+        completed = subprocess.run(command, capture_output=True, text=True)
+        if completed.returncode != 0:
+            last = completed.stderr.strip().splitlines()[-1] if completed.stderr.strip() else "no message"
+            print(f"\nfast-plaid skipped: its process exited with status {completed.returncode} ({last})")
+            return
+        report = json.loads(completed.stdout.strip().splitlines()[-1])
+        found = load_file(f"{folder}/results.safetensors")["indices"]
+    exact = MetaEmbedIndex(candidates.shape[2], candidates.shape[1], "float32")
+    exact.add(candidates[:count])
+    truth = (
+        exact.search(queries, 16, 64, top_k=10, shortlist_size=None).indices
+        if count != len(candidates)
+        else reference.indices
+    )
+    recall = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, truth)) / truth.numel()
+    print(
+        f"\nfast-plaid {report['version']} on {count} candidates: build {report['build']:.1f} s, "
+        f"{report['bytes_per_candidate']:.0f} bytes / candidate, search "
+        f"{report['batch'] / len(queries) * 1e3:.2f} ms / query (batch of {len(queries)}), "
+        f"{report['one'] * 1e3:.2f} ms one query, recall@10 against exhaustive (16,64) MaxSim {recall:.3f}"
+    )
+    results["peer"] = {**report, "recall": recall, "count": count}
+
+
+if __name__ == "__main__":
+    main()
