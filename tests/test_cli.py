@@ -37,6 +37,7 @@ def test_demo_command_end_to_end(tmp_path, capsys):
         (["index", "m", "c.txt", "out", "--batch-size", "x"], "--batch-size: expected an integer >= 1, got 'x'"),
         (["index", "m", "c.txt", "out", "--dtype", "banana"], "--dtype: invalid choice: 'banana'"),
         (["search", "index", "q", "--top-k", "0"], "--top-k: expected an integer >= 1, got 0"),
+        (["demo", "--seed", "-1"], "--seed: expected an integer >= 0, got -1"),
         (["search", "index", "q", "--budget", "0", "4"], "--budget: expected an integer >= 1, got 0"),
         (["train", "--backbone", "b", "--train-file", "t", "--output-dir", "o", "--temperature", "-1"], "positive"),
     ],
