@@ -17,7 +17,10 @@ def run_demo(arguments: argparse.Namespace) -> None:
     from .demo import DemoSettings, run_demo
 
     settings = DemoSettings(
-        steps=arguments.steps, num_candidates=arguments.num_candidates, num_queries=arguments.num_queries
+        steps=arguments.steps,
+        num_candidates=arguments.num_candidates,
+        num_queries=arguments.num_queries,
+        seed=arguments.seed,
     )
     run_demo(settings, arguments.output_dir)
 
@@ -471,9 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="train a tiny model from scratch with and without MMR, report budgets")
-    demo.add_argument("--steps", type=positive_int, default=1500, help="training steps per model")
+    demo.add_argument("--steps", type=positive_int, default=1200, help="training steps per model")
     demo.add_argument("--num-candidates", type=positive_int, default=1000, help="held-out scenes to index")
     demo.add_argument("--num-queries", type=positive_int, default=1000)
+    demo.add_argument("--seed", type=non_negative_int, default=0, help="seed of the backbone, training data, training")
     demo.add_argument("--output-dir", default=None, help="where to write models and plot (default: a temp folder)")
     demo.set_defaults(handler=run_demo)
 

@@ -7,17 +7,25 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import ROOT
+from safetensors.torch import load_file
 
 from metaembed.cli import main
+from metaembed.demo import DemoSettings, save_demo_backbone
 
 
 def test_demo_command_end_to_end(tmp_path, capsys):
-    main(["demo", "--steps", "2", "--num-candidates", "12", "--num-queries", "6", "--output-dir", str(tmp_path)])
+    arguments = ["demo", "--steps", "2", "--num-candidates", "12", "--num-queries", "6", "--seed", "1"]
+    main([*arguments, "--output-dir", str(tmp_path)])
     output = capsys.readouterr().out
     assert "| (16, 64) |" in output and "R@1 no-MMR" in output
     assert os.path.isfile(tmp_path / "quality_vs_budget.png")
     assert "README.md" in os.listdir(tmp_path / "metaembed-mmr")
+    # --seed reaches the backbone: seed 1's random weights, not the default seed 0's
+    seeded = load_file(tmp_path / "backbone" / "model.safetensors")
+    default = load_file(os.path.join(save_demo_backbone(str(tmp_path / "seed-0"), DemoSettings()), "model.safetensors"))
+    assert not torch.equal(seeded["visual.blocks.0.attn.qkv.weight"], default["visual.blocks.0.attn.qkv.weight"])
 
 
 @pytest.mark.parametrize(
@@ -29,6 +37,7 @@ def test_demo_command_end_to_end(tmp_path, capsys):
         (["index", "m", "c.txt", "out", "--batch-size", "x"], "--batch-size: expected an integer >= 1, got 'x'"),
         (["index", "m", "c.txt", "out", "--dtype", "banana"], "--dtype: invalid choice: 'banana'"),
         (["search", "index", "q", "--top-k", "0"], "--top-k: expected an integer >= 1, got 0"),
+        (["demo", "--seed", "-1"], "--seed: expected an integer >= 0, got -1"),
         (["search", "index", "q", "--budget", "0", "4"], "--budget: expected an integer >= 1, got 0"),
         (["train", "--backbone", "b", "--train-file", "t", "--output-dir", "o", "--temperature", "-1"], "positive"),
     ],
