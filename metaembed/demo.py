@@ -267,6 +267,9 @@ def train_demo_model(backbone_dir: str, output_dir: str, settings: DemoSettings,
         groups=MMR_GROUPS if mmr else MMR_GROUPS[-1:],
         temperature=settings.temperature,
         lora_rank=None,
+        # Rows are drawn on demand from the package's own generator: checking them all up front would render
+        # every training image twice.
+        check_rows=False,
         max_steps=settings.steps,
         per_device_train_batch_size=1,  # one pre-built batch of settings.batch_size rows
         learning_rate=settings.learning_rate,

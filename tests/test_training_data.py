@@ -64,6 +64,9 @@ def test_a_row_without_positive_is_refused_before_training(backbone_dirs, model,
     with pytest.raises(ValueError, match="row 1 has no 'positive'"):
         train_metaembed(model, rows, str(tmp_path / "python"), max_steps=1, lora_rank=None)
     assert not (tmp_path / "python").exists()
+    # check_rows=False (rows made on demand): the same row still fails, when its batch is built, naming it.
+    with pytest.raises(TypeError, match=r"positive\[1\] is None"):
+        train_metaembed(model, rows, str(tmp_path / "lazy"), max_steps=1, lora_rank=None, check_rows=False)
 
 
 def test_datasets_rows_and_prebuilt_batches_are_checked(model, images):

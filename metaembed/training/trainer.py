@@ -65,6 +65,7 @@ def train_metaembed(
     positive_column: str = "positive",
     negatives_column: str | None = "negatives",
     save: bool = True,
+    check_rows: bool = True,
     callbacks: list[Any] | None = None,
     **training_arguments: Any,
 ) -> nn.Module:
@@ -74,7 +75,9 @@ def train_metaembed(
         model: a `MetaEmbedModel` (e.g. from `MetaEmbedModel.from_backbone`), with its processor attached.
         train_dataset: rows with `query_column`, `positive_column`, optional `negatives_column` (a `datasets`
             Dataset, or any sequence of dicts); cells are text, PIL images or {"text", "image"} dicts. Every row is
-            checked before training starts (`validate_training_rows`), unless the dataset has no length.
+            checked before training starts (`validate_training_rows`), unless the dataset has no length or
+            `check_rows=False` (rows made on demand, such as the demo's: the collator still checks every item of
+            each batch it builds, only later).
         output_dir: checkpoints and the final model folder.
         groups / temperature / group_weights: the MMR loss (see `mmr_loss`).
         lora_rank / lora_alpha: LoRA (peft) on the backbone family's linear layers
@@ -97,7 +100,7 @@ def train_metaembed(
     processor = model.processor
     if processor is None:
         raise ValueError("the model has no processor attached; create it with from_backbone or from_pretrained")
-    if hasattr(train_dataset, "__len__"):  # every row checked before the first step (a stream cannot be)
+    if check_rows and hasattr(train_dataset, "__len__"):  # every row checked before the first step (a stream cannot be)
         validate_training_rows(train_dataset, query_column, positive_column, negatives_column)
     trained = model
     if lora_rank is not None:
