@@ -307,6 +307,10 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
             backbone_inputs["token_type_ids"] = (
                 is_image.long() if adapter.token_type_ids == "image" else torch.zeros_like(input_ids)
             )
+        if adapter.token_type_ids == "image" and not bool(backbone_inputs["token_type_ids"].any()):
+            # No image token: the backbone's plain causal mask is the same mask, and Gemma 3 builds it much faster
+            # than its image-block mask from token_type_ids.
+            del backbone_inputs["token_type_ids"]
         input_ids = append(input_ids, self.config.meta_token_id)
         attention_mask = append(attention_mask, 1)
         if "mm_token_type_ids" in backbone_inputs:
