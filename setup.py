@@ -48,7 +48,7 @@ requirements = [
 setup(
     name="metaembed",
     version="0.2.0",
-    description="MetaEmbed multimodal multi-vector retrieval on Qwen-VL backbones, as a Hugging Face Hub package",
+    description="MetaEmbed multimodal multi-vector retrieval on vision-language backbones, a Hugging Face Hub package",
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",

@@ -5,6 +5,7 @@ The model itself lives in the Hub set (`configuration_metaembed`, `modeling_meta
 other way round. The public API is re-exported here.
 """
 
+from backbones_metaembed import SUPPORTED_MODEL_TYPES, get_backbone_adapter
 from configuration_metaembed import MetaEmbedConfig
 from modeling_metaembed import MetaEmbedModel
 from processing_metaembed import MetaEmbedProcessor
@@ -18,6 +19,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "MMR_BUDGETS",
+    "SUPPORTED_MODEL_TYPES",
     "CachedMMRLoss",
     "MMRLoss",
     "MetaEmbedConfig",
@@ -25,6 +27,7 @@ __all__ = [
     "MetaEmbedModel",
     "MetaEmbedProcessor",
     "evaluate",
+    "get_backbone_adapter",
     "late_interaction_scores",
     "mmr_loss",
     "train_metaembed",
