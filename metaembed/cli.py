@@ -367,7 +367,7 @@ def parse_budget(text: str) -> tuple[int, int]:
 def run_evaluate(arguments: argparse.Namespace) -> None:
     """Evaluate a model on ViDoRe / BEIR / MMEB datasets at every budget: table, JSON, plot, card results."""
     from .evaluation import evaluate, read_datasets
-    from .evaluation.card import read_card_metadata, write_card_results
+    from .evaluation.card import writable_card, write_card_results
     from .evaluation.report import format_table, json_writer, plotting_available, save_plot, write_output
 
     # Everything that can fail after the evaluation is checked before it: the card (its front matter parses)
@@ -375,7 +375,7 @@ def run_evaluate(arguments: argparse.Namespace) -> None:
     if arguments.write_card:
         if not os.path.isdir(arguments.model):
             raise ValueError(f"--write-card needs MODEL to be a saved model folder with a README.md: {arguments.model}")
-        read_card_metadata(arguments.model)
+        writable_card(arguments.model)
     plot = plotting_available()
     if not plot:
         print("no plot: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)

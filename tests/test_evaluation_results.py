@@ -229,6 +229,29 @@ def test_a_symlinked_card_stays_a_symlink_with_its_mode(tmp_path):
     assert os.stat(real).st_mode & 0o777 == 0o640
 
 
+def test_cards_linked_to_one_file_share_its_lock_and_a_hub_cache_blob_is_refused(tmp_path):
+    real = tmp_path / "cards" / "README.md"
+    os.makedirs(real.parent)
+    real.write_text("---\nlicense: mit\n---\n")
+    folders = [tmp_path / "a", tmp_path / "b"]
+    for folder in folders:
+        os.makedirs(folder)
+        os.symlink(real, folder / "README.md")
+        write_card_results(folder, [result()])
+    assert sorted(os.listdir(tmp_path / "cards")) == [".metaembed-card.lock", "README.md"]
+    assert not any((folder / ".metaembed-card.lock").exists() for folder in folders)
+    # A snapshot of the Hugging Face cache: its README is a blob shared by revisions, never edited.
+    blob = tmp_path / "hub" / "models--org--name" / "blobs" / ("0" * 40)
+    os.makedirs(blob.parent)
+    blob.write_text("---\nlicense: mit\n---\n")
+    snapshot = tmp_path / "hub" / "models--org--name" / "snapshots" / ("1" * 40)
+    os.makedirs(snapshot)
+    os.symlink(blob, snapshot / "README.md")
+    with pytest.raises(ValueError, match="file of the Hugging Face cache"):
+        write_card_results(snapshot, [result()])
+    assert blob.read_text() == "---\nlicense: mit\n---\n"
+
+
 def test_a_broken_front_matter_is_reported_before_the_evaluation(model_dir, tmp_path, capsys):
     card = tmp_path / "broken"
     os.makedirs(card)

@@ -144,6 +144,21 @@ def _with_model_index(text: str, index: list[dict[str, Any]]) -> str:
     return text[: match.start(1)] + front + text[match.end(1) :]
 
 
+def writable_card(folder: str | os.PathLike) -> str:
+    """The file a card update writes: `folder`/README.md (its front matter checked), followed through symlinks.
+    A Hugging Face cache snapshot's README links to a blob that every revision with the same bytes shares and that
+    is named by its hash: editing it would change other revisions and break the cache, so it is refused."""
+    path, _, _ = read_card_metadata(folder)
+    target = os.path.realpath(path)
+    blobs = os.path.dirname(target)
+    if os.path.basename(blobs) == "blobs" and os.path.basename(os.path.dirname(blobs)).startswith("models--"):
+        raise ValueError(
+            f"{path} is a file of the Hugging Face cache ({target}), shared by its snapshots: copy the model folder "
+            "(e.g. huggingface_hub.snapshot_download(repo_id, local_dir=...)) and write the card there"
+        )
+    return target
+
+
 def write_card_results(
     folder: str | os.PathLike, results: Sequence[BudgetResult], model_name: str | None = None
 ) -> str:
@@ -157,9 +172,10 @@ def write_card_results(
 
     from huggingface_hub.repocard_data import eval_results_to_model_index
 
-    path, _, _ = read_card_metadata(folder)
+    target = writable_card(folder)  # a symlinked card stays a symlink
     new = eval_results(results)
-    with open(os.path.join(os.path.dirname(path), LOCK_NAME), "a") as lock:
+    # The lock sits beside the file written, so folders whose cards link to one file share it.
+    with open(os.path.join(os.path.dirname(target), LOCK_NAME), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         path, text, metadata = read_card_metadata(folder)  # read again under the lock: no lost update
         if not new:
@@ -169,7 +185,6 @@ def write_card_results(
         name = name or os.path.basename(os.path.abspath(folder))
         groups = eval_results_to_model_index(name, new)[0]["results"]
         content = _with_model_index(text, merge_model_index(index, name, groups))
-        target = os.path.realpath(path)  # a symlinked card stays a symlink
         mode = os.stat(target).st_mode & 0o7777
 
         def write(temporary: str) -> None:
@@ -181,4 +196,11 @@ def write_card_results(
     return path
 
 
-__all__ = ["budget_config", "eval_results", "merge_model_index", "read_card_metadata", "write_card_results"]
+__all__ = [
+    "budget_config",
+    "eval_results",
+    "merge_model_index",
+    "read_card_metadata",
+    "writable_card",
+    "write_card_results",
+]
