@@ -193,6 +193,20 @@ def test_card_updates_keep_comments_custom_fields_and_entry_names(tmp_path):
     assert [metric["config"] for metric in metrics] == ["r_q=1,r_c=1", "r_q=2,r_c=4"]
 
 
+def test_a_column_0_comment_inside_the_model_index_leaves_no_stale_tail(tmp_path):
+    import yaml
+
+    # A comment at column 0 between two entries is still inside the block: the whole old block is replaced once.
+    card = USER_CARD.replace("- name: another-model", "# the second entry\n- name: another-model")
+    (tmp_path / "README.md").write_text(card)
+    write_card_results(tmp_path, [result((1, 1), 0.75)])
+    text = (tmp_path / "README.md").read_text()
+    assert text.count("name: another-model") == 1 and text.count("model-index:") == 1
+    index = yaml.safe_load(text.split("---")[1])["model-index"]
+    assert [entry["name"] for entry in index] == ["my-model", "another-model"]
+    assert "# a comment after the model index, kept" in text
+
+
 def test_concurrent_card_writers_lose_no_update(tmp_path):
     (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n")
     errors = []

@@ -56,8 +56,9 @@ def eval_results(results: Sequence[BudgetResult]) -> list:
 
 
 FRONT_MATTER = re.compile(r"\A---[ \t]*\r?\n(.*?)^---[ \t]*$", re.DOTALL | re.MULTILINE)
-# The top-level `model-index:` key and its indented block (comment or blank lines after it stay outside).
-MODEL_INDEX_BLOCK = re.compile(r"^model-index:.*\n(?:(?:[ \t-].*|[ \t]*)\n)*", re.MULTILINE)
+# The top-level `model-index:` key and its indented block, through comment or blank lines inside it (also comments
+# at column 0) up to its last indented line (comment or blank lines after it stay outside).
+MODEL_INDEX_BLOCK = re.compile(r"^model-index:.*\n(?:(?:(?:[ \t]*|#.*)\n)*[ \t-].*\n)*", re.MULTILINE)
 LOCK_NAME = ".metaembed-card.lock"  # created beside the card, never removed (a lock file must outlive writers)
 
 
