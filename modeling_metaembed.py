@@ -567,9 +567,11 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
             raise ValueError(f"the tokenizer has no token {meta_token!r} to use as Meta Token placeholder")
         if meta_token_id in _reserved_token_ids(tokenizer, adapter, backbone_config):
             raise ValueError(f"{meta_token!r} is a padding, prompt or vision token; choose another meta_token")
-        vocabulary_rows = backbone_config.get_text_config().vocab_size
-        _check_tokenizer_fits(tokenizer, backbone_config, vocabulary_rows, backbone_name_or_path)
         vlm = AutoModel.from_pretrained(backbone_name_or_path, **from_pretrained_kwargs)
+        # Against the embedding table, as at load: the text config's vocab_size can be smaller (Llama-3.2-Vision's
+        # `<|image|>` is id 128256 = vocab_size; its table has vocab_size + 8 rows).
+        vocabulary_rows = vlm.get_input_embeddings().num_embeddings
+        _check_tokenizer_fits(tokenizer, backbone_config, vocabulary_rows, backbone_name_or_path)
         attn_implementation = vlm.config._attn_implementation
         config = MetaEmbedConfig(
             vlm_config=vlm.config,

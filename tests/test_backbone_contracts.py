@@ -103,6 +103,27 @@ def test_forward_on_processed_items_equals_encode(family, family_model, mixed_it
         close(forward, model.encode(mixed_items, task))
 
 
+def test_a_tokenizer_larger_than_the_text_vocabulary_fits_the_embedding_table(family_backbone_dir, tmp_path):
+    """Llama-3.2-11B-Vision: `<|image|>` is id 128256 = text_config.vocab_size, the embedding table has
+    vocab_size + 8 rows; creation checks the tokenizer against the table, as loading does."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "mllama"
+    shutil.copytree(family_backbone_dir("mllama"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    image_token_id = config["image_token_index"]
+    config["text_config"]["vocab_size"] = image_token_id
+    (folder / "config.json").write_text(json.dumps(config))
+    for weights in folder.glob("*.safetensors"):
+        tensors = load_file(weights)
+        for name in [name for name in tensors if "embed_tokens" in name]:
+            tensors[name] = tensors[name][: image_token_id + 8].contiguous()
+        save_file(tensors, weights, metadata={"format": "pt"})
+    model = MetaEmbedModel.from_backbone(str(folder), 4, 8, embedding_dim=16)
+    assert model.vlm.get_input_embeddings().num_embeddings == image_token_id + 8
+    assert model.encode_candidates(["a red circle"]).shape == (1, 8, 16)
+
+
 TEXT_ALIGNED = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids", "cross_attention_mask")
 
 
