@@ -66,16 +66,17 @@ def check_processed_inputs(processor: Any, input_ids: torch.Tensor, attention_ma
 
 
 def _prompt_prefix(processor: Any) -> list[int]:
-    """The token ids every text prompt of `processor` starts with (query and candidate alike)."""
+    """The token ids every text prompt of `processor` starts with: queries and candidates, two different texts (so
+    the opening stops before the text even when the query and candidate prefixes are the same)."""
     rows = []
-    for batch in (processor.process_queries(["x"]), processor.process_candidates(["x"])):
-        ids, mask = batch["input_ids"][0], batch["attention_mask"][0]
-        rows.append(ids[mask.bool()].tolist())
+    for batch in (processor.process_queries(["a", "b"]), processor.process_candidates(["a", "b"])):
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+            rows.append(ids[mask.bool()].tolist())
     prefix = []
-    for query_id, candidate_id in zip(*rows):
-        if query_id != candidate_id:
+    for ids in zip(*rows):
+        if len(set(ids)) > 1:
             break
-        prefix.append(query_id)
+        prefix.append(ids[0])
     return prefix
 
 

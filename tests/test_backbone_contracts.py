@@ -124,6 +124,16 @@ def test_a_tokenizer_larger_than_the_text_vocabulary_fits_the_embedding_table(fa
     assert model.encode_candidates(["a red circle"]).shape == (1, 8, 16)
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "paligemma2"])
+def test_forward_accepts_equal_query_and_candidate_prefixes(family, family_backbone_dir, mixed_items):
+    """With query_prefix == candidate_prefix the prompts of one text are identical: the check of processed inputs
+    must still stop at the text (it took the whole prompt as the opening and refused every real input)."""
+    model = make_model(family_backbone_dir(family), processor_kwargs={"query_prefix": "", "candidate_prefix": ""})
+    with torch.no_grad():
+        forward = model(**model.processor.process_queries(mixed_items), task="query").embeddings
+    close(forward, model.encode_queries(mixed_items))
+
+
 TEXT_ALIGNED = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids", "cross_attention_mask")
 
 
