@@ -36,6 +36,8 @@ def write_jsonl(path, rows) -> None:
         ("abc", r"train\.jsonl:2: 'negatives' must be a list of items.*str 'abc'"),
         ({"text": "blue"}, r"train\.jsonl:2: 'negatives' must be a list of items.*dict"),
         ([{"txt": "blue"}], r"train\.jsonl:2: 'negatives'\[0\] has unknown keys"),
+        # every row [] passed the check and failed at the first step (the loss needs >= 1 negative per row)
+        ([], r"train\.jsonl:2: 'negatives' is an empty list"),
     ],
 )
 def test_negatives_that_are_not_a_list_of_items_are_refused_by_line(
@@ -106,3 +108,8 @@ def test_jsonl_image_paths_stay_in_the_data_folder_unless_allowed(backbone_dirs,
         train_file, [{"query": "q", "positive": {"image": "inside.png"}, "negatives": [{"image": "inside.png"}]}]
     )
     assert read_training_jsonl(str(train_file))[0]["negatives"][0]["image"] == str(data / "inside.png")
+    # An image given as an object ({"path": ...}, datasets' storage form) escaped the folder check.
+    for image in ({"path": str(tmp_path / "outside.png")}, {"path": "../outside.png"}):
+        write_jsonl(train_file, [{"query": "q", "positive": {"image": image}}])
+        with pytest.raises(ValueError, match=r"train\.jsonl:1: 'positive'\['image'\] is dict; in a JSONL file"):
+            read_training_jsonl(str(train_file), allow_absolute_image_paths=True)

@@ -59,6 +59,10 @@ def check_training_row(
             f'{where}: {negatives_column!r} must be a list of items (e.g. ["a text", {{"image": "page.png"}}]), '
             f"got {_kind(negatives)}"
         )
+    if not negatives:
+        raise ValueError(
+            f"{where}: {negatives_column!r} is an empty list; leave it out or give every row the same number (>= 1)"
+        )
     for number, negative in enumerate(negatives):
         name = f"{where}: {negatives_column!r}[{number}]"
         normalize_item(_row_item(negative, name), name)
@@ -136,8 +140,14 @@ def _resolve_image_paths(value: Any, folder: str, where: str, allow_absolute: bo
         return [
             _resolve_image_paths(item, folder, f"{where}[{index}]", allow_absolute) for index, item in enumerate(value)
         ]
-    if not (isinstance(value, dict) and isinstance(value.get("image"), str)):
+    if not isinstance(value, dict) or value.get("image") is None:
         return value
+    if not isinstance(value["image"], str):
+        # JSON has no images, and a {"path": ...} object would escape the folder check.
+        raise ValueError(
+            f"{where}['image'] is {type(value['image']).__name__}; in a JSONL file an image is a path string, "
+            "relative to the data file's folder"
+        )
     image = value["image"]
     resolved = os.path.join(folder, image)
     if not allow_absolute:
