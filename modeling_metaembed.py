@@ -652,6 +652,12 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         _check_tokenizer_fits(
             processor.tokenizer, model.config.vlm_config, vocabulary_rows, pretrained_model_name_or_path
         )
+        # The placeholder rule of creation: a padding, prompt or vision token would break every encode.
+        if meta_token_id in _reserved_token_ids(processor.tokenizer, adapter, model.config.vlm_config):
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: config.json's meta_token_id {meta_token_id} is a padding, prompt or "
+                "vision token of the tokenizer; it must be an ordinary token"
+            )
         model.processor = processor
         return (model, loading_info) if want_loading_info else model
 

@@ -405,7 +405,7 @@ def saved_config_error(folder, tmp_path, edit_config=None, edit_processor=None) 
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "mllama", "gemma3"])
-def test_bad_configs_are_refused_at_load_naming_the_field(family, saved_families, tmp_path):
+def test_bad_configs_are_refused_at_load_naming_the_field(family, saved_families, family_model, tmp_path):
     folder = saved_families[family][0]
     for value in ("4", 4.5, 0, True):
         message = saved_config_error(folder, tmp_path / f"q{value}", lambda c, v=value: c.update(num_query_vectors=v))
@@ -414,6 +414,10 @@ def test_bad_configs_are_refused_at_load_naming_the_field(family, saved_families
     image_token_id = config["vlm_config"].get("image_token_id", config["vlm_config"].get("image_token_index"))
     message = saved_config_error(folder, tmp_path / "meta", lambda c: c.update(meta_token_id=image_token_id))
     assert "meta_token_id" in message and "vision token" in message
+    # The padding token is refused at load as at creation (every encode failed with a misleading message).
+    pad_id = family_model(family).processor.tokenizer.pad_token_id
+    message = saved_config_error(folder, tmp_path / "pad", lambda c: c.update(meta_token_id=pad_id))
+    assert f"meta_token_id {pad_id} is a padding, prompt or vision token" in message
 
     def zero_patch_size(content):
         content["vlm_config"]["vision_config"]["patch_size"] = 0
