@@ -104,6 +104,16 @@ def test_beir_folders_without_a_readme_are_read_by_folder(tmp_path):
     assert dataset.main_metric == "ndcg@10"
 
 
+def test_an_empty_query_without_qrels_is_dropped_as_mteb_drops_it(tmp_path):
+    tables = beir_tables()
+    tables["queries"] = datasets.Dataset.from_dict({"query-id": ["q0", "q1", "q2"], "query": ["red?", "blue?", ""]})
+    dataset = read_beir(write_beir_folders(tmp_path / "beir", tables))
+    assert dataset.query_ids == ["q0", "q1"]
+    tables["qrels"] = datasets.Dataset.from_dict({"query-id": ["q2"], "corpus-id": ["d0"], "score": [1]})
+    with pytest.raises(ValueError, match=r"queries.*empty or not a string"):
+        read_beir(write_beir_folders(tmp_path / "scored", tables))
+
+
 # -- validated before encoding, naming file, row and column -----------------------------------------------------
 
 

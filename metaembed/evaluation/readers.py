@@ -707,9 +707,6 @@ def read_beir(
     query_ids = _ids(tables["queries"], query_columns["id"])
     check_unique(query_ids, lambda row: tables["queries"].at(row, query_columns["id"]))
     query_texts = list(queries[query_columns["text"]])
-    for row, text in enumerate(query_texts):
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{tables['queries'].at(row, query_columns['text'])}: empty or not a string")
 
     qrels_split = tables["qrels"]
     _check_columns(qrels_split.data, ("query-id", "corpus-id", "score"), where["qrels"])
@@ -728,6 +725,9 @@ def read_beir(
     kept = [row for row, query in enumerate(query_ids) if query in qrels]
     if not kept:
         raise ValueError(f"{where['qrels']}: no query has a qrels row")
+    for row in kept:  # only the scored queries: mteb drops the others whatever they hold
+        if not isinstance(query_texts[row], str) or not query_texts[row].strip():
+            raise ValueError(f"{tables['queries'].at(row, query_columns['text'])}: empty or not a string")
     provenance = _provenance(source, "beir", split, dataset_id)
     main = main_metric("beir", (provenance["hub_id"], os.path.abspath(source) if os.path.exists(source) else source))
     provenance["metrics"] = (main, *[name for name in DEFAULT_METRICS["beir"] if name != main])
