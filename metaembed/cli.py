@@ -211,45 +211,49 @@ def run_index(arguments: argparse.Namespace) -> None:
     path = storage.generation_folder(folder, generation)
     reused = encoded = 0
     own_shards = range(rank, len(shards), world_size)
-    try:
-        for number in own_shards:
-            start, end = shards[number]
-            shard_ids, source = ids[start:end], sources[number]
-            if storage.shard_written(path, number, len(shards), shard_ids, source) or storage.reuse_shard(
-                folder, path, number, len(shards), shard_ids, source
-            ):
-                reused += 1
-                continue
-            print(f"[rank {rank}] shard {number + 1}/{len(shards)}: items {start}..{end - 1}", flush=True)
-            embeddings = model.encode_candidates(
-                items[start:end], num_vectors=num_vectors, batch_size=arguments.batch_size, show_progress_bar=True
-            )
-            stored, scales = storage.quantize(embeddings, arguments.storage)
-            storage.check_storable(stored, scales, shard_ids, arguments.storage)
-            storage.write_shard(path, number, len(shards), stored, scales, shard_ids, metadata[start:end], source)
-            encoded += 1
-    except FileNotFoundError:
-        if os.path.isdir(path):
-            raise
-        raise _job_removed(folder) from None
-    print(f"[rank {rank}] {reused} shard(s) reused, {encoded} encoded", flush=True)
-    with storage.write_lock(folder, lock_wait, report=_print_progress):  # ranks of one job commit in turn
-        current = storage.read_manifest(folder)
-        if current is not None and current.get("generation") == generation:
-            print(f"[rank {rank}] done: {folder}", flush=True)
-            return
-        waiting = [
-            number
-            for number, (start, end) in enumerate(shards)
-            if not storage.shard_written(path, number, len(shards), ids[start:end], sources[number])
-        ]
-        if set(waiting) & set(own_shards):
-            raise _job_removed(folder)
-        if waiting:
-            print(f"[rank {rank}] done; shard(s) {[n + 1 for n in waiting]} are other processes' to write", flush=True)
-            return
-        storage.commit(folder, generation, settings, len(shards))
-    print(f"[rank {rank}] done: {folder}", flush=True)
+    # Shared by the job's processes until they end: saves and commits meanwhile leave this generation alone.
+    with storage.job_running(path):
+        try:
+            for number in own_shards:
+                start, end = shards[number]
+                shard_ids, source = ids[start:end], sources[number]
+                if storage.shard_written(path, number, len(shards), shard_ids, source) or storage.reuse_shard(
+                    folder, path, number, len(shards), shard_ids, source
+                ):
+                    reused += 1
+                    continue
+                print(f"[rank {rank}] shard {number + 1}/{len(shards)}: items {start}..{end - 1}", flush=True)
+                embeddings = model.encode_candidates(
+                    items[start:end], num_vectors=num_vectors, batch_size=arguments.batch_size, show_progress_bar=True
+                )
+                stored, scales = storage.quantize(embeddings, arguments.storage)
+                storage.check_storable(stored, scales, shard_ids, arguments.storage)
+                storage.write_shard(path, number, len(shards), stored, scales, shard_ids, metadata[start:end], source)
+                encoded += 1
+        except FileNotFoundError:
+            if os.path.isdir(path):
+                raise
+            raise _job_removed(folder) from None
+        print(f"[rank {rank}] {reused} shard(s) reused, {encoded} encoded", flush=True)
+        with storage.write_lock(folder, lock_wait, report=_print_progress):  # ranks of one job commit in turn
+            current = storage.read_manifest(folder)
+            if current is not None and current.get("generation") == generation:
+                print(f"[rank {rank}] done: {folder}", flush=True)
+                return
+            waiting = [
+                number
+                for number, (start, end) in enumerate(shards)
+                if not storage.shard_written(path, number, len(shards), ids[start:end], sources[number])
+            ]
+            if set(waiting) & set(own_shards):
+                raise _job_removed(folder)
+            if waiting:
+                print(
+                    f"[rank {rank}] done; shard(s) {[n + 1 for n in waiting]} are other processes' to write", flush=True
+                )
+                return
+            storage.commit(folder, generation, settings, len(shards))
+        print(f"[rank {rank}] done: {folder}", flush=True)
 
 
 def _print_progress(line: str) -> None:

@@ -205,3 +205,20 @@ def test_qdrant_refuses_duplicate_ids_in_one_add():
     store.add(vectors(2), ids=["a", 1])
     store.add(vectors(1, seed=1), ids=["a"])  # a later add replaces the point
     assert store.client.count("metaembed", exact=True).count == 2
+
+
+def test_a_save_leaves_a_running_index_jobs_generation_alone(tmp_path):
+    """`metaembed index` encodes into its own generation before it commits: a save (or another job's commit)
+    meanwhile used to delete that generation's shards with the other leftovers, losing the job's work."""
+    folder = str(tmp_path / "index")
+    index = small_index()
+    index.save(folder)
+    job = storage.generation_folder(folder, storage.job_generation({"job": "running"}))
+    with storage.job_running(job):
+        shard = os.path.join(job, "shard-00000-of-00002.safetensors")
+        with open(shard, "wb") as file:
+            file.write(b"encoded so far")
+        index.save(folder)
+        assert os.path.exists(shard) and MetaEmbedIndex.load(folder).ids == index.ids
+    index.save(folder)  # the job has ended (killed before its commit): its generation is a leftover now
+    assert not os.path.exists(job)

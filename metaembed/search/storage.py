@@ -59,6 +59,7 @@ FORMAT_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 MANIFEST_FILE = "index.json"
 LOCK_FILE = "index.lock"
+JOB_LOCK_FILE = ".job.lock"  # in a job's generation folder, share-locked while the job's processes run
 ANN_FILE = "ann.faiss"
 _GENERATION_PATTERN = re.compile(r"gen-[0-9a-f]{16}$")
 _SHARD_PATTERN = re.compile(r"shard-(\d{5})-of-(\d{5})\.(safetensors|json)$")
@@ -179,6 +180,42 @@ def write_lock(folder: str, wait: float = 0.0, report: Callable[[str], None] | N
             os.ftruncate(descriptor, 0)
             os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
         yield
+    finally:
+        os.close(descriptor)
+
+
+@contextlib.contextmanager
+def job_running(generation_path: str) -> Iterator[None]:
+    """Mark a job's generation folder as in use while its processes encode and commit (a shared lock, so the ranks
+    of one job hold it together; the system drops it when a process dies): saves and commits meanwhile leave the
+    folder alone instead of deleting its shards (`remove_leftovers`)."""
+    os.makedirs(generation_path, exist_ok=True)
+    lock_path = os.path.join(generation_path, JOB_LOCK_FILE)
+    descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH)
+        yield
+    finally:
+        # The last process of the job out removes the mark (and the folder if the job left nothing in it).
+        with contextlib.suppress(OSError):
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.remove(lock_path)
+            with contextlib.suppress(OSError):  # not empty: the job's shards
+                os.rmdir(generation_path)
+        os.close(descriptor)
+
+
+def _job_is_running(generation_path: str) -> bool:
+    """Whether a job holds `job_running` on this generation folder now."""
+    try:
+        descriptor = os.open(os.path.join(generation_path, JOB_LOCK_FILE), os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
     finally:
         os.close(descriptor)
 
@@ -381,8 +418,12 @@ def remove_leftovers(folder: str, manifest: dict[str, Any], replaced_version_1: 
         path = os.path.join(folder, name)
         version_1_staging = replaced_version_1 and _VERSION_1_STAGING.match(name)
         if os.path.isdir(path) and (_GENERATION_PATTERN.match(name) or version_1_staging):
+            if name != keep and _job_is_running(path):
+                continue  # a `metaembed index` job still encoding into it
             _remove_format_files(path, named if name == keep else set())
             if name != keep:
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(path, JOB_LOCK_FILE))
                 with contextlib.suppress(OSError):  # not empty: something that is not ours is in there
                     os.rmdir(path)
         elif os.path.isfile(path) and (
