@@ -610,7 +610,9 @@ def merge_top_k(
     new_indices: int | torch.Tensor,
     k: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Running top-k: the best `k` of the best so far and a new block of scores.
+    """Running top-k: the best `k` of the best so far and a new block of scores. Equal scores rank by the lower
+    index first, so the result does not depend on how the candidates were split into chunks, shards or a
+    shortlist (`torch.topk` alone keeps an arbitrary one of tied candidates).
 
     Args:
         best_scores / best_indices: `[Q, <= k]` from the previous call, or None at the start.
@@ -620,16 +622,39 @@ def merge_top_k(
         k: how many to keep.
 
     Returns:
-        (scores, indices) `[Q, min(k, ...)]`, best first.
+        (scores, indices) `[Q, min(k, ...)]`, best first (ties: lower index first).
     """
-    top = new_scores.topk(min(k, new_scores.shape[1]), dim=1)
     if isinstance(new_indices, torch.Tensor):
-        top_indices = new_indices.gather(1, top.indices)
+        scores, indices = new_scores, new_indices
     else:
-        top_indices = top.indices + new_indices
-    if best_scores is None:
-        return top.values, top_indices
-    merged_scores = torch.cat([best_scores, top.values], dim=1)
-    merged_indices = torch.cat([best_indices, top_indices], dim=1)
-    top = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
-    return top.values, merged_indices.gather(1, top.indices)
+        columns = torch.arange(new_scores.shape[1], device=new_scores.device)
+        scores, indices = new_scores, (columns + new_indices).expand_as(new_scores)
+    if best_scores is not None:
+        scores = torch.cat([best_scores, scores], dim=1)
+        indices = torch.cat([best_indices, indices], dim=1)
+    return _top_k_lowest_index_first(scores, indices, min(k, scores.shape[1]))
+
+
+def _top_k_lowest_index_first(scores: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `k` best (score, then lowest index) of each row of `scores` / `indices` `[Q, n]`, sorted that way."""
+    top = scores.topk(k, dim=1)
+    threshold = top.values[:, -1:]
+    selected_scores, selected_indices = top.values, indices.gather(1, top.indices)
+    # Rows where a candidate outside the top-k ties the k-th score: topk kept an arbitrary one of the tied
+    # candidates; choose again among all of them. Rare with real embeddings, so done row by row.
+    ties_outside = (scores == threshold).sum(dim=1) > (selected_scores == threshold).sum(dim=1)
+    if bool(ties_outside.any()):
+        selected_scores, selected_indices = selected_scores.clone(), selected_indices.clone()
+        for row in ties_outside.nonzero()[:, 0].tolist():
+            keep = (scores[row] >= threshold[row]).nonzero()[:, 0]
+            order = _score_then_index_order(scores[row, keep], indices[row, keep])[:k]
+            selected_scores[row], selected_indices[row] = scores[row, keep[order]], indices[row, keep[order]]
+    order = _score_then_index_order(selected_scores, selected_indices)
+    return selected_scores.gather(-1, order), selected_indices.gather(-1, order)
+
+
+def _score_then_index_order(scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The permutation (along the last axis) sorting by score descending, ties by index ascending."""
+    by_index = indices.argsort(dim=-1, stable=True)
+    by_score = scores.gather(-1, by_index).argsort(dim=-1, descending=True, stable=True)
+    return by_index.gather(-1, by_score)

@@ -744,3 +744,37 @@ def test_default_search_is_two_stage_exactly_when_the_index_has_an_ann(candidate
         index.search(queries, 16, 64, shortlist_size="fast")
     with pytest.raises(ValueError, match=r"shortlist_size \(5\) must be at least top_k \(10\)"):
         index.search(queries, 16, 64, shortlist_size=5)
+
+
+@pytest.mark.parametrize("storage", ["float32", "int8"])
+def test_tied_candidates_rank_by_position_whatever_the_shards_and_the_search(queries, storage):
+    # 12 distinct candidates, each stored 5 times in shuffled order: tied scores everywhere. The results must
+    # not depend on how the candidates were added (shards), nor on exhaustive vs two-stage search.
+    distinct = unit_vectors(12, NUM_VECTORS, DIM, seed=8)
+    order = torch.randperm(60, generator=torch.Generator().manual_seed(2))
+    candidates = distinct[order % 12]
+    results = []
+    for splits in ([60], [7, 53], [25, 1, 34], [13] * 4 + [8]):
+        index = MetaEmbedIndex(DIM, NUM_VECTORS, storage=storage)
+        for part in torch.split(candidates, splits):
+            index.add(part)
+        index.build_ann(num_vectors=2, kind="flat")
+        for shortlist_size in (None, 60):
+            found = index.search(queries, 4, 16, top_k=12, shortlist_size=shortlist_size)
+            results.append(found.indices)
+    # The reference: scores of the 12 distinct candidates, ranked by score, then by position.
+    stored = MetaEmbedIndex(DIM, NUM_VECTORS, storage=storage)
+    stored.add(distinct)
+    distinct_scores = stored.search(queries, 4, 16, top_k=12, shortlist_size=None)
+    score_of = {}
+    for row in range(len(queries)):
+        for score, position in zip(distinct_scores.scores[row].tolist(), distinct_scores.indices[row].tolist()):
+            score_of[row, position] = score
+    expected = torch.tensor(
+        [
+            sorted(range(60), key=lambda position, row=row: (-score_of[row, int(order[position]) % 12], position))[:12]
+            for row in range(len(queries))
+        ]
+    )
+    for indices in results:
+        assert torch.equal(indices, expected)

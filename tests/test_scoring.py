@@ -542,3 +542,35 @@ def test_prefix_blocks_refuse_inconsistent_blocks():
         )
     with pytest.raises(ValueError, match="num_candidate_vectors must be between 1 and 2"):
         late_interaction_scores(torch.zeros(1, 1, 8), scoring_metaembed.PrefixBlocks([block]), 1, 3)
+
+
+def reference_ranking(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain sort of each row: score descending, ties by the lower candidate index."""
+    rows = [sorted(range(len(row)), key=lambda column, row=row: (-row[column], column))[:k] for row in scores.tolist()]
+    indices = torch.tensor(rows, dtype=torch.long)
+    return scores.gather(1, indices), indices
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 2, 5, 7])
+@pytest.mark.parametrize("k", [1, 3, 8, 30])
+def test_top_k_breaks_ties_by_lower_index_whatever_the_chunks(k, chunk_size):
+    # Six distinct candidates repeated five times, shuffled: every score is tied with four others, and the
+    # k-th place usually falls inside a group of ties. torch.topk alone picks any of them.
+    distinct = random_items(6, 4, seed=21, ragged=False)
+    order = torch.randperm(30, generator=torch.Generator().manual_seed(5)).tolist()
+    candidates = torch.stack([distinct[position % 6] for position in order])
+    full = late_interaction_scores(QUERIES, candidates, 2, 3)
+    top = late_interaction_scores(QUERIES, candidates, 2, 3, top_k=k, chunk_size=chunk_size)
+    expected_scores, expected_indices = reference_ranking(full, k)
+    assert torch.equal(top.indices, expected_indices)
+    assert_same_up_to_rounding(top.scores, expected_scores)  # another chunking may round differently
+
+
+def test_merge_top_k_orders_ties_by_index_across_calls():
+    scores = torch.tensor([[1.0, 2.0, 2.0, 0.5, 2.0, 1.0]])
+    best = scoring_metaembed.merge_top_k(None, None, scores[:, 3:], 3, 2)  # columns 3..5 first, then 0..2
+    merged = scoring_metaembed.merge_top_k(*best, scores[:, :3], 0, 2)
+    assert merged[1].tolist() == [[1, 2]] and merged[0].tolist() == [[2.0, 2.0]]
+    given = torch.tensor([[9, 4, 7, 1, 8, 2]])
+    top = scoring_metaembed.merge_top_k(None, None, scores, given, 4)
+    assert top[1].tolist() == [[4, 7, 8, 2]] and top[0].tolist() == [[2.0, 2.0, 2.0, 1.0]]
