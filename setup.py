@@ -60,7 +60,8 @@ setup(
     extras_require={
         # pytrec-eval-terrier: `metaembed demo` evaluates the models it trains
         "train": ["peft>=0.15", "datasets>=3.0", "accelerate>=1.0", "matplotlib>=3.8", "pytrec-eval-terrier>=0.5"],
-        "search": ["faiss-cpu>=1.8", "qdrant-client>=1.12"],
+        # numba: the one-query search kernel (metaembed/search/single_query.py); without it torch's kernel runs
+        "search": ["faiss-cpu>=1.8", "qdrant-client>=1.12", "numba>=0.61"],
         "eval": ["pytrec-eval-terrier>=0.5", "datasets>=3.0", "mteb>=2.26", "matplotlib>=3.8"],
         "test": [
             "pytest>=8",
@@ -75,6 +76,7 @@ setup(
             "matplotlib>=3.8",
             "faiss-cpu>=1.8",
             "qdrant-client>=1.12",
+            "numba>=0.61",
             "pytrec-eval-terrier>=0.5",
             "mteb>=2.26",
         ],

@@ -25,7 +25,7 @@ from scoring_metaembed import (
     merge_top_k,
 )
 
-from . import storage
+from . import single_query, storage
 from .storage import INDEX_FORMAT, STORAGE_DTYPES, dequantize, prefix_blocks, quantize
 
 __all__ = ["MetaEmbedIndex", "SearchResults"]
@@ -395,12 +395,20 @@ class MetaEmbedIndex:
         self, queries: torch.Tensor, num_candidate_vectors: int, top_k: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # The kernel reads each shard's prefix blocks as stored (only those r_c reaches), upcasting or
-        # dequantising an 8 MiB chunk at a time for all queries at once.
+        # dequantising an 8 MiB chunk at a time for all queries at once. One query (the serving case) is a thin
+        # product that torch's BLAS reads slowly: with numba installed, a kernel made for it reads each stored
+        # vector once in its own type (see single_query.py).
         best_scores = best_indices = None
         start = 0
         for shard in self._shards:
-            top = late_interaction_scores(queries, shard.candidates(), None, num_candidate_vectors, top_k=top_k)
-            best_scores, best_indices = merge_top_k(best_scores, best_indices, top.scores, top.indices + start, top_k)
+            candidates = shard.candidates()
+            if len(queries) == 1 and single_query.available() and single_query.supports(candidates, queries.shape[1]):
+                scores = single_query.single_query_scores(queries[0], candidates, num_candidate_vectors)
+                top_scores, top_indices = merge_top_k(None, None, scores.unsqueeze(0), start, top_k)
+            else:
+                top = late_interaction_scores(queries, candidates, None, num_candidate_vectors, top_k=top_k)
+                top_scores, top_indices = top.scores, top.indices + start
+            best_scores, best_indices = merge_top_k(best_scores, best_indices, top_scores, top_indices, top_k)
             start += len(shard.ids)
         return best_scores, best_indices
 

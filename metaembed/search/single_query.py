@@ -1,0 +1,228 @@
+"""Exhaustive MaxSim of one query over an index's stored prefix blocks at memory speed, compiled with numba (the
+`[search]` extra; without it the index uses `late_interaction_scores`).
+
+One query is a thin matrix product: r_q <= 16 query vectors against millions of stored vectors. Through torch's
+BLAS it reads the stored vectors several times slower than the machine can (the GEMM kernels are tuned for wide
+matrices), and float16 / int8 / int4 pay an extra pass to upcast every chunk. Here each candidate vector is
+read once, decoded in registers from its stored type (float16 bits, int8 or 4-bit codes times the vector's
+scale), and its dots with the query vectors go straight into a running max. Scores are float32 and accumulate in
+float32; candidates are split across `torch.get_num_threads()` threads (the kernels release the GIL), and a call
+shares no state with another, so servers may search from several threads at once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from typing import Any
+
+import numpy
+import torch
+
+from scoring_metaembed import PrefixBlocks
+
+_STORED_TYPES = (torch.float32, torch.float16, torch.int8, torch.uint8)
+# Below this many candidates per thread, splitting costs more than it saves.
+_MIN_CANDIDATES_PER_THREAD = 2048
+
+
+def available() -> bool:
+    """numba is installed and the kernels are not switched off (`METAEMBED_NUMBA=0`)."""
+    return os.environ.get("METAEMBED_NUMBA", "1") != "0" and importlib.util.find_spec("numba") is not None
+
+
+def supports(candidates: PrefixBlocks, num_query_vectors: int) -> bool:
+    """The kernels handle these blocks (float32, float16, int8 or 4-bit codes on CPU) for one query of
+    `num_query_vectors` vectors, and are the faster choice for them: measured on this package's benchmark, all
+    but float16 at r_q > 8, where torch's upcast chunks and GEMM win."""
+    dtype = candidates.blocks[0].dtype
+    if candidates.blocks[0].device.type != "cpu" or dtype not in _STORED_TYPES or num_query_vectors > 16:
+        return False
+    return not (dtype == torch.float16 and num_query_vectors > 8)
+
+
+def single_query_scores(query: torch.Tensor, candidates: PrefixBlocks, num_candidate_vectors: int) -> torch.Tensor:
+    """MaxSim scores of one query against every stored candidate.
+
+    Args:
+        query: float `[r_q, D]`, the query vectors taking part (r_q <= 16).
+        candidates: the stored prefix blocks (see `supports`).
+        num_candidate_vectors: r_c, the leading stored vectors per candidate taking part (validated by the caller).
+
+    Returns:
+        float32 `[N]`.
+    """
+    kernels = _kernels()
+    query = numpy.ascontiguousarray(query.detach().to(torch.float32).cpu().numpy())
+    dtype = candidates.blocks[0].dtype
+    widths, blocks, scales = [], [], []
+    remaining = num_candidate_vectors
+    for block, block_scales in zip(candidates.blocks, candidates.scales):
+        if remaining == 0:
+            break
+        widths.append(min(block.shape[1], remaining))
+        remaining -= widths[-1]
+        # Views of the stored tensors (memory-mapped shards stay on disk until read); float16 is read as its bits.
+        stored = block.view(torch.uint16) if dtype == torch.float16 else block
+        blocks.append(_as_array(stored))
+        scales.append(_as_array(block_scales) if block_scales is not None else _NO_SCALES)
+    if dtype == torch.uint8:  # 4-bit codes: even elements first, then odd ones, as the kernel decodes them
+        query = numpy.ascontiguousarray(numpy.concatenate([query[:, 0::2], query[:, 1::2]], axis=1))
+    elif dtype == torch.float16:  # the kernel reads halves 2**112 too small (see there)
+        query = query * numpy.float32(2.0**112)
+    kernel = {
+        torch.float32: kernels.float32,
+        torch.float16: kernels.float16,
+        torch.int8: kernels.int8,
+        torch.uint8: kernels.int4,
+    }[dtype]
+    arguments = (query, tuple(blocks), tuple(scales), numpy.asarray(widths, dtype=numpy.int64))
+    count = len(candidates)
+    scores = numpy.empty(count, dtype=numpy.float32)
+    parts = max(1, min(torch.get_num_threads(), count // _MIN_CANDIDATES_PER_THREAD))
+    bounds = [count * part // parts for part in range(parts + 1)]
+    if parts == 1:
+        kernel(*arguments, 0, count, scores)
+    else:
+        futures = [
+            _executor().submit(kernel, *arguments, start, end, scores) for start, end in itertools.pairwise(bounds)
+        ]
+        for future in futures:
+            future.result()
+    return torch.from_numpy(scores)
+
+
+_NO_SCALES = numpy.zeros((0, 0), dtype=numpy.float32)
+_NO_SCALES.flags.writeable = False
+
+
+def _as_array(tensor: torch.Tensor) -> numpy.ndarray:
+    """A read-only C-contiguous view (a copy only for a strided tensor): read-only for all, so the blocks of a
+    call are one numba type whether they come from memory or a memory-mapped shard."""
+    array = tensor.numpy()
+    if not array.flags.c_contiguous:
+        array = numpy.ascontiguousarray(array)
+    array = array.view()
+    array.flags.writeable = False
+    return array
+
+
+@cache
+def _executor() -> ThreadPoolExecutor:
+    # Shared by all calls; each call waits only for its own parts.
+    return ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1), thread_name_prefix="metaembed-maxsim")
+
+
+class _Kernels:
+    def __init__(self, **kernels: Any) -> None:
+        self.__dict__.update(kernels)
+
+
+@cache
+def _kernels() -> _Kernels:
+    """Compile (or load from numba's cache) the four kernels, one per stored type."""
+    import numba
+
+    options = {"nogil": True, "cache": True, "fastmath": {"reassoc", "contract"}, "boundscheck": False}
+
+    @numba.njit(**options)
+    def dots_into_max(query, vector, scale, running, first):
+        """running[i] = max(running[i], <query[i], vector> * scale) (or = it, for the first vector). Four query
+        vectors at a time: four independent sums hide the latency of each one's reduction."""
+        num_rows, dim = query.shape
+        row = 0
+        while row + 4 <= num_rows:
+            total0 = total1 = total2 = total3 = numpy.float32(0.0)
+            for element in range(dim):
+                value = vector[element]
+                total0 += query[row, element] * value
+                total1 += query[row + 1, element] * value
+                total2 += query[row + 2, element] * value
+                total3 += query[row + 3, element] * value
+            for offset, total in enumerate((total0, total1, total2, total3)):
+                total *= scale
+                if first or total > running[row + offset]:
+                    running[row + offset] = total
+            row += 4
+        while row < num_rows:
+            total = numpy.float32(0.0)
+            for element in range(dim):
+                total += query[row, element] * vector[element]
+            total *= scale
+            if first or total > running[row]:
+                running[row] = total
+            row += 1
+
+    @numba.njit(**options)
+    def float32(query, blocks, scales, widths, start, end, scores):
+        running = numpy.empty(query.shape[0], dtype=numpy.float32)
+        for candidate in range(start, end):
+            first = True
+            for number in range(len(widths)):
+                block = blocks[number]
+                for position in range(widths[number]):
+                    dots_into_max(query, block[candidate, position], numpy.float32(1.0), running, first)
+                    first = False
+            scores[candidate] = running.sum()
+
+    @numba.njit(**options)
+    def float16(query, blocks, scales, widths, start, end, scores):
+        # Half bits h -> float32 bits (h & 0x8000) << 16 | (h & 0x7FFF) << 13: the same sign and digits with the
+        # exponent 112 lower, for normal and subnormal halves alike; the query comes scaled by 2**112 to match
+        # (powers of two: the products round as the plain ones do).
+        running = numpy.empty(query.shape[0], dtype=numpy.float32)
+        bits = numpy.empty(query.shape[1], dtype=numpy.uint32)
+        vector = bits.view(numpy.float32)
+        for candidate in range(start, end):
+            first = True
+            for number in range(len(widths)):
+                block = blocks[number]
+                for position in range(widths[number]):
+                    half = block[candidate, position]
+                    for element in range(half.shape[0]):
+                        value = numpy.uint32(half[element])
+                        bits[element] = ((value & 0x8000) << 16) | ((value & 0x7FFF) << 13)
+                    dots_into_max(query, vector, numpy.float32(1.0), running, first)
+                    first = False
+            scores[candidate] = running.sum()
+
+    @numba.njit(**options)
+    def int8(query, blocks, scales, widths, start, end, scores):
+        running = numpy.empty(query.shape[0], dtype=numpy.float32)
+        vector = numpy.empty(query.shape[1], dtype=numpy.float32)
+        for candidate in range(start, end):
+            first = True
+            for number in range(len(widths)):
+                block, block_scales = blocks[number], scales[number]
+                for position in range(widths[number]):
+                    codes = block[candidate, position]
+                    for element in range(codes.shape[0]):
+                        vector[element] = numpy.float32(codes[element])
+                    dots_into_max(query, vector, block_scales[candidate, position], running, first)
+                    first = False
+            scores[candidate] = running.sum()
+
+    @numba.njit(**options)
+    def int4(query, blocks, scales, widths, start, end, scores):
+        # query [r_q, D] reordered as [r_q, (even elements, odd elements)]: the low nibbles of a vector's D / 2
+        # bytes are its even elements, the high nibbles its odd ones.
+        running = numpy.empty(query.shape[0], dtype=numpy.float32)
+        vector = numpy.empty(query.shape[1], dtype=numpy.float32)
+        pairs = query.shape[1] // 2
+        for candidate in range(start, end):
+            first = True
+            for number in range(len(widths)):
+                block, block_scales = blocks[number], scales[number]
+                for position in range(widths[number]):
+                    codes = block[candidate, position]
+                    for pair in range(pairs):
+                        vector[pair] = numpy.float32(numpy.int32(codes[pair] & 15) - 8)
+                        vector[pairs + pair] = numpy.float32(numpy.int32(codes[pair] >> 4) - 8)
+                    dots_into_max(query, vector, block_scales[candidate, position], running, first)
+                    first = False
+            scores[candidate] = running.sum()
+
+    return _Kernels(float32=float32, float16=float16, int8=int8, int4=int4)

@@ -1,0 +1,135 @@
+"""The one-query kernel (metaembed/search/single_query.py, numba): the same scores as the torch kernel for every
+stored type and budget, whatever the thread split, from memory-mapped shards and from several threads at once;
+and the index uses it for one query."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metaembed.search import single_query
+from metaembed.search.index import MetaEmbedIndex
+from metaembed.search.storage import prefix_blocks, quantize
+from scoring_metaembed import MMR_BUDGETS, PrefixBlocks, late_interaction_scores
+
+pytest.importorskip("numba")
+
+DIM, NUM_VECTORS = 32, 64
+STORAGES = ["float32", "float16", "int8", "int4"]
+
+
+def unit_vectors(*shape: int, seed: int) -> torch.Tensor:
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+@pytest.fixture(scope="module")
+def candidates():
+    vectors = unit_vectors(300, NUM_VECTORS, DIM, seed=0)
+    # Components float16 stores as subnormals or zeros (|x| < 6.1e-5), of both signs, in the first vectors.
+    vectors[0, 0, :6] = torch.tensor([3e-5, -2e-6, 0.0, -0.0, 6e-8, -5e-5])
+    vectors[1, :2, :DIM:2] = 1e-7
+    return vectors
+
+
+@pytest.fixture(scope="module")
+def query():
+    return unit_vectors(16, DIM, seed=1)
+
+
+def stored_blocks(candidates, storage):
+    return PrefixBlocks(*prefix_blocks(*quantize(candidates, storage)))
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("num_query_vectors", [1, 3, 4, 8, 16])
+def test_scores_equal_the_torch_kernel_for_every_storage_and_budget(candidates, query, storage, num_query_vectors):
+    blocks = stored_blocks(candidates, storage)
+    for num_candidate_vectors in sorted({budget[1] for budget in MMR_BUDGETS} | {3, 5, 33}):
+        scores = single_query.single_query_scores(query[:num_query_vectors], blocks, num_candidate_vectors)
+        expected = late_interaction_scores(query[None, :num_query_vectors], blocks, None, num_candidate_vectors)[0]
+        assert scores.dtype == torch.float32 and scores.shape == (len(candidates),)
+        torch.testing.assert_close(scores, expected, atol=2e-6, rtol=0)
+
+
+def test_float16_bits_are_decoded_exactly_subnormals_included(candidates):
+    # One-hot queries read single stored elements back: every float16 value, subnormal or signed zero, exactly.
+    blocks = stored_blocks(candidates, "float16")
+    halves = blocks.blocks[0][:, 0].float()  # [N, D] the first vector of each candidate, as stored
+    for element in (0, 1, 2, 3, 4, 5, 7):
+        one_hot = torch.zeros(1, DIM)
+        one_hot[0, element] = 1.0
+        assert torch.equal(single_query.single_query_scores(one_hot, blocks, 1), halves[:, element])
+
+
+def test_thread_split_gives_identical_scores(candidates, query, monkeypatch):
+    blocks = stored_blocks(candidates, "int8")
+    alone = single_query.single_query_scores(query[:4], blocks, 8)
+    monkeypatch.setattr(single_query, "_MIN_CANDIDATES_PER_THREAD", 1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        split = single_query.single_query_scores(query[:4], blocks, 8)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(split, alone)
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_index_uses_the_kernel_for_one_query_and_torch_otherwise(candidates, query, storage, monkeypatch, tmp_path):
+    index = MetaEmbedIndex(DIM, NUM_VECTORS, storage=storage)
+    index.add(candidates[:170])
+    index.add(candidates[170:])  # two shards
+    index.save(str(tmp_path))
+    loaded = MetaEmbedIndex.load(str(tmp_path))  # memory-mapped, read-only arrays
+    calls = []
+    kernel = single_query.single_query_scores
+
+    def counting(*arguments):
+        calls.append(arguments[2])
+        return kernel(*arguments)
+
+    monkeypatch.setattr(single_query, "single_query_scores", counting)
+    for r_q, r_c in MMR_BUDGETS:
+        calls.clear()
+        found = loaded.search(query[None], r_q, r_c, top_k=7, shortlist_size=None)
+        uses_kernel = not (storage == "float16" and r_q > 8)
+        assert calls == ([r_c, r_c] if uses_kernel else [])
+        monkeypatch.setenv("METAEMBED_NUMBA", "0")
+        reference = loaded.search(query[None], r_q, r_c, top_k=7, shortlist_size=None)
+        monkeypatch.delenv("METAEMBED_NUMBA")
+        assert torch.equal(found.indices, reference.indices) and found.ids == reference.ids
+        torch.testing.assert_close(found.scores, reference.scores, atol=2e-6, rtol=0)
+    calls.clear()
+    loaded.search(torch.stack([query, query]), 2, 4, shortlist_size=None)  # a batch: torch's GEMM
+    assert calls == []
+
+
+def test_concurrent_single_query_searches_equal_sequential(candidates, query):
+    index = MetaEmbedIndex(DIM, NUM_VECTORS, storage="int4")
+    index.add(candidates)
+    queries = [unit_vectors(1, 16, DIM, seed=seed) for seed in range(12)]
+    budgets = [MMR_BUDGETS[slot % len(MMR_BUDGETS)] for slot in range(len(queries))]
+    expected = [index.search(q, *budget, top_k=5, shortlist_size=None) for q, budget in zip(queries, budgets)]
+    results = [None] * len(queries)
+
+    def run(slot):
+        results[slot] = index.search(queries[slot], *budgets[slot], top_k=5, shortlist_size=None)
+
+    threads = [threading.Thread(target=run, args=(slot,)) for slot in range(len(queries))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for got, want in zip(results, expected):
+        assert torch.equal(got.indices, want.indices) and torch.equal(got.scores, want.scores)
+
+
+def test_supports_only_what_it_was_made_and_measured_for(candidates):
+    assert single_query.supports(stored_blocks(candidates, "float16"), 8)
+    assert not single_query.supports(stored_blocks(candidates, "float16"), 9)
+    assert single_query.supports(stored_blocks(candidates, "int4"), 16)
+    assert not single_query.supports(stored_blocks(candidates, "float32"), 17)
+    assert not single_query.supports(PrefixBlocks([candidates.to(torch.bfloat16)]), 1)
