@@ -95,8 +95,7 @@ def test_index_uses_the_kernel_for_one_query_and_torch_otherwise(candidates, que
     for r_q, r_c in MMR_BUDGETS:
         calls.clear()
         found = loaded.search(query[None], r_q, r_c, top_k=7, shortlist_size=None)
-        uses_kernel = not (storage == "float16" and r_q > 8)
-        assert calls == ([r_c, r_c] if uses_kernel else [])
+        assert calls == [r_c, r_c]
         monkeypatch.setenv("METAEMBED_NUMBA", "0")
         reference = loaded.search(query[None], r_q, r_c, top_k=7, shortlist_size=None)
         monkeypatch.delenv("METAEMBED_NUMBA")
@@ -128,8 +127,7 @@ def test_concurrent_single_query_searches_equal_sequential(candidates, query):
 
 
 def test_supports_only_what_it_was_made_and_measured_for(candidates):
-    assert single_query.supports(stored_blocks(candidates, "float16"), 8)
-    assert not single_query.supports(stored_blocks(candidates, "float16"), 9)
+    assert single_query.supports(stored_blocks(candidates, "float16"), 16)
     assert single_query.supports(stored_blocks(candidates, "int4"), 16)
     assert not single_query.supports(stored_blocks(candidates, "float32"), 17)
     assert not single_query.supports(PrefixBlocks([candidates.to(torch.bfloat16)]), 1)

@@ -35,13 +35,10 @@ def available() -> bool:
 
 
 def supports(candidates: PrefixBlocks, num_query_vectors: int) -> bool:
-    """The kernels handle these blocks (float32, float16, int8 or 4-bit codes on CPU) for one query of
-    `num_query_vectors` vectors, and are the faster choice for them: measured on this package's benchmark, all
-    but float16 at r_q > 8, where torch's upcast chunks and GEMM win."""
-    dtype = candidates.blocks[0].dtype
-    if candidates.blocks[0].device.type != "cpu" or dtype not in _STORED_TYPES or num_query_vectors > 16:
-        return False
-    return not (dtype == torch.float16 and num_query_vectors > 8)
+    """The kernels handle these blocks (float32, float16, int8 or 4-bit codes on CPU) for one query of up to 16
+    vectors."""
+    block = candidates.blocks[0]
+    return block.device.type == "cpu" and block.dtype in _STORED_TYPES and num_query_vectors <= 16
 
 
 def single_query_scores(query: torch.Tensor, candidates: PrefixBlocks, num_candidate_vectors: int) -> torch.Tensor:
@@ -129,43 +126,56 @@ def _kernels() -> _Kernels:
     options = {"nogil": True, "cache": True, "fastmath": {"reassoc", "contract"}, "boundscheck": False}
 
     @numba.njit(**options)
-    def dots_into_max(query, vector, scale, running, first):
-        """running[i] = max(running[i], <query[i], vector> * scale) (or = it, for the first vector). Four query
-        vectors at a time: four independent sums hide the latency of each one's reduction."""
+    def _widest(widths):  # rows of the decode buffer
+        return max(1, widths.max())
+
+    @numba.njit(**options, inline="always")
+    def block_max(query, vectors, running):
+        """running[i] = max(running[i], max_j <query[i], vectors[j]>) for float32 `query [M, D]`, `vectors [w, D]`.
+        Two vectors x four query vectors at a time: eight independent sums share each load and hide the latency
+        of one another's reduction."""
         num_rows, dim = query.shape
-        row = 0
-        while row + 4 <= num_rows:
-            total0 = total1 = total2 = total3 = numpy.float32(0.0)
-            for element in range(dim):
-                value = vector[element]
-                total0 += query[row, element] * value
-                total1 += query[row + 1, element] * value
-                total2 += query[row + 2, element] * value
-                total3 += query[row + 3, element] * value
-            for offset, total in enumerate((total0, total1, total2, total3)):
-                total *= scale
-                if first or total > running[row + offset]:
-                    running[row + offset] = total
-            row += 4
-        while row < num_rows:
-            total = numpy.float32(0.0)
-            for element in range(dim):
-                total += query[row, element] * vector[element]
-            total *= scale
-            if first or total > running[row]:
-                running[row] = total
-            row += 1
+        width = vectors.shape[0]
+        column = 0
+        while column < width:
+            pair = column + 1 < width
+            second = column + 1 if pair else column  # an odd last vector is paired with itself
+            row = 0
+            while row + 4 <= num_rows:
+                a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = numpy.float32(0.0)
+                for element in range(dim):
+                    x, y = vectors[column, element], vectors[second, element]
+                    q0, q1 = query[row, element], query[row + 1, element]
+                    q2, q3 = query[row + 2, element], query[row + 3, element]
+                    a0 += q0 * x
+                    a1 += q1 * x
+                    a2 += q2 * x
+                    a3 += q3 * x
+                    b0 += q0 * y
+                    b1 += q1 * y
+                    b2 += q2 * y
+                    b3 += q3 * y
+                running[row] = max(running[row], a0, b0)
+                running[row + 1] = max(running[row + 1], a1, b1)
+                running[row + 2] = max(running[row + 2], a2, b2)
+                running[row + 3] = max(running[row + 3], a3, b3)
+                row += 4
+            while row < num_rows:
+                a0 = b0 = numpy.float32(0.0)
+                for element in range(dim):
+                    a0 += query[row, element] * vectors[column, element]
+                    b0 += query[row, element] * vectors[second, element]
+                running[row] = max(running[row], a0, b0)
+                row += 1
+            column += 2
 
     @numba.njit(**options)
     def float32(query, blocks, scales, widths, start, end, scores):
         running = numpy.empty(query.shape[0], dtype=numpy.float32)
         for candidate in range(start, end):
-            first = True
+            running[:] = -numpy.inf
             for number in range(len(widths)):
-                block = blocks[number]
-                for position in range(widths[number]):
-                    dots_into_max(query, block[candidate, position], numpy.float32(1.0), running, first)
-                    first = False
+                block_max(query, blocks[number][candidate, : widths[number]], running)
             scores[candidate] = running.sum()
 
     @numba.njit(**options)
@@ -174,55 +184,52 @@ def _kernels() -> _Kernels:
         # exponent 112 lower, for normal and subnormal halves alike; the query comes scaled by 2**112 to match
         # (powers of two: the products round as the plain ones do).
         running = numpy.empty(query.shape[0], dtype=numpy.float32)
-        bits = numpy.empty(query.shape[1], dtype=numpy.uint32)
-        vector = bits.view(numpy.float32)
+        bits = numpy.empty((_widest(widths), query.shape[1]), dtype=numpy.uint32)
+        vectors = bits.view(numpy.float32)
         for candidate in range(start, end):
-            first = True
+            running[:] = -numpy.inf
             for number in range(len(widths)):
-                block = blocks[number]
+                halves = blocks[number][candidate]
                 for position in range(widths[number]):
-                    half = block[candidate, position]
-                    for element in range(half.shape[0]):
-                        value = numpy.uint32(half[element])
-                        bits[element] = ((value & 0x8000) << 16) | ((value & 0x7FFF) << 13)
-                    dots_into_max(query, vector, numpy.float32(1.0), running, first)
-                    first = False
+                    for element in range(halves.shape[1]):
+                        value = numpy.uint32(halves[position, element])
+                        bits[position, element] = ((value & 0x8000) << 16) | ((value & 0x7FFF) << 13)
+                block_max(query, vectors[: widths[number]], running)
             scores[candidate] = running.sum()
 
     @numba.njit(**options)
     def int8(query, blocks, scales, widths, start, end, scores):
         running = numpy.empty(query.shape[0], dtype=numpy.float32)
-        vector = numpy.empty(query.shape[1], dtype=numpy.float32)
+        vectors = numpy.empty((_widest(widths), query.shape[1]), dtype=numpy.float32)
         for candidate in range(start, end):
-            first = True
+            running[:] = -numpy.inf
             for number in range(len(widths)):
-                block, block_scales = blocks[number], scales[number]
+                codes, vector_scales = blocks[number][candidate], scales[number][candidate]
                 for position in range(widths[number]):
-                    codes = block[candidate, position]
-                    for element in range(codes.shape[0]):
-                        vector[element] = numpy.float32(codes[element])
-                    dots_into_max(query, vector, block_scales[candidate, position], running, first)
-                    first = False
+                    scale = vector_scales[position]
+                    for element in range(codes.shape[1]):
+                        vectors[position, element] = numpy.float32(codes[position, element]) * scale
+                block_max(query, vectors[: widths[number]], running)
             scores[candidate] = running.sum()
 
     @numba.njit(**options)
     def int4(query, blocks, scales, widths, start, end, scores):
-        # query [r_q, D] reordered as [r_q, (even elements, odd elements)]: the low nibbles of a vector's D / 2
-        # bytes are its even elements, the high nibbles its odd ones.
+        # The low nibbles of a vector's D / 2 bytes are its even elements, the high nibbles its odd ones; they are
+        # decoded as [even elements, odd elements], and the query comes reordered the same way.
         running = numpy.empty(query.shape[0], dtype=numpy.float32)
-        vector = numpy.empty(query.shape[1], dtype=numpy.float32)
+        vectors = numpy.empty((_widest(widths), query.shape[1]), dtype=numpy.float32)
         pairs = query.shape[1] // 2
         for candidate in range(start, end):
-            first = True
+            running[:] = -numpy.inf
             for number in range(len(widths)):
-                block, block_scales = blocks[number], scales[number]
+                codes, vector_scales = blocks[number][candidate], scales[number][candidate]
                 for position in range(widths[number]):
-                    codes = block[candidate, position]
+                    scale = vector_scales[position]
                     for pair in range(pairs):
-                        vector[pair] = numpy.float32(numpy.int32(codes[pair] & 15) - 8)
-                        vector[pairs + pair] = numpy.float32(numpy.int32(codes[pair] >> 4) - 8)
-                    dots_into_max(query, vector, block_scales[candidate, position], running, first)
-                    first = False
+                        code = numpy.int32(codes[position, pair])
+                        vectors[position, pair] = numpy.float32((code & 15) - 8) * scale
+                        vectors[position, pairs + pair] = numpy.float32((code >> 4) - 8) * scale
+                block_max(query, vectors[: widths[number]], running)
             scores[candidate] = running.sum()
 
     return _Kernels(float32=float32, float16=float16, int8=int8, int4=int4)
