@@ -12,13 +12,13 @@ import torch.nn.functional as F
 
 from metaembed.search import single_query
 from metaembed.search.index import MetaEmbedIndex
-from metaembed.search.storage import prefix_blocks, quantize
+from metaembed.search.storage import code_values, prefix_blocks, quantize
 from scoring_metaembed import MMR_BUDGETS, PrefixBlocks, late_interaction_scores
 
 pytest.importorskip("numba")
 
 DIM, NUM_VECTORS = 32, 64
-STORAGES = ["float32", "float16", "int8", "int4"]
+STORAGES = ["float32", "float16", "int8", "int4", "residual4"]
 
 
 def unit_vectors(*shape: int, seed: int) -> torch.Tensor:
@@ -40,7 +40,9 @@ def query():
 
 
 def stored_blocks(candidates, storage):
-    return PrefixBlocks(*prefix_blocks(*quantize(candidates, storage)))
+    stored = quantize(candidates, storage)
+    blocks, scales = prefix_blocks(stored.embeddings, stored.scales)
+    return PrefixBlocks(blocks, scales, code_values(storage), stored.offsets)
 
 
 @pytest.mark.parametrize("storage", STORAGES)

@@ -66,17 +66,22 @@ def single_query_scores(query: torch.Tensor, candidates: PrefixBlocks, num_candi
         stored = block.view(torch.uint16) if dtype == torch.float16 else block
         blocks.append(_as_array(stored))
         scales.append(_as_array(block_scales) if block_scales is not None else _NO_SCALES)
+    code_values, offsets = _NO_CODE_VALUES, _NO_OFFSETS
     if dtype == torch.uint8:  # 4-bit codes: even elements first, then odd ones, as the kernel decodes them
         query = numpy.ascontiguousarray(numpy.concatenate([query[:, 0::2], query[:, 1::2]], axis=1))
+        if candidates.code_values is not None:
+            code_values = _as_array(candidates.code_values)
+        if candidates.offsets is not None:
+            offsets = _as_array(candidates.offsets.to(torch.float16).view(torch.uint16))
     elif dtype == torch.float16:  # the kernel reads halves 2**112 too small (see there)
         query = query * numpy.float32(2.0**112)
     kernel = {
         torch.float32: kernels.float32,
         torch.float16: kernels.float16,
         torch.int8: kernels.int8,
-        torch.uint8: kernels.int4,
+        torch.uint8: kernels.four_bit,
     }[dtype]
-    arguments = (query, tuple(blocks), tuple(scales), numpy.asarray(widths, dtype=numpy.int64))
+    arguments = (query, tuple(blocks), tuple(scales), code_values, offsets, numpy.asarray(widths, dtype=numpy.int64))
     count = len(candidates)
     scores = numpy.empty(count, dtype=numpy.float32)
     parts = max(1, min(torch.get_num_threads(), count // _MIN_CANDIDATES_PER_THREAD))
@@ -92,8 +97,14 @@ def single_query_scores(query: torch.Tensor, candidates: PrefixBlocks, num_candi
     return torch.from_numpy(scores)
 
 
-_NO_SCALES = numpy.zeros((0, 0), dtype=numpy.float32)
-_NO_SCALES.flags.writeable = False
+def _read_only(array: numpy.ndarray) -> numpy.ndarray:
+    array.flags.writeable = False
+    return array
+
+
+_NO_SCALES = _read_only(numpy.zeros((0, 0), dtype=numpy.float32))
+_NO_CODE_VALUES = _read_only(numpy.zeros(0, dtype=numpy.float32))
+_NO_OFFSETS = _read_only(numpy.zeros((0, 0), dtype=numpy.uint16))
 
 
 def _as_array(tensor: torch.Tensor) -> numpy.ndarray:
@@ -102,9 +113,7 @@ def _as_array(tensor: torch.Tensor) -> numpy.ndarray:
     array = tensor.numpy()
     if not array.flags.c_contiguous:
         array = numpy.ascontiguousarray(array)
-    array = array.view()
-    array.flags.writeable = False
-    return array
+    return _read_only(array.view())
 
 
 @cache
@@ -170,7 +179,7 @@ def _kernels() -> _Kernels:
             column += 2
 
     @numba.njit(**options)
-    def float32(query, blocks, scales, widths, start, end, scores):
+    def float32(query, blocks, scales, code_values, offsets, widths, start, end, scores):
         running = numpy.empty(query.shape[0], dtype=numpy.float32)
         for candidate in range(start, end):
             running[:] = -numpy.inf
@@ -179,7 +188,7 @@ def _kernels() -> _Kernels:
             scores[candidate] = running.sum()
 
     @numba.njit(**options)
-    def float16(query, blocks, scales, widths, start, end, scores):
+    def float16(query, blocks, scales, code_values, offsets, widths, start, end, scores):
         # Half bits h -> float32 bits (h & 0x8000) << 16 | (h & 0x7FFF) << 13: the same sign and digits with the
         # exponent 112 lower, for normal and subnormal halves alike; the query comes scaled by 2**112 to match
         # (powers of two: the products round as the plain ones do).
@@ -198,7 +207,7 @@ def _kernels() -> _Kernels:
             scores[candidate] = running.sum()
 
     @numba.njit(**options)
-    def int8(query, blocks, scales, widths, start, end, scores):
+    def int8(query, blocks, scales, code_values, offsets, widths, start, end, scores):
         running = numpy.empty(query.shape[0], dtype=numpy.float32)
         vectors = numpy.empty((_widest(widths), query.shape[1]), dtype=numpy.float32)
         for candidate in range(start, end):
@@ -213,23 +222,42 @@ def _kernels() -> _Kernels:
             scores[candidate] = running.sum()
 
     @numba.njit(**options)
-    def int4(query, blocks, scales, widths, start, end, scores):
-        # The low nibbles of a vector's D / 2 bytes are its even elements, the high nibbles its odd ones; they are
-        # decoded as [even elements, odd elements], and the query comes reordered the same way.
+    def four_bit(query, blocks, scales, code_values, offsets, widths, start, end, scores):
+        # Element = code_values[code] * scale (int4, without code values: (code - 8) * scale), plus the
+        # candidate's offset for residual4 (its float16 mean, read as bits like float16 storage, then rescaled as
+        # it is added). The low nibbles of a vector's D / 2 bytes are its even elements, the high nibbles its odd
+        # ones; they are decoded as [even elements, odd elements], and the query comes reordered the same way.
         running = numpy.empty(query.shape[0], dtype=numpy.float32)
         vectors = numpy.empty((_widest(widths), query.shape[1]), dtype=numpy.float32)
+        offset_bits = numpy.zeros(query.shape[1], dtype=numpy.uint32)
+        offset = offset_bits.view(numpy.float32)
         pairs = query.shape[1] // 2
+        has_offsets = offsets.shape[0] > 0
+        has_table = code_values.shape[0] > 0
         for candidate in range(start, end):
             running[:] = -numpy.inf
+            if has_offsets:
+                for pair in range(pairs):
+                    for parity in range(2):
+                        value = numpy.uint32(offsets[candidate, 2 * pair + parity])
+                        offset_bits[parity * pairs + pair] = ((value & 0x8000) << 16) | ((value & 0x7FFF) << 13)
+                for element in range(query.shape[1]):
+                    offset[element] *= numpy.float32(2.0**112)
             for number in range(len(widths)):
                 codes, vector_scales = blocks[number][candidate], scales[number][candidate]
                 for position in range(widths[number]):
                     scale = vector_scales[position]
-                    for pair in range(pairs):
-                        code = numpy.int32(codes[position, pair])
-                        vectors[position, pair] = numpy.float32((code & 15) - 8) * scale
-                        vectors[position, pairs + pair] = numpy.float32((code >> 4) - 8) * scale
+                    if has_table:
+                        for pair in range(pairs):
+                            code = codes[position, pair]
+                            vectors[position, pair] = code_values[code & 15] * scale + offset[pair]
+                            vectors[position, pairs + pair] = code_values[code >> 4] * scale + offset[pairs + pair]
+                    else:  # int4: code - 8, arithmetic vectorises where a table lookup does not
+                        for pair in range(pairs):
+                            code = numpy.int32(codes[position, pair])
+                            vectors[position, pair] = numpy.float32((code & 15) - 8) * scale
+                            vectors[position, pairs + pair] = numpy.float32((code >> 4) - 8) * scale
                 block_max(query, vectors[: widths[number]], running)
             scores[candidate] = running.sum()
 
-    return _Kernels(float32=float32, float16=float16, int8=int8, int4=int4)
+    return _Kernels(float32=float32, float16=float16, int8=int8, four_bit=four_bit)
