@@ -1,13 +1,15 @@
-"""Exhaustive MaxSim of one query over an index's stored prefix blocks at memory speed, compiled with numba (the
-`[search]` extra; without it the index uses `late_interaction_scores`).
+"""Exhaustive MaxSim of one query over an index's stored prefix blocks, compiled with numba (the `[search]`
+extra; without it the index uses `late_interaction_scores`).
 
 One query is a thin matrix product: r_q <= 16 query vectors against millions of stored vectors. Through torch's
-BLAS it reads the stored vectors several times slower than the machine can (the GEMM kernels are tuned for wide
-matrices), and float16 / int8 / int4 pay an extra pass to upcast every chunk. Here each candidate vector is
-read once, decoded in registers from its stored type (float16 bits, int8 or 4-bit codes times the vector's
-scale), and its dots with the query vectors go straight into a running max. Scores are float32 and accumulate in
-float32; candidates are split across `torch.get_num_threads()` threads (the kernels release the GIL), and a call
-shares no state with another, so servers may search from several threads at once.
+BLAS it reads the stored vectors slower than the machine can (its GEMM kernels are tuned for wide matrices), and
+float16 / int8 / 4-bit storage pay an extra pass to upcast every chunk. Here each candidate is read once: the
+vectors of one prefix block are decoded from their stored type (float16 bits, int8 or 4-bit codes times the
+vector's scale, residual4's mean added) into a small buffer that stays in the L1 cache, and their dots with the
+query vectors go straight into a running max. Scores are float32 and accumulate in float32 (with a different
+summation order than torch's kernel: equal to float32 rounding). Candidates are split across
+`torch.get_num_threads()` threads (the kernels release the GIL); a call shares no state with another, so servers
+may search from several threads at once.
 """
 
 from __future__ import annotations
