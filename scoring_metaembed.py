@@ -56,16 +56,26 @@ class PrefixBlocks:
     the first vectors of all candidates lie together and a budget r_c reads only the blocks it uses. A block is
     float (any floating dtype); int8 with one float32 scale per vector (`vector = int8 * scale`); or uint8 holding
     4-bit codes, two per byte along D (element 2i in the low nibble, 2i + 1 in the high one), with one float32
-    scale per vector (`element = (code - 8) * scale`). Scoring upcasts / dequantises an 8 MiB chunk at a
-    time, once for all queries of a call.
+    scale per vector (`element = code_values[code] * scale`, by default `code_values[code] = code - 8`).
+    `offsets`, when given, is one vector per candidate added to each of its vectors (the "residual4" storage codes
+    each vector's residual from its candidate's mean). Scoring decodes an 8 MiB chunk at a time (`_decode_block`),
+    once for all queries of a call.
 
     Args:
         blocks: one or more tensors `[N, R_b, D]` (`[N, R_b, D / 2]` for 4-bit codes; views are fine), all with
             the same N and D, on one device.
         scales: None, or one entry per block: None for a float block, float32 `[N, R_b]` for a quantised one.
+        code_values: None, or float32 `[16]`: the value of each 4-bit code (uint8 blocks only).
+        offsets: None, or a floating tensor `[N, D]` added to every vector of each candidate.
     """
 
-    def __init__(self, blocks: Sequence[torch.Tensor], scales: Sequence[torch.Tensor | None] | None = None) -> None:
+    def __init__(
+        self,
+        blocks: Sequence[torch.Tensor],
+        scales: Sequence[torch.Tensor | None] | None = None,
+        code_values: torch.Tensor | None = None,
+        offsets: torch.Tensor | None = None,
+    ) -> None:
         blocks = list(blocks) if isinstance(blocks, (list, tuple)) else blocks
         if not isinstance(blocks, list) or not blocks:
             raise TypeError(f"blocks must be a non-empty list of [N, R_b, D] tensors, got {type(blocks).__name__}")
@@ -104,6 +114,21 @@ class PrefixBlocks:
                 raise ValueError(f"blocks[{number}] is {block.dtype}: scales[{number}] must be None")
         self.blocks: tuple[torch.Tensor, ...] = tuple(blocks)
         self.scales: tuple[torch.Tensor | None, ...] = tuple(scales)
+        if code_values is not None:
+            if not any(block.dtype == torch.uint8 for block in blocks):
+                raise ValueError("code_values only apply to uint8 blocks (4-bit codes)")
+            if not isinstance(code_values, torch.Tensor) or code_values.dtype != torch.float32:
+                raise TypeError(f"code_values must be a float32 tensor [16], got {_describe(code_values)}")
+            if code_values.shape != (16,) or code_values.device != blocks[0].device:
+                raise ValueError(f"code_values must be [16] on {blocks[0].device}, got {_describe(code_values)}")
+        if offsets is not None:
+            if not isinstance(offsets, torch.Tensor) or not offsets.dtype.is_floating_point:
+                raise TypeError(f"offsets must be a floating tensor [N, D], got {_describe(offsets)}")
+            if offsets.shape != (len(blocks[0]), self.dim) or offsets.device != blocks[0].device:
+                raise ValueError(
+                    f"offsets must be [{len(blocks[0])}, {self.dim}] on {blocks[0].device}, got {_describe(offsets)}"
+                )
+        self.code_values, self.offsets = code_values, offsets
 
     def __len__(self) -> int:
         return self.blocks[0].shape[0]
@@ -118,6 +143,46 @@ class PrefixBlocks:
         """D: the vector dimension (twice the stored last dimension for 4-bit codes)."""
         block = self.blocks[0]
         return block.shape[2] * (2 if block.dtype == torch.uint8 else 1)
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{value.dtype} {list(value.shape)} on {value.device}"
+    return type(value).__name__
+
+
+def _decode_block(
+    stored: torch.Tensor,
+    out: torch.Tensor,
+    scales: torch.Tensor | None = None,
+    code_values: torch.Tensor | None = None,
+    offsets: torch.Tensor | None = None,
+) -> None:
+    """Decode stored vectors into `out` (float32 `[n, r, D]`, contiguous): the one decoder of every storage type.
+
+    Args:
+        stored: `[n, r, D]` floating or int8, or uint8 `[n, r, D / 2]` 4-bit codes (element 2i in the low nibble,
+            2i + 1 in the high one).
+        scales: float32 `[n, r]`, one per vector, for int8 / uint8 (`element = value * scale`).
+        code_values: float32 `[16]`, the value of each 4-bit code (default: `code - 8`).
+        offsets: floating `[n, D]`, added to all `r` vectors of each item.
+    """
+    if stored.dtype == torch.uint8 and code_values is None:  # "int4": value = code - 8
+        pairs = out.view(*stored.shape, 2)
+        pairs[..., 0].copy_(stored & 15)
+        pairs[..., 1].copy_(stored >> 4)
+        out.sub_(8.0)
+    elif stored.dtype == torch.uint8:
+        # One lookup per byte into the 256 pairs of values a byte can hold: both elements in one pass.
+        codes = torch.arange(256, device=out.device)
+        pairs = torch.stack([code_values[codes & 15], code_values[codes >> 4]], dim=1)
+        torch.index_select(pairs, 0, stored.reshape(-1).int(), out=out.view(-1, 2))
+    else:
+        out.copy_(stored)
+    if scales is not None:
+        out.mul_(scales.unsqueeze(-1))
+    if offsets is not None:
+        out.add_(offsets.unsqueeze(1))
 
 
 class TopKScores(NamedTuple):
@@ -392,7 +457,7 @@ class _EmbeddingSide:
         length = self.part_lengths()[part]
         if self.blocks is not None:
             source = self.blocks.blocks[part]
-            if source.dtype != torch.float32 or source.device != device:
+            if source.dtype != torch.float32 or source.device != device or self.blocks.offsets is not None:
                 return None
         else:
             source = self.padded
@@ -417,18 +482,15 @@ class _EmbeddingSide:
         similarities).
         """
         if self.blocks is not None:
-            length = out.shape[1]
-            stored = self.blocks.blocks[part][start:end, :length]
-            if stored.dtype == torch.uint8:  # 4-bit codes: low nibble = even element, high nibble = odd element
-                pairs = out.view(end - start, length, -1, 2)
-                pairs[..., 0].copy_(stored & 15)
-                pairs[..., 1].copy_(stored >> 4)
-                out.sub_(8.0)
-            else:
-                out.copy_(stored)
-            scales = self.blocks.scales[part]
-            if scales is not None:
-                out.mul_(scales[start:end, :length].unsqueeze(-1))
+            blocks, length = self.blocks, out.shape[1]
+            scales = blocks.scales[part]
+            _decode_block(
+                blocks.blocks[part][start:end, :length],
+                out,
+                None if scales is None else scales[start:end, :length],
+                blocks.code_values,
+                None if blocks.offsets is None else blocks.offsets[start:end],
+            )
             return
         if self.items is not None:
             self._stage_list(start, end, out, pad_with_zeros)

@@ -226,9 +226,12 @@ def run_index(arguments: argparse.Namespace) -> None:
                 embeddings = model.encode_candidates(
                     items[start:end], num_vectors=num_vectors, batch_size=arguments.batch_size, show_progress_bar=True
                 )
-                stored, scales = storage.quantize(embeddings, arguments.storage)
-                storage.check_storable(stored, scales, shard_ids, arguments.storage)
-                storage.write_shard(path, number, len(shards), stored, scales, shard_ids, metadata[start:end], source)
+                stored = storage.quantize(embeddings, arguments.storage)
+                storage.check_storable(stored, shard_ids, arguments.storage)
+                storage.write_shard(
+                    path, number, len(shards), stored.embeddings, stored.scales, shard_ids, metadata[start:end], source,
+                    stored.offsets,
+                )
                 encoded += 1
         except FileNotFoundError:
             if os.path.isdir(path):
@@ -521,7 +524,13 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("model", help="a MetaEmbed folder or repo id")
     index.add_argument("input", help="a folder of images, a .jsonl file ({text?, image?, id?, ...}) or a text file")
     index.add_argument("output_dir", help="a new or empty folder, or a MetaEmbed index to resume or replace")
-    index.add_argument("--storage", choices=["float32", "float16", "int8", "int4"], default="float16")
+    index.add_argument(
+        "--storage",
+        choices=["float32", "float16", "int8", "int4", "residual4"],
+        default="float16",
+        help="bytes per 64 x 128 candidate: float32 32,768; float16 16,384 (default); int8 8,448; int4 4,352; "
+        "residual4 4,608 (the compact one, PLAID's size and recall: see the README)",
+    )
     index.add_argument("--num-vectors", type=positive_int, default=None, help="candidate vectors kept (default: all)")
     index.add_argument("--batch-size", type=positive_int, default=32)
     index.add_argument("--shard-size", type=positive_int, default=50_000, help="candidates per shard file")

@@ -69,7 +69,9 @@ def test_exhaustive_search_matches_reference(candidates, queries, budget):
     assert index.metadata(int(results.indices[0, 0])) == {"n": int(results.indices[0, 0])}
 
 
-@pytest.mark.parametrize(("storage", "tolerance"), [("float16", 1e-3), ("int8", 5e-3), ("int4", 0.07)])
+@pytest.mark.parametrize(
+    ("storage", "tolerance"), [("float16", 1e-3), ("int8", 5e-3), ("int4", 0.07), ("residual4", 0.1)]
+)
 def test_storage_dtypes_dequantise_closely_and_search_what_is_stored(candidates, queries, storage, tolerance):
     index = build(candidates, storage)
     stored = index.get_embeddings(range(len(candidates)))
@@ -83,7 +85,7 @@ def test_storage_dtypes_dequantise_closely_and_search_what_is_stored(candidates,
 
 def test_int8_is_a_quarter_and_int4_an_eighth_of_float32_plus_scales(candidates, tmp_path):
     sizes = {}
-    for storage in ("float32", "float16", "int8", "int4"):
+    for storage in ("float32", "float16", "int8", "int4", "residual4"):
         build(candidates, storage).save(str(tmp_path / storage))
         folder = tmp_path / storage
         sizes[storage] = sum(os.path.getsize(path) for path in folder.rglob("*.safetensors"))
@@ -92,23 +94,57 @@ def test_int8_is_a_quarter_and_int4_an_eighth_of_float32_plus_scales(candidates,
     assert sizes["float16"] == pytest.approx(2 * payload, rel=0.01)
     assert sizes["int8"] == pytest.approx(payload + 4 * len(candidates) * NUM_VECTORS, rel=0.01)
     assert sizes["int4"] == pytest.approx(payload / 2 + 4 * len(candidates) * NUM_VECTORS, rel=0.01)
+    # residual4: int4's bytes plus one float16 mean vector per candidate.
+    assert sizes["residual4"] == pytest.approx(sizes["int4"] + 2 * len(candidates) * DIM, rel=0.01)
 
 
-def test_int4_codes_are_the_plain_per_vector_max_abs_quantisation(candidates, queries):
-    index = build(candidates, "int4")
-    scales = candidates.abs().amax(dim=-1, keepdim=True) / 7
-    expected = torch.round(candidates / scales).clamp(-7, 7) * scales
-    torch.testing.assert_close(index.get_embeddings(range(len(candidates))), expected, atol=1e-6, rtol=0)
+# The 16 values of residual4's 4-bit codes: the Lloyd-Max quantiser of a standard normal variable.
+LLOYD_MAX_LEVELS = [0.1284, 0.3881, 0.6568, 0.9424, 1.2562, 1.6181, 2.0690, 2.7326]
+
+
+def reference_quantisation(candidates: torch.Tensor, storage: str) -> torch.Tensor:
+    """What a quantised index stores, decoded, computed plainly: the nearest code per element (max-abs scale for
+    int8 / int4; for residual4 the residual from the candidate's float16 mean at an RMS scale), then the
+    least-squares scale for those codes."""
+    offsets = torch.zeros(len(candidates), 1, DIM)
+    if storage == "residual4":
+        offsets = candidates.mean(dim=1, keepdim=True).half().float()
+        residuals = candidates - offsets
+        levels = torch.tensor([-value for value in reversed(LLOYD_MAX_LEVELS)] + LLOYD_MAX_LEVELS)
+        spread = residuals.pow(2).mean(dim=-1, keepdim=True).sqrt()
+        values = levels[(residuals / spread).unsqueeze(-1).sub(levels).abs().argmin(dim=-1)]
+    else:
+        residuals = candidates
+        levels = 127 if storage == "int8" else 7
+        values = torch.round(candidates / (candidates.abs().amax(dim=-1, keepdim=True) / levels))
+    scales = (residuals * values).sum(dim=-1, keepdim=True) / values.pow(2).sum(dim=-1, keepdim=True)
+    return offsets + values * scales
+
+
+@pytest.mark.parametrize("storage", ["int8", "int4", "residual4"])
+def test_quantised_storage_decodes_to_the_plain_reference_and_searches_it(candidates, queries, storage):
+    index = build(candidates, storage)
+    expected = reference_quantisation(candidates, storage)
+    stored = index.get_embeddings(range(len(candidates)))
+    torch.testing.assert_close(stored, expected, atol=1e-6, rtol=0)
+    # The least-squares scale: each vector's decoding error is orthogonal to what is decoded (for residual4,
+    # to the decoded residual), so a query along the vector sees it only to second order.
+    offsets = 0 if storage != "residual4" else candidates.mean(dim=1, keepdim=True).half().float()
+    assert ((candidates - stored) * (stored - offsets)).sum(dim=-1).abs().max() < 1e-6
     for budget in ((1, 1), (4, 8), (16, 64)):
         results = index.search(queries, *budget, top_k=10)
         expected_scores, expected_indices = reference_top_k(queries, expected, *budget, 10)
         torch.testing.assert_close(results.scores.double(), expected_scores, atol=1e-5, rtol=0)
         assert torch.equal(results.indices, expected_indices)
-    with pytest.raises(ValueError, match="dim must be even"):
-        MetaEmbedIndex(7, 4, storage="int4")
 
 
-@pytest.mark.parametrize("storage", ["float32", "float16", "int8", "int4"])
+@pytest.mark.parametrize("storage", ["int4", "residual4"])
+def test_four_bit_storage_needs_an_even_dim(storage):
+    with pytest.raises(ValueError, match=f"{storage} storage packs two values per byte: dim must be even"):
+        MetaEmbedIndex(7, 4, storage=storage)
+
+
+@pytest.mark.parametrize("storage", ["float32", "float16", "int8", "int4", "residual4"])
 def test_save_load_round_trip_is_exact_and_memory_mapped(candidates, queries, tmp_path, storage):
     index = build(candidates, storage)
     index.save(str(tmp_path), max_shard_candidates=256)
@@ -609,6 +645,41 @@ def test_load_validates_every_file_and_names_it(candidates, tmp_path, kind):
         MetaEmbedIndex.load(str(tmp_path))
     with pytest.raises(ValueError, match=re.escape(str(broken))):
         MetaEmbedIndex.load(str(tmp_path), mmap=False)
+
+
+def rewrite_first_shard(folder, change):
+    """Apply `change` to the tensors of a saved folder's first shard and record the new file in index.json, so
+    only the structural checks can catch what changed."""
+    from safetensors.torch import load_file, save_file
+
+    manifest = json.loads((folder / "index.json").read_text())
+    entry = manifest["shards"][0]
+    path = folder / manifest["generation"] / (entry["name"] + ".safetensors")
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(path))
+    entry["safetensors"] = {"bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    (folder / "index.json").write_text(json.dumps(manifest))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("storage", "change", "message"),
+    [
+        ("residual4", lambda tensors: tensors.pop("offsets"), r"has offsets none: residual4 storage needs float16"),
+        ("residual4", lambda tensors: tensors.update(offsets=tensors["offsets"].float()), "'offsets' must be float16"),
+        ("residual4", lambda tensors: tensors.update(offsets=tensors["offsets"][:-1]), r"float16 \[30, D\]"),
+        ("residual4", lambda tensors: tensors.update(offsets=tensors["offsets"][:, :8]), r"has offsets \[30, 8\]"),
+        ("residual4", lambda tensors: tensors.pop("scales.2"), "need float32 scales"),
+        ("int4", lambda tensors: tensors.update(offsets=torch.zeros(30, DIM).half()), "int4 storage needs none"),
+    ],
+)
+def test_load_checks_the_offsets_and_scales_of_4_bit_shards(candidates, tmp_path, storage, change, message):
+    build(candidates[:70], storage).save(str(tmp_path))
+    path = rewrite_first_shard(tmp_path, change)
+    for mmap in (True, False):
+        with pytest.raises(ValueError, match=re.escape(str(path)) + ".*" + message):
+            MetaEmbedIndex.load(str(tmp_path), mmap=mmap)
 
 
 def test_load_checks_files_against_the_manifest_and_ties_the_ann_to_its_vectors(candidates, tmp_path):

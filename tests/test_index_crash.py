@@ -42,7 +42,7 @@ def no_disk_flush(monkeypatch):
     monkeypatch.setattr(os, "fsync", lambda descriptor: None)
 
 
-@pytest.fixture(scope="module", params=["int8", "int4"])
+@pytest.fixture(scope="module", params=["int8", "int4", "residual4"])
 def versions(request) -> tuple[MetaEmbedIndex, MetaEmbedIndex]:
     """(old, new): different sizes, shard counts, storage types (each quantised one), metadata and ANN files."""
     return make_index(1, 30, "float32", ann=False), make_index(2, 42, request.param, ann=True)

@@ -470,8 +470,14 @@ def test_one_query_and_a_wide_batch_use_either_layout_and_agree(budget):
 
 def prefix_blocks(candidates: torch.Tensor, bounds: list[int], storage: str = "float32"):
     """`candidates` [N, R, D] split into consecutive blocks at `bounds` (as an index stores them), in float32,
-    float16 or int8 (per-vector scales), and the float32 values those blocks hold, [N, R, D]."""
+    float16, int8 / int4 (per-vector scales) or "table4" (4-bit codes with per-vector scales, a table of code
+    values and per-candidate offsets), and the float32 values those blocks hold, [N, R, D]."""
     blocks, scales, values = [], [], []
+    code_values = offsets = None
+    if storage == "table4":
+        generator = torch.Generator().manual_seed(5)
+        code_values = torch.randn(16, generator=generator).sort().values
+        offsets = torch.randn(len(candidates), candidates.shape[2], generator=generator).half()
     for start, end in itertools.pairwise(bounds):
         part = candidates[:, start:end]
         if storage == "int8":
@@ -486,14 +492,20 @@ def prefix_blocks(candidates: torch.Tensor, bounds: list[int], storage: str = "f
             blocks.append(codes[..., 0::2] | (codes[..., 1::2] << 4))
             scales.append(scale)
             values.append((codes.float() - 8) * scale.unsqueeze(-1))
+        elif storage == "table4":
+            scale = part.abs().amax(dim=-1)
+            codes = ((part / scale.unsqueeze(-1) + 1) * 7.5).round().to(torch.uint8)  # 0..15
+            blocks.append(codes[..., 0::2] | (codes[..., 1::2] << 4))
+            scales.append(scale)
+            values.append(code_values[codes.long()] * scale.unsqueeze(-1) + offsets.float().unsqueeze(1))
         else:
             blocks.append(part.to(getattr(torch, storage)).contiguous())
             scales.append(None)
             values.append(blocks[-1].float())
-    return scoring_metaembed.PrefixBlocks(blocks, scales), torch.cat(values, dim=1)
+    return scoring_metaembed.PrefixBlocks(blocks, scales, code_values, offsets), torch.cat(values, dim=1)
 
 
-@pytest.mark.parametrize("storage", ["float32", "float16", "int8", "int4"])
+@pytest.mark.parametrize("storage", ["float32", "float16", "int8", "int4", "table4"])
 @pytest.mark.parametrize("budget", [(1, 1), (2, 3), (4, 8), (5, 13), (16, 64)])
 @pytest.mark.parametrize("num_queries", [1, 6])
 def test_prefix_blocks_score_what_they_store_at_every_budget(storage, budget, num_queries):
@@ -536,6 +548,17 @@ def test_prefix_blocks_refuse_inconsistent_blocks():
         scoring_metaembed.PrefixBlocks([block], [torch.ones(3, 2)])
     with pytest.raises(TypeError, match="blocks must be a non-empty list"):
         scoring_metaembed.PrefixBlocks([])
+    codes, scales = torch.zeros(3, 2, 4, dtype=torch.uint8), [torch.ones(3, 2)]
+    with pytest.raises(ValueError, match=r"code_values only apply to uint8 blocks"):
+        scoring_metaembed.PrefixBlocks([block], None, torch.zeros(16))
+    with pytest.raises(TypeError, match=r"code_values must be a float32 tensor \[16\], got torch.float64"):
+        scoring_metaembed.PrefixBlocks([codes], scales, torch.zeros(16, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"code_values must be \[16\] on cpu, got torch.float32 \[15\]"):
+        scoring_metaembed.PrefixBlocks([codes], scales, torch.zeros(15))
+    with pytest.raises(TypeError, match=r"offsets must be a floating tensor \[N, D\], got torch.int64"):
+        scoring_metaembed.PrefixBlocks([block], None, None, torch.zeros(3, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"offsets must be \[3, 8\] on cpu, got torch.float32 \[3, 4\]"):
+        scoring_metaembed.PrefixBlocks([codes], scales, None, torch.zeros(3, 4))
     with pytest.raises(ValueError, match="candidate_mask does not apply to PrefixBlocks"):
         late_interaction_scores(
             torch.zeros(1, 1, 8), scoring_metaembed.PrefixBlocks([block]), candidate_mask=torch.ones(3, 2)

@@ -26,7 +26,7 @@ from scoring_metaembed import (
 )
 
 from . import storage
-from .storage import INDEX_FORMAT, STORAGE_DTYPES, dequantize, prefix_blocks, quantize
+from .storage import FOUR_BIT_STORAGE, INDEX_FORMAT, STORAGE_DTYPES, code_values, dequantize, prefix_blocks, quantize
 
 __all__ = ["MetaEmbedIndex", "SearchResults"]
 
@@ -53,16 +53,22 @@ class _Shard(NamedTuple):
     # Prefix blocks [n, R_b, D] in the storage dtype (memory-mapped once saved and loaded), together R_c vectors:
     # `storage.prefix_block_bounds`, or one block for a shard of an index saved before that layout.
     blocks: tuple[torch.Tensor, ...]
-    scales: tuple[torch.Tensor | None, ...]  # [n, R_b] float32 per block, int8 / int4 storage only
+    scales: tuple[torch.Tensor | None, ...]  # [n, R_b] float32 per block, quantised storage only
     ids: list[Any]
     metadata: list[Any] | None
+    offsets: torch.Tensor | None  # [n, D] float16: residual4's candidate means
+    code_values: torch.Tensor | None  # [16] float32: residual4's 4-bit code values
 
     def candidates(self) -> PrefixBlocks:
-        return PrefixBlocks(self.blocks, self.scales)
+        return PrefixBlocks(self.blocks, self.scales, self.code_values, self.offsets)
 
-    def gathered(self, rows: torch.Tensor, num_vectors: int) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    def gathered(
+        self, rows: torch.Tensor, num_vectors: int
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None], torch.Tensor | None]:
         """The blocks holding the first `num_vectors` vectors of the candidates at `rows` (int64 positions in
-        the shard), copied contiguous in the storage type (no upcast: fewer bytes to move), with their scales."""
+        the shard), copied contiguous in the storage type (no upcast: fewer bytes to move), with their scales
+        and offsets."""
+        offsets = None if self.offsets is None else torch.index_select(self.offsets, 0, rows)
         blocks, scales, start = [], [], 0
         for block, block_scales in zip(self.blocks, self.scales):
             if start == num_vectors:
@@ -71,7 +77,7 @@ class _Shard(NamedTuple):
             blocks.append(torch.index_select(block[:, :width], 0, rows))
             scales.append(None if block_scales is None else torch.index_select(block_scales[:, :width], 0, rows))
             start += width
-        return blocks, scales
+        return blocks, scales, offsets
 
     def dequantized(
         self, rows: torch.Tensor | slice, num_vectors: int, out: torch.Tensor | None = None
@@ -82,6 +88,9 @@ class _Shard(NamedTuple):
         count = len(first) if first is not None else len(rows)
         if out is None:
             out = torch.empty(count, num_vectors, self.candidates().dim)
+        offsets = self.offsets
+        if offsets is not None:
+            offsets = offsets[rows] if isinstance(rows, slice) else torch.index_select(offsets, 0, rows)
         start = 0
         for block, scales in zip(self.blocks, self.scales):
             if start == num_vectors:
@@ -97,7 +106,7 @@ class _Shard(NamedTuple):
             else:
                 stored = torch.index_select(block, 0, rows)
                 scales = None if scales is None else torch.index_select(scales, 0, rows)
-            out[:, start:end] = dequantize(stored, scales)
+            out[:, start:end] = dequantize(stored, scales, self.code_values, offsets)
             start = end
         return out
 
@@ -109,8 +118,11 @@ class MetaEmbedIndex:
         dim: vector dimension D.
         num_vectors: vectors stored per candidate (R_c, or fewer: a budget's r_c cannot exceed it).
         storage: "float32", "float16" (half the bytes, same ranking in practice), "int8" (a quarter, one
-            float32 scale per vector: `vector = int8 * scale`) or "int4" (an eighth plus the scale: 4-bit codes,
-            68 bytes per 128-dim vector; coarser: see the README). Scores are always computed in float32.
+            float32 scale per vector: `vector = int8 * scale`), "int4" (an eighth plus the scale: 4-bit codes,
+            68 bytes per 128-dim vector) or "residual4" (the compact one: each candidate's mean vector in float16
+            plus 4-bit codes of each vector's residual from it with a scale: 4,608 bytes per 64 x 128 candidate,
+            below PLAID's, with PLAID's ranking quality or better; int4 and residual4 rank coarser than int8: see
+            the README). Scores are always computed in float32.
         model_name_or_path: recorded in `index.json`, so `metaembed search` knows which model encodes queries.
 
     Example:
@@ -129,9 +141,10 @@ class MetaEmbedIndex:
         if storage not in STORAGE_DTYPES:
             raise ValueError(f"storage must be one of {sorted(STORAGE_DTYPES)}, got {storage!r}")
         self.dim, self.num_vectors = check_positive_int(dim, "dim"), check_positive_int(num_vectors, "num_vectors")
-        if storage == "int4" and self.dim % 2:
-            raise ValueError(f"int4 storage packs two values per byte: dim must be even, got {self.dim}")
+        if storage in FOUR_BIT_STORAGE and self.dim % 2:
+            raise ValueError(f"{storage} storage packs two values per byte: dim must be even, got {self.dim}")
         self.storage = storage
+        self._code_values = code_values(storage)
         self.model_name_or_path = model_name_or_path
         self._shards: list[_Shard] = []
         self._id_positions: dict[Any, int] = {}
@@ -198,16 +211,17 @@ class MetaEmbedIndex:
                 raise ValueError(f"got {len(metadata)} metadata values for {count} embeddings")
             for index, value in enumerate(metadata):
                 storage.check_strict_json(value, f"metadata[{index}]")
-        stored, scales = quantize(embeddings[:, : self.num_vectors].detach().cpu(), self.storage)
-        storage.check_storable(stored, scales, ids, self.storage)
-        blocks, block_scales = prefix_blocks(stored, scales)
+        stored = quantize(embeddings[:, : self.num_vectors].detach().cpu(), self.storage)
+        storage.check_storable(stored, ids, self.storage)
+        blocks, block_scales = prefix_blocks(stored.embeddings, stored.scales)
         # Never keep the caller's memory: later writes to it would change the index.
         blocks = [
             block.clone() if block.untyped_storage().data_ptr() == embeddings.untyped_storage().data_ptr() else block
             for block in blocks
         ]
         start = len(self)
-        self._shards.append(_Shard(tuple(blocks), tuple(block_scales), ids, metadata))
+        shard = _Shard(tuple(blocks), tuple(block_scales), ids, metadata, stored.offsets, self._code_values)
+        self._shards.append(shard)
         self._id_positions.update((identifier, start + offset) for offset, identifier in enumerate(ids))
         self._ann = None
 
@@ -301,13 +315,15 @@ class MetaEmbedIndex:
         if any([block.shape[1] for block in part[0]] != [block.shape[1] for block in parts[0][0]] for part in parts):
             return self._gather_sorted(positions, num_vectors)
         if len(parts) == 1:
-            return PrefixBlocks(*parts[0])
+            blocks, scales, offsets = parts[0]
+            return PrefixBlocks(blocks, scales, self._code_values, offsets)
         blocks = [torch.cat([part[0][number] for part in parts]) for number in range(len(parts[0][0]))]
         scales = [
             None if parts[0][1][number] is None else torch.cat([part[1][number] for part in parts])
             for number in range(len(parts[0][0]))
         ]
-        return PrefixBlocks(blocks, scales)
+        offsets = None if parts[0][2] is None else torch.cat([part[2] for part in parts])
+        return PrefixBlocks(blocks, scales, self._code_values, offsets)
 
     def _locate(self, position: int) -> tuple[_Shard, int]:
         if isinstance(position, bool) or not isinstance(position, numbers.Integral) or not 0 <= position < len(self):
@@ -531,8 +547,8 @@ class MetaEmbedIndex:
             try:
                 path = storage.generation_folder(folder, generation)
                 pieces = [piece for piece in self._pieces(max_shard_candidates) if len(piece[2])]
-                for number, (embeddings, scales, ids, metadata) in enumerate(pieces):
-                    storage.write_shard(path, number, len(pieces), embeddings, scales, ids, metadata)
+                for number, (embeddings, scales, ids, metadata, offsets) in enumerate(pieces):
+                    storage.write_shard(path, number, len(pieces), embeddings, scales, ids, metadata, None, offsets)
                 if self._ann is not None:
                     faiss = _import_faiss()
                     ann_path = os.path.join(path, storage.ANN_FILE)
@@ -558,6 +574,7 @@ class MetaEmbedIndex:
                     scales,
                     shard.ids[offset:end],
                     None if shard.metadata is None else shard.metadata[offset:end],
+                    _slice(shard.offsets, offset, end),
                 )
 
     def manifest(self, corpus: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -596,7 +613,7 @@ class MetaEmbedIndex:
         index = cls(manifest["dim"], manifest["num_vectors"], manifest["storage"], manifest.get("model_name_or_path"))
         shards, ann_path = storage.index_files(folder, manifest)
         for shard in shards:
-            blocks, scales, ids, metadata = storage.read_shard(shard, mmap)
+            blocks, scales, ids, metadata, offsets = storage.read_shard(shard, mmap)
             widths = [block.shape[1] for block in blocks]
             expected = [index.num_vectors] if len(blocks) == 1 else storage.prefix_block_widths(index.num_vectors)
             if (
@@ -609,8 +626,16 @@ class MetaEmbedIndex:
                     f"{shard.tensors} holds {found}, expected {index.storage} [n, R_b, {index.dim}] with R_b "
                     f"{expected} ({index.num_vectors} vectors)"
                 )
+            if (offsets is not None) != (index.storage == "residual4") or (
+                offsets is not None and offsets.shape[1] != index.dim
+            ):
+                found = "none" if offsets is None else f"{list(offsets.shape)}"
+                raise ValueError(
+                    f"{shard.tensors} has offsets {found}: {index.storage} storage needs "
+                    + (f"float16 [n, {index.dim}] (each candidate's mean)" if index.storage == "residual4" else "none")
+                )
             start = len(index)
-            index._shards.append(_Shard(tuple(blocks), tuple(scales), ids, metadata))
+            index._shards.append(_Shard(tuple(blocks), tuple(scales), ids, metadata, offsets, index._code_values))
             for offset, identifier in enumerate(ids):
                 if isinstance(identifier, bool) or not isinstance(identifier, (str, int)):
                     raise ValueError(f"{shard.sidecar}: id {identifier!r} is not a str or int")
