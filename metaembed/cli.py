@@ -229,7 +229,14 @@ def run_index(arguments: argparse.Namespace) -> None:
                 stored = storage.quantize(embeddings, arguments.storage)
                 storage.check_storable(stored, shard_ids, arguments.storage)
                 storage.write_shard(
-                    path, number, len(shards), stored.embeddings, stored.scales, shard_ids, metadata[start:end], source,
+                    path,
+                    number,
+                    len(shards),
+                    stored.embeddings,
+                    stored.scales,
+                    shard_ids,
+                    metadata[start:end],
+                    source,
                     stored.offsets,
                 )
                 encoded += 1
