@@ -3,8 +3,8 @@ two-stage recall and time, bytes per candidate; optionally the late-interaction 
 
 One run measures, on the same machine and moment:
   - the fp32 GEMM rate (square matmul) and the read bandwidth (a sum over 1 GiB), with `uptime`'s load;
-  - per storage (float32, float16, int8, int4, residual4) and budget (r_q, r_c), exhaustive top-10 search for one query
-    (median over queries) and a batch of 32, against the bound max(FLOPs / GEMM rate, stored bytes read / read
+  - per storage (float32, float16, int8, int4, residual4) and budget (r_q, r_c), exhaustive top-10 search for
+    one query (median over queries) and a batch of 32, against the bound max(FLOPs / GEMM rate, stored bytes read / read
     bandwidth): ratio = bound / time (1.0 = at the bound). "float32, whole" scores today's whole-candidate tensor
     [N, R_c, D] (versions 1-2 of the format) through the same kernel, for the prefix-block layout's effect;
   - two-stage search (the default when an ANN index exists) against exhaustive float32 MaxSim: recall@10, time;
@@ -16,14 +16,16 @@ One run measures, on the same machine and moment:
     recall@10 against exhaustive float32 MaxSim at (16,64), and their ratios to ours.
 
     python benchmarks/bench_index.py --num-candidates 20000 --threads 2
-    python benchmarks/bench_index.py --num-candidates 10000 --peer-python PEERS/bin/python --plot a.png \
-        --peer-plot b.png
+    python benchmarks/bench_index.py --num-candidates 10000 --peer-python PEERS/bin/python \
+        fast-plaid=PLAID/bin/python --plot a.png --peer-plot b.png
 
 The peers pin their own torch (fast-plaid's wheels are built per torch release: 1.7.0.2110 for torch 2.11.0),
-so they live in their own environment:
+so they live in their own environments; PyLate 1.6.0 pins fast-plaid 1.4.6, hence a second one for the newest
+fast-plaid:
 
-    python -m venv PEERS && PEERS/bin/pip install torch==2.11.0 "fast-plaid==1.7.0.2110" pylate colsearch \
-        voyager latence-shard-engine
+    python -m venv PEERS && PEERS/bin/pip install torch==2.11.0 pylate colsearch voyager latence-shard-engine \
+        latence-hnsw
+    python -m venv PLAID && PLAID/bin/pip install torch==2.11.0 "fast-plaid==1.7.0.2110"
 
 Data: `synthetic.make_collection` (clustered candidates, a third of the queries with an uninformative first
 vector, so a first-vector shortlist is not flattered).
@@ -70,7 +72,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--budgets", nargs="+", default=["1,1", "4,8", "16,64"])
     parser.add_argument("--storages", nargs="+", default=["float32", "float16", "int8", "int4", "residual4"])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--peer-python", default=None, help="python of the peers' environment (benchmarks/peers.py)")
+    parser.add_argument(
+        "--peer-python",
+        nargs="+",
+        default=None,
+        metavar="[PEER=]PYTHON",
+        help="python of the peers' environment (benchmarks/peers.py); PEER=PYTHON runs that peer with another one",
+    )
     parser.add_argument("--peers", nargs="+", default=PEERS, choices=PEERS)
     parser.add_argument("--peer-timeout", type=float, default=900, help="seconds each peer may take, build included")
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -296,8 +304,13 @@ def run_peers(args, candidates, queries, reference, results) -> None:
         save_file(
             {"candidates": candidates.contiguous(), "queries": queries.contiguous()}, f"{folder}/data.safetensors"
         )
+        pythons = dict(entry.split("=", 1) if "=" in entry else ("", entry) for entry in args.peer_python)
         for peer in args.peers:
-            command = [args.peer_python, str(Path(__file__).with_name("peers.py")), folder, str(args.threads), peer]
+            python = pythons.get(peer, pythons.get(""))
+            if python is None:
+                print(f"| {peer} | skipped: no --peer-python for it |")
+                continue
+            command = [python, str(Path(__file__).with_name("peers.py")), folder, str(args.threads), peer]
             try:
                 completed = subprocess.run(command, capture_output=True, text=True, timeout=args.peer_timeout)
             except subprocess.TimeoutExpired:
