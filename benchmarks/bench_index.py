@@ -350,25 +350,33 @@ def run_peers(args, candidates, queries, reference, results) -> None:
 
 
 def save_peer_plot(results: dict, path: str) -> None:
-    """Recall@10 against ms per query (batch, log scale) for our storages (two-stage) and the peers, each point
-    labelled with its bytes per candidate."""
+    """Recall@10 against ms per query (batch, log scale) for our storages (two-stage, and exhaustive float32) and
+    the peers, each point labelled with its bytes per candidate."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7.5, 4.5))
     queries = results["setting"]["queries"]
+    points = []  # (label, ms per query, recall, colour, marker)
     for row in results["two_stage"]:
-        size = row["bytes"] + row["ann_bytes"]
-        axis.scatter(row["batch"] * 1e3, row["recall"], color="tab:blue")
-        axis.annotate(f"ours {row['storage']} ({size / 1e3:.1f} KB)", (row["batch"] * 1e3, row["recall"]), fontsize=7)
+        size = (row["bytes"] + row["ann_bytes"]) / 1e3
+        points.append((f"ours {row['storage']} ({size:.1f} KB)", row["batch"] * 1e3, row["recall"], "tab:blue", "o"))
+    exhaustive = next((row for row in results["two_stage"] if row["storage"] == "float32"), None)
+    if exhaustive is not None:
+        milliseconds = exhaustive["exhaustive_batch"] * 1e3
+        points.append(("ours float32, exhaustive", milliseconds, 1.0, "tab:blue", "D"))
     for report in results["peers"]:
-        milliseconds = report["batch"] / queries * 1e3
         size = report["bytes_per_candidate"]
-        size = "exhaustive" if size is None else f"{size / 1e3:.1f} KB"
-        axis.scatter(milliseconds, report["recall"], color="tab:red", marker="s")
-        axis.annotate(f"{report['peer']} ({size})", (milliseconds, report["recall"]), fontsize=7)
+        label = f"{report['peer']} ({'exhaustive' if size is None else f'{size / 1e3:.1f} KB'})"
+        points.append((label, report["batch"] / queries * 1e3, report["recall"], "tab:red", "s"))
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for number, (label, milliseconds, recall, colour, marker) in enumerate(sorted(points, key=lambda p: p[1])):
+        axis.scatter(milliseconds, recall, color=colour, marker=marker)
+        # Alternate label heights: points at equal recall (1.000) would print over each other.
+        axis.annotate(
+            label, (milliseconds, recall), xytext=(4, (-12, 4, 12)[number % 3]), textcoords="offset points", fontsize=7
+        )
     axis.set_xscale("log")
     axis.set_xlabel(f"ms per query (batch of {queries}), (16,64) top-10")
     axis.set_ylabel("recall@10 against exhaustive float32 MaxSim")
