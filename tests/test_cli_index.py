@@ -283,7 +283,9 @@ def test_resume_never_reuses_shards_of_another_storage_or_vector_count(model_dir
     model = AutoModel.from_pretrained(model_dir, trust_remote_code=True)
     expected = model.encode_candidates(lines)
     # The same --shard-size every time: only the storage / vector count differ from the shards already there.
-    for extra in (["--storage", "float16"], ["--storage", "int8"], ["--storage", "int8", "--num-vectors", "2"]):
+    # int4 and residual4 shards have the same dtype and shapes of codes and scales; only residual4 has offsets.
+    extras = (["--storage", "float16"], ["--storage", "int8"], ["--storage", "int8", "--num-vectors", "2"])
+    for extra in (*extras, ["--storage", "int4"], ["--storage", "residual4"]):
         capsys.readouterr()
         main(["index", model_dir, str(corpus), output, "--shard-size", "2", "--overwrite", *extra])
         assert "0 shard(s) reused, 2 encoded" in capsys.readouterr().out
@@ -292,7 +294,11 @@ def test_resume_never_reuses_shards_of_another_storage_or_vector_count(model_dir
             2 if "--num-vectors" in extra else model.config.num_candidate_vectors
         )
         stored = index.get_embeddings(range(3))
-        torch.testing.assert_close(stored, expected[:, : index.num_vectors], atol=2e-2, rtol=0)
+        tolerance = 0.3 if extra[1] in ("int4", "residual4") else 2e-2
+        torch.testing.assert_close(stored, expected[:, : index.num_vectors], atol=tolerance, rtol=0)
+    main(["index", model_dir, str(corpus), output, "--shard-size", "2", "--storage", "residual4"])
+    assert "2 shard(s) reused, 0 encoded" in capsys.readouterr().out
+    assert torch.equal(MetaEmbedIndex.load(output).get_embeddings(range(3)), stored)
     # A sidecar that claims a layout its tensors do not have is never taken as written.
     source = {"storage": "float16", "num_vectors": 2, "dim": 4}
     path = str(tmp_path / "generation")

@@ -199,6 +199,20 @@ def test_two_stage_search_reranks_the_ann_shortlist_exactly(candidates, queries)
         torch.testing.assert_close(results.scores[row].double(), expected_scores[0], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("storage", ["float16", "int8", "int4", "residual4"])
+def test_two_stage_reranks_the_stored_vectors_of_every_storage_across_shards(candidates, queries, storage):
+    index = build(candidates, storage)  # two shards: a shortlist spans both
+    index.build_ann(kind="flat")
+    stored = index.get_embeddings(range(len(candidates)))
+    shortlists = index.ann_search(queries, 60)
+    results = index.search(queries, 16, 64, top_k=10, shortlist_size=60, ann_query_vectors=1)
+    for row, shortlist in enumerate(shortlists):
+        assert {int(position) >= 300 for position in shortlist} == {False, True}
+        expected_scores, expected_positions = reference_top_k(queries[row : row + 1], stored[shortlist], 16, 64, 10)
+        assert torch.equal(results.indices[row], shortlist[expected_positions[0]])
+        torch.testing.assert_close(results.scores[row].double(), expected_scores[0], atol=1e-5, rtol=0)
+
+
 def test_flat_first_stage_is_the_exact_union_over_query_and_candidate_vectors(candidates, queries, tmp_path):
     index = build(candidates)
     index.build_ann(num_vectors=4, kind="flat")
