@@ -4,9 +4,10 @@ two-stage recall and time, bytes per candidate; optionally the late-interaction 
 One run measures, on the same machine and moment:
   - the fp32 GEMM rate (square matmul) and the read bandwidth (a sum over 1 GiB), with `uptime`'s load;
   - per storage (float32, float16, int8, int4, residual4) and budget (r_q, r_c), exhaustive top-10 search for
-    one query (median over queries) and a batch of 32, against the bound max(FLOPs / GEMM rate, stored bytes read / read
-    bandwidth): ratio = bound / time (1.0 = at the bound). "float32, whole" scores today's whole-candidate tensor
-    [N, R_c, D] (versions 1-2 of the format) through the same kernel, for the prefix-block layout's effect;
+    one query (median over queries; with numba installed, also through torch's kernel, `METAEMBED_NUMBA=0`) and a
+    batch of 32, against the bound max(FLOPs / GEMM rate, stored bytes read / read bandwidth) + the time of a
+    top-10 over the scores: ratio = bound / time (1.0 = at the bound). "float32, whole" scores the whole-candidate
+    tensor [N, R_c, D] (versions 1-2 of the format) through torch's kernel, for the prefix-block layout's effect;
   - two-stage search (the default when an ANN index exists) against exhaustive float32 MaxSim: recall@10, time;
   - bytes per candidate of each storage (safetensors shards as saved, and the ANN file) and the build time
     (quantising + HNSW);
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -49,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from synthetic import make_collection
 
+from metaembed.search import single_query
 from metaembed.search.index import MetaEmbedIndex
 from scoring_metaembed import late_interaction_scores
 
@@ -98,18 +101,34 @@ def best_time(function, repeats: int) -> float:
 
 
 def machine_limits(repeats: int) -> tuple[float, float]:
-    """(fp32 GEMM FLOP/s, read bytes/s), best of `repeats` each."""
+    """(fp32 GEMM FLOP/s, read bytes/s), best of `repeats` each; the read rate is the fastest of a sum and a
+    matrix-vector product over 1 GiB (beyond the caches), through torch and numpy."""
     left, right = torch.randn(2048, 2048), torch.randn(2048, 2048)
     torch.mm(left, right)
     gemm = 2 * 2048**3 / best_time(lambda: torch.mm(left, right), repeats)
-    big = torch.ones(2**28)  # 1 GiB: beyond the caches
-    array = big.numpy()
-    read = (
-        big.numel()
-        * 4
-        / min(best_time(lambda: big.sum(), repeats), best_time(lambda: numpy.add.reduce(array), repeats))
-    )
+    big = torch.ones(2**28)
+    matrix, vector = big.view(-1, 128), torch.ones(128)
+    array, matrix_array, vector_array = big.numpy(), matrix.numpy(), vector.numpy()
+    readers = [
+        lambda: big.sum(),
+        lambda: numpy.add.reduce(array),
+        lambda: torch.mv(matrix, vector),
+        lambda: matrix_array @ vector_array,
+    ]
+    read = big.numel() * 4 / min(best_time(reader, repeats) for reader in readers)
     return gemm, read
+
+
+def top_10_seconds(num_queries: int, num_candidates: int, repeats: int) -> float:
+    """Time of the top-10 of `[num_queries, num_candidates]` float32 scores: part of any search's bound."""
+    scores = torch.randn(num_queries, num_candidates)
+    return best_time(lambda: scores.topk(10, dim=1), repeats)
+
+
+def one_query_seconds(search, queries: torch.Tensor, budget: tuple[int, int], count: int) -> float:
+    """Median over `count` queries searched one at a time."""
+    times = [best_time(lambda row=row: search(queries[row : row + 1], budget), 1) for row in range(count)]
+    return sorted(times)[len(times) // 2]
 
 
 def load_average() -> str:
@@ -142,9 +161,11 @@ def main() -> None:
     reference = exact.search(queries, 16, 64, top_k=10, shortlist_size=None)
 
     print(
-        "\n| storage | bytes / candidate | budget | 1 query ms | bound ms | ratio | 32 queries ms | bound ms | ratio |"
+        "\n| storage | bytes / candidate | budget | 1 query ms | torch kernel ms | bound ms | ratio | 32 queries ms "
+        "| bound ms | ratio |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    top_10 = {count: top_10_seconds(count, num_candidates, args.repeats) for count in (1, len(queries))}
     indexes = {}
     for storage in ["float32, whole", *args.storages]:
         if storage == "float32, whole":
@@ -174,20 +195,24 @@ def main() -> None:
             for batch in (queries[:1], queries):
                 search(batch, budget)  # warm-up
                 if len(batch) == 1:
-                    times = [
-                        best_time(lambda row=row, budget=budget: search(queries[row : row + 1], budget), 1)
-                        for row in range(args.single_queries)
-                    ]
-                    seconds = sorted(times)[len(times) // 2]
+                    seconds = one_query_seconds(search, queries, budget, args.single_queries)
                 else:
                     seconds = best_time(lambda batch=batch, budget=budget: search(batch, budget), args.repeats)
-                bound = max(2 * len(batch) * r_q * num_candidates * r_c * dim / gemm, stored / read)
-                cells.append((seconds, bound))
-            results["rows"].append({"storage": storage, "budget": budget, "cells": cells})
+                compute = 2 * len(batch) * r_q * num_candidates * r_c * dim / gemm
+                cells.append((seconds, max(compute, stored / read) + top_10[len(batch)]))
+            # One query through torch's kernel too, for the one-query kernel's effect (single_query.py).
+            torch_kernel = None
+            if storage != "float32, whole" and single_query.available():
+                os.environ["METAEMBED_NUMBA"] = "0"
+                torch_kernel = one_query_seconds(search, queries, budget, args.single_queries)
+                del os.environ["METAEMBED_NUMBA"]
+            results["rows"].append({"storage": storage, "budget": budget, "cells": cells, "torch_kernel": torch_kernel})
+            (one, one_bound), (batch_seconds, batch_bound) = cells
             print(
-                f"| {storage} | {per_candidate:.0f} | ({r_q},{r_c}) | "
-                + " | ".join(f"{s * 1e3:.2f} | {b * 1e3:.2f} | {b / s:.2f}" for s, b in cells)
-                + " |"
+                f"| {storage} | {per_candidate:.0f} | ({r_q},{r_c}) | {one * 1e3:.2f} | "
+                + ("-" if torch_kernel is None else f"{torch_kernel * 1e3:.2f}")
+                + f" | {one_bound * 1e3:.2f} | {one_bound / one:.2f} | {batch_seconds * 1e3:.2f} | "
+                f"{batch_bound * 1e3:.2f} | {batch_bound / batch_seconds:.2f} |"
             )
 
     print(
