@@ -133,3 +133,33 @@ def test_supports_only_what_it_was_made_and_measured_for(candidates):
     assert single_query.supports(stored_blocks(candidates, "int4"), 16)
     assert not single_query.supports(stored_blocks(candidates, "float32"), 17)
     assert not single_query.supports(PrefixBlocks([candidates.to(torch.bfloat16)]), 1)
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_rows_are_scored_in_place_as_the_same_rows_of_all(candidates, query, storage):
+    blocks = stored_blocks(candidates, storage)
+    everything = single_query.single_query_scores(query[:5], blocks, 16)
+    rows = torch.tensor([299, 0, 7, 7, 150, 1])  # any order, repeats allowed
+    assert torch.equal(single_query.single_query_scores(query[:5], blocks, 16, rows), everything[rows])
+
+
+@pytest.mark.parametrize("storage", ["float16", "residual4"])
+def test_two_stage_reranks_in_place_as_torch_does(candidates, storage, monkeypatch):
+    pytest.importorskip("faiss")
+    index = MetaEmbedIndex(DIM, NUM_VECTORS, storage=storage)
+    for part in torch.split(candidates, [90, 10, 200]):
+        index.add(part)
+    index.build_ann(num_vectors=2, kind="flat")
+    queries = unit_vectors(6, 16, DIM, seed=4)
+    calls = []
+    kernel = single_query.single_query_scores
+    monkeypatch.setattr(single_query, "single_query_scores", lambda *arguments: calls.append(1) or kernel(*arguments))
+    for r_q, r_c in MMR_BUDGETS:
+        calls.clear()
+        found = index.search(queries, r_q, r_c, top_k=8, shortlist_size=30)
+        assert calls  # the shortlist was scored by the one-query kernel
+        monkeypatch.setenv("METAEMBED_NUMBA", "0")
+        reference = index.search(queries, r_q, r_c, top_k=8, shortlist_size=30)
+        monkeypatch.delenv("METAEMBED_NUMBA")
+        assert torch.equal(found.indices, reference.indices)
+        torch.testing.assert_close(found.scores, reference.scores, atol=2e-6, rtol=0)

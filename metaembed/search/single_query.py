@@ -43,16 +43,20 @@ def supports(candidates: PrefixBlocks, num_query_vectors: int) -> bool:
     return block.device.type == "cpu" and block.dtype in _STORED_TYPES and num_query_vectors <= 16
 
 
-def single_query_scores(query: torch.Tensor, candidates: PrefixBlocks, num_candidate_vectors: int) -> torch.Tensor:
-    """MaxSim scores of one query against every stored candidate.
+def single_query_scores(
+    query: torch.Tensor, candidates: PrefixBlocks, num_candidate_vectors: int, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """MaxSim scores of one query against the stored candidates (all, or those at `rows`, read in place: a
+    two-stage search reranks its shortlist without gathering it).
 
     Args:
         query: float `[r_q, D]`, the query vectors taking part (r_q <= 16).
         candidates: the stored prefix blocks (see `supports`).
         num_candidate_vectors: r_c, the leading stored vectors per candidate taking part (validated by the caller).
+        rows: None, or int64 `[n]` positions in `candidates` (valid: checked by the caller).
 
     Returns:
-        float32 `[N]`.
+        float32 `[N]`, or `[n]` for `rows`.
     """
     kernels = _kernels()
     query = numpy.ascontiguousarray(query.detach().to(torch.float32).cpu().numpy())
@@ -83,8 +87,17 @@ def single_query_scores(query: torch.Tensor, candidates: PrefixBlocks, num_candi
         torch.int8: kernels.int8,
         torch.uint8: kernels.four_bit,
     }[dtype]
-    arguments = (query, tuple(blocks), tuple(scales), code_values, offsets, numpy.asarray(widths, dtype=numpy.int64))
-    count = len(candidates)
+    selected = _NO_ROWS if rows is None else _as_array(rows.to(torch.int64))
+    arguments = (
+        query,
+        tuple(blocks),
+        tuple(scales),
+        code_values,
+        offsets,
+        numpy.asarray(widths, dtype=numpy.int64),
+        selected,
+    )
+    count = len(candidates) if rows is None else len(rows)
     scores = numpy.empty(count, dtype=numpy.float32)
     parts = max(1, min(torch.get_num_threads(), count // _MIN_CANDIDATES_PER_THREAD))
     bounds = [count * part // parts for part in range(parts + 1)]
@@ -107,6 +120,7 @@ def _read_only(array: numpy.ndarray) -> numpy.ndarray:
 _NO_SCALES = _read_only(numpy.zeros((0, 0), dtype=numpy.float32))
 _NO_CODE_VALUES = _read_only(numpy.zeros(0, dtype=numpy.float32))
 _NO_OFFSETS = _read_only(numpy.zeros((0, 0), dtype=numpy.uint16))
+_NO_ROWS = _read_only(numpy.zeros(0, dtype=numpy.int64))
 
 
 def _as_array(tensor: torch.Tensor) -> numpy.ndarray:
@@ -181,23 +195,25 @@ def _kernels() -> _Kernels:
             column += 2
 
     @numba.njit(**options)
-    def float32(query, blocks, scales, code_values, offsets, widths, start, end, scores):
+    def float32(query, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
         running = numpy.empty(query.shape[0], dtype=numpy.float32)
-        for candidate in range(start, end):
+        for item in range(start, end):
+            candidate = rows[item] if rows.shape[0] > 0 else item
             running[:] = -numpy.inf
             for number in range(len(widths)):
                 block_max(query, blocks[number][candidate, : widths[number]], running)
-            scores[candidate] = running.sum()
+            scores[item] = running.sum()
 
     @numba.njit(**options)
-    def float16(query, blocks, scales, code_values, offsets, widths, start, end, scores):
+    def float16(query, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
         # Half bits h -> float32 bits (h & 0x8000) << 16 | (h & 0x7FFF) << 13: the same sign and digits with the
         # exponent 112 lower, for normal and subnormal halves alike; the query comes scaled by 2**112 to match
         # (powers of two: the products round as the plain ones do).
         running = numpy.empty(query.shape[0], dtype=numpy.float32)
         bits = numpy.empty((_widest(widths), query.shape[1]), dtype=numpy.uint32)
         vectors = bits.view(numpy.float32)
-        for candidate in range(start, end):
+        for item in range(start, end):
+            candidate = rows[item] if rows.shape[0] > 0 else item
             running[:] = -numpy.inf
             for number in range(len(widths)):
                 halves = blocks[number][candidate]
@@ -206,13 +222,14 @@ def _kernels() -> _Kernels:
                         value = numpy.uint32(halves[position, element])
                         bits[position, element] = ((value & 0x8000) << 16) | ((value & 0x7FFF) << 13)
                 block_max(query, vectors[: widths[number]], running)
-            scores[candidate] = running.sum()
+            scores[item] = running.sum()
 
     @numba.njit(**options)
-    def int8(query, blocks, scales, code_values, offsets, widths, start, end, scores):
+    def int8(query, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
         running = numpy.empty(query.shape[0], dtype=numpy.float32)
         vectors = numpy.empty((_widest(widths), query.shape[1]), dtype=numpy.float32)
-        for candidate in range(start, end):
+        for item in range(start, end):
+            candidate = rows[item] if rows.shape[0] > 0 else item
             running[:] = -numpy.inf
             for number in range(len(widths)):
                 codes, vector_scales = blocks[number][candidate], scales[number][candidate]
@@ -221,10 +238,10 @@ def _kernels() -> _Kernels:
                     for element in range(codes.shape[1]):
                         vectors[position, element] = numpy.float32(codes[position, element]) * scale
                 block_max(query, vectors[: widths[number]], running)
-            scores[candidate] = running.sum()
+            scores[item] = running.sum()
 
     @numba.njit(**options)
-    def four_bit(query, blocks, scales, code_values, offsets, widths, start, end, scores):
+    def four_bit(query, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
         # Element = code_values[code] * scale (int4, without code values: (code - 8) * scale), plus the
         # candidate's offset for residual4 (its float16 mean, read as bits like float16 storage, then rescaled as
         # it is added). The low nibbles of a vector's D / 2 bytes are its even elements, the high nibbles its odd
@@ -236,7 +253,8 @@ def _kernels() -> _Kernels:
         pairs = query.shape[1] // 2
         has_offsets = offsets.shape[0] > 0
         has_table = code_values.shape[0] > 0
-        for candidate in range(start, end):
+        for item in range(start, end):
+            candidate = rows[item] if rows.shape[0] > 0 else item
             running[:] = -numpy.inf
             if has_offsets:
                 for pair in range(pairs):
@@ -260,6 +278,6 @@ def _kernels() -> _Kernels:
                             vectors[position, pair] = numpy.float32((code & 15) - 8) * scale
                             vectors[position, pairs + pair] = numpy.float32((code >> 4) - 8) * scale
                 block_max(query, vectors[: widths[number]], running)
-            scores[candidate] = running.sum()
+            scores[item] = running.sum()
 
     return _Kernels(float32=float32, float16=float16, int8=int8, four_bit=four_bit)
