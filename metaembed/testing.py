@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -1085,3 +1087,26 @@ __all__ = [
     "build_tiny_tokenizer",
     "save_tiny_backbone",
 ]
+
+
+def run_concurrently(calls: list[Callable[[], Any]]) -> list[Any]:
+    """Run each call in its own thread, all started before any is joined; their results in order (a call's
+    exception is raised here, the first in order)."""
+    results: list[Any] = [None] * len(calls)
+    errors: list[BaseException | None] = [None] * len(calls)
+
+    def run(slot: int) -> None:
+        try:
+            results[slot] = calls[slot]()
+        except BaseException as error:  # handed to the caller below
+            errors[slot] = error
+
+    threads = [threading.Thread(target=run, args=(slot,)) for slot in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for error in errors:
+        if error is not None:
+            raise error
+    return results

@@ -10,13 +10,13 @@ import random
 import re
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from metaembed.search.index import MetaEmbedIndex
+from metaembed.testing import run_concurrently
 from scoring_metaembed import MMR_BUDGETS
 
 DIM, NUM_VECTORS = 16, 64
@@ -282,17 +282,9 @@ def test_concurrent_searches_equal_sequential(candidates, queries):
     index.build_ann()
     settings = [(1, 1, None), (4, 8, None), (16, 64, 40), (2, 4, 100)] * 3
     expected = [index.search(queries, r_q, r_c, 5, shortlist) for r_q, r_c, shortlist in settings]
-    results = [None] * len(settings)
-
-    def run(slot):
-        r_q, r_c, shortlist = settings[slot]
-        results[slot] = index.search(queries, r_q, r_c, 5, shortlist)
-
-    threads = [threading.Thread(target=run, args=(slot,)) for slot in range(len(settings))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = run_concurrently(
+        [lambda setting=setting: index.search(queries, *setting[:2], 5, setting[2]) for setting in settings]
+    )
     for got, want in zip(results, expected):
         assert torch.equal(got.indices, want.indices) and torch.equal(got.scores, want.scores)
 
@@ -424,16 +416,7 @@ def test_first_use_builds_the_ann_once_under_concurrent_searches(candidates, que
         return original(self, *arguments, **options)
 
     monkeypatch.setattr(MetaEmbedIndex, "build_ann", counting_build)
-    results = [None] * 6
-
-    def run(slot):
-        results[slot] = index.search(queries, 4, 8, 5, shortlist_size=50)
-
-    threads = [threading.Thread(target=run, args=(slot,)) for slot in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = run_concurrently([lambda: index.search(queries, 4, 8, 5, shortlist_size=50)] * 6)
     assert len(builds) == 1
     for result in results:
         assert torch.equal(result.indices, expected.indices)

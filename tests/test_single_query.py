@@ -4,8 +4,6 @@ and the index uses it for one query."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +11,7 @@ import torch.nn.functional as F
 from metaembed.search import single_query
 from metaembed.search.index import MetaEmbedIndex
 from metaembed.search.storage import code_values, prefix_blocks, quantize
+from metaembed.testing import run_concurrently
 from scoring_metaembed import MMR_BUDGETS, PrefixBlocks, late_interaction_scores
 
 pytest.importorskip("numba")
@@ -114,16 +113,12 @@ def test_concurrent_single_query_searches_equal_sequential(candidates, query):
     queries = [unit_vectors(1, 16, DIM, seed=seed) for seed in range(12)]
     budgets = [MMR_BUDGETS[slot % len(MMR_BUDGETS)] for slot in range(len(queries))]
     expected = [index.search(q, *budget, top_k=5, shortlist_size=None) for q, budget in zip(queries, budgets)]
-    results = [None] * len(queries)
-
-    def run(slot):
-        results[slot] = index.search(queries[slot], *budgets[slot], top_k=5, shortlist_size=None)
-
-    threads = [threading.Thread(target=run, args=(slot,)) for slot in range(len(queries))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = run_concurrently(
+        [
+            lambda query=query, budget=budget: index.search(query, *budget, top_k=5, shortlist_size=None)
+            for query, budget in zip(queries, budgets)
+        ]
+    )
     for got, want in zip(results, expected):
         assert torch.equal(got.indices, want.indices) and torch.equal(got.scores, want.scores)
 
