@@ -691,11 +691,7 @@ def merge_top_k(
     Returns:
         (scores, indices) `[Q, min(k, ...)]`, best first (ties: lower index first).
     """
-    if isinstance(new_indices, torch.Tensor):
-        indices = new_indices
-    else:  # a view, not a copy: only the selected entries are read
-        indices = torch.arange(new_scores.shape[1], device=new_scores.device).add_(new_indices).expand_as(new_scores)
-    top_scores, top_indices = _top_k_lowest_index_first(new_scores, indices, min(k, new_scores.shape[1]))
+    top_scores, top_indices = _top_k_lowest_index_first(new_scores, new_indices, min(k, new_scores.shape[1]))
     if best_scores is None:
         return top_scores, top_indices
     scores = torch.cat([best_scores, top_scores], dim=1)
@@ -703,10 +699,19 @@ def merge_top_k(
     return _top_k_lowest_index_first(scores, indices, min(k, scores.shape[1]))
 
 
-def _top_k_lowest_index_first(scores: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `k` best (score, then lowest index) of each row of `scores` / `indices` `[Q, n]`, sorted that way."""
+def _top_k_lowest_index_first(
+    scores: torch.Tensor, indices: torch.Tensor | int, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `k` best (score, then lowest index) of each row of `scores` `[Q, n]`, sorted that way, with their
+    indices: from `indices` `[Q, n]`, or column + `indices` for an int offset."""
+
+    def index_of(rows: slice | int, columns: torch.Tensor) -> torch.Tensor:
+        if isinstance(indices, torch.Tensor):
+            return indices.gather(1, columns) if isinstance(rows, slice) else indices[rows, columns]
+        return columns + indices
+
     top = scores.topk(min(k + 1, scores.shape[1]), dim=1)  # one more, to see whether the k-th place is tied
-    selected_scores, selected_indices = top.values[:, :k], indices.gather(1, top.indices[:, :k])
+    selected_scores, selected_indices = top.values[:, :k], index_of(slice(None), top.indices[:, :k])
     if top.values.shape[1] > k:
         # Rows where the next candidate ties the k-th score: topk kept an arbitrary few of the tied candidates;
         # choose again among all of them. Rare with real embeddings, so done row by row.
@@ -715,8 +720,9 @@ def _top_k_lowest_index_first(scores: torch.Tensor, indices: torch.Tensor, k: in
             selected_scores, selected_indices = selected_scores.clone(), selected_indices.clone()
             for row in tied.nonzero()[:, 0].tolist():
                 keep = (scores[row] >= top.values[row, k - 1]).nonzero()[:, 0]
-                order = _score_then_index_order(scores[row, keep], indices[row, keep])[:k]
-                selected_scores[row], selected_indices[row] = scores[row, keep[order]], indices[row, keep[order]]
+                keep_indices = index_of(row, keep)
+                order = _score_then_index_order(scores[row, keep], keep_indices)[:k]
+                selected_scores[row], selected_indices[row] = scores[row, keep[order]], keep_indices[order]
     order = _score_then_index_order(selected_scores, selected_indices)
     return selected_scores.gather(-1, order), selected_indices.gather(-1, order)
 
