@@ -418,7 +418,11 @@ class MetaEmbedIndex:
         start = 0
         for shard in self._shards:
             candidates = shard.candidates()
-            if len(queries) == 1 and single_query.available() and single_query.supports(candidates, queries.shape[1]):
+            if (
+                len(queries) == 1
+                and single_query.available()
+                and single_query.supports(candidates, queries.shape[1], num_candidate_vectors)
+            ):
                 scores = single_query.single_query_scores(queries[0], candidates, num_candidate_vectors)
                 top_scores, top_indices = merge_top_k(None, None, scores.unsqueeze(0), start, top_k)
             else:
@@ -445,7 +449,7 @@ class MetaEmbedIndex:
         # Each query reranks its own shortlist: with numba, the one-query kernel reads the shortlisted rows where
         # they are stored; otherwise they are gathered (in the storage type) for torch's kernel.
         in_place = single_query.available() and all(
-            single_query.supports(shard.candidates(), queries.shape[1]) for shard in self._shards
+            single_query.supports(shard.candidates(), queries.shape[1], num_candidate_vectors) for shard in self._shards
         )
         for row, shortlist in enumerate(shortlists):
             if len(shortlist) == 0:

@@ -36,11 +36,14 @@ def available() -> bool:
     return os.environ.get("METAEMBED_NUMBA", "1") != "0" and importlib.util.find_spec("numba") is not None
 
 
-def supports(candidates: PrefixBlocks, num_query_vectors: int) -> bool:
+def supports(candidates: PrefixBlocks, num_query_vectors: int, num_candidate_vectors: int) -> bool:
     """The kernels handle these blocks (float32, float16, int8 or 4-bit codes on CPU) for one query of up to 16
-    vectors."""
+    vectors, and are the faster choice: all but float32 at r_c = 1, a plain matrix-vector product over one
+    contiguous block that torch's BLAS reads at memory speed (measured: 1.7 ms against 2.9 ms for 50k candidates)."""
     block = candidates.blocks[0]
-    return block.device.type == "cpu" and block.dtype in _STORED_TYPES and num_query_vectors <= 16
+    if block.device.type != "cpu" or block.dtype not in _STORED_TYPES or num_query_vectors > 16:
+        return False
+    return not (block.dtype == torch.float32 and num_candidate_vectors == 1)
 
 
 def single_query_scores(
