@@ -448,14 +448,16 @@ class MetaEmbedIndex:
         indices = torch.full((len(queries), top_k), -1, dtype=torch.long)
         # Each query reranks its own shortlist: with numba, the one-query kernel reads the shortlisted rows where
         # they are stored; otherwise they are gathered (in the storage type) for torch's kernel.
+        shard_candidates = [shard.candidates() for shard in self._shards]
         in_place = single_query.available() and all(
-            single_query.supports(shard.candidates(), queries.shape[1], num_candidate_vectors) for shard in self._shards
+            single_query.supports(candidates, queries.shape[1], num_candidate_vectors)
+            for candidates in shard_candidates
         )
         for row, shortlist in enumerate(shortlists):
             if len(shortlist) == 0:
                 continue  # nothing found: the row stays padded
             if in_place:
-                shortlist_scores = self._score_rows(queries[row], shortlist, num_candidate_vectors)
+                shortlist_scores = self._score_rows(queries[row], shard_candidates, shortlist, num_candidate_vectors)
                 top_scores, top_indices = merge_top_k(
                     None, None, shortlist_scores.unsqueeze(0), shortlist.unsqueeze(0), min(top_k, len(shortlist))
                 )
@@ -468,15 +470,21 @@ class MetaEmbedIndex:
             scores[row, :found], indices[row, :found] = top.scores[0], shortlist[top.indices[0]]
         return scores, indices
 
-    def _score_rows(self, query: torch.Tensor, positions: torch.Tensor, num_candidate_vectors: int) -> torch.Tensor:
+    def _score_rows(
+        self,
+        query: torch.Tensor,
+        shard_candidates: list[PrefixBlocks],
+        positions: torch.Tensor,
+        num_candidate_vectors: int,
+    ) -> torch.Tensor:
         """float32 scores of one query `[r_q, D]` against the candidates at ascending `positions`, read in place by
-        the one-query kernel, shard by shard."""
+        the one-query kernel, shard by shard (`shard_candidates`: each shard's `candidates()`)."""
         shard_numbers, local = self._split_positions(positions)
         bounds = torch.searchsorted(shard_numbers, torch.arange(len(self._shards) + 1)).tolist()
         return torch.cat(
             [
-                single_query.single_query_scores(query, shard.candidates(), num_candidate_vectors, local[start:end])
-                for shard, start, end in zip(self._shards, bounds[:-1], bounds[1:])
+                single_query.single_query_scores(query, candidates, num_candidate_vectors, local[start:end])
+                for candidates, start, end in zip(shard_candidates, bounds[:-1], bounds[1:])
                 if start != end
             ]
         )

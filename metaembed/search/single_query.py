@@ -33,7 +33,13 @@ _MIN_CANDIDATES_PER_THREAD = 2048
 
 def available() -> bool:
     """numba is installed and the kernels are not switched off (`METAEMBED_NUMBA=0`)."""
-    return os.environ.get("METAEMBED_NUMBA", "1") != "0" and importlib.util.find_spec("numba") is not None
+    return os.environ.get("METAEMBED_NUMBA", "1") != "0" and _numba_installed()
+
+
+@cache
+def _numba_installed() -> bool:
+    # Looked up once: without numba, find_spec would search sys.path on every search call.
+    return importlib.util.find_spec("numba") is not None
 
 
 def supports(candidates: PrefixBlocks, num_query_vectors: int, num_candidate_vectors: int) -> bool:
