@@ -189,3 +189,57 @@ def test_saved_folder_loads_where_the_package_cannot_be_imported(installed, tmp_
     assert torch.equal(outputs["handler_q"].reshape(1, 2, -1), outputs["q_first"])
     torch.testing.assert_close(outputs["st_q"], saving_process["q"], rtol=0, atol=1e-6)
     torch.testing.assert_close(outputs["st_c"], saving_process["c"], rtol=0, atol=1e-6)
+
+
+# Search from the installed wheel, the checkout off sys.path: the one-query kernel (numba) and torch's kernel.
+SEARCH_WITH_INSTALL = """
+import os, sys
+sys.path[:] = [{target!r}] + [entry for entry in sys.path if entry not in ("", ".", {root!r})]
+import torch
+from safetensors.torch import save_file
+from metaembed.search import single_query
+from metaembed.search.index import MetaEmbedIndex
+assert single_query.__file__.startswith({target!r}), single_query.__file__
+assert single_query.available()
+generator = torch.Generator().manual_seed(0)
+candidates = torch.nn.functional.normalize(torch.randn(300, 16, 32, generator=generator), dim=-1)
+query = torch.nn.functional.normalize(torch.randn(1, 8, 32, generator=generator), dim=-1)
+outputs = {{}}
+for storage in ("float16", "int8", "residual4"):
+    index = MetaEmbedIndex(32, 16, storage=storage)
+    index.add(candidates[:120])
+    index.add(candidates[120:])
+    index.build_ann(num_vectors=2, kind="flat")
+    index.save(os.path.join({folder!r}, storage))
+    loaded = MetaEmbedIndex.load(os.path.join({folder!r}, storage))
+    for kernel in ("1", "0"):
+        os.environ["METAEMBED_NUMBA"] = kernel
+        for name, shortlist in (("exhaustive", None), ("two_stage", 40)):
+            found = loaded.search(query, 8, 16, top_k=10, shortlist_size=shortlist)
+            outputs[f"{{storage}}_{{name}}_{{kernel}}_indices"] = found.indices
+            outputs[f"{{storage}}_{{name}}_{{kernel}}_scores"] = found.scores
+save_file(outputs, {outputs!r})
+"""
+
+
+def test_installed_package_searches_with_the_one_query_kernel_as_with_torch(installed, tmp_path):
+    pytest.importorskip("numba")
+    pytest.importorskip("faiss")
+    script = SEARCH_WITH_INSTALL.format(
+        target=str(installed["target"]),
+        root=str(ROOT),
+        folder=str(tmp_path),
+        outputs=str(tmp_path / "found.safetensors"),
+    )
+    environment = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=environment, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = load_file(tmp_path / "found.safetensors")
+    assert len(found) == 24
+    for storage in ("float16", "int8", "residual4"):
+        for name in ("exhaustive", "two_stage"):
+            numba_run, torch_run = (f"{storage}_{name}_{kernel}" for kernel in ("1", "0"))
+            assert torch.equal(found[f"{numba_run}_indices"], found[f"{torch_run}_indices"]), (storage, name)
+            torch.testing.assert_close(found[f"{numba_run}_scores"], found[f"{torch_run}_scores"], atol=2e-6, rtol=0)
