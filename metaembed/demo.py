@@ -102,10 +102,18 @@ class SceneTask:
         """A query for one object: its description, or an image of it alone in its cell."""
         return self.describe(name, position) if as_text else self.draw({position: name})
 
-    def random_scene(self, rng: random.Random, forbidden: dict[Position, set[str]] | None = None) -> Scene:
-        scene: Scene = {}
+    def region(self, side: int | None) -> list[Position]:
+        """The cells of the top-left `side` x `side` corner of the board (all cells for None)."""
+        side = self.grid if side is None else side
+        return [(row, column) for row, column in self.positions if row < side and column < side]
+
+    def random_scene(
+        self, rng: random.Random, forbidden: dict[Position, set[str]] | None = None, side: int | None = None
+    ) -> Scene:
+        """A random board; with `side`, objects only in its top-left `side` x `side` corner (the rest empty)."""
+        scene: Scene = dict.fromkeys(self.positions)
         objects = self.objects
-        for position in self.positions:
+        for position in self.region(side):
             allowed = [name for name in objects if name not in (forbidden or {}).get(position, ())]
             scene[position] = rng.choice(allowed) if allowed and rng.random() < self.fill else None
         return scene
@@ -116,10 +124,13 @@ class SceneTask:
         key = ";".join(scene.get(position) or "-" for position in self.positions)
         return zlib.crc32(key.encode()) % HELD_OUT_EVERY == 0
 
-    def training_scenes(self, rng: random.Random, batch_size: int) -> list[tuple[Position, str, Scene]]:
+    def training_scenes(
+        self, rng: random.Random, batch_size: int, side: int | None = None
+    ) -> list[tuple[Position, str, Scene]]:
         """`batch_size` (cell, object, scene) targets with no false negatives: the targets are distinct and no
-        scene shows another row's target in that cell, so every in-batch negative is one; no scene is held out."""
-        targets = rng.sample([(position, name) for position in self.positions for name in self.objects], batch_size)
+        scene shows another row's target in that cell, so every in-batch negative is one; no scene is held out.
+        With `side`, targets and objects lie in the board's top-left `side` x `side` corner only."""
+        targets = rng.sample([(position, name) for position in self.region(side) for name in self.objects], batch_size)
         forbidden: dict[Position, set[str]] = {}
         for position, name in targets:
             forbidden.setdefault(position, set()).add(name)
@@ -127,35 +138,52 @@ class SceneTask:
         for position, name in targets:
             scene = None
             while scene is None or self.is_held_out(scene):
-                scene = {**self.random_scene(rng, forbidden), position: name}
+                scene = {**self.random_scene(rng, forbidden, side), position: name}
             rows.append((position, name, scene))
         return rows
 
-    def training_batch(self, rng: random.Random, batch_size: int, text_fraction: float) -> list[dict]:
+    def training_batch(
+        self, rng: random.Random, batch_size: int, text_fraction: float, side: int | None = None
+    ) -> list[dict]:
         """`training_scenes` as rows {"query", "positive"}; a query is text with chance `text_fraction`."""
         return [
             {"query": self.query(name, position, rng.random() < text_fraction), "positive": self.draw(scene)}
-            for position, name, scene in self.training_scenes(rng, batch_size)
+            for position, name, scene in self.training_scenes(rng, batch_size, side)
         ]
+
+
+Curriculum = tuple[tuple[float, int], ...]  # (fraction of the steps, corner side): the boards' corner until then
 
 
 class SceneTrainingBatches(Dataset):
     """`num_batches` training batches of `batch_size` rows, each built free of false negatives and made on
     demand from (seed, index). Each item is a whole batch (train with per-device batch size 1; the collator
-    flattens it), so the Trainer's shuffling cannot mix rows of different batches."""
+    flattens it), so shuffling could not mix rows of different batches. With a `curriculum`, batch `index`
+    (= the training step, when sampled in order) is drawn from the board's top-left corner of the side that the
+    first stage with `index < fraction * num_batches` gives, and from whole boards after the last stage."""
 
     def __init__(
-        self, task: SceneTask, num_batches: int, batch_size: int, seed: int, text_fraction: float = 0.7
+        self,
+        task: SceneTask,
+        num_batches: int,
+        batch_size: int,
+        seed: int,
+        text_fraction: float = 0.7,
+        curriculum: Curriculum = (),
     ) -> None:
         self.task, self.num_batches, self.batch_size = task, num_batches, batch_size
-        self.seed, self.text_fraction = seed, text_fraction
+        self.seed, self.text_fraction, self.curriculum = seed, text_fraction, curriculum
 
     def __len__(self) -> int:
         return self.num_batches
 
+    def side(self, index: int) -> int | None:
+        """The corner side batch `index` is drawn from (None: the whole board)."""
+        return next((side for fraction, side in self.curriculum if index < fraction * self.num_batches), None)
+
     def __getitem__(self, index: int) -> list[dict]:
         rng = random.Random(self.seed * 1_000_003 + index)
-        return self.task.training_batch(rng, self.batch_size, self.text_fraction)
+        return self.task.training_batch(rng, self.batch_size, self.text_fraction, self.side(index))
 
 
 @dataclass
@@ -229,6 +257,7 @@ class DemoSettings:
     num_queries: int = 1000
     seed: int = 0
     task: SceneTask = field(default_factory=SceneTask)
+    curriculum: Curriculum = ()
 
 
 def save_demo_backbone(folder: str, settings: DemoSettings) -> str:
@@ -258,7 +287,7 @@ def train_demo_model(backbone_dir: str, output_dir: str, settings: DemoSettings,
         backbone_dir, 16, 64, embedding_dim=settings.embedding_dim, processor_kwargs={"prompt_style": "simple"}
     )
     batches = SceneTrainingBatches(
-        settings.task, settings.steps, settings.batch_size, settings.seed, settings.text_fraction
+        settings.task, settings.steps, settings.batch_size, settings.seed, settings.text_fraction, settings.curriculum
     )
     return train_metaembed(
         model,
@@ -272,6 +301,7 @@ def train_demo_model(backbone_dir: str, output_dir: str, settings: DemoSettings,
         check_rows=False,
         max_steps=settings.steps,
         per_device_train_batch_size=1,  # one pre-built batch of settings.batch_size rows
+        train_sampling_strategy="sequential",  # batch index = step, which the curriculum follows
         learning_rate=settings.learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=max(1, settings.steps // 20),

@@ -38,6 +38,45 @@ def test_training_scenes_have_no_false_negatives_and_none_is_held_out():
     assert len({row["query"] for row in batch}) == 32
 
 
+def test_corner_batches_keep_targets_and_objects_in_the_corner():
+    task = SceneTask(grid=5)
+    rows = task.training_scenes(random.Random(3), 32, side=2)
+    corner = {(0, 0), (0, 1), (1, 0), (1, 1)}
+    assert {position for position, _, _ in rows} <= corner
+    for position, name, scene in rows:
+        assert set(scene) == set(task.positions) and scene[position] == name and not task.is_held_out(scene)
+        assert all(scene[cell] is None for cell in set(task.positions) - corner)
+    # 4 cells x 18 objects: 32 distinct targets still fit; a whole board (side None) is the default
+    assert len({(position, name) for position, name, _ in rows}) == 32
+    whole = task.training_scenes(random.Random(3), 32)
+    assert any(position not in corner for position, _, _ in whole)
+
+
+def test_curriculum_follows_the_batch_index():
+    task = SceneTask(grid=5)
+    batches = SceneTrainingBatches(task, 100, 4, seed=0, curriculum=((0.1, 2), (0.25, 3)))
+    assert [batches.side(index) for index in (0, 9, 10, 24, 25, 99)] == [2, 2, 3, 3, None, None]
+    assert SceneTrainingBatches(task, 100, 4, seed=0).side(0) is None
+    # the same index gives the same batch (made on demand from seed and index)
+    first, again = batches[5], batches[5]
+    assert [row["positive"].tobytes() for row in first] == [row["positive"].tobytes() for row in again]
+
+
+def test_demo_trains_on_batches_in_step_order(tmp_path, monkeypatch):
+    """The curriculum follows the step, so the Trainer must draw batch i at step i (not shuffled)."""
+    drawn = []
+    original = SceneTrainingBatches.__getitem__
+
+    def record(self, index):
+        drawn.append(index)
+        return original(self, index)
+
+    monkeypatch.setattr(SceneTrainingBatches, "__getitem__", record)
+    settings = DemoSettings(steps=6, batch_size=4, curriculum=((0.5, 2),))
+    train_demo_model(save_demo_backbone(str(tmp_path / "backbone"), settings), str(tmp_path / "m"), settings, True)
+    assert drawn == list(range(6))
+
+
 def test_evaluation_set_is_held_out_and_relevance_matches_the_scenes():
     task = SceneTask()
     data = evaluation_set(task, num_candidates=60, num_queries=30)
