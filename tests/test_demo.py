@@ -50,6 +50,16 @@ def test_corner_batches_keep_targets_and_objects_in_the_corner():
     assert len({(position, name) for position, name, _ in rows}) == 32
     whole = task.training_scenes(random.Random(3), 32)
     assert any(position not in corner for position, _, _ in whole)
+    # corner batches show the corner only: the scene's image cropped to 2 x 2 cells, pixel for pixel
+    cell = task.cell_pixels
+    batch = task.training_batch(random.Random(3), 32, text_fraction=0.5, side=2)
+    for row, (position, name, scene) in zip(batch, rows):
+        assert row["positive"].tobytes() == task.draw(scene).crop((0, 0, 2 * cell, 2 * cell)).tobytes()
+        if isinstance(row["query"], str):
+            assert row["query"] == task.describe(name, position)
+        else:
+            assert row["query"].tobytes() == task.draw({position: name}).crop((0, 0, 2 * cell, 2 * cell)).tobytes()
+    assert {row["positive"].size for row in task.training_batch(random.Random(3), 8, 0.5)} == {(5 * cell, 5 * cell)}
 
 
 def test_curriculum_follows_the_batch_index():
@@ -105,17 +115,19 @@ def test_held_out_part_is_about_one_scene_in_ten():
 
 def test_scene_board_shows_cell_and_object_in_pixels():
     task = SceneTask()
-    cell = task.cell_pixels
+    cell, grid = task.cell_pixels, task.grid
+    assert grid == 5 and len(task.positions) == 25  # the demo's board: more cells than (8, 16) has vectors
     # The same object in two cells differs in its surroundings; an empty cell shows the cell's own tint.
-    top_left, bottom_right = task.draw({(0, 0): "red disc"}), task.draw({(2, 2): "red disc"})
-    assert top_left.size == (3 * cell, 3 * cell)
-    assert top_left.getpixel((0, 0)) == cell_tint(0, 0, 3) != bottom_right.getpixel((2 * cell, 2 * cell))
-    assert bottom_right.getpixel((2 * cell, 2 * cell)) == cell_tint(2, 2, 3)
-    assert top_left.getpixel((cell // 2, cell // 2)) == bottom_right.getpixel((5 * cell // 2,) * 2) == PALETTE["red"]
-    assert len({cell_tint(row, column, 3) for row, column in task.positions}) == 9
-    assert task.describe("red disc", (1, 2)) == "red disc c2"
-    shapes = SceneTask(shapes=("disc", "square", "triangle"))
-    drawn = {shape: shapes.draw({(0, 0): f"blue {shape}"}).tobytes() for shape in shapes.shapes}
+    last = grid - 1
+    top_left, bottom_right = task.draw({(0, 0): "red disc"}), task.draw({(last, last): "red disc"})
+    assert top_left.size == (grid * cell, grid * cell)
+    assert top_left.getpixel((0, 0)) == cell_tint(0, 0, grid) != bottom_right.getpixel((last * cell, last * cell))
+    assert bottom_right.getpixel((last * cell, last * cell)) == cell_tint(last, last, grid)
+    middle = cell // 2
+    assert top_left.getpixel((middle, middle)) == bottom_right.getpixel((last * cell + middle,) * 2) == PALETTE["red"]
+    assert len({cell_tint(row, column, grid) for row, column in task.positions}) == 25
+    assert task.describe("red disc", (3, 2)) == "red disc c4"
+    drawn = {shape: task.draw({(0, 0): f"blue {shape}"}).tobytes() for shape in task.shapes}
     assert len(set(drawn.values())) == 3
 
 
