@@ -38,27 +38,35 @@ def test_training_scenes_have_no_false_negatives_and_none_is_held_out():
     assert len({row["query"] for row in batch}) == 32
 
 
-def test_corner_batches_keep_targets_and_objects_in_the_corner():
+def test_window_batches_keep_targets_and_objects_in_the_window():
     task = SceneTask(grid=5)
-    rows = task.training_scenes(random.Random(3), 32, side=2)
-    corner = {(0, 0), (0, 1), (1, 0), (1, 1)}
-    assert {position for position, _, _ in rows} <= corner
+    window = (1, 2, 2)  # rows 1-2, columns 2-3
+    rows = task.training_scenes(random.Random(3), 32, window)
+    cells = {(1, 2), (1, 3), (2, 2), (2, 3)}
+    assert set(task.region(window)) == cells and task.region(None) == task.positions
+    assert {position for position, _, _ in rows} <= cells
     for position, name, scene in rows:
         assert set(scene) == set(task.positions) and scene[position] == name and not task.is_held_out(scene)
-        assert all(scene[cell] is None for cell in set(task.positions) - corner)
-    # 4 cells x 18 objects: 32 distinct targets still fit; a whole board (side None) is the default
+        assert all(scene[cell] is None for cell in set(task.positions) - cells)
+    # 4 cells x 18 objects: 32 distinct targets still fit; every in-batch negative is one
     assert len({(position, name) for position, name, _ in rows}) == 32
+    for row, (position, name, _) in enumerate(rows):
+        assert all(other[position] != name for index, (_, _, other) in enumerate(rows) if index != row)
     whole = task.training_scenes(random.Random(3), 32)
-    assert any(position not in corner for position, _, _ in whole)
-    # corner batches show the corner only: the scene's image cropped to 2 x 2 cells, pixel for pixel
+    assert any(position not in cells for position, _, _ in whole)
+    # window batches show the window only: the scene's image cropped to its cells, pixel for pixel
     cell = task.cell_pixels
-    batch = task.training_batch(random.Random(3), 32, text_fraction=0.5, side=2)
+    box = (2 * cell, 1 * cell, 4 * cell, 3 * cell)
+    batch = task.training_batch(random.Random(3), 32, 0.5, window)
+    assert any(isinstance(row["query"], str) for row in batch) and any(
+        not isinstance(row["query"], str) for row in batch
+    )
     for row, (position, name, scene) in zip(batch, rows):
-        assert row["positive"].tobytes() == task.draw(scene).crop((0, 0, 2 * cell, 2 * cell)).tobytes()
+        assert row["positive"].tobytes() == task.draw(scene).crop(box).tobytes()
         if isinstance(row["query"], str):
             assert row["query"] == task.describe(name, position)
         else:
-            assert row["query"].tobytes() == task.draw({position: name}).crop((0, 0, 2 * cell, 2 * cell)).tobytes()
+            assert row["query"].tobytes() == task.draw({position: name}).crop(box).tobytes()
     assert {row["positive"].size for row in task.training_batch(random.Random(3), 8, 0.5)} == {(5 * cell, 5 * cell)}
 
 
@@ -67,6 +75,12 @@ def test_curriculum_follows_the_batch_index():
     batches = SceneTrainingBatches(task, 100, 4, seed=0, curriculum=((0.1, 2), (0.25, 3)))
     assert [batches.side(index) for index in (0, 9, 10, 24, 25, 99)] == [2, 2, 3, 3, None, None]
     assert SceneTrainingBatches(task, 100, 4, seed=0).side(0) is None
+    cell = task.cell_pixels
+    sizes = [{row["positive"].size for row in batches[index]} for index in (0, 10, 25)]
+    assert sizes == [{(2 * cell, 2 * cell)}, {(3 * cell, 3 * cell)}, {(5 * cell, 5 * cell)}]
+    # windows lie anywhere on the board, not only in its corner
+    windows = {batches.window(index, random.Random(index)) for index in range(10)}
+    assert all(0 <= top <= 3 and 0 <= left <= 3 and side == 2 for top, left, side in windows) and len(windows) > 3
     # the same index gives the same batch (made on demand from seed and index)
     first, again = batches[5], batches[5]
     assert [row["positive"].tobytes() for row in first] == [row["positive"].tobytes() for row in again]
@@ -128,7 +142,7 @@ def test_scene_board_shows_cell_and_object_in_pixels():
     assert len({cell_tint(row, column, grid) for row, column in task.positions}) == 25
     assert task.describe("red disc", (3, 2)) == "red disc c4"
     drawn = {shape: task.draw({(0, 0): f"blue {shape}"}).tobytes() for shape in task.shapes}
-    assert len(set(drawn.values())) == 3
+    assert len(set(drawn.values())) == len(task.shapes) == 2
 
 
 def test_demo_training_is_deterministic_and_the_seed_matters(tmp_path):
@@ -154,9 +168,19 @@ def test_demo_backbone_seed_changes_its_weights(tmp_path):
 
 
 def test_demo_small_run(tmp_path, capsys):
-    with_mmr, without_mmr = run_demo(
-        DemoSettings(steps=3, batch_size=8, num_candidates=24, num_queries=9), str(tmp_path)
-    )
+    small = DemoSettings(steps=3, batch_size=8, num_candidates=24, num_queries=9)
+    with_mmr, without_mmr = run_demo(small, str(tmp_path))
+    # Each model trained in its own process with one thread: the same weights as a one-thread training here.
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        for mmr, name in ((True, "metaembed-mmr"), (False, "metaembed-no-mmr")):
+            train_demo_model(str(tmp_path / "backbone"), str(tmp_path / f"here-{name}"), small, mmr)
+            here = load_file(tmp_path / f"here-{name}" / "model.safetensors")
+            there = load_file(tmp_path / name / "model.safetensors")
+            assert here.keys() == there.keys() and all(torch.equal(here[key], there[key]) for key in here)
+    finally:
+        torch.set_num_threads(threads)
     assert [result.budget for result in with_mmr] == [(1, 1), (2, 4), (4, 8), (8, 16), (16, 64)]
     assert all(0.0 <= result.metrics["precision@1"] <= 1.0 for result in with_mmr + without_mmr)
     settings = DemoSettings()
