@@ -5,10 +5,11 @@ two-stage search (faiss HNSW over the first vector, exact rerank) against exhaus
     python benchmarks/bench_search.py --num-candidates 5000 --num-queries 20 --steps 20   # smoke test
 
 The first run trains the demo's MMR model (`metaembed demo` settings, a few minutes on CPU) and encodes the
-candidates; both are cached in --work-dir, so later runs only search. Candidates are random 3 x 3 scenes of
-coloured discs; queries name one object (text) or show it (image), and every scene with that object in
-that cell is relevant (thousands per query, as in the demo). Two-stage search is timed on the batch of
-queries and one query at a time (the serving case), each against exhaustive search timed the same way.
+candidates; both are cached in --work-dir, so later runs only search. Candidates are random scenes of the
+demo's task (5 x 5 boards of coloured shapes); queries name one object (text) or show it (image), and every
+scene with that object in that cell is relevant (thousands per query, as in the demo). Two-stage search is
+timed on the batch of queries and one query at a time (the serving case), each against exhaustive search timed
+the same way.
 Writes search_budgets.png and search_two_stage.png into --work-dir.
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from metaembed.demo import DemoSettings, SceneTask, save_demo_backbone, train_demo_model
+from metaembed.demo import DemoSettings, save_demo_backbone, train_demo_model
 from metaembed.search.index import MetaEmbedIndex
 from scoring_metaembed import MMR_BUDGETS
 
@@ -57,7 +58,7 @@ def prepare(args: argparse.Namespace) -> tuple[torch.nn.Module, MetaEmbedIndex, 
         train_demo_model(backbone, str(model_dir), settings, mmr=True)
         print(f"trained the demo model in {time.perf_counter() - start:.0f} s")
     model = AutoModel.from_pretrained(str(model_dir), trust_remote_code=True)
-    task, rng = SceneTask(), random.Random(2024)
+    task, rng = DemoSettings().task, random.Random(2024)
     scenes = [task.random_scene(rng) for _ in range(args.num_candidates)]
     index_dir = work / f"index-{args.steps}-{args.num_candidates}"
     if not (index_dir / "index.json").exists():

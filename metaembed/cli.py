@@ -488,9 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="train a tiny model from scratch with and without MMR, report budgets")
-    demo.add_argument("--steps", type=positive_int, default=1200, help="training steps per model")
+    demo.add_argument("--steps", type=positive_int, default=1000, help="training steps per model")
     demo.add_argument("--num-candidates", type=positive_int, default=1000, help="held-out scenes to index")
-    demo.add_argument("--num-queries", type=positive_int, default=1000)
+    demo.add_argument("--num-queries", type=positive_int, default=2000, help="held-out text and image queries")
     demo.add_argument("--seed", type=non_negative_int, default=0, help="seed of the backbone, training data, training")
     demo.add_argument("--output-dir", default=None, help="where to write models and plot (default: a temp folder)")
     demo.set_defaults(handler=run_demo)

@@ -1,14 +1,16 @@
 """The end-to-end demo: train a small MetaEmbed from scratch on rendered scenes, with and without MMR, and
 measure retrieval quality, index size and scoring time at every budget.
 
-The task is built so that fine detail matters: a scene is a 3 x 3 board, each cell empty or holding an object
-(one of 6 colours x 3 shapes); a query names one object and its cell ("red square a1", as text) or shows it alone
-in its cell (as an image), and every scene with that object in that cell is relevant (about 1 in 21). The
-embedding is narrow (8 dimensions), so a few vectors cannot describe nine cells at once and quality keeps rising
-with the budget up to (16, 64); MMR makes the first vectors useful on their own. The board's cells are tinted by
-row and column, as a printed board would be: where an object is shows in its pixels, which a backbone trained from
-scratch learns in minutes (Qwen-VL's rotary positions alone took it far longer). Evaluation scenes come from a
-part of all scenes (by a hash of their content) that training never shows.
+The task is built so that every budget buys something: a scene is a 5 x 5 board, each cell empty or holding an
+object (one of 6 colours x 2 shapes); a query names one object and its cell ("red square c4", as text) or shows
+it alone in its cell (as an image), and every scene with that object in that cell is relevant (about 1 in 14). The
+embedding is narrow (8 dimensions), so a vector holds about one cell well: (16, 64) has a vector for each of the
+25 cells, (8, 16) must share vectors between cells, (4, 8) more so, and quality rises at each budget; MMR makes the
+first vectors useful on their own. The board's cells are tinted by row and column, as a printed board would be:
+where an object is shows in its pixels. Training starts on small windows of the boards, cropped (2 x 2, then
+3 x 3, then 4 x 4 cells, anywhere on the board), and goes on with whole boards: on whole boards from the first
+step the random tiny backbone sat at chance for most of the run. Evaluation scenes come from a part of all scenes
+(by a hash of their content) that training never shows.
 """
 
 from __future__ import annotations
@@ -57,11 +59,11 @@ class SceneTask:
     """Scene generation: a `grid` x `grid` board; each cell holds an object with chance `fill`, an object being
     one of `colors` x `shapes`."""
 
-    grid: int = 3
+    grid: int = 5
     cell_pixels: int = 28
     fill: float = 0.85
     colors: tuple[str, ...] = tuple(PALETTE)
-    shapes: tuple[str, ...] = SHAPES
+    shapes: tuple[str, ...] = SHAPES[:2]  # 12 objects: with 18 the 5 x 5 task trained too slowly for 10 minutes
 
     @property
     def positions(self) -> list[Position]:
@@ -102,10 +104,19 @@ class SceneTask:
         """A query for one object: its description, or an image of it alone in its cell."""
         return self.describe(name, position) if as_text else self.draw({position: name})
 
-    def random_scene(self, rng: random.Random, forbidden: dict[Position, set[str]] | None = None) -> Scene:
-        scene: Scene = {}
+    def region(self, window: Window | None) -> list[Position]:
+        """The cells of a (top, left, side) window of the board: `side` x `side` cells from row `top`, column
+        `left` (all cells for None)."""
+        top, left, side = window or (0, 0, self.grid)
+        return [(row, column) for row, column in self.positions if 0 <= row - top < side and 0 <= column - left < side]
+
+    def random_scene(
+        self, rng: random.Random, forbidden: dict[Position, set[str]] | None = None, window: Window | None = None
+    ) -> Scene:
+        """A random board; with a `window`, objects only in its cells (the rest empty)."""
+        scene: Scene = dict.fromkeys(self.positions)
         objects = self.objects
-        for position in self.positions:
+        for position in self.region(window):
             allowed = [name for name in objects if name not in (forbidden or {}).get(position, ())]
             scene[position] = rng.choice(allowed) if allowed and rng.random() < self.fill else None
         return scene
@@ -116,10 +127,15 @@ class SceneTask:
         key = ";".join(scene.get(position) or "-" for position in self.positions)
         return zlib.crc32(key.encode()) % HELD_OUT_EVERY == 0
 
-    def training_scenes(self, rng: random.Random, batch_size: int) -> list[tuple[Position, str, Scene]]:
+    def training_scenes(
+        self, rng: random.Random, batch_size: int, window: Window | None = None
+    ) -> list[tuple[Position, str, Scene]]:
         """`batch_size` (cell, object, scene) targets with no false negatives: the targets are distinct and no
-        scene shows another row's target in that cell, so every in-batch negative is one; no scene is held out."""
-        targets = rng.sample([(position, name) for position in self.positions for name in self.objects], batch_size)
+        scene shows another row's target in that cell, so every in-batch negative is one; no scene is held out.
+        With a `window`, targets and objects lie in its cells only."""
+        targets = rng.sample(
+            [(position, name) for position in self.region(window) for name in self.objects], batch_size
+        )
         forbidden: dict[Position, set[str]] = {}
         for position, name in targets:
             forbidden.setdefault(position, set()).add(name)
@@ -127,35 +143,76 @@ class SceneTask:
         for position, name in targets:
             scene = None
             while scene is None or self.is_held_out(scene):
-                scene = {**self.random_scene(rng, forbidden), position: name}
+                scene = {**self.random_scene(rng, forbidden, window), position: name}
             rows.append((position, name, scene))
         return rows
 
-    def training_batch(self, rng: random.Random, batch_size: int, text_fraction: float) -> list[dict]:
-        """`training_scenes` as rows {"query", "positive"}; a query is text with chance `text_fraction`."""
+    def training_batch(
+        self, rng: random.Random, batch_size: int, text_fraction: float, window: Window | None = None
+    ) -> list[dict]:
+        """`training_scenes` as rows {"query", "positive"}; a query is text with chance `text_fraction`. With a
+        `window`, images show only its cells: cropped, not drawn with the rest empty, since the empty cells' image
+        tokens drown the few that differ (whole-size boards with objects in a corner sat at chance for one seed of
+        two)."""
+        if window is None:
+            box = None
+        else:
+            top, left, side = (number * self.cell_pixels for number in window)
+            box = (left, top, left + side, top + side)
+
+        def shown(image: str | Image.Image) -> str | Image.Image:
+            return image if isinstance(image, str) or box is None else image.crop(box)
+
         return [
-            {"query": self.query(name, position, rng.random() < text_fraction), "positive": self.draw(scene)}
-            for position, name, scene in self.training_scenes(rng, batch_size)
+            {
+                "query": shown(self.query(name, position, rng.random() < text_fraction)),
+                "positive": shown(self.draw(scene)),
+            }
+            for position, name, scene in self.training_scenes(rng, batch_size, window)
         ]
+
+
+Window = tuple[int, int, int]  # (top row, left column, side) of a square part of the board
+Curriculum = tuple[tuple[float, int], ...]  # (fraction of the steps, window side) stages
 
 
 class SceneTrainingBatches(Dataset):
     """`num_batches` training batches of `batch_size` rows, each built free of false negatives and made on
     demand from (seed, index). Each item is a whole batch (train with per-device batch size 1; the collator
-    flattens it), so the Trainer's shuffling cannot mix rows of different batches."""
+    flattens it), so shuffling could not mix rows of different batches. With a `curriculum`, batch `index`
+    (= the training step, when sampled in order) is drawn from the board's top-left corner of the side that the
+    first stage with `index < fraction * num_batches` gives, and from whole boards after the last stage."""
 
     def __init__(
-        self, task: SceneTask, num_batches: int, batch_size: int, seed: int, text_fraction: float = 0.7
+        self,
+        task: SceneTask,
+        num_batches: int,
+        batch_size: int,
+        seed: int,
+        text_fraction: float = 0.7,
+        curriculum: Curriculum = (),
     ) -> None:
         self.task, self.num_batches, self.batch_size = task, num_batches, batch_size
-        self.seed, self.text_fraction = seed, text_fraction
+        self.seed, self.text_fraction, self.curriculum = seed, text_fraction, curriculum
 
     def __len__(self) -> int:
         return self.num_batches
 
+    def side(self, index: int) -> int | None:
+        """The window side batch `index` is drawn from (None: the whole board)."""
+        return next((side for fraction, side in self.curriculum if index < fraction * self.num_batches), None)
+
+    def window(self, index: int, rng: random.Random) -> Window | None:
+        """Batch `index`'s window: its stage's side, anywhere on the board (so every cell's tint is seen early)."""
+        side = self.side(index)
+        if side is None:
+            return None
+        return rng.randrange(self.task.grid - side + 1), rng.randrange(self.task.grid - side + 1), side
+
     def __getitem__(self, index: int) -> list[dict]:
         rng = random.Random(self.seed * 1_000_003 + index)
-        return self.task.training_batch(rng, self.batch_size, self.text_fraction)
+        window = self.window(index, rng)
+        return self.task.training_batch(rng, self.batch_size, self.text_fraction, window)
 
 
 @dataclass
@@ -213,12 +270,12 @@ def retrieval_dataset(data: EvaluationSet, name: str = "scenes") -> RetrievalDat
 
 @dataclass
 class DemoSettings:
-    steps: int = 1200
+    steps: int = 1000
     batch_size: int = 32
     learning_rate: float = 1e-3
     temperature: float = 0.05
-    # narrow, so that a few vectors cannot hold a whole board (at 16 with discs only the curve sat at 1.0 from (4, 8)
-    # on; at 4 the many candidate vectors matched by chance and quality fell after (4, 8) for one seed)
+    # narrow, so that a few vectors cannot hold a whole board (at 8 on a 3 x 3 board the curve sat near 1.0 from
+    # (4, 8) on; at 4 or 6 every budget scored lower, the curve no steeper)
     embedding_dim: int = 8
     hidden_size: int = 64
     # std of the random backbone's weights: ~1/sqrt(hidden) keeps image features from vanishing in the meta
@@ -226,9 +283,12 @@ class DemoSettings:
     initializer_range: float = 0.1
     text_fraction: float = 0.5  # of training queries; the rest are images
     num_candidates: int = 1000
-    num_queries: int = 1000
+    num_queries: int = 2000
     seed: int = 0
     task: SceneTask = field(default_factory=SceneTask)
+    # 2 x 2 windows of the boards (anywhere) for the first 13 % of the steps, 3 x 3 to 26 %, 4 x 4 to 39 %, then
+    # whole boards: from 2 x 2 the loss leaves chance within ~120 steps, from whole boards not in 1,000
+    curriculum: Curriculum = ((0.13, 2), (0.26, 3), (0.39, 4))
 
 
 def save_demo_backbone(folder: str, settings: DemoSettings) -> str:
@@ -246,9 +306,10 @@ def save_demo_backbone(folder: str, settings: DemoSettings) -> str:
     )
 
 
-def train_demo_model(backbone_dir: str, output_dir: str, settings: DemoSettings, mmr: bool):
+def train_demo_model(backbone_dir: str, output_dir: str, settings: DemoSettings, mmr: bool, **training_arguments):
     """A MetaEmbed (R_q = 16, R_c = 64) trained from the random backbone, every parameter, with MMR over the
-    paper's five budgets or (without MMR) only the largest one."""
+    paper's five budgets or (without MMR) only the largest one. `training_arguments`: further
+    `transformers.TrainingArguments` fields (e.g. `disable_tqdm`)."""
     from modeling_metaembed import MetaEmbedModel
 
     from .training import train_metaembed
@@ -258,7 +319,7 @@ def train_demo_model(backbone_dir: str, output_dir: str, settings: DemoSettings,
         backbone_dir, 16, 64, embedding_dim=settings.embedding_dim, processor_kwargs={"prompt_style": "simple"}
     )
     batches = SceneTrainingBatches(
-        settings.task, settings.steps, settings.batch_size, settings.seed, settings.text_fraction
+        settings.task, settings.steps, settings.batch_size, settings.seed, settings.text_fraction, settings.curriculum
     )
     return train_metaembed(
         model,
@@ -272,6 +333,7 @@ def train_demo_model(backbone_dir: str, output_dir: str, settings: DemoSettings,
         check_rows=False,
         max_steps=settings.steps,
         per_device_train_batch_size=1,  # one pre-built batch of settings.batch_size rows
+        train_sampling_strategy="sequential",  # batch index = step, which the curriculum follows
         learning_rate=settings.learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=max(1, settings.steps // 20),
@@ -280,6 +342,7 @@ def train_demo_model(backbone_dir: str, output_dir: str, settings: DemoSettings,
         logging_steps=max(1, settings.steps // 10),
         dataloader_pin_memory=False,
         seed=settings.seed,
+        **training_arguments,
     )
 
 
@@ -320,21 +383,44 @@ def save_plot(with_mmr: list[BudgetResult], without_mmr: list[BudgetResult], pat
     plt.close(figure)
 
 
+def _train_with_one_thread(backbone_dir: str, output_dir: str, settings: DemoSettings, mmr: bool) -> float:
+    """`train_demo_model` in a worker process with one torch thread; returns the training's seconds."""
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    # no progress bar: the two trainings run side by side and their bars would overwrite each other
+    train_demo_model(backbone_dir, output_dir, settings, mmr, disable_tqdm=True)
+    return time.perf_counter() - start
+
+
 def run_demo(settings: DemoSettings, output_dir: str | None = None) -> tuple[list[BudgetResult], list[BudgetResult]]:
     """Train with and without MMR, reload each saved Hub folder through AutoModel, evaluate every budget,
-    print the table and write `quality_vs_budget.png` into `output_dir`."""
+    print the table and write `quality_vs_budget.png` into `output_dir`.
+
+    The two models train side by side, each in its own process with one torch thread: on 2 cores that takes
+    about half the time of training them one after the other with 2 threads each (a model this small gains
+    little from a second thread), and the trained weights are the same on any machine, whatever its core count
+    (a training run's path depends on the float rounding of its thread count)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     from transformers import AutoModel
 
     import_pytrec_eval()  # the evaluation's metrics: fail now, not after training both models
     output_dir = output_dir or tempfile.mkdtemp(prefix="metaembed-demo-")
     backbone_dir = save_demo_backbone(os.path.join(output_dir, "backbone"), settings)
+    names = {True: "metaembed-mmr", False: "metaembed-no-mmr"}
+    print(f"training {names[True]} and {names[False]} side by side ({settings.steps} steps each)", flush=True)
+    # spawn, not fork: the parent has torch's thread pools running
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        trainings = {
+            mmr: pool.submit(_train_with_one_thread, backbone_dir, os.path.join(output_dir, name), settings, mmr)
+            for mmr, name in names.items()
+        }
+        for mmr, training in trainings.items():
+            print(f"trained {names[mmr]} in {training.result():.0f} s", flush=True)
     dataset = retrieval_dataset(evaluation_set(settings.task, settings.num_candidates, settings.num_queries))
     results = {}
-    for mmr in (True, False):
-        name = "metaembed-mmr" if mmr else "metaembed-no-mmr"
-        start = time.perf_counter()
-        train_demo_model(backbone_dir, os.path.join(output_dir, name), settings, mmr)
-        print(f"trained {name} in {time.perf_counter() - start:.0f} s", flush=True)
+    for mmr, name in names.items():
         model = AutoModel.from_pretrained(os.path.join(output_dir, name), trust_remote_code=True)
         results[mmr] = evaluate(model, dataset, MMR_BUDGETS, batch_size=64)
     print(
