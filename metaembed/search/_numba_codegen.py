@@ -1,6 +1,6 @@
-"""The two pieces of LLVM code generation the one-query kernel needs that numba has no public API for (numba
+"""The LLVM code generation the one-query kernel needs that numba has no public API for (numba and llvmlite
 internals, isolated here; tests/test_single_query.py fails loudly when they drift): a fixed-size array on the
-stack, which LLVM keeps in registers, and 512-bit vectors for one function."""
+stack, which LLVM keeps in registers, 512-bit vectors for one function, and a prefetch."""
 
 from __future__ import annotations
 

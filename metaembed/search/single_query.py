@@ -108,7 +108,11 @@ def single_query_scores(
     }[dtype]
     selected = _NO_ROWS if rows is None else _as_array(rows.to(torch.int64))
     query_lanes = _NO_QUERY_LANES
-    if len(query) >= _LANES_MIN_QUERY_VECTORS[dtype] and num_candidate_vectors >= _VECTORS_PER_STEP:
+    if (
+        len(query) >= _LANES_MIN_QUERY_VECTORS[dtype]
+        and num_candidate_vectors >= _VECTORS_PER_STEP
+        and _has_512_bit_vectors()
+    ):
         query_lanes = numpy.zeros((query.shape[1], _LANES), dtype=numpy.float32)
         query_lanes[:, : len(query)] = query.T
         query_lanes = _read_only(query_lanes)
@@ -156,6 +160,15 @@ def _as_array(tensor: torch.Tensor) -> numpy.ndarray:
     if not array.flags.c_contiguous:
         array = numpy.ascontiguousarray(array)
     return _read_only(array.view())
+
+
+@cache
+def _has_512_bit_vectors() -> bool:
+    """AVX-512: the outer product's sixteen lanes and eight sums fit its registers (with 256-bit ones they would
+    spill; unmeasured there, so such machines keep the dots along D)."""
+    import llvmlite.binding
+
+    return "+avx512f" in llvmlite.binding.get_host_cpu_features().flatten()
 
 
 @cache
