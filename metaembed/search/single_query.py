@@ -9,8 +9,9 @@ residual4's mean added) into a small buffer that stays in the L1 cache, and thei
 straight into a running max. From `_LANES_MIN_QUERY_VECTORS` query vectors up, the dots are an outer product with
 the query vectors across the 16 lanes of a vector register (the query transposed, `[D, 16]`): each step adds one
 decoded element of eight candidate vectors, broadcast, times one row of it, so no dot ends in a horizontal sum
-and the max over a candidate's vectors is lane by lane. Fewer query vectors would leave most lanes empty: their
-dots run along D instead (`block_max`). Scores are float32 and accumulate in float32 (with a different summation
+and the max over a candidate's vectors is lane by lane; meanwhile the next candidate's stored vectors are
+requested from memory. Fewer query vectors would leave most lanes empty: their dots run along D instead
+(`block_max`). Scores are float32 and accumulate in float32 (with a different summation
 order than torch's kernel: equal to float32 rounding). Candidates are split across `torch.get_num_threads()`
 threads (the kernels release the GIL); a call shares no state with another, so servers may search from several
 threads at once.
@@ -100,12 +101,6 @@ def single_query_scores(
             offsets = _as_array(candidates.offsets.to(torch.float16).view(torch.uint16))
     elif dtype == torch.float16:  # the kernel reads halves 2**112 too small (see there)
         query = query * numpy.float32(2.0**112)
-    kernel = {
-        torch.float32: kernels.float32,
-        torch.float16: kernels.float16,
-        torch.int8: kernels.int8,
-        torch.uint8: kernels.four_bit,
-    }[dtype]
     selected = _NO_ROWS if rows is None else _as_array(rows.to(torch.int64))
     query_lanes = _NO_QUERY_LANES
     if (
@@ -116,6 +111,8 @@ def single_query_scores(
         query_lanes = numpy.zeros((query.shape[1], _LANES), dtype=numpy.float32)
         query_lanes[:, : len(query)] = query.T
         query_lanes = _read_only(query_lanes)
+    storage = {torch.float32: "float32", torch.float16: "float16", torch.int8: "int8", torch.uint8: "four_bit"}[dtype]
+    kernel = getattr(kernels, storage + ("_lanes" if len(query_lanes) else ""))
     arguments = (
         query,
         query_lanes,
@@ -195,7 +192,11 @@ def _kernels() -> _Kernels:
     accumulators = lanes * per_step
 
     @numba.njit(**options)
-    def _buffer_rows(widths):  # rows of the decode buffer: a block after up to per_step - 1 pending vectors, padded
+    def _widest(widths):  # rows of the decode buffer for the dots along D
+        return max(1, widths.max())
+
+    @numba.njit(**options)
+    def _buffer_rows(widths):  # for the outer product: a block after up to per_step - 1 pending vectors, padded
         return -(-(widths.max() + per_step - 1) // per_step) * per_step
 
     @numba.njit(**options, inline="always")
@@ -271,21 +272,18 @@ def _kernels() -> _Kernels:
                 running[lane] = best
 
     @numba.njit(**options, inline="always")
-    def ahead(block, width, rows, item, end):
-        """(address, bytes per vector) of the next candidate's first `width` vectors of `block` (0: none)."""
+    def ahead(block, rows, item, end):
+        """(address, bytes per vector) of the next candidate's vectors in `block` (0: none)."""
         if item + 1 >= end:
             return 0, 0
         following = rows[item + 1] if rows.shape[0] > 0 else item + 1
-        return numpy.int64(block[following, :width].ctypes.data), block.shape[2] * block.itemsize
+        return numpy.int64(block.ctypes.data + following * block.strides[0]), block.strides[1]
 
     @numba.njit(**options, inline="always")
-    def score_decoded(query, query_lanes, vectors, count, running, last, ahead, row_bytes):
-        """Fold the decoded `vectors[:count]` into the running maxima; returns how many stay pending. The outer
-        product takes them in groups of eight: a rest waits for the next block, or at the `last` block is padded
-        by repeating the first vector (repeats change no max). `ahead`, `row_bytes`: see `lanes_max`."""
-        if query_lanes.shape[0] == 0:
-            block_max(query, vectors[:count], running)
-            return 0
+    def lanes_fold(query_lanes, vectors, count, running, last, ahead, row_bytes):
+        """Fold the decoded `vectors[:count]` into the running maxima by the outer product, eight at a time;
+        returns how many stay pending: a rest waits for the next block, or at the `last` block is padded by
+        repeating the first vector (repeats change no max). `ahead`, `row_bytes`: see `lanes_max`."""
         if count % per_step != 0:
             if not last:
                 return count
@@ -297,8 +295,69 @@ def _kernels() -> _Kernels:
         lanes_max(query_lanes, vectors[:count], running, ahead, row_bytes)
         return 0
 
+    # Decoders: a candidate's first `width` stored vectors of one block, as float32, into `vectors[first:]`.
+    @numba.njit(**options, inline="always")
+    def decode_float16(halves, width, bits, first):
+        # Half bits h -> float32 bits (h & 0x8000) << 16 | (h & 0x7FFF) << 13: the same sign and digits with the
+        # exponent 112 lower, for normal and subnormal halves alike; the query comes scaled by 2**112 to match
+        # (powers of two: the products round as the plain ones do).
+        for position in range(width):
+            for element in range(halves.shape[1]):
+                value = numpy.uint32(halves[position, element])
+                bits[first + position, element] = ((value & 0x8000) << 16) | ((value & 0x7FFF) << 13)
+
+    @numba.njit(**options, inline="always")
+    def decode_int8(codes, vector_scales, width, vectors, first):
+        for position in range(width):
+            scale = vector_scales[position]
+            for element in range(codes.shape[1]):
+                vectors[first + position, element] = numpy.float32(codes[position, element]) * scale
+
+    # 4-bit: element = code_values[code] * scale (int4, without code values: (code - 8) * scale), plus the
+    # candidate's offset for residual4 (its float16 mean, read as bits like float16 storage, then rescaled as it
+    # is added). The low nibbles of a vector's D / 2 bytes are its even elements, the high nibbles its odd ones;
+    # they are decoded as [even elements, odd elements], and the query comes reordered the same way.
+    @numba.njit(**options, inline="always")
+    def decode_offset(offsets, candidate, offset_bits, offset):
+        pairs = offset.shape[0] // 2
+        for pair in range(pairs):
+            for parity in range(2):
+                value = numpy.uint32(offsets[candidate, 2 * pair + parity])
+                offset_bits[parity * pairs + pair] = ((value & 0x8000) << 16) | ((value & 0x7FFF) << 13)
+        for element in range(offset.shape[0]):
+            offset[element] *= numpy.float32(2.0**112)
+
+    @numba.njit(**options, inline="always")
+    def decode_four_bit(codes, vector_scales, width, vectors, first, code_values, offset):
+        pairs = offset.shape[0] // 2
+        for position in range(width):
+            scale = vector_scales[position]
+            row = first + position
+            if code_values.shape[0] > 0:
+                for pair in range(pairs):
+                    code = codes[position, pair]
+                    vectors[row, pair] = code_values[code & 15] * scale + offset[pair]
+                    vectors[row, pairs + pair] = code_values[code >> 4] * scale + offset[pairs + pair]
+            else:  # int4: code - 8, arithmetic vectorises where a table lookup does not
+                for pair in range(pairs):
+                    code = numpy.int32(codes[position, pair])
+                    vectors[row, pair] = numpy.float32((code & 15) - 8) * scale
+                    vectors[row, pairs + pair] = numpy.float32((code >> 4) - 8) * scale
+
+    # The kernels, two per stored type: the dots along D (`block_max`, a block at a time), and the outer product
+    # (`lanes_max`, eight vectors at a time: float32 reads whole groups of 8 in place).
     @numba.njit(**options)
     def float32(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
+        running = numpy.empty(query.shape[0], dtype=numpy.float32)
+        for item in range(start, end):
+            candidate = rows[item] if rows.shape[0] > 0 else item
+            running[:] = -numpy.inf
+            for number in range(len(widths)):
+                block_max(query, blocks[number][candidate, : widths[number]], running)
+            scores[item] = running.sum()
+
+    @numba.njit(**options)
+    def float32_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
         running = numpy.empty(lanes, dtype=numpy.float32)
         vectors = numpy.empty((_buffer_rows(widths), query.shape[1]), dtype=numpy.float32)
         for item in range(start, end):
@@ -307,24 +366,32 @@ def _kernels() -> _Kernels:
             pending = 0
             for number in range(len(widths)):
                 stored = blocks[number][candidate, : widths[number]]
-                if query_lanes.shape[0] == 0:
-                    block_max(query, stored, running)  # read in place
-                elif pending == 0 and widths[number] % per_step == 0:
-                    address, row_bytes = ahead(blocks[number], widths[number], rows, item, end)
+                if pending == 0 and widths[number] % per_step == 0:
+                    address, row_bytes = ahead(blocks[number], rows, item, end)
                     lanes_max(query_lanes, stored, running, address, row_bytes)
-                else:  # the small blocks, gathered for the outer product
-                    for position in range(widths[number]):
-                        for element in range(stored.shape[1]):
-                            vectors[pending + position, element] = stored[position, element]
-                    last = number == len(widths) - 1
-                    pending = score_decoded(query, query_lanes, vectors, pending + widths[number], running, last, 0, 0)
+                    continue
+                for position in range(widths[number]):  # the small blocks, gathered
+                    for element in range(stored.shape[1]):
+                        vectors[pending + position, element] = stored[position, element]
+                last = number == len(widths) - 1
+                pending = lanes_fold(query_lanes, vectors, pending + widths[number], running, last, 0, 0)
             scores[item] = running[: query.shape[0]].sum()
 
     @numba.njit(**options)
     def float16(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
-        # Half bits h -> float32 bits (h & 0x8000) << 16 | (h & 0x7FFF) << 13: the same sign and digits with the
-        # exponent 112 lower, for normal and subnormal halves alike; the query comes scaled by 2**112 to match
-        # (powers of two: the products round as the plain ones do).
+        running = numpy.empty(query.shape[0], dtype=numpy.float32)
+        bits = numpy.empty((_widest(widths), query.shape[1]), dtype=numpy.uint32)
+        vectors = bits.view(numpy.float32)
+        for item in range(start, end):
+            candidate = rows[item] if rows.shape[0] > 0 else item
+            running[:] = -numpy.inf
+            for number in range(len(widths)):
+                decode_float16(blocks[number][candidate], widths[number], bits, 0)
+                block_max(query, vectors[: widths[number]], running)
+            scores[item] = running.sum()
+
+    @numba.njit(**options)
+    def float16_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
         running = numpy.empty(lanes, dtype=numpy.float32)
         bits = numpy.empty((_buffer_rows(widths), query.shape[1]), dtype=numpy.uint32)
         vectors = bits.view(numpy.float32)
@@ -333,19 +400,27 @@ def _kernels() -> _Kernels:
             running[:] = -numpy.inf
             pending = 0
             for number in range(len(widths)):
-                halves = blocks[number][candidate]
-                for position in range(widths[number]):
-                    for element in range(halves.shape[1]):
-                        value = numpy.uint32(halves[position, element])
-                        bits[pending + position, element] = ((value & 0x8000) << 16) | ((value & 0x7FFF) << 13)
+                decode_float16(blocks[number][candidate], widths[number], bits, pending)
+                address, row_bytes = ahead(blocks[number], rows, item, end)
                 last = number == len(widths) - 1
-                address, row_bytes = ahead(blocks[number], widths[number], rows, item, end)
                 count = pending + widths[number]
-                pending = score_decoded(query, query_lanes, vectors, count, running, last, address, row_bytes)
+                pending = lanes_fold(query_lanes, vectors, count, running, last, address, row_bytes)
             scores[item] = running[: query.shape[0]].sum()
 
     @numba.njit(**options)
     def int8(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
+        running = numpy.empty(query.shape[0], dtype=numpy.float32)
+        vectors = numpy.empty((_widest(widths), query.shape[1]), dtype=numpy.float32)
+        for item in range(start, end):
+            candidate = rows[item] if rows.shape[0] > 0 else item
+            running[:] = -numpy.inf
+            for number in range(len(widths)):
+                decode_int8(blocks[number][candidate], scales[number][candidate], widths[number], vectors, 0)
+                block_max(query, vectors[: widths[number]], running)
+            scores[item] = running.sum()
+
+    @numba.njit(**options)
+    def int8_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
         running = numpy.empty(lanes, dtype=numpy.float32)
         vectors = numpy.empty((_buffer_rows(widths), query.shape[1]), dtype=numpy.float32)
         for item in range(start, end):
@@ -354,59 +429,59 @@ def _kernels() -> _Kernels:
             pending = 0
             for number in range(len(widths)):
                 codes, vector_scales = blocks[number][candidate], scales[number][candidate]
-                for position in range(widths[number]):
-                    scale = vector_scales[position]
-                    for element in range(codes.shape[1]):
-                        vectors[pending + position, element] = numpy.float32(codes[position, element]) * scale
+                decode_int8(codes, vector_scales, widths[number], vectors, pending)
+                address, row_bytes = ahead(blocks[number], rows, item, end)
                 last = number == len(widths) - 1
-                address, row_bytes = ahead(blocks[number], widths[number], rows, item, end)
                 count = pending + widths[number]
-                pending = score_decoded(query, query_lanes, vectors, count, running, last, address, row_bytes)
+                pending = lanes_fold(query_lanes, vectors, count, running, last, address, row_bytes)
             scores[item] = running[: query.shape[0]].sum()
 
     @numba.njit(**options)
     def four_bit(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
-        # Element = code_values[code] * scale (int4, without code values: (code - 8) * scale), plus the
-        # candidate's offset for residual4 (its float16 mean, read as bits like float16 storage, then rescaled as
-        # it is added). The low nibbles of a vector's D / 2 bytes are its even elements, the high nibbles its odd
-        # ones; they are decoded as [even elements, odd elements], and the query comes reordered the same way.
+        running = numpy.empty(query.shape[0], dtype=numpy.float32)
+        vectors = numpy.empty((_widest(widths), query.shape[1]), dtype=numpy.float32)
+        offset_bits = numpy.zeros(query.shape[1], dtype=numpy.uint32)
+        offset = offset_bits.view(numpy.float32)
+        for item in range(start, end):
+            candidate = rows[item] if rows.shape[0] > 0 else item
+            running[:] = -numpy.inf
+            if offsets.shape[0] > 0:
+                decode_offset(offsets, candidate, offset_bits, offset)
+            for number in range(len(widths)):
+                codes, vector_scales = blocks[number][candidate], scales[number][candidate]
+                decode_four_bit(codes, vector_scales, widths[number], vectors, 0, code_values, offset)
+                block_max(query, vectors[: widths[number]], running)
+            scores[item] = running.sum()
+
+    @numba.njit(**options)
+    def four_bit_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
         running = numpy.empty(lanes, dtype=numpy.float32)
         vectors = numpy.empty((_buffer_rows(widths), query.shape[1]), dtype=numpy.float32)
         offset_bits = numpy.zeros(query.shape[1], dtype=numpy.uint32)
         offset = offset_bits.view(numpy.float32)
-        pairs = query.shape[1] // 2
-        has_offsets = offsets.shape[0] > 0
-        has_table = code_values.shape[0] > 0
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
             running[:] = -numpy.inf
-            if has_offsets:
-                for pair in range(pairs):
-                    for parity in range(2):
-                        value = numpy.uint32(offsets[candidate, 2 * pair + parity])
-                        offset_bits[parity * pairs + pair] = ((value & 0x8000) << 16) | ((value & 0x7FFF) << 13)
-                for element in range(query.shape[1]):
-                    offset[element] *= numpy.float32(2.0**112)
+            if offsets.shape[0] > 0:
+                decode_offset(offsets, candidate, offset_bits, offset)
             pending = 0
             for number in range(len(widths)):
                 codes, vector_scales = blocks[number][candidate], scales[number][candidate]
-                for position in range(widths[number]):
-                    scale = vector_scales[position]
-                    row = pending + position
-                    if has_table:
-                        for pair in range(pairs):
-                            code = codes[position, pair]
-                            vectors[row, pair] = code_values[code & 15] * scale + offset[pair]
-                            vectors[row, pairs + pair] = code_values[code >> 4] * scale + offset[pairs + pair]
-                    else:  # int4: code - 8, arithmetic vectorises where a table lookup does not
-                        for pair in range(pairs):
-                            code = numpy.int32(codes[position, pair])
-                            vectors[row, pair] = numpy.float32((code & 15) - 8) * scale
-                            vectors[row, pairs + pair] = numpy.float32((code >> 4) - 8) * scale
+                decode_four_bit(codes, vector_scales, widths[number], vectors, pending, code_values, offset)
+                address, row_bytes = ahead(blocks[number], rows, item, end)
                 last = number == len(widths) - 1
-                address, row_bytes = ahead(blocks[number], widths[number], rows, item, end)
                 count = pending + widths[number]
-                pending = score_decoded(query, query_lanes, vectors, count, running, last, address, row_bytes)
+                pending = lanes_fold(query_lanes, vectors, count, running, last, address, row_bytes)
             scores[item] = running[: query.shape[0]].sum()
 
-    return _Kernels(float32=float32, float16=float16, int8=int8, four_bit=four_bit, lanes_max=lanes_max)
+    return _Kernels(
+        float32=float32,
+        float16=float16,
+        int8=int8,
+        four_bit=four_bit,
+        float32_lanes=float32_lanes,
+        float16_lanes=float16_lanes,
+        int8_lanes=int8_lanes,
+        four_bit_lanes=four_bit_lanes,
+        lanes_max=lanes_max,
+    )
