@@ -112,7 +112,10 @@ def single_query_scores(
         query_lanes[:, : len(query)] = query.T
         query_lanes = _read_only(query_lanes)
     storage = {torch.float32: "float32", torch.float16: "float16", torch.int8: "int8", torch.uint8: "four_bit"}[dtype]
-    kernel = getattr(kernels, storage + ("_lanes" if len(query_lanes) else ""))
+    if len(query_lanes) == 0:
+        kernel = getattr(kernels, storage)
+    else:
+        kernel = kernels.float32_lanes if dtype == torch.float32 else kernels.decoded_lanes
     arguments = (
         query,
         query_lanes,
@@ -280,19 +283,22 @@ def _kernels() -> _Kernels:
         return numpy.int64(block.ctypes.data + following * block.strides[0]), block.strides[1]
 
     @numba.njit(**options, inline="always")
-    def lanes_fold(query_lanes, vectors, count, running, last, ahead, row_bytes):
-        """Fold the decoded `vectors[:count]` into the running maxima by the outer product, eight at a time;
-        returns how many stay pending: a rest waits for the next block, or at the `last` block is padded by
-        repeating the first vector (repeats change no max). `ahead`, `row_bytes`: see `lanes_max`."""
+    def lanes_fold(query_lanes, vectors, pending, blocks, widths, number, rows, item, end, running):
+        """Fold the decoded `vectors[: pending + widths[number]]` (the pending ones, then block `number`'s) into
+        the running maxima by the outer product, eight at a time, reading the next candidate's block ahead;
+        returns how many stay pending: a rest waits for the next block, or after the last one is padded by
+        repeating the first vector (repeats change no max)."""
+        count = pending + widths[number]
         if count % per_step != 0:
-            if not last:
+            if number < len(widths) - 1:
                 return count
             padded = count + per_step - count % per_step
             for row in range(count, padded):
                 for element in range(vectors.shape[1]):
                     vectors[row, element] = vectors[0, element]
             count = padded
-        lanes_max(query_lanes, vectors[:count], running, ahead, row_bytes)
+        address, row_bytes = ahead(blocks[number], rows, item, end)
+        lanes_max(query_lanes, vectors[:count], running, address, row_bytes)
         return 0
 
     # Decoders: a candidate's first `width` stored vectors of one block, as float32, into `vectors[first:]`.
@@ -344,8 +350,8 @@ def _kernels() -> _Kernels:
                     vectors[row, pair] = numpy.float32((code & 15) - 8) * scale
                     vectors[row, pairs + pair] = numpy.float32((code >> 4) - 8) * scale
 
-    # The kernels, two per stored type: the dots along D (`block_max`, a block at a time), and the outer product
-    # (`lanes_max`, eight vectors at a time: float32 reads whole groups of 8 in place).
+    # The kernels: the dots along D (`block_max`, a block at a time), one per stored type, and the outer product
+    # (`lanes_max`, eight vectors at a time) for float32 (reading whole groups of 8 in place) and the decoded types.
     @numba.njit(**options)
     def float32(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
         running = numpy.empty(query.shape[0], dtype=numpy.float32)
@@ -373,8 +379,7 @@ def _kernels() -> _Kernels:
                 for position in range(widths[number]):  # the small blocks, gathered
                     for element in range(stored.shape[1]):
                         vectors[pending + position, element] = stored[position, element]
-                last = number == len(widths) - 1
-                pending = lanes_fold(query_lanes, vectors, pending + widths[number], running, last, 0, 0)
+                pending = lanes_fold(query_lanes, vectors, pending, blocks, widths, number, rows, item, end, running)
             scores[item] = running[: query.shape[0]].sum()
 
     @numba.njit(**options)
@@ -391,23 +396,6 @@ def _kernels() -> _Kernels:
             scores[item] = running.sum()
 
     @numba.njit(**options)
-    def float16_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
-        running = numpy.empty(lanes, dtype=numpy.float32)
-        bits = numpy.empty((_buffer_rows(widths), query.shape[1]), dtype=numpy.uint32)
-        vectors = bits.view(numpy.float32)
-        for item in range(start, end):
-            candidate = rows[item] if rows.shape[0] > 0 else item
-            running[:] = -numpy.inf
-            pending = 0
-            for number in range(len(widths)):
-                decode_float16(blocks[number][candidate], widths[number], bits, pending)
-                address, row_bytes = ahead(blocks[number], rows, item, end)
-                last = number == len(widths) - 1
-                count = pending + widths[number]
-                pending = lanes_fold(query_lanes, vectors, count, running, last, address, row_bytes)
-            scores[item] = running[: query.shape[0]].sum()
-
-    @numba.njit(**options)
     def int8(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
         running = numpy.empty(query.shape[0], dtype=numpy.float32)
         vectors = numpy.empty((_widest(widths), query.shape[1]), dtype=numpy.float32)
@@ -418,23 +406,6 @@ def _kernels() -> _Kernels:
                 decode_int8(blocks[number][candidate], scales[number][candidate], widths[number], vectors, 0)
                 block_max(query, vectors[: widths[number]], running)
             scores[item] = running.sum()
-
-    @numba.njit(**options)
-    def int8_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
-        running = numpy.empty(lanes, dtype=numpy.float32)
-        vectors = numpy.empty((_buffer_rows(widths), query.shape[1]), dtype=numpy.float32)
-        for item in range(start, end):
-            candidate = rows[item] if rows.shape[0] > 0 else item
-            running[:] = -numpy.inf
-            pending = 0
-            for number in range(len(widths)):
-                codes, vector_scales = blocks[number][candidate], scales[number][candidate]
-                decode_int8(codes, vector_scales, widths[number], vectors, pending)
-                address, row_bytes = ahead(blocks[number], rows, item, end)
-                last = number == len(widths) - 1
-                count = pending + widths[number]
-                pending = lanes_fold(query_lanes, vectors, count, running, last, address, row_bytes)
-            scores[item] = running[: query.shape[0]].sum()
 
     @numba.njit(**options)
     def four_bit(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
@@ -454,11 +425,15 @@ def _kernels() -> _Kernels:
             scores[item] = running.sum()
 
     @numba.njit(**options)
-    def four_bit_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
+    def decoded_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
+        """The outer product for float16 (blocks of uint16 bits), int8 and 4-bit codes (uint8)."""
         running = numpy.empty(lanes, dtype=numpy.float32)
-        vectors = numpy.empty((_buffer_rows(widths), query.shape[1]), dtype=numpy.float32)
+        bits = numpy.empty((_buffer_rows(widths), query.shape[1]), dtype=numpy.uint32)
+        vectors = bits.view(numpy.float32)
         offset_bits = numpy.zeros(query.shape[1], dtype=numpy.uint32)
         offset = offset_bits.view(numpy.float32)
+        # float16 bits take two bytes; int8 codes one per element, 4-bit ones one per two
+        halves, codes = blocks[0].itemsize == 2, blocks[0].shape[2] == query.shape[1]
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
             running[:] = -numpy.inf
@@ -466,22 +441,15 @@ def _kernels() -> _Kernels:
                 decode_offset(offsets, candidate, offset_bits, offset)
             pending = 0
             for number in range(len(widths)):
-                codes, vector_scales = blocks[number][candidate], scales[number][candidate]
-                decode_four_bit(codes, vector_scales, widths[number], vectors, pending, code_values, offset)
-                address, row_bytes = ahead(blocks[number], rows, item, end)
-                last = number == len(widths) - 1
-                count = pending + widths[number]
-                pending = lanes_fold(query_lanes, vectors, count, running, last, address, row_bytes)
+                stored, width = blocks[number][candidate], widths[number]
+                if halves:
+                    decode_float16(stored, width, bits, pending)
+                elif codes:
+                    decode_int8(stored, scales[number][candidate], width, vectors, pending)
+                else:
+                    decode_four_bit(stored, scales[number][candidate], width, vectors, pending, code_values, offset)
+                pending = lanes_fold(query_lanes, vectors, pending, blocks, widths, number, rows, item, end, running)
             scores[item] = running[: query.shape[0]].sum()
 
-    return _Kernels(
-        float32=float32,
-        float16=float16,
-        int8=int8,
-        four_bit=four_bit,
-        float32_lanes=float32_lanes,
-        float16_lanes=float16_lanes,
-        int8_lanes=int8_lanes,
-        four_bit_lanes=four_bit_lanes,
-        lanes_max=lanes_max,
-    )
+    kernels = (float32, float16, int8, four_bit, float32_lanes, decoded_lanes, lanes_max)
+    return _Kernels(**{kernel.py_func.__name__: kernel for kernel in kernels})
