@@ -38,8 +38,9 @@ _MIN_CANDIDATES_PER_THREAD = 2048
 # candidate vectors per step (a candidate's r_c vectors are padded to a multiple by repeating its first one).
 _LANES, _VECTORS_PER_STEP = 16, 8
 # From this many query vectors up (and r_c >= 8) the outer-product kernel is the faster one, measured on one
-# thread: 1.1-1.5x the dots along D at r_q = 12 (float16: 1.2x at r_q = 6), 0.8x at r_q = 8 except float16.
-_LANES_MIN_QUERY_VECTORS = {torch.float32: 10, torch.float16: 6, torch.int8: 10, torch.uint8: 10}
+# thread: 1.1-2.2x the dots along D at r_q = 16; at r_q = 12 1.1-1.3x for float32 and float16, 0.9-1.2x for
+# int8 and 4-bit; at r_q = 8 0.8x (float16 0.8-1.3x, varying with the load of the machine).
+_LANES_MIN_QUERY_VECTORS = {torch.float32: 10, torch.float16: 10, torch.int8: 13, torch.uint8: 13}
 
 
 def available() -> bool:
