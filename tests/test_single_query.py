@@ -4,6 +4,8 @@ and the index uses it for one query."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,12 @@ STORAGES = ["float32", "float16", "int8", "int4", "residual4"]
 
 def unit_vectors(*shape: int, seed: int) -> torch.Tensor:
     return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+@pytest.fixture(autouse=True)
+def outer_product_everywhere(monkeypatch):
+    # Machines without AVX-512 keep the dots along D; the outer product gives the same scores there too.
+    monkeypatch.setattr(single_query, "_has_512_bit_vectors", lambda: True)
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +53,12 @@ def stored_blocks(candidates, storage):
 
 
 @pytest.mark.parametrize("storage", STORAGES)
-@pytest.mark.parametrize("num_query_vectors", [1, 3, 4, 8, 16])
+@pytest.mark.parametrize("num_query_vectors", [1, 3, 4, 8, 11, 14, 16])
 def test_scores_equal_the_torch_kernel_for_every_storage_and_budget(candidates, query, storage, num_query_vectors):
+    # r_q from 10 (int8, 4-bit: 13) up and r_c >= 8 take the outer product (11, 14: some of the 16 lanes empty);
+    # r_c 9, 12 and 33 leave vectors for a padded last group (after blocks of 8 and 16, read in place for float32).
     blocks = stored_blocks(candidates, storage)
-    for num_candidate_vectors in sorted({budget[1] for budget in MMR_BUDGETS} | {3, 5, 33}):
+    for num_candidate_vectors in sorted({budget[1] for budget in MMR_BUDGETS} | {3, 5, 9, 12, 33}):
         scores = single_query.single_query_scores(query[:num_query_vectors], blocks, num_candidate_vectors)
         expected = late_interaction_scores(query[None, :num_query_vectors], blocks, None, num_candidate_vectors)[0]
         assert scores.dtype == torch.float32 and scores.shape == (len(candidates),)
@@ -65,14 +75,16 @@ def test_float16_bits_are_decoded_exactly_subnormals_included(candidates):
         assert torch.equal(single_query.single_query_scores(one_hot, blocks, 1), halves[:, element])
 
 
-def test_thread_split_gives_identical_scores(candidates, query, monkeypatch):
-    blocks = stored_blocks(candidates, "int8")
-    alone = single_query.single_query_scores(query[:4], blocks, 8)
+@pytest.mark.parametrize("storage, num_query_vectors", [("int8", 4), ("int8", 16), ("float32", 16)])
+def test_thread_split_gives_identical_scores(candidates, query, monkeypatch, storage, num_query_vectors):
+    # Each part's last candidate has no next one to read ahead: the same scores all the same.
+    blocks = stored_blocks(candidates, storage)
+    alone = single_query.single_query_scores(query[:num_query_vectors], blocks, 64)
     monkeypatch.setattr(single_query, "_MIN_CANDIDATES_PER_THREAD", 1)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(3)
-        split = single_query.single_query_scores(query[:4], blocks, 8)
+        split = single_query.single_query_scores(query[:num_query_vectors], blocks, 64)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(split, alone)
@@ -133,11 +145,25 @@ def test_supports_only_what_it_was_made_and_measured_for(candidates):
 
 
 @pytest.mark.parametrize("storage", STORAGES)
-def test_rows_are_scored_in_place_as_the_same_rows_of_all(candidates, query, storage):
+@pytest.mark.parametrize("num_query_vectors", [5, 16])
+def test_rows_are_scored_in_place_as_the_same_rows_of_all(candidates, query, storage, num_query_vectors):
     blocks = stored_blocks(candidates, storage)
-    everything = single_query.single_query_scores(query[:5], blocks, 16)
+    everything = single_query.single_query_scores(query[:num_query_vectors], blocks, 16)
     rows = torch.tensor([299, 0, 7, 7, 150, 1])  # any order, repeats allowed
-    assert torch.equal(single_query.single_query_scores(query[:5], blocks, 16, rows), everything[rows])
+    found = single_query.single_query_scores(query[:num_query_vectors], blocks, 16, rows)
+    assert torch.equal(found, everything[rows])
+
+
+def test_outer_product_compiles_to_512_bit_broadcast_multiply_adds(candidates, query):
+    # numba internals (metaembed/search/_numba_codegen.py): a stack array kept in registers, 512-bit vectors.
+    llvmlite_binding = pytest.importorskip("llvmlite.binding")
+    if "+avx512f" not in llvmlite_binding.get_host_cpu_features().flatten():
+        pytest.skip("no AVX-512 on this machine")
+    single_query.single_query_scores(query, stored_blocks(candidates, "float32"), 64)
+    lanes_max = single_query._kernels().lanes_max
+    code = "\n".join(lanes_max.inspect_asm(signature) for signature in lanes_max.signatures)
+    assert re.search(r"vfmadd\w*ps\s+[^\n]*\{1to16\}[^\n]*%zmm", code)
+    assert not re.search(r"vfmadd\w*ss", code)  # no scalar multiply-adds: the sums stayed in vector registers
 
 
 @pytest.mark.parametrize("storage", ["float16", "residual4"])

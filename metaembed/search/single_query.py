@@ -3,13 +3,18 @@ extra; without it the index uses `late_interaction_scores`).
 
 One query is a thin matrix product: r_q <= 16 query vectors against millions of stored vectors. Through torch's
 BLAS it reads the stored vectors slower than the machine can (its GEMM kernels are tuned for wide matrices), and
-float16 / int8 / 4-bit storage pay an extra pass to upcast every chunk. Here each candidate is read once: the
-vectors of one prefix block are decoded from their stored type (float16 bits, int8 or 4-bit codes times the
-vector's scale, residual4's mean added) into a small buffer that stays in the L1 cache, and their dots with the
-query vectors go straight into a running max. Scores are float32 and accumulate in float32 (with a different
-summation order than torch's kernel: equal to float32 rounding). Candidates are split across
-`torch.get_num_threads()` threads (the kernels release the GIL); a call shares no state with another, so servers
-may search from several threads at once.
+float16 / int8 / 4-bit storage pay an extra pass to upcast every chunk. Here each candidate is read once: its
+first r_c vectors are decoded from their stored type (float16 bits, int8 or 4-bit codes times the vector's scale,
+residual4's mean added) into a small buffer that stays in the L1 cache, and their dots with the query vectors go
+straight into a running max. From `_LANES_MIN_QUERY_VECTORS` query vectors up, the dots are an outer product with
+the query vectors across the 16 lanes of a vector register (the query transposed, `[D, 16]`): each step adds one
+decoded element of eight candidate vectors, broadcast, times one row of it, so no dot ends in a horizontal sum
+and the max over a candidate's vectors is lane by lane; meanwhile the next candidate's stored vectors are
+requested from memory. Fewer query vectors would leave most lanes empty: their dots run along D instead
+(`block_max`). Scores are float32 and accumulate in float32 (with a different summation
+order than torch's kernel: equal to float32 rounding). Candidates are split across `torch.get_num_threads()`
+threads (the kernels release the GIL); a call shares no state with another, so servers may search from several
+threads at once.
 """
 
 from __future__ import annotations
@@ -29,6 +34,13 @@ from scoring_metaembed import PrefixBlocks
 _STORED_TYPES = (torch.float32, torch.float16, torch.int8, torch.uint8)
 # Below this many candidates per thread, splitting costs more than it saves.
 _MIN_CANDIDATES_PER_THREAD = 2048
+# The lanes of the outer-product kernel (query vectors, zero-padded: 16 float32 fill a 512-bit register) and its
+# candidate vectors per step (a candidate's r_c vectors are padded to a multiple by repeating its first one).
+_LANES, _VECTORS_PER_STEP = 16, 8
+# From this many query vectors up (and r_c >= 8) the outer-product kernel is the faster one, measured on one
+# thread: 1.1-2.2x the dots along D at r_q = 16; at r_q = 12 1.1-1.3x for float32 and float16, 0.9-1.2x for
+# int8 and 4-bit; at r_q = 8 0.8x (float16 0.8-1.3x, varying with the load of the machine).
+_LANES_MIN_QUERY_VECTORS = {torch.float32: 10, torch.float16: 10, torch.int8: 13, torch.uint8: 13}
 
 
 def available() -> bool:
@@ -90,15 +102,21 @@ def single_query_scores(
             offsets = _as_array(candidates.offsets.to(torch.float16).view(torch.uint16))
     elif dtype == torch.float16:  # the kernel reads halves 2**112 too small (see there)
         query = query * numpy.float32(2.0**112)
-    kernel = {
-        torch.float32: kernels.float32,
-        torch.float16: kernels.float16,
-        torch.int8: kernels.int8,
-        torch.uint8: kernels.four_bit,
-    }[dtype]
     selected = _NO_ROWS if rows is None else _as_array(rows.to(torch.int64))
+    query_lanes = _NO_QUERY_LANES
+    if (
+        len(query) >= _LANES_MIN_QUERY_VECTORS[dtype]
+        and num_candidate_vectors >= _VECTORS_PER_STEP
+        and _has_512_bit_vectors()
+    ):
+        query_lanes = numpy.zeros((query.shape[1], _LANES), dtype=numpy.float32)
+        query_lanes[:, : len(query)] = query.T
+        query_lanes = _read_only(query_lanes)
+    storage = {torch.float32: "float32", torch.float16: "float16", torch.int8: "int8", torch.uint8: "four_bit"}[dtype]
+    kernel = getattr(kernels, storage + ("_lanes" if len(query_lanes) else ""))
     arguments = (
         query,
+        query_lanes,
         tuple(blocks),
         tuple(scales),
         code_values,
@@ -130,6 +148,7 @@ _NO_SCALES = _read_only(numpy.zeros((0, 0), dtype=numpy.float32))
 _NO_CODE_VALUES = _read_only(numpy.zeros(0, dtype=numpy.float32))
 _NO_OFFSETS = _read_only(numpy.zeros((0, 0), dtype=numpy.uint16))
 _NO_ROWS = _read_only(numpy.zeros(0, dtype=numpy.int64))
+_NO_QUERY_LANES = _read_only(numpy.zeros((0, _LANES), dtype=numpy.float32))
 
 
 def _as_array(tensor: torch.Tensor) -> numpy.ndarray:
@@ -139,6 +158,15 @@ def _as_array(tensor: torch.Tensor) -> numpy.ndarray:
     if not array.flags.c_contiguous:
         array = numpy.ascontiguousarray(array)
     return _read_only(array.view())
+
+
+@cache
+def _has_512_bit_vectors() -> bool:
+    """AVX-512: the outer product's sixteen lanes and eight sums fit its registers (with 256-bit ones they would
+    spill; unmeasured there, so such machines keep the dots along D)."""
+    import llvmlite.binding
+
+    return "+avx512f" in llvmlite.binding.get_host_cpu_features().flatten()
 
 
 @cache
@@ -154,14 +182,23 @@ class _Kernels:
 
 @cache
 def _kernels() -> _Kernels:
-    """Compile (or load from numba's cache) the four kernels, one per stored type."""
+    """Compile (or load from numba's cache) the four kernels, one per stored type (and the outer product they
+    share, for tests to inspect)."""
     import numba
 
+    from ._numba_codegen import prefetch, stack_array, wide_vectors
+
     options = {"nogil": True, "cache": True, "fastmath": {"reassoc", "contract"}, "boundscheck": False}
+    lanes, per_step = _LANES, _VECTORS_PER_STEP
+    accumulators = lanes * per_step
 
     @numba.njit(**options)
-    def _widest(widths):  # rows of the decode buffer
+    def _widest(widths):  # rows of the decode buffer for the dots along D
         return max(1, widths.max())
+
+    @numba.njit(**options)
+    def _buffer_rows(widths):  # for the outer product: a block after up to per_step - 1 pending vectors, padded
+        return -(-(widths.max() + per_step - 1) // per_step) * per_step
 
     @numba.njit(**options, inline="always")
     def block_max(query, vectors, running):
@@ -203,8 +240,118 @@ def _kernels() -> _Kernels:
                 row += 1
             column += 2
 
+    # Only "contract": with "reassoc" LLVM vectorises the loop over elements (a reduction) instead of the lanes.
+    @numba.njit(nogil=True, cache=True, fastmath={"contract"}, boundscheck=False)
+    def lanes_max(query_lanes, vectors, running, ahead, row_bytes):
+        """running[lane] = max(running[lane], max_j <query_lanes[:, lane], vectors[j]>) for float32
+        `query_lanes [D, 16]`, `vectors [w, D]` (w a multiple of 8): eight vectors at a time, each step one load
+        of a query row and eight broadcast multiply-adds into sixteen-lane sums held in registers. `ahead`: the
+        address of the next candidate's stored copy of these vectors (0: none), `row_bytes` a vector's there,
+        read into the cache meanwhile, a line per step (the hardware's prefetchers miss these short runs)."""
+        wide_vectors()
+        sums = numba.carray(stack_array(accumulators), (per_step, lanes))
+        dim = query_lanes.shape[0]
+        group_lines = -(-per_step * row_bytes // 64) if ahead != 0 else 0
+        for first in range(0, vectors.shape[0], per_step):
+            group = ahead + first * row_bytes
+            for vector in range(per_step):
+                for lane in range(lanes):
+                    sums[vector, lane] = 0.0
+            for element in range(dim):
+                if element < group_lines:
+                    prefetch(group + 64 * element)
+                for lane in range(lanes):
+                    weight = query_lanes[element, lane]
+                    for vector in range(per_step):
+                        sums[vector, lane] += weight * vectors[first + vector, element]
+            for line in range(dim, group_lines):
+                prefetch(group + 64 * line)
+            for lane in range(lanes):
+                best = running[lane]
+                for vector in range(per_step):
+                    best = max(best, sums[vector, lane])
+                running[lane] = best
+
+    @numba.njit(**options, inline="always")
+    def ahead(block, rows, item, end):
+        """(address, bytes per vector) of the next candidate's vectors in `block` (0: none)."""
+        if item + 1 >= end:
+            return 0, 0
+        following = rows[item + 1] if rows.shape[0] > 0 else item + 1
+        return numpy.int64(block.ctypes.data + following * block.strides[0]), block.strides[1]
+
+    @numba.njit(**options, inline="always")
+    def lanes_fold(query_lanes, vectors, pending, blocks, widths, number, rows, item, end, running):
+        """Fold the decoded `vectors[: pending + widths[number]]` (the pending ones, then block `number`'s) into
+        the running maxima by the outer product, eight at a time, reading the next candidate's block ahead;
+        returns how many stay pending: a rest waits for the next block, or after the last one is padded by
+        repeating the first vector (repeats change no max)."""
+        count = pending + widths[number]
+        if count % per_step != 0:
+            if number < len(widths) - 1:
+                return count
+            padded = count + per_step - count % per_step
+            for row in range(count, padded):
+                for element in range(vectors.shape[1]):
+                    vectors[row, element] = vectors[0, element]
+            count = padded
+        address, row_bytes = ahead(blocks[number], rows, item, end)
+        lanes_max(query_lanes, vectors[:count], running, address, row_bytes)
+        return 0
+
+    # Decoders: a candidate's first `width` stored vectors of one block, as float32, into `vectors[first:]`.
+    @numba.njit(**options, inline="always")
+    def decode_float16(halves, width, bits, first):
+        # Half bits h -> float32 bits (h & 0x8000) << 16 | (h & 0x7FFF) << 13: the same sign and digits with the
+        # exponent 112 lower, for normal and subnormal halves alike; the query comes scaled by 2**112 to match
+        # (powers of two: the products round as the plain ones do).
+        for position in range(width):
+            for element in range(halves.shape[1]):
+                value = numpy.uint32(halves[position, element])
+                bits[first + position, element] = ((value & 0x8000) << 16) | ((value & 0x7FFF) << 13)
+
+    @numba.njit(**options, inline="always")
+    def decode_int8(codes, vector_scales, width, vectors, first):
+        for position in range(width):
+            scale = vector_scales[position]
+            for element in range(codes.shape[1]):
+                vectors[first + position, element] = numpy.float32(codes[position, element]) * scale
+
+    # 4-bit: element = code_values[code] * scale (int4, without code values: (code - 8) * scale), plus the
+    # candidate's offset for residual4 (its float16 mean, read as bits like float16 storage, then rescaled as it
+    # is added). The low nibbles of a vector's D / 2 bytes are its even elements, the high nibbles its odd ones;
+    # they are decoded as [even elements, odd elements], and the query comes reordered the same way.
+    @numba.njit(**options, inline="always")
+    def decode_offset(offsets, candidate, offset_bits, offset):
+        pairs = offset.shape[0] // 2
+        for pair in range(pairs):
+            for parity in range(2):
+                value = numpy.uint32(offsets[candidate, 2 * pair + parity])
+                offset_bits[parity * pairs + pair] = ((value & 0x8000) << 16) | ((value & 0x7FFF) << 13)
+        for element in range(offset.shape[0]):
+            offset[element] *= numpy.float32(2.0**112)
+
+    @numba.njit(**options, inline="always")
+    def decode_four_bit(codes, vector_scales, width, vectors, first, code_values, offset):
+        pairs = offset.shape[0] // 2
+        for position in range(width):
+            scale = vector_scales[position]
+            row = first + position
+            if code_values.shape[0] > 0:
+                for pair in range(pairs):
+                    code = codes[position, pair]
+                    vectors[row, pair] = code_values[code & 15] * scale + offset[pair]
+                    vectors[row, pairs + pair] = code_values[code >> 4] * scale + offset[pairs + pair]
+            else:  # int4: code - 8, arithmetic vectorises where a table lookup does not
+                for pair in range(pairs):
+                    code = numpy.int32(codes[position, pair])
+                    vectors[row, pair] = numpy.float32((code & 15) - 8) * scale
+                    vectors[row, pairs + pair] = numpy.float32((code >> 4) - 8) * scale
+
+    # The kernels, two per stored type: the dots along D (`block_max`, a block at a time), and the outer product
+    # (`lanes_max`, eight vectors at a time: float32 reads whole groups of 8 in place).
     @numba.njit(**options)
-    def float32(query, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
+    def float32(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
         running = numpy.empty(query.shape[0], dtype=numpy.float32)
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
@@ -214,10 +361,27 @@ def _kernels() -> _Kernels:
             scores[item] = running.sum()
 
     @numba.njit(**options)
-    def float16(query, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
-        # Half bits h -> float32 bits (h & 0x8000) << 16 | (h & 0x7FFF) << 13: the same sign and digits with the
-        # exponent 112 lower, for normal and subnormal halves alike; the query comes scaled by 2**112 to match
-        # (powers of two: the products round as the plain ones do).
+    def float32_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
+        running = numpy.empty(lanes, dtype=numpy.float32)
+        vectors = numpy.empty((_buffer_rows(widths), query.shape[1]), dtype=numpy.float32)
+        for item in range(start, end):
+            candidate = rows[item] if rows.shape[0] > 0 else item
+            running[:] = -numpy.inf
+            pending = 0
+            for number in range(len(widths)):
+                stored = blocks[number][candidate, : widths[number]]
+                if pending == 0 and widths[number] % per_step == 0:
+                    address, row_bytes = ahead(blocks[number], rows, item, end)
+                    lanes_max(query_lanes, stored, running, address, row_bytes)
+                    continue
+                for position in range(widths[number]):  # the small blocks, gathered
+                    for element in range(stored.shape[1]):
+                        vectors[pending + position, element] = stored[position, element]
+                pending = lanes_fold(query_lanes, vectors, pending, blocks, widths, number, rows, item, end, running)
+            scores[item] = running[: query.shape[0]].sum()
+
+    @numba.njit(**options)
+    def float16(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
         running = numpy.empty(query.shape[0], dtype=numpy.float32)
         bits = numpy.empty((_widest(widths), query.shape[1]), dtype=numpy.uint32)
         vectors = bits.view(numpy.float32)
@@ -225,68 +389,85 @@ def _kernels() -> _Kernels:
             candidate = rows[item] if rows.shape[0] > 0 else item
             running[:] = -numpy.inf
             for number in range(len(widths)):
-                halves = blocks[number][candidate]
-                for position in range(widths[number]):
-                    for element in range(halves.shape[1]):
-                        value = numpy.uint32(halves[position, element])
-                        bits[position, element] = ((value & 0x8000) << 16) | ((value & 0x7FFF) << 13)
+                decode_float16(blocks[number][candidate], widths[number], bits, 0)
                 block_max(query, vectors[: widths[number]], running)
             scores[item] = running.sum()
 
     @numba.njit(**options)
-    def int8(query, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
+    def int8(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
         running = numpy.empty(query.shape[0], dtype=numpy.float32)
         vectors = numpy.empty((_widest(widths), query.shape[1]), dtype=numpy.float32)
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
             running[:] = -numpy.inf
             for number in range(len(widths)):
-                codes, vector_scales = blocks[number][candidate], scales[number][candidate]
-                for position in range(widths[number]):
-                    scale = vector_scales[position]
-                    for element in range(codes.shape[1]):
-                        vectors[position, element] = numpy.float32(codes[position, element]) * scale
+                decode_int8(blocks[number][candidate], scales[number][candidate], widths[number], vectors, 0)
                 block_max(query, vectors[: widths[number]], running)
             scores[item] = running.sum()
 
     @numba.njit(**options)
-    def four_bit(query, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
-        # Element = code_values[code] * scale (int4, without code values: (code - 8) * scale), plus the
-        # candidate's offset for residual4 (its float16 mean, read as bits like float16 storage, then rescaled as
-        # it is added). The low nibbles of a vector's D / 2 bytes are its even elements, the high nibbles its odd
-        # ones; they are decoded as [even elements, odd elements], and the query comes reordered the same way.
+    def four_bit(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
         running = numpy.empty(query.shape[0], dtype=numpy.float32)
         vectors = numpy.empty((_widest(widths), query.shape[1]), dtype=numpy.float32)
         offset_bits = numpy.zeros(query.shape[1], dtype=numpy.uint32)
         offset = offset_bits.view(numpy.float32)
-        pairs = query.shape[1] // 2
-        has_offsets = offsets.shape[0] > 0
-        has_table = code_values.shape[0] > 0
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
             running[:] = -numpy.inf
-            if has_offsets:
-                for pair in range(pairs):
-                    for parity in range(2):
-                        value = numpy.uint32(offsets[candidate, 2 * pair + parity])
-                        offset_bits[parity * pairs + pair] = ((value & 0x8000) << 16) | ((value & 0x7FFF) << 13)
-                for element in range(query.shape[1]):
-                    offset[element] *= numpy.float32(2.0**112)
+            if offsets.shape[0] > 0:
+                decode_offset(offsets, candidate, offset_bits, offset)
             for number in range(len(widths)):
                 codes, vector_scales = blocks[number][candidate], scales[number][candidate]
-                for position in range(widths[number]):
-                    scale = vector_scales[position]
-                    if has_table:
-                        for pair in range(pairs):
-                            code = codes[position, pair]
-                            vectors[position, pair] = code_values[code & 15] * scale + offset[pair]
-                            vectors[position, pairs + pair] = code_values[code >> 4] * scale + offset[pairs + pair]
-                    else:  # int4: code - 8, arithmetic vectorises where a table lookup does not
-                        for pair in range(pairs):
-                            code = numpy.int32(codes[position, pair])
-                            vectors[position, pair] = numpy.float32((code & 15) - 8) * scale
-                            vectors[position, pairs + pair] = numpy.float32((code >> 4) - 8) * scale
+                decode_four_bit(codes, vector_scales, widths[number], vectors, 0, code_values, offset)
                 block_max(query, vectors[: widths[number]], running)
             scores[item] = running.sum()
 
-    return _Kernels(float32=float32, float16=float16, int8=int8, four_bit=four_bit)
+    # One outer-product kernel per decoded type: a single one branching on the type measured 1.3-1.5x slower.
+    @numba.njit(**options)
+    def float16_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
+        running = numpy.empty(lanes, dtype=numpy.float32)
+        bits = numpy.empty((_buffer_rows(widths), query.shape[1]), dtype=numpy.uint32)
+        vectors = bits.view(numpy.float32)
+        for item in range(start, end):
+            candidate = rows[item] if rows.shape[0] > 0 else item
+            running[:] = -numpy.inf
+            pending = 0
+            for number in range(len(widths)):
+                decode_float16(blocks[number][candidate], widths[number], bits, pending)
+                pending = lanes_fold(query_lanes, vectors, pending, blocks, widths, number, rows, item, end, running)
+            scores[item] = running[: query.shape[0]].sum()
+
+    @numba.njit(**options)
+    def int8_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
+        running = numpy.empty(lanes, dtype=numpy.float32)
+        vectors = numpy.empty((_buffer_rows(widths), query.shape[1]), dtype=numpy.float32)
+        for item in range(start, end):
+            candidate = rows[item] if rows.shape[0] > 0 else item
+            running[:] = -numpy.inf
+            pending = 0
+            for number in range(len(widths)):
+                codes, vector_scales = blocks[number][candidate], scales[number][candidate]
+                decode_int8(codes, vector_scales, widths[number], vectors, pending)
+                pending = lanes_fold(query_lanes, vectors, pending, blocks, widths, number, rows, item, end, running)
+            scores[item] = running[: query.shape[0]].sum()
+
+    @numba.njit(**options)
+    def four_bit_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
+        running = numpy.empty(lanes, dtype=numpy.float32)
+        vectors = numpy.empty((_buffer_rows(widths), query.shape[1]), dtype=numpy.float32)
+        offset_bits = numpy.zeros(query.shape[1], dtype=numpy.uint32)
+        offset = offset_bits.view(numpy.float32)
+        for item in range(start, end):
+            candidate = rows[item] if rows.shape[0] > 0 else item
+            running[:] = -numpy.inf
+            if offsets.shape[0] > 0:
+                decode_offset(offsets, candidate, offset_bits, offset)
+            pending = 0
+            for number in range(len(widths)):
+                codes, vector_scales = blocks[number][candidate], scales[number][candidate]
+                decode_four_bit(codes, vector_scales, widths[number], vectors, pending, code_values, offset)
+                pending = lanes_fold(query_lanes, vectors, pending, blocks, widths, number, rows, item, end, running)
+            scores[item] = running[: query.shape[0]].sum()
+
+    kernels = (float32, float16, int8, four_bit, float32_lanes, float16_lanes, int8_lanes, four_bit_lanes, lanes_max)
+    return _Kernels(**{kernel.py_func.__name__: kernel for kernel in kernels})
