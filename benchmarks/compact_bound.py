@@ -20,16 +20,11 @@ import argparse
 import math
 
 import torch
-from bench_index import stored_bytes
+from bench_index import recall_at_10, stored_bytes
 from synthetic import make_collection
 
 from metaembed.search import MetaEmbedIndex
 from scoring_metaembed import late_interaction_scores
-
-
-def recall_at_10(found: torch.Tensor, truth: torch.Tensor) -> float:
-    hits = (found.unsqueeze(-1) == truth.unsqueeze(-2)).any(-1).float()
-    return float(hits.mean())
 
 
 def main() -> None:
@@ -52,14 +47,14 @@ def main() -> None:
         error = (decoded - candidates).norm(dim=-1).pow(2).mean().sqrt()
         found = index.search(queries, 16, 64, top_k=10, shortlist_size=None).indices
         size = stored_bytes(storage, 1, num_vectors, dim)
-        print(f"| {storage} | {size:.0f} | {error:.4f} | {recall_at_10(found, truth):.3f} |")
+        print(f"| {storage} | {size:.0f} | {error:.4f} | {recall_at_10(found, truth).mean():.3f} |")
     generator = torch.Generator().manual_seed(1)
     print("\n| Gaussian error norm | recall@10 |\n|---|---|")
     curve = []
     for norm in (0.002, 0.004, 0.006, 0.008, 0.011, 0.016, 0.022, 0.032, 0.045):
         noise = torch.randn(candidates.shape, generator=generator)
         noisy = candidates + noise / noise.norm(dim=-1, keepdim=True) * norm
-        recall = recall_at_10(late_interaction_scores(queries, noisy, 16, 64, top_k=10).indices, truth)
+        recall = float(recall_at_10(late_interaction_scores(queries, noisy, 16, 64, top_k=10).indices, truth).mean())
         curve.append((norm, recall))
         print(f"| {norm:.3f} | {recall:.3f} |")
     residual = (candidates - candidates.mean(1, keepdim=True)).norm(dim=-1).pow(2).mean().sqrt().item()

@@ -63,7 +63,9 @@ class SceneTask:
     cell_pixels: int = 28
     fill: float = 0.85
     colors: tuple[str, ...] = tuple(PALETTE)
-    shapes: tuple[str, ...] = SHAPES[:2]  # 12 objects: with 18 the 5 x 5 task trained too slowly for 10 minutes
+    # 12 objects: fewer classes per cell to learn in the 1,000 steps that fit in 10 minutes (1,000-step runs with
+    # 18 objects, at two threads per training, came out undertrained)
+    shapes: tuple[str, ...] = SHAPES[:2]
 
     @property
     def positions(self) -> list[Position]:
@@ -180,8 +182,8 @@ class SceneTrainingBatches(Dataset):
     """`num_batches` training batches of `batch_size` rows, each built free of false negatives and made on
     demand from (seed, index). Each item is a whole batch (train with per-device batch size 1; the collator
     flattens it), so shuffling could not mix rows of different batches. With a `curriculum`, batch `index`
-    (= the training step, when sampled in order) is drawn from the board's top-left corner of the side that the
-    first stage with `index < fraction * num_batches` gives, and from whole boards after the last stage."""
+    (= the training step, when sampled in order) is drawn from a window of the board (`window`), of the side
+    that the first stage with `index < fraction * num_batches` gives, and from whole boards after the last stage."""
 
     def __init__(
         self,
@@ -398,8 +400,9 @@ def run_demo(settings: DemoSettings, output_dir: str | None = None) -> tuple[lis
 
     The two models train side by side, each in its own process with one torch thread: on 2 cores that takes
     about half the time of training them one after the other with 2 threads each (a model this small gains
-    little from a second thread), and the trained weights are the same on any machine, whatever its core count
-    (a training run's path depends on the float rounding of its thread count)."""
+    little from a second thread), and the trained weights do not depend on the machine's core count (a training
+    run's path depends on the float rounding of its thread count). The workers are spawned, so a script that
+    calls this must do so under `if __name__ == "__main__":` (`metaembed demo` does)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 

@@ -3,6 +3,7 @@ checkout, and that folder loads in a process that cannot import the package at a
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import subprocess
@@ -203,7 +204,7 @@ assert single_query.__file__.startswith({target!r}), single_query.__file__
 assert single_query.available()
 generator = torch.Generator().manual_seed(0)
 candidates = torch.nn.functional.normalize(torch.randn(300, 16, 32, generator=generator), dim=-1)
-query = torch.nn.functional.normalize(torch.randn(1, 8, 32, generator=generator), dim=-1)
+query = torch.nn.functional.normalize(torch.randn(1, 16, 32, generator=generator), dim=-1)
 outputs = {{}}
 for storage in ("float16", "int8", "residual4"):
     index = MetaEmbedIndex(32, 16, storage=storage)
@@ -214,10 +215,13 @@ for storage in ("float16", "int8", "residual4"):
     loaded = MetaEmbedIndex.load(os.path.join({folder!r}, storage))
     for kernel in ("1", "0"):
         os.environ["METAEMBED_NUMBA"] = kernel
-        for name, shortlist in (("exhaustive", None), ("two_stage", 40)):
-            found = loaded.search(query, 8, 16, top_k=10, shortlist_size=shortlist)
-            outputs[f"{{storage}}_{{name}}_{{kernel}}_indices"] = found.indices
-            outputs[f"{{storage}}_{{name}}_{{kernel}}_scores"] = found.scores
+        # r_q 8: the dots along D; r_q 16: the outer product (AVX-512 machines), its numba internals included
+        for num_query_vectors in (8, 16):
+            for name, shortlist in (("exhaustive", None), ("two_stage", 40)):
+                found = loaded.search(query, num_query_vectors, 16, top_k=10, shortlist_size=shortlist)
+                key = f"{{storage}}_{{name}}_{{num_query_vectors}}_{{kernel}}"
+                outputs[key + "_indices"] = found.indices
+                outputs[key + "_scores"] = found.scores
 save_file(outputs, {outputs!r})
 """
 
@@ -237,9 +241,10 @@ def test_installed_package_searches_with_the_one_query_kernel_as_with_torch(inst
     )
     assert result.returncode == 0, result.stderr[-3000:]
     found = load_file(tmp_path / "found.safetensors")
-    assert len(found) == 24
-    for storage in ("float16", "int8", "residual4"):
-        for name in ("exhaustive", "two_stage"):
-            numba_run, torch_run = (f"{storage}_{name}_{kernel}" for kernel in ("1", "0"))
-            assert torch.equal(found[f"{numba_run}_indices"], found[f"{torch_run}_indices"]), (storage, name)
-            torch.testing.assert_close(found[f"{numba_run}_scores"], found[f"{torch_run}_scores"], atol=2e-6, rtol=0)
+    assert len(found) == 48
+    for storage, name, num_query_vectors in itertools.product(
+        ("float16", "int8", "residual4"), ("exhaustive", "two_stage"), (8, 16)
+    ):
+        numba_run, torch_run = (f"{storage}_{name}_{num_query_vectors}_{kernel}" for kernel in ("1", "0"))
+        assert torch.equal(found[f"{numba_run}_indices"], found[f"{torch_run}_indices"]), (storage, name)
+        torch.testing.assert_close(found[f"{numba_run}_scores"], found[f"{torch_run}_scores"], atol=2e-6, rtol=0)
