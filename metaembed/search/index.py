@@ -262,6 +262,8 @@ class MetaEmbedIndex:
 
     def _split_positions(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(shard number, position within the shard) of each of the valid int64 `positions`."""
+        if len(self._shards) == 1:  # the common case, spared the lookup on every search
+            return torch.zeros_like(positions), positions
         sizes = torch.tensor([len(shard.ids) for shard in self._shards])
         ends = sizes.cumsum(0)
         shard_numbers = torch.searchsorted(ends, positions, right=True)
@@ -424,11 +426,15 @@ class MetaEmbedIndex:
                 and single_query.supports(candidates, queries.shape[1], num_candidate_vectors)
             ):
                 scores = single_query.single_query_scores(queries[0], candidates, num_candidate_vectors)
-                top_scores, top_indices = merge_top_k(None, None, scores.unsqueeze(0), start, top_k)
+                top_scores, top_columns = single_query.top_k_columns(scores, min(top_k, len(scores)))
+                top_scores, top_indices = top_scores.unsqueeze(0), top_columns.unsqueeze(0) + start
             else:
                 top = late_interaction_scores(queries, candidates, None, num_candidate_vectors, top_k=top_k)
                 top_scores, top_indices = top.scores, top.indices + start
-            best_scores, best_indices = merge_top_k(best_scores, best_indices, top_scores, top_indices, top_k)
+            if best_scores is None:  # the first shard's top-k is already in merge order
+                best_scores, best_indices = top_scores, top_indices
+            else:
+                best_scores, best_indices = merge_top_k(best_scores, best_indices, top_scores, top_indices, top_k)
             start += len(shard.ids)
         return best_scores, best_indices
 
@@ -458,11 +464,10 @@ class MetaEmbedIndex:
                 continue  # nothing found: the row stays padded
             if in_place:
                 shortlist_scores = self._score_rows(queries[row], shard_candidates, shortlist, num_candidate_vectors)
-                top_scores, top_indices = merge_top_k(
-                    None, None, shortlist_scores.unsqueeze(0), shortlist.unsqueeze(0), min(top_k, len(shortlist))
-                )
-                found = top_scores.shape[1]
-                scores[row, :found], indices[row, :found] = top_scores[0], top_indices[0]
+                # The shortlist ascends, so its lower columns are its lower positions (ties: merge order).
+                top_scores, top_columns = single_query.top_k_columns(shortlist_scores, min(top_k, len(shortlist)))
+                found = len(top_scores)
+                scores[row, :found], indices[row, :found] = top_scores, shortlist[top_columns]
                 continue
             candidates = self._gather_stored(shortlist, num_candidate_vectors)
             top = late_interaction_scores(queries[row : row + 1], candidates, top_k=min(top_k, len(shortlist)))
