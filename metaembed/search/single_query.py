@@ -104,14 +104,8 @@ def single_query_scores(
         query = query * numpy.float32(2.0**112)
     selected = _NO_ROWS if rows is None else _as_array(rows.to(torch.int64))
     query_lanes = _NO_QUERY_LANES
-    if (
-        len(query) >= _LANES_MIN_QUERY_VECTORS[dtype]
-        and num_candidate_vectors >= _VECTORS_PER_STEP
-        and _has_512_bit_vectors()
-    ):
-        query_lanes = numpy.zeros((query.shape[1], _LANES), dtype=numpy.float32)
-        query_lanes[:, : len(query)] = query.T
-        query_lanes = _read_only(query_lanes)
+    if len(query) >= _LANES_MIN_QUERY_VECTORS[dtype] and _has_512_bit_vectors():
+        query_lanes = _query_lanes(query)
     storage = {torch.float32: "float32", torch.float16: "float16", torch.int8: "int8", torch.uint8: "four_bit"}[dtype]
     kernel = getattr(kernels, storage + ("_lanes" if len(query_lanes) else ""))
     arguments = (
@@ -137,6 +131,20 @@ def single_query_scores(
         for future in futures:
             future.result()
     return torch.from_numpy(scores)
+
+
+def _query_lanes(query: numpy.ndarray) -> numpy.ndarray:
+    """float32 `[r_q, D]` packed for the outer product, `[D / G, 16]`: r_q padded with zero vectors to P slots (a
+    power of two) of G = 16 / P lanes each (fewer where G does not divide D), lane `slot * G + t` of row k holding
+    element `k * G + t` of query vector `slot`; G = 1 is the query transposed."""
+    num_query_vectors, dim = query.shape
+    group = _LANES // (1 << (num_query_vectors - 1).bit_length())
+    while dim % group != 0:
+        group //= 2
+    padded = numpy.zeros((_LANES // group, dim), dtype=numpy.float32)
+    padded[:num_query_vectors] = query
+    packed = padded.reshape(_LANES // group, dim // group, group).transpose(1, 0, 2).reshape(dim // group, _LANES)
+    return _read_only(numpy.ascontiguousarray(packed))
 
 
 def _read_only(array: numpy.ndarray) -> numpy.ndarray:
@@ -186,11 +194,10 @@ def _kernels() -> _Kernels:
     share, for tests to inspect)."""
     import numba
 
-    from ._numba_codegen import prefetch, stack_array, wide_vectors
+    from ._numba_codegen import grouped_dots, prefetch, wide_vectors
 
     options = {"nogil": True, "cache": True, "fastmath": {"reassoc", "contract"}, "boundscheck": False}
     lanes, per_step = _LANES, _VECTORS_PER_STEP
-    accumulators = lanes * per_step
 
     @numba.njit(**options)
     def _widest(widths):  # rows of the decode buffer for the dots along D
@@ -240,37 +247,47 @@ def _kernels() -> _Kernels:
                 row += 1
             column += 2
 
-    # Only "contract": with "reassoc" LLVM vectorises the loop over elements (a reduction) instead of the lanes.
-    @numba.njit(nogil=True, cache=True, fastmath={"contract"}, boundscheck=False)
+    @numba.njit(**options)
     def lanes_max(query_lanes, vectors, running, ahead, row_bytes):
-        """running[lane] = max(running[lane], max_j <query_lanes[:, lane], vectors[j]>) for float32
-        `query_lanes [D, 16]`, `vectors [w, D]` (w a multiple of 8): eight vectors at a time, each step one load
-        of a query row and eight broadcast multiply-adds into sixteen-lane sums held in registers. `ahead`: the
-        address of the next candidate's stored copy of these vectors (0: none), `row_bytes` a vector's there,
-        read into the cache meanwhile, a line per step (the hardware's prefetchers miss these short runs)."""
+        """running[0, lane] = max(running[0, lane], dot of lane's query vector with vectors[j]) over all j, the
+        dot in every lane of its slot (see `_query_lanes`), for float32 `vectors [w, D]` (w a multiple of 8):
+        eight vectors at a time (`grouped_dots`). `ahead`: the address of the next candidate's stored copy of
+        these vectors (0: none), `row_bytes` a vector's there, read into the cache meanwhile, a line per step (the
+        hardware's prefetchers miss these short runs)."""
         wide_vectors()
-        sums = numba.carray(stack_array(accumulators), (per_step, lanes))
-        dim = query_lanes.shape[0]
+        steps = query_lanes.shape[0]
         group_lines = -(-per_step * row_bytes // 64) if ahead != 0 else 0
         for first in range(0, vectors.shape[0], per_step):
             group = ahead + first * row_bytes
-            for vector in range(per_step):
-                for lane in range(lanes):
-                    sums[vector, lane] = 0.0
-            for element in range(dim):
-                if element < group_lines:
-                    prefetch(group + 64 * element)
-                for lane in range(lanes):
-                    weight = query_lanes[element, lane]
-                    for vector in range(per_step):
-                        sums[vector, lane] += weight * vectors[first + vector, element]
-            for line in range(dim, group_lines):
+            grouped_dots(running, query_lanes, vectors, first, per_step, True, group, group_lines)
+            for line in range(steps, group_lines):
                 prefetch(group + 64 * line)
-            for lane in range(lanes):
-                best = running[lane]
-                for vector in range(per_step):
-                    best = max(best, sums[vector, lane])
-                running[lane] = best
+
+    @numba.njit(**options)
+    def lanes_dots(query_lanes, vectors, dots):
+        """dots[v, lane] = the dot of lane's query vector with vectors[v], for the 8 float32 `vectors [8, D]`."""
+        wide_vectors()
+        grouped_dots(dots, query_lanes, vectors, 0, per_step, False, 0, 0)
+
+    @numba.njit(**options, inline="always")
+    def lanes_score(dots, row, num_query_vectors, group):
+        """The sum over query vectors of dots[row, lane of its slot]."""
+        total = numpy.float32(0.0)
+        for slot in range(num_query_vectors):
+            total += dots[row, slot * group]
+        return total
+
+    @numba.njit(**options, inline="always")
+    def candidate_rows(widths):
+        """Buffer rows per candidate when several candidates share a step of 8 vectors (r_c < 8, padded to 1,
+        2 or 4); 0 when each candidate takes whole steps of its own."""
+        count = widths.sum()
+        if count >= per_step:
+            return 0
+        rows = 1
+        while rows < count:
+            rows *= 2
+        return rows
 
     @numba.njit(**options, inline="always")
     def ahead(block, rows, item, end):
@@ -281,22 +298,55 @@ def _kernels() -> _Kernels:
         return numpy.int64(block.ctypes.data + following * block.strides[0]), block.strides[1]
 
     @numba.njit(**options, inline="always")
-    def lanes_fold(query_lanes, vectors, pending, blocks, widths, number, rows, item, end, running):
+    def repeat_first(vectors, first_row, start, stop):
+        """vectors[start:stop] = vectors[first_row] (a candidate's padding: repeats change no max)."""
+        for row in range(start, stop):
+            for element in range(vectors.shape[1]):
+                vectors[row, element] = vectors[first_row, element]
+
+    @numba.njit(**options, inline="always")
+    def lanes_fold(query_lanes, vectors, pending, blocks, widths, number, rows, item, end, state, scores):
         """Fold the decoded `vectors[: pending + widths[number]]` (the pending ones, then block `number`'s) into
-        the running maxima by the outer product, eight at a time, reading the next candidate's block ahead;
-        returns how many stay pending: a rest waits for the next block, or after the last one is padded by
-        repeating the first vector (repeats change no max)."""
+        the scores by the outer product, reading the next candidate's block ahead; returns how many rows stay
+        pending. One candidate per step (r_c >= 8): eight vectors at a time into its running maxima, a rest
+        waiting for the next block, after the last one padded by repeating the first vector (repeats change no
+        max). Several (r_c < 8): each candidate's vectors padded to `rows` (a power of two) the same way, the step
+        taken once 8 rows (or the range's last candidate) are in, each candidate's max taken over its own rows.
+        `state`: (running maxima [1, 16], dots [8, 16], rows per candidate (0: one per step), query vectors)."""
+        running, dots, rows_per_candidate, num_query_vectors = state
+        group = vectors.shape[1] // query_lanes.shape[0]
         count = pending + widths[number]
+        last = number == len(widths) - 1
+        if rows_per_candidate > 0:
+            if not last:
+                return count
+            first_row = (count - 1) // rows_per_candidate * rows_per_candidate
+            padded = first_row + rows_per_candidate
+            if padded < per_step and item + 1 < end:
+                repeat_first(vectors, first_row, count, padded)
+                return padded
+            repeat_first(vectors, first_row, count, padded)
+            repeat_first(vectors, 0, padded, per_step)  # the range's end: slots of no candidate, ignored
+            lanes_dots(query_lanes, vectors[:per_step], dots)
+            held = padded // rows_per_candidate
+            for slot in range(held):
+                for vector in range(slot * rows_per_candidate + 1, (slot + 1) * rows_per_candidate):
+                    for lane in range(lanes):
+                        dots[slot * rows_per_candidate, lane] = max(
+                            dots[slot * rows_per_candidate, lane], dots[vector, lane]
+                        )
+                scores[item - held + 1 + slot] = lanes_score(dots, slot * rows_per_candidate, num_query_vectors, group)
+            return 0
         if count % per_step != 0:
-            if number < len(widths) - 1:
+            if not last:
                 return count
             padded = count + per_step - count % per_step
-            for row in range(count, padded):
-                for element in range(vectors.shape[1]):
-                    vectors[row, element] = vectors[0, element]
+            repeat_first(vectors, 0, count, padded)
             count = padded
         address, row_bytes = ahead(blocks[number], rows, item, end)
         lanes_max(query_lanes, vectors[:count], running, address, row_bytes)
+        if last:
+            scores[item] = lanes_score(running, 0, num_query_vectors, group)
         return 0
 
     # Decoders: a candidate's first `width` stored vectors of one block, as float32, into `vectors[first:]`.
@@ -361,24 +411,34 @@ def _kernels() -> _Kernels:
             scores[item] = running.sum()
 
     @numba.njit(**options)
+    def lanes_state(query, widths):
+        """lanes_fold's state: running maxima, dots, rows per candidate, query vectors."""
+        running = numpy.full((1, lanes), -numpy.inf, dtype=numpy.float32)
+        dots = numpy.empty((per_step, lanes), dtype=numpy.float32)
+        return running, dots, candidate_rows(widths), query.shape[0]
+
+    @numba.njit(**options)
     def float32_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
-        running = numpy.empty(lanes, dtype=numpy.float32)
+        state = lanes_state(query, widths)
         vectors = numpy.empty((_buffer_rows(widths), query.shape[1]), dtype=numpy.float32)
+        pending = 0
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
-            running[:] = -numpy.inf
-            pending = 0
+            state[0][:] = -numpy.inf
             for number in range(len(widths)):
                 stored = blocks[number][candidate, : widths[number]]
                 if pending == 0 and widths[number] % per_step == 0:
                     address, row_bytes = ahead(blocks[number], rows, item, end)
-                    lanes_max(query_lanes, stored, running, address, row_bytes)
+                    lanes_max(query_lanes, stored, state[0], address, row_bytes)
+                    if number == len(widths) - 1:
+                        scores[item] = lanes_score(state[0], 0, state[3], query.shape[1] // query_lanes.shape[0])
                     continue
                 for position in range(widths[number]):  # the small blocks, gathered
                     for element in range(stored.shape[1]):
                         vectors[pending + position, element] = stored[position, element]
-                pending = lanes_fold(query_lanes, vectors, pending, blocks, widths, number, rows, item, end, running)
-            scores[item] = running[: query.shape[0]].sum()
+                pending = lanes_fold(
+                    query_lanes, vectors, pending, blocks, widths, number, rows, item, end, state, scores
+                )
 
     @numba.njit(**options)
     def float16(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
@@ -425,49 +485,55 @@ def _kernels() -> _Kernels:
     # One outer-product kernel per decoded type: a single one branching on the type measured 1.3-1.5x slower.
     @numba.njit(**options)
     def float16_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
-        running = numpy.empty(lanes, dtype=numpy.float32)
+        state = lanes_state(query, widths)
         bits = numpy.empty((_buffer_rows(widths), query.shape[1]), dtype=numpy.uint32)
         vectors = bits.view(numpy.float32)
+        pending = 0
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
-            running[:] = -numpy.inf
-            pending = 0
+            state[0][:] = -numpy.inf
             for number in range(len(widths)):
                 decode_float16(blocks[number][candidate], widths[number], bits, pending)
-                pending = lanes_fold(query_lanes, vectors, pending, blocks, widths, number, rows, item, end, running)
-            scores[item] = running[: query.shape[0]].sum()
+                pending = lanes_fold(
+                    query_lanes, vectors, pending, blocks, widths, number, rows, item, end, state, scores
+                )
 
     @numba.njit(**options)
     def int8_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
-        running = numpy.empty(lanes, dtype=numpy.float32)
+        state = lanes_state(query, widths)
         vectors = numpy.empty((_buffer_rows(widths), query.shape[1]), dtype=numpy.float32)
+        pending = 0
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
-            running[:] = -numpy.inf
-            pending = 0
+            state[0][:] = -numpy.inf
             for number in range(len(widths)):
                 codes, vector_scales = blocks[number][candidate], scales[number][candidate]
                 decode_int8(codes, vector_scales, widths[number], vectors, pending)
-                pending = lanes_fold(query_lanes, vectors, pending, blocks, widths, number, rows, item, end, running)
-            scores[item] = running[: query.shape[0]].sum()
+                pending = lanes_fold(
+                    query_lanes, vectors, pending, blocks, widths, number, rows, item, end, state, scores
+                )
 
     @numba.njit(**options)
     def four_bit_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
-        running = numpy.empty(lanes, dtype=numpy.float32)
+        state = lanes_state(query, widths)
         vectors = numpy.empty((_buffer_rows(widths), query.shape[1]), dtype=numpy.float32)
         offset_bits = numpy.zeros(query.shape[1], dtype=numpy.uint32)
         offset = offset_bits.view(numpy.float32)
+        pending = 0
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
-            running[:] = -numpy.inf
+            state[0][:] = -numpy.inf
             if offsets.shape[0] > 0:
                 decode_offset(offsets, candidate, offset_bits, offset)
-            pending = 0
             for number in range(len(widths)):
                 codes, vector_scales = blocks[number][candidate], scales[number][candidate]
                 decode_four_bit(codes, vector_scales, widths[number], vectors, pending, code_values, offset)
-                pending = lanes_fold(query_lanes, vectors, pending, blocks, widths, number, rows, item, end, running)
-            scores[item] = running[: query.shape[0]].sum()
+                pending = lanes_fold(
+                    query_lanes, vectors, pending, blocks, widths, number, rows, item, end, state, scores
+                )
 
-    kernels = (float32, float16, int8, four_bit, float32_lanes, float16_lanes, int8_lanes, four_bit_lanes, lanes_max)
+    kernels = (
+        *(float32, float16, int8, four_bit, float32_lanes, float16_lanes, int8_lanes, four_bit_lanes),
+        *(lanes_max, lanes_dots),
+    )
     return _Kernels(**{kernel.py_func.__name__: kernel for kernel in kernels})
