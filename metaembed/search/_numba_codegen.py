@@ -1,6 +1,6 @@
 """The LLVM code generation the one-query kernel needs that numba has no public API for (numba and llvmlite
-internals, isolated here; tests/test_single_query.py fails loudly when they drift): 512-bit vectors for one
-function, a prefetch, and the outer product's dots written out as LLVM vector code."""
+internals, isolated here; tests/test_single_query.py fails loudly when they drift): the outer product's dots
+written out as LLVM vector code (512-bit vectors), and a prefetch."""
 
 from __future__ import annotations
 
@@ -9,25 +9,10 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-# LLVM's x86 backend uses 256-bit vectors on AVX-512 machines unless a function asks for more (its default
-# guards against the clock slowdown of 512-bit instructions on old Xeons; the outer-product kernel gains 2x).
-_PREFER_512_BIT = '"prefer-vector-width"="512"'
-
-
-@intrinsic
-def wide_vectors(typingctx):
-    """Let LLVM vectorise the calling function with 512-bit registers where the machine has them (no effect
-    elsewhere), and keep it out of line so that callers compiled for 256 bits do not absorb it."""
-
-    def codegen(context, builder, signature, arguments):
-        attributes = builder.function.attributes
-        # llvmlite accepts only the attributes it knows; LLVM reads this string attribute per function.
-        attributes._known = attributes._known | {_PREFER_512_BIT}
-        attributes.add(_PREFER_512_BIT)
-        attributes.add("noinline")
-        return context.get_dummy_value()
-
-    return types.none(), codegen
+# LLVM's x86 backend splits 512-bit vectors in two on AVX-512 machines unless a function asks for them (its default
+# guards against the clock slowdown of 512-bit instructions on old Xeons; the outer product gains 2x with them).
+# This attribute makes them legal for the function holding the outer product, leaving its vectoriser's choices.
+_LEGAL_512_BIT = '"min-legal-vector-width"="512"'
 
 
 @intrinsic
@@ -106,6 +91,10 @@ def grouped_dots(typingctx, out, query_lanes, vectors, first, per_step, fold_max
             )
             builder.branch(exit_block)
         builder.position_at_end(exit_block)
+        attributes = builder.function.attributes
+        # llvmlite accepts only the attributes it knows; LLVM reads this string attribute per function.
+        attributes._known = attributes._known | {_LEGAL_512_BIT}
+        attributes.add(_LEGAL_512_BIT)
         return context.get_dummy_value()
 
     return types.none(out, query_lanes, vectors, first, per_step, fold_max, ahead, lines), codegen
@@ -174,3 +163,44 @@ def _emit_grouped_dots(builder, pointers, row_stride, steps, group_size, vector_
     else:
         for vector, total in enumerate(folded):
             builder.store(total, builder.gep(out_pointer, [index_type(vector)]), align=4)
+
+
+@intrinsic
+def unowned(typingctx, value):
+    """`value` (an array, or a tuple of arrays) without its owner: the same data, shape and strides, no reference
+    count. numba counts a reference for every array an inlined helper receives (atomic operations, which cost
+    more than the one-query kernel's own work per candidate at small budgets); through these views it counts
+    none. The caller keeps the owners alive while the views are in use (`keep_alive`)."""
+    arrays = value.types if isinstance(value, types.BaseTuple) else (value,)
+    if not all(isinstance(array, types.Array) for array in arrays):
+        return None
+
+    def codegen(context, builder, signature, arguments):
+        def strip(array_type, array):
+            structure = context.make_array(array_type)(context, builder, array)
+            view = context.make_array(array_type)(context, builder)
+            for field in ("nitems", "itemsize", "data", "shape", "strides"):
+                setattr(view, field, getattr(structure, field))
+            view.meminfo = cgutils.get_null_value(view.meminfo.type)
+            view.parent = cgutils.get_null_value(view.parent.type)
+            return view._getvalue()
+
+        if not isinstance(value, types.BaseTuple):
+            return strip(value, arguments[0])
+        elements = [
+            strip(array, builder.extract_value(arguments[0], position)) for position, array in enumerate(arrays)
+        ]
+        return context.make_tuple(builder, value, elements)
+
+    return value(value), codegen
+
+
+@intrinsic
+def keep_alive(typingctx, value):
+    """A use of `value`: numba releases an array after its last use, so an owner used here outlives its
+    `unowned` views used before."""
+
+    def codegen(context, builder, signature, arguments):
+        return context.get_dummy_value()
+
+    return types.none(value), codegen

@@ -194,7 +194,7 @@ def _kernels() -> _Kernels:
     share, for tests to inspect)."""
     import numba
 
-    from ._numba_codegen import grouped_dots, prefetch, wide_vectors
+    from ._numba_codegen import grouped_dots, keep_alive, prefetch, unowned
 
     options = {"nogil": True, "cache": True, "fastmath": {"reassoc", "contract"}, "boundscheck": False}
     lanes, per_step = _LANES, _VECTORS_PER_STEP
@@ -247,27 +247,22 @@ def _kernels() -> _Kernels:
                 row += 1
             column += 2
 
-    @numba.njit(**options)
-    def lanes_max(query_lanes, vectors, running, ahead, row_bytes):
-        """running[0, lane] = max(running[0, lane], dot of lane's query vector with vectors[j]) over all j, the
-        dot in every lane of its slot (see `_query_lanes`), for float32 `vectors [w, D]` (w a multiple of 8):
-        eight vectors at a time (`grouped_dots`). `ahead`: the address of the next candidate's stored copy of
-        these vectors (0: none), `row_bytes` a vector's there, read into the cache meanwhile, a line per step (the
+    # Inlined, with no array slices: a call or a slice per candidate costs atomic reference counts (measured: most
+    # of the time at r_c = 1).
+    @numba.njit(**options, inline="always")
+    def lanes_max(query_lanes, vectors, count, running, ahead, row_bytes):
+        """running[0, lane] = max(running[0, lane], dot of lane's query vector with vectors[j]) over j < count (a
+        multiple of 8), the dot in every lane of its slot (see `_query_lanes`), for float32 `vectors [w, D]`: eight
+        vectors at a time (`grouped_dots`). `ahead`: the address of the next candidate's stored copy of these
+        vectors (0: none), `row_bytes` a vector's there, read into the cache meanwhile, a line per step (the
         hardware's prefetchers miss these short runs)."""
-        wide_vectors()
         steps = query_lanes.shape[0]
         group_lines = -(-per_step * row_bytes // 64) if ahead != 0 else 0
-        for first in range(0, vectors.shape[0], per_step):
+        for first in range(0, count, per_step):
             group = ahead + first * row_bytes
             grouped_dots(running, query_lanes, vectors, first, per_step, True, group, group_lines)
             for line in range(steps, group_lines):
                 prefetch(group + 64 * line)
-
-    @numba.njit(**options)
-    def lanes_dots(query_lanes, vectors, dots):
-        """dots[v, lane] = the dot of lane's query vector with vectors[v], for the 8 float32 `vectors [8, D]`."""
-        wide_vectors()
-        grouped_dots(dots, query_lanes, vectors, 0, per_step, False, 0, 0)
 
     @numba.njit(**options, inline="always")
     def lanes_score(dots, row, num_query_vectors, group):
@@ -327,7 +322,7 @@ def _kernels() -> _Kernels:
                 return padded
             repeat_first(vectors, first_row, count, padded)
             repeat_first(vectors, 0, padded, per_step)  # the range's end: slots of no candidate, ignored
-            lanes_dots(query_lanes, vectors[:per_step], dots)
+            grouped_dots(dots, query_lanes, vectors, 0, per_step, False, 0, 0)
             held = padded // rows_per_candidate
             for slot in range(held):
                 for vector in range(slot * rows_per_candidate + 1, (slot + 1) * rows_per_candidate):
@@ -344,9 +339,10 @@ def _kernels() -> _Kernels:
             repeat_first(vectors, 0, count, padded)
             count = padded
         address, row_bytes = ahead(blocks[number], rows, item, end)
-        lanes_max(query_lanes, vectors[:count], running, address, row_bytes)
+        lanes_max(query_lanes, vectors, count, running, address, row_bytes)
         if last:
             scores[item] = lanes_score(running, 0, num_query_vectors, group)
+            running[0, :] = -numpy.inf
         return 0
 
     # Decoders: a candidate's first `width` stored vectors of one block, as float32, into `vectors[first:]`.
@@ -411,27 +407,32 @@ def _kernels() -> _Kernels:
             scores[item] = running.sum()
 
     @numba.njit(**options)
-    def lanes_state(query, widths):
-        """lanes_fold's state: running maxima, dots, rows per candidate, query vectors."""
+    def lanes_buffers(query, widths):
+        """The running maxima `[1, 16]` and dots `[8, 16]` of `lanes_fold`, and a decode buffer of 32-bit
+        elements."""
         running = numpy.full((1, lanes), -numpy.inf, dtype=numpy.float32)
         dots = numpy.empty((per_step, lanes), dtype=numpy.float32)
-        return running, dots, candidate_rows(widths), query.shape[0]
+        return running, dots, numpy.empty((_buffer_rows(widths), query.shape[1]), dtype=numpy.uint32)
 
     @numba.njit(**options)
     def float32_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
-        state = lanes_state(query, widths)
-        vectors = numpy.empty((_buffer_rows(widths), query.shape[1]), dtype=numpy.float32)
+        owners = lanes_buffers(query, widths)
+        running, dots, bits = unowned(owners)
+        vectors = bits.view(numpy.float32)
+        state = (running, dots, candidate_rows(widths), query.shape[0])
+        query_lanes, blocks, rows, scores = unowned(query_lanes), unowned(blocks), unowned(rows), unowned(scores)
+        widths = unowned(widths)
         pending = 0
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
-            state[0][:] = -numpy.inf
             for number in range(len(widths)):
-                stored = blocks[number][candidate, : widths[number]]
+                stored = blocks[number][candidate]
                 if pending == 0 and widths[number] % per_step == 0:
                     address, row_bytes = ahead(blocks[number], rows, item, end)
-                    lanes_max(query_lanes, stored, state[0], address, row_bytes)
+                    lanes_max(query_lanes, stored, widths[number], running, address, row_bytes)
                     if number == len(widths) - 1:
-                        scores[item] = lanes_score(state[0], 0, state[3], query.shape[1] // query_lanes.shape[0])
+                        scores[item] = lanes_score(running, 0, query.shape[0], query.shape[1] // query_lanes.shape[0])
+                        running[0, :] = -numpy.inf
                     continue
                 for position in range(widths[number]):  # the small blocks, gathered
                     for element in range(stored.shape[1]):
@@ -439,6 +440,7 @@ def _kernels() -> _Kernels:
                 pending = lanes_fold(
                     query_lanes, vectors, pending, blocks, widths, number, rows, item, end, state, scores
                 )
+        keep_alive(owners)
 
     @numba.njit(**options)
     def float16(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
@@ -485,44 +487,56 @@ def _kernels() -> _Kernels:
     # One outer-product kernel per decoded type: a single one branching on the type measured 1.3-1.5x slower.
     @numba.njit(**options)
     def float16_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
-        state = lanes_state(query, widths)
-        bits = numpy.empty((_buffer_rows(widths), query.shape[1]), dtype=numpy.uint32)
+        owners = lanes_buffers(query, widths)
+        running, dots, bits = unowned(owners)
         vectors = bits.view(numpy.float32)
+        state = (running, dots, candidate_rows(widths), query.shape[0])
+        query_lanes, blocks, rows, scores = unowned(query_lanes), unowned(blocks), unowned(rows), unowned(scores)
+        widths = unowned(widths)
         pending = 0
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
-            state[0][:] = -numpy.inf
             for number in range(len(widths)):
                 decode_float16(blocks[number][candidate], widths[number], bits, pending)
                 pending = lanes_fold(
                     query_lanes, vectors, pending, blocks, widths, number, rows, item, end, state, scores
                 )
+        keep_alive(owners)
 
     @numba.njit(**options)
     def int8_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
-        state = lanes_state(query, widths)
-        vectors = numpy.empty((_buffer_rows(widths), query.shape[1]), dtype=numpy.float32)
+        owners = lanes_buffers(query, widths)
+        running, dots, bits = unowned(owners)
+        vectors = bits.view(numpy.float32)
+        state = (running, dots, candidate_rows(widths), query.shape[0])
+        query_lanes, blocks, scales = unowned(query_lanes), unowned(blocks), unowned(scales)
+        rows, scores, widths = unowned(rows), unowned(scores), unowned(widths)
         pending = 0
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
-            state[0][:] = -numpy.inf
             for number in range(len(widths)):
                 codes, vector_scales = blocks[number][candidate], scales[number][candidate]
                 decode_int8(codes, vector_scales, widths[number], vectors, pending)
                 pending = lanes_fold(
                     query_lanes, vectors, pending, blocks, widths, number, rows, item, end, state, scores
                 )
+        keep_alive(owners)
 
     @numba.njit(**options)
     def four_bit_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
-        state = lanes_state(query, widths)
-        vectors = numpy.empty((_buffer_rows(widths), query.shape[1]), dtype=numpy.float32)
-        offset_bits = numpy.zeros(query.shape[1], dtype=numpy.uint32)
+        owners = lanes_buffers(query, widths)
+        running, dots, bits = unowned(owners)
+        vectors = bits.view(numpy.float32)
+        state = (running, dots, candidate_rows(widths), query.shape[0])
+        query_lanes, blocks, scales = unowned(query_lanes), unowned(blocks), unowned(scales)
+        rows, scores, code_values, offsets = unowned(rows), unowned(scores), unowned(code_values), unowned(offsets)
+        widths = unowned(widths)
+        offset_owner = numpy.zeros(query.shape[1], dtype=numpy.uint32)
+        offset_bits = unowned(offset_owner)
         offset = offset_bits.view(numpy.float32)
         pending = 0
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
-            state[0][:] = -numpy.inf
             if offsets.shape[0] > 0:
                 decode_offset(offsets, candidate, offset_bits, offset)
             for number in range(len(widths)):
@@ -531,9 +545,8 @@ def _kernels() -> _Kernels:
                 pending = lanes_fold(
                     query_lanes, vectors, pending, blocks, widths, number, rows, item, end, state, scores
                 )
+        keep_alive(owners)
+        keep_alive(offset_owner)
 
-    kernels = (
-        *(float32, float16, int8, four_bit, float32_lanes, float16_lanes, int8_lanes, four_bit_lanes),
-        *(lanes_max, lanes_dots),
-    )
+    kernels = (float32, float16, int8, four_bit, float32_lanes, float16_lanes, int8_lanes, four_bit_lanes)
     return _Kernels(**{kernel.py_func.__name__: kernel for kernel in kernels})
