@@ -6,15 +6,17 @@ BLAS it reads the stored vectors slower than the machine can (its GEMM kernels a
 float16 / int8 / 4-bit storage pay an extra pass to upcast every chunk. Here each candidate is read once: its
 first r_c vectors are decoded from their stored type (float16 bits, int8 or 4-bit codes times the vector's scale,
 residual4's mean added) into a small buffer that stays in the L1 cache, and their dots with the query vectors go
-straight into a running max. From `_LANES_MIN_QUERY_VECTORS` query vectors up, the dots are an outer product with
-the query vectors across the 16 lanes of a vector register (the query transposed, `[D, 16]`): each step adds one
-decoded element of eight candidate vectors, broadcast, times one row of it, so no dot ends in a horizontal sum
-and the max over a candidate's vectors is lane by lane; meanwhile the next candidate's stored vectors are
-requested from memory. Fewer query vectors would leave most lanes empty: their dots run along D instead
-(`block_max`). Scores are float32 and accumulate in float32 (with a different summation
-order than torch's kernel: equal to float32 rounding). Candidates are split across `torch.get_num_threads()`
-threads (the kernels release the GIL); a call shares no state with another, so servers may search from several
-threads at once.
+straight into a running max. From `_LANES_MIN_QUERY_VECTORS` query vectors up (on AVX-512 machines), the dots are
+an outer product with the query vectors across the 16 lanes of a vector register: r_q padded to P slots (1, 2, 4,
+8 or 16) of G = 16 / P lanes, each lane a query vector's share of G consecutive elements (`_query_lanes`). Each
+step multiplies one row of it by G decoded elements of eight candidate vectors, broadcast to every slot, and adds
+into sums held in registers; after D / G steps log2(G) shuffle-adds fold each slot's lanes, so no dot ends in a
+horizontal sum and the max over a candidate's vectors is lane by lane. Below r_c = 8 several candidates share a
+step (a candidate's vectors padded to 1, 2 or 4). Meanwhile the next candidate's stored vectors are requested from
+memory. With fewer query vectors the dots run along D instead (`block_max`). Scores are float32 and accumulate in
+float32 (with a different summation order than torch's kernel: equal to float32 rounding). Candidates are split
+across `torch.get_num_threads()` threads (the kernels release the GIL); a call shares no state with another, so
+servers may search from several threads at once.
 """
 
 from __future__ import annotations
@@ -34,13 +36,14 @@ from scoring_metaembed import PrefixBlocks
 _STORED_TYPES = (torch.float32, torch.float16, torch.int8, torch.uint8)
 # Below this many candidates per thread, splitting costs more than it saves.
 _MIN_CANDIDATES_PER_THREAD = 2048
-# The lanes of the outer-product kernel (query vectors, zero-padded: 16 float32 fill a 512-bit register) and its
-# candidate vectors per step (a candidate's r_c vectors are padded to a multiple by repeating its first one).
+# The lanes of the outer-product kernel (16 float32 fill a 512-bit register) and its candidate vectors per step (a
+# candidate's r_c vectors are padded to a multiple, or to 1, 2 or 4, by repeating its first one).
 _LANES, _VECTORS_PER_STEP = 16, 8
-# From this many query vectors up (and r_c >= 8) the outer-product kernel is the faster one, measured on one
-# thread: 1.1-2.2x the dots along D at r_q = 16; at r_q = 12 1.1-1.3x for float32 and float16, 0.9-1.2x for
-# int8 and 4-bit; at r_q = 8 0.8x (float16 0.8-1.3x, varying with the load of the machine).
-_LANES_MIN_QUERY_VECTORS = {torch.float32: 10, torch.float16: 10, torch.int8: 13, torch.uint8: 13}
+# From this many query vectors up the outer product is the faster one (any r_c: below 8 several candidates share a
+# step), measured on one thread against the dots along D at r_c 1, 4 and 16 (8k candidates, D 128): 1.1-2.3x from
+# r_q = 3 for all storages; at r_q = 2 0.7-1.1x for float32, 1.0-1.2x for the others; at r_q = 1 0.8-1.0x
+# (float16 0.97-1.1x).
+_LANES_MIN_QUERY_VECTORS = {torch.float32: 3, torch.float16: 1, torch.int8: 2, torch.uint8: 2}
 
 
 def available() -> bool:
@@ -190,8 +193,7 @@ class _Kernels:
 
 @cache
 def _kernels() -> _Kernels:
-    """Compile (or load from numba's cache) the four kernels, one per stored type (and the outer product they
-    share, for tests to inspect)."""
+    """Compile (or load from numba's cache) the kernels: two per stored type (dots along D, outer product)."""
     import numba
 
     from ._numba_codegen import grouped_dots, keep_alive, prefetch, unowned
