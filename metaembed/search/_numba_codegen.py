@@ -165,32 +165,38 @@ def _emit_grouped_dots(builder, pointers, row_stride, steps, group_size, vector_
             builder.store(total, builder.gep(out_pointer, [index_type(vector)]), align=4)
 
 
+def _arrays_only(value) -> bool:
+    if isinstance(value, types.BaseTuple):
+        return all(_arrays_only(element) for element in value.types)
+    return isinstance(value, types.Array)
+
+
 @intrinsic
 def unowned(typingctx, value):
-    """`value` (an array, or a tuple of arrays) without its owner: the same data, shape and strides, no reference
-    count. numba counts a reference for every array an inlined helper receives (atomic operations, which cost
-    more than the one-query kernel's own work per candidate at small budgets); through these views it counts
-    none. The caller keeps the owners alive while the views are in use (`keep_alive`)."""
-    arrays = value.types if isinstance(value, types.BaseTuple) else (value,)
-    if not all(isinstance(array, types.Array) for array in arrays):
+    """`value` (an array, or a tuple of arrays and such tuples) without its owner: the same data, shape and strides,
+    no reference count. numba counts a reference for every array an inlined helper receives (atomic operations,
+    which cost more than the one-query kernel's own work per candidate at small budgets); through these views it
+    counts none. The caller keeps the owners alive while the views are in use (`keep_alive`)."""
+    if not _arrays_only(value):
         return None
 
     def codegen(context, builder, signature, arguments):
-        def strip(array_type, array):
-            structure = context.make_array(array_type)(context, builder, array)
-            view = context.make_array(array_type)(context, builder)
+        def strip(value_type, value):
+            if isinstance(value_type, types.BaseTuple):
+                elements = [
+                    strip(element_type, builder.extract_value(value, position))
+                    for position, element_type in enumerate(value_type.types)
+                ]
+                return context.make_tuple(builder, value_type, elements)
+            structure = context.make_array(value_type)(context, builder, value)
+            view = context.make_array(value_type)(context, builder)
             for field in ("nitems", "itemsize", "data", "shape", "strides"):
                 setattr(view, field, getattr(structure, field))
             view.meminfo = cgutils.get_null_value(view.meminfo.type)
             view.parent = cgutils.get_null_value(view.parent.type)
             return view._getvalue()
 
-        if not isinstance(value, types.BaseTuple):
-            return strip(value, arguments[0])
-        elements = [
-            strip(array, builder.extract_value(arguments[0], position)) for position, array in enumerate(arrays)
-        ]
-        return context.make_tuple(builder, value, elements)
+        return strip(value, arguments[0])
 
     return value(value), codegen
 

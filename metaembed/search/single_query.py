@@ -400,13 +400,16 @@ def _kernels() -> _Kernels:
     # (`lanes_max`, eight vectors at a time: float32 reads whole groups of 8 in place).
     @numba.njit(**options)
     def float32(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
-        running = numpy.empty(query.shape[0], dtype=numpy.float32)
+        owner = numpy.empty(query.shape[0], dtype=numpy.float32)
+        running = unowned(owner)
+        query, blocks, scales, rows, scores = unowned((query, blocks, scales, rows, scores))
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
             running[:] = -numpy.inf
             for number in range(len(widths)):
                 block_max(query, blocks[number][candidate, : widths[number]], running)
             scores[item] = running.sum()
+        keep_alive(owner)
 
     @numba.njit(**options)
     def lanes_buffers(query, widths):
@@ -422,8 +425,7 @@ def _kernels() -> _Kernels:
         running, dots, bits = unowned(owners)
         vectors = bits.view(numpy.float32)
         state = (running, dots, candidate_rows(widths), query.shape[0])
-        query_lanes, blocks, rows, scores = unowned(query_lanes), unowned(blocks), unowned(rows), unowned(scores)
-        widths = unowned(widths)
+        query_lanes, blocks, scales, widths, rows, scores = unowned((query_lanes, blocks, scales, widths, rows, scores))
         pending = 0
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
@@ -446,9 +448,13 @@ def _kernels() -> _Kernels:
 
     @numba.njit(**options)
     def float16(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
-        running = numpy.empty(query.shape[0], dtype=numpy.float32)
-        bits = numpy.empty((_widest(widths), query.shape[1]), dtype=numpy.uint32)
+        owners = (
+            numpy.empty(query.shape[0], dtype=numpy.float32),
+            numpy.empty((_widest(widths), query.shape[1]), dtype=numpy.uint32),
+        )
+        running, bits = unowned(owners)
         vectors = bits.view(numpy.float32)
+        query, blocks, scales, rows, scores = unowned((query, blocks, scales, rows, scores))
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
             running[:] = -numpy.inf
@@ -456,11 +462,16 @@ def _kernels() -> _Kernels:
                 decode_float16(blocks[number][candidate], widths[number], bits, 0)
                 block_max(query, vectors[: widths[number]], running)
             scores[item] = running.sum()
+        keep_alive(owners)
 
     @numba.njit(**options)
     def int8(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
-        running = numpy.empty(query.shape[0], dtype=numpy.float32)
-        vectors = numpy.empty((_widest(widths), query.shape[1]), dtype=numpy.float32)
+        owners = (
+            numpy.empty(query.shape[0], dtype=numpy.float32),
+            numpy.empty((_widest(widths), query.shape[1]), dtype=numpy.float32),
+        )
+        running, vectors = unowned(owners)
+        query, blocks, scales, rows, scores = unowned((query, blocks, scales, rows, scores))
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
             running[:] = -numpy.inf
@@ -468,13 +479,20 @@ def _kernels() -> _Kernels:
                 decode_int8(blocks[number][candidate], scales[number][candidate], widths[number], vectors, 0)
                 block_max(query, vectors[: widths[number]], running)
             scores[item] = running.sum()
+        keep_alive(owners)
 
     @numba.njit(**options)
     def four_bit(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
-        running = numpy.empty(query.shape[0], dtype=numpy.float32)
-        vectors = numpy.empty((_widest(widths), query.shape[1]), dtype=numpy.float32)
-        offset_bits = numpy.zeros(query.shape[1], dtype=numpy.uint32)
+        owners = (
+            numpy.empty(query.shape[0], dtype=numpy.float32),
+            numpy.empty((_widest(widths), query.shape[1]), dtype=numpy.float32),
+        )
+        running, vectors = unowned(owners)
+        offset_owner = numpy.zeros(query.shape[1], dtype=numpy.uint32)
+        offset_bits = unowned(offset_owner)
         offset = offset_bits.view(numpy.float32)
+        code_values, offsets = unowned((code_values, offsets))
+        query, blocks, scales, rows, scores = unowned((query, blocks, scales, rows, scores))
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
             running[:] = -numpy.inf
@@ -485,6 +503,8 @@ def _kernels() -> _Kernels:
                 decode_four_bit(codes, vector_scales, widths[number], vectors, 0, code_values, offset)
                 block_max(query, vectors[: widths[number]], running)
             scores[item] = running.sum()
+        keep_alive(owners)
+        keep_alive(offset_owner)
 
     # One outer-product kernel per decoded type: a single one branching on the type measured 1.3-1.5x slower.
     @numba.njit(**options)
@@ -493,8 +513,7 @@ def _kernels() -> _Kernels:
         running, dots, bits = unowned(owners)
         vectors = bits.view(numpy.float32)
         state = (running, dots, candidate_rows(widths), query.shape[0])
-        query_lanes, blocks, rows, scores = unowned(query_lanes), unowned(blocks), unowned(rows), unowned(scores)
-        widths = unowned(widths)
+        query_lanes, blocks, scales, widths, rows, scores = unowned((query_lanes, blocks, scales, widths, rows, scores))
         pending = 0
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
@@ -511,8 +530,7 @@ def _kernels() -> _Kernels:
         running, dots, bits = unowned(owners)
         vectors = bits.view(numpy.float32)
         state = (running, dots, candidate_rows(widths), query.shape[0])
-        query_lanes, blocks, scales = unowned(query_lanes), unowned(blocks), unowned(scales)
-        rows, scores, widths = unowned(rows), unowned(scores), unowned(widths)
+        query_lanes, blocks, scales, widths, rows, scores = unowned((query_lanes, blocks, scales, widths, rows, scores))
         pending = 0
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
@@ -530,9 +548,8 @@ def _kernels() -> _Kernels:
         running, dots, bits = unowned(owners)
         vectors = bits.view(numpy.float32)
         state = (running, dots, candidate_rows(widths), query.shape[0])
-        query_lanes, blocks, scales = unowned(query_lanes), unowned(blocks), unowned(scales)
-        rows, scores, code_values, offsets = unowned(rows), unowned(scores), unowned(code_values), unowned(offsets)
-        widths = unowned(widths)
+        query_lanes, blocks, scales, widths, rows, scores = unowned((query_lanes, blocks, scales, widths, rows, scores))
+        code_values, offsets = unowned((code_values, offsets))
         offset_owner = numpy.zeros(query.shape[1], dtype=numpy.uint32)
         offset_bits = unowned(offset_owner)
         offset = offset_bits.view(numpy.float32)
