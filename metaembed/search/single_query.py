@@ -422,10 +422,9 @@ def _kernels() -> _Kernels:
     @numba.njit(**options)
     def float32_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
         owners = lanes_buffers(query, widths)
-        running, dots, bits = unowned(owners)
-        vectors = bits.view(numpy.float32)
-        state = (running, dots, candidate_rows(widths), query.shape[0])
-        query_lanes, blocks, scales, widths, rows, scores = unowned((query_lanes, blocks, scales, widths, rows, scores))
+        arrays = unowned((owners, query_lanes, blocks, scales, widths, rows, scores))
+        (running, dots, bits), query_lanes, blocks, scales, widths, rows, scores = arrays
+        state, vectors = (running, dots, candidate_rows(widths), query.shape[0]), bits.view(numpy.float32)
         pending = 0
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
@@ -510,10 +509,9 @@ def _kernels() -> _Kernels:
     @numba.njit(**options)
     def float16_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
         owners = lanes_buffers(query, widths)
-        running, dots, bits = unowned(owners)
-        vectors = bits.view(numpy.float32)
-        state = (running, dots, candidate_rows(widths), query.shape[0])
-        query_lanes, blocks, scales, widths, rows, scores = unowned((query_lanes, blocks, scales, widths, rows, scores))
+        arrays = unowned((owners, query_lanes, blocks, scales, widths, rows, scores))
+        (running, dots, bits), query_lanes, blocks, scales, widths, rows, scores = arrays
+        state, vectors = (running, dots, candidate_rows(widths), query.shape[0]), bits.view(numpy.float32)
         pending = 0
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
@@ -527,10 +525,9 @@ def _kernels() -> _Kernels:
     @numba.njit(**options)
     def int8_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
         owners = lanes_buffers(query, widths)
-        running, dots, bits = unowned(owners)
-        vectors = bits.view(numpy.float32)
-        state = (running, dots, candidate_rows(widths), query.shape[0])
-        query_lanes, blocks, scales, widths, rows, scores = unowned((query_lanes, blocks, scales, widths, rows, scores))
+        arrays = unowned((owners, query_lanes, blocks, scales, widths, rows, scores))
+        (running, dots, bits), query_lanes, blocks, scales, widths, rows, scores = arrays
+        state, vectors = (running, dots, candidate_rows(widths), query.shape[0]), bits.view(numpy.float32)
         pending = 0
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
@@ -545,10 +542,9 @@ def _kernels() -> _Kernels:
     @numba.njit(**options)
     def four_bit_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
         owners = lanes_buffers(query, widths)
-        running, dots, bits = unowned(owners)
-        vectors = bits.view(numpy.float32)
-        state = (running, dots, candidate_rows(widths), query.shape[0])
-        query_lanes, blocks, scales, widths, rows, scores = unowned((query_lanes, blocks, scales, widths, rows, scores))
+        arrays = unowned((owners, query_lanes, blocks, scales, widths, rows, scores))
+        (running, dots, bits), query_lanes, blocks, scales, widths, rows, scores = arrays
+        state, vectors = (running, dots, candidate_rows(widths), query.shape[0]), bits.view(numpy.float32)
         code_values, offsets = unowned((code_values, offsets))
         offset_owner = numpy.zeros(query.shape[1], dtype=numpy.uint32)
         offset_bits = unowned(offset_owner)
