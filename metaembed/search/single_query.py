@@ -307,8 +307,9 @@ def _kernels() -> _Kernels:
         the scores by the outer product, reading the next candidate's block ahead; returns how many rows stay
         pending. One candidate per step (r_c >= 8): eight vectors at a time into its running maxima, a rest
         waiting for the next block, after the last one padded by repeating the first vector (repeats change no
-        max). Several (r_c < 8): each candidate's vectors padded to `rows` (a power of two) the same way, the step
-        taken once 8 rows (or the range's last candidate) are in, each candidate's max taken over its own rows.
+        max). Several (r_c < 8): each candidate's vectors padded to its rows (a power of two) the same way, the
+        step taken once 8 rows (or the range's last candidate) are in, each candidate's max taken over its own rows;
+        no read-ahead there (the hardware's prefetchers follow the contiguous runs of a whole collection).
         `state`: (running maxima [1, 16], dots [8, 16], rows per candidate (0: one per step), query vectors)."""
         running, dots, rows_per_candidate, num_query_vectors = state
         group = vectors.shape[1] // query_lanes.shape[0]
@@ -319,10 +320,9 @@ def _kernels() -> _Kernels:
                 return count
             first_row = (count - 1) // rows_per_candidate * rows_per_candidate
             padded = first_row + rows_per_candidate
-            if padded < per_step and item + 1 < end:
-                repeat_first(vectors, first_row, count, padded)
-                return padded
             repeat_first(vectors, first_row, count, padded)
+            if padded < per_step and item + 1 < end:
+                return padded
             repeat_first(vectors, 0, padded, per_step)  # the range's end: slots of no candidate, ignored
             grouped_dots(dots, query_lanes, vectors, 0, per_step, False, 0, 0)
             held = padded // rows_per_candidate
