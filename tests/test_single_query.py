@@ -56,8 +56,8 @@ def stored_blocks(candidates, storage):
 @pytest.mark.parametrize("storage", STORAGES)
 @pytest.mark.parametrize("num_query_vectors", [1, 3, 4, 8, 11, 14, 16])
 def test_scores_equal_the_torch_kernel_for_every_storage_and_budget(candidates, query, storage, num_query_vectors):
-    # The thresholds as shipped: r_q 1 takes the dots along D (float16: the outer product), the others the outer
-    # product (3, 11, 14: empty slots); r_c 9, 12 and 33 leave vectors for a padded last group (after blocks of 8
+    # The thresholds as shipped: float32 at r_q 1 takes the dots along D, the rest the outer product (3, 11, 14:
+    # empty slots); r_c 9, 12 and 33 leave vectors for a padded last group (after blocks of 8
     # and 16, read in place for float32), r_c 1, 3, 4 and 5 share steps between candidates.
     blocks = stored_blocks(candidates, storage)
     for num_candidate_vectors in sorted({budget[1] for budget in MMR_BUDGETS} | {3, 5, 9, 12, 33}):

@@ -40,10 +40,10 @@ _MIN_CANDIDATES_PER_THREAD = 2048
 # candidate's r_c vectors are padded to a multiple, or to 1, 2 or 4, by repeating its first one).
 _LANES, _VECTORS_PER_STEP = 16, 8
 # From this many query vectors up the outer product is the faster one (any r_c: below 8 several candidates share a
-# step), measured on one thread against the dots along D at r_c 1, 4 and 16 (8k candidates, D 128): 1.1-2.3x from
-# r_q = 3 for all storages; at r_q = 2 0.7-1.1x for float32, 1.0-1.2x for the others; at r_q = 1 0.8-1.0x
-# (float16 0.97-1.1x).
-_LANES_MIN_QUERY_VECTORS = {torch.float32: 3, torch.float16: 1, torch.int8: 2, torch.uint8: 2}
+# step), measured on one thread against the dots along D at r_c 1, 4 and 16 (8k candidates, D 128): float16, int8
+# and 4-bit 1.1-2.1x from r_q = 2, at r_q = 1 1.1-1.2x at r_c = 1 (the (1, 1) budget), 0.87-0.98x at r_c = 4,
+# 1.0-1.06x at r_c = 16; float32 1.0-1.2x from r_q = 3, 0.8-1.1x at r_q = 2, 0.8-0.97x at r_q = 1.
+_LANES_MIN_QUERY_VECTORS = {torch.float32: 3, torch.float16: 1, torch.int8: 1, torch.uint8: 1}
 
 
 def available() -> bool:
@@ -310,15 +310,15 @@ def _kernels() -> _Kernels:
         max). Several (r_c < 8): each candidate's vectors padded to its rows (a power of two) the same way, the
         step taken once 8 rows (or the range's last candidate) are in, each candidate's max taken over its own rows;
         no read-ahead there (the hardware's prefetchers follow the contiguous runs of a whole collection).
-        `state`: (running maxima [1, 16], dots [8, 16], rows per candidate (0: one per step), query vectors)."""
-        running, dots, rows_per_candidate, num_query_vectors = state
-        group = vectors.shape[1] // query_lanes.shape[0]
+        `state`: (running maxima [1, 16], dots [8, 16], rows per candidate (0: one per step), query vectors, G):
+        no integer division per candidate (tens of cycles each)."""
+        running, dots, rows_per_candidate, num_query_vectors, group = state
         count = pending + widths[number]
         last = number == len(widths) - 1
         if rows_per_candidate > 0:
             if not last:
                 return count
-            first_row = (count - 1) // rows_per_candidate * rows_per_candidate
+            first_row = (count - 1) & -rows_per_candidate  # a power of two
             padded = first_row + rows_per_candidate
             repeat_first(vectors, first_row, count, padded)
             if padded < per_step and item + 1 < end:
@@ -424,7 +424,8 @@ def _kernels() -> _Kernels:
         owners = lanes_buffers(query, widths)
         arrays = unowned((owners, query_lanes, blocks, scales, widths, rows, scores))
         (running, dots, bits), query_lanes, blocks, scales, widths, rows, scores = arrays
-        state, vectors = (running, dots, candidate_rows(widths), query.shape[0]), bits.view(numpy.float32)
+        state = (running, dots, candidate_rows(widths), query.shape[0], query.shape[1] // query_lanes.shape[0])
+        vectors = bits.view(numpy.float32)
         pending = 0
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
@@ -434,7 +435,7 @@ def _kernels() -> _Kernels:
                     address, row_bytes = ahead(blocks[number], rows, item, end)
                     lanes_max(query_lanes, stored, widths[number], running, address, row_bytes)
                     if number == len(widths) - 1:
-                        scores[item] = lanes_score(running, 0, query.shape[0], query.shape[1] // query_lanes.shape[0])
+                        scores[item] = lanes_score(running, 0, state[3], state[4])
                         running[0, :] = -numpy.inf
                     continue
                 for position in range(widths[number]):  # the small blocks, gathered
@@ -511,7 +512,8 @@ def _kernels() -> _Kernels:
         owners = lanes_buffers(query, widths)
         arrays = unowned((owners, query_lanes, blocks, scales, widths, rows, scores))
         (running, dots, bits), query_lanes, blocks, scales, widths, rows, scores = arrays
-        state, vectors = (running, dots, candidate_rows(widths), query.shape[0]), bits.view(numpy.float32)
+        state = (running, dots, candidate_rows(widths), query.shape[0], query.shape[1] // query_lanes.shape[0])
+        vectors = bits.view(numpy.float32)
         pending = 0
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
@@ -527,7 +529,8 @@ def _kernels() -> _Kernels:
         owners = lanes_buffers(query, widths)
         arrays = unowned((owners, query_lanes, blocks, scales, widths, rows, scores))
         (running, dots, bits), query_lanes, blocks, scales, widths, rows, scores = arrays
-        state, vectors = (running, dots, candidate_rows(widths), query.shape[0]), bits.view(numpy.float32)
+        state = (running, dots, candidate_rows(widths), query.shape[0], query.shape[1] // query_lanes.shape[0])
+        vectors = bits.view(numpy.float32)
         pending = 0
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
@@ -544,7 +547,8 @@ def _kernels() -> _Kernels:
         owners = lanes_buffers(query, widths)
         arrays = unowned((owners, query_lanes, blocks, scales, widths, rows, scores))
         (running, dots, bits), query_lanes, blocks, scales, widths, rows, scores = arrays
-        state, vectors = (running, dots, candidate_rows(widths), query.shape[0]), bits.view(numpy.float32)
+        state = (running, dots, candidate_rows(widths), query.shape[0], query.shape[1] // query_lanes.shape[0])
+        vectors = bits.view(numpy.float32)
         code_values, offsets = unowned((code_values, offsets))
         offset_owner = numpy.zeros(query.shape[1], dtype=numpy.uint32)
         offset_bits = unowned(offset_owner)
