@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 
+import numpy
 import pytest
 import torch
 import torch.nn.functional as F
@@ -55,8 +56,9 @@ def stored_blocks(candidates, storage):
 @pytest.mark.parametrize("storage", STORAGES)
 @pytest.mark.parametrize("num_query_vectors", [1, 3, 4, 8, 11, 14, 16])
 def test_scores_equal_the_torch_kernel_for_every_storage_and_budget(candidates, query, storage, num_query_vectors):
-    # r_q from 10 (int8, 4-bit: 13) up and r_c >= 8 take the outer product (11, 14: some of the 16 lanes empty);
-    # r_c 9, 12 and 33 leave vectors for a padded last group (after blocks of 8 and 16, read in place for float32).
+    # The thresholds as shipped: float32 at r_q 1 takes the dots along D, the rest the outer product (3, 11, 14:
+    # empty slots); r_c 9, 12 and 33 leave vectors for a padded last group (after blocks of 8
+    # and 16, read in place for float32), r_c 1, 3, 4 and 5 share steps between candidates.
     blocks = stored_blocks(candidates, storage)
     for num_candidate_vectors in sorted({budget[1] for budget in MMR_BUDGETS} | {3, 5, 9, 12, 33}):
         scores = single_query.single_query_scores(query[:num_query_vectors], blocks, num_candidate_vectors)
@@ -154,16 +156,86 @@ def test_rows_are_scored_in_place_as_the_same_rows_of_all(candidates, query, sto
     assert torch.equal(found, everything[rows])
 
 
-def test_outer_product_compiles_to_512_bit_broadcast_multiply_adds(candidates, query):
-    # numba internals (metaembed/search/_numba_codegen.py): a stack array kept in registers, 512-bit vectors.
+def test_outer_product_compiles_to_512_bit_multiply_adds_fed_by_broadcast_loads(candidates, query, monkeypatch):
+    # numba / LLVM internals (metaembed/search/_numba_codegen.py): LLVM vector code, 512-bit vectors legal.
     llvmlite_binding = pytest.importorskip("llvmlite.binding")
     if "+avx512f" not in llvmlite_binding.get_host_cpu_features().flatten():
         pytest.skip("no AVX-512 on this machine")
+    monkeypatch.setattr(single_query, "_LANES_MIN_QUERY_VECTORS", dict.fromkeys(single_query._STORED_TYPES, 1))
     single_query.single_query_scores(query, stored_blocks(candidates, "float32"), 64)
-    lanes_max = single_query._kernels().lanes_max
-    code = "\n".join(lanes_max.inspect_asm(signature) for signature in lanes_max.signatures)
+    kernel = single_query._kernels().float32_lanes
+    code = "\n".join(kernel.inspect_asm(signature) for signature in kernel.signatures)
+    zmm_fma = r"vfmadd\w*ps\s+%zmm\d+, %zmm\d+, %zmm\d+"
+    # G = 1: the element broadcast inside the multiply-add; G = 2, 4, 8: a broadcast load into the register it
+    # feeds (on the load ports: no shuffles or element inserts per step); G = 16: a plain load.
     assert re.search(r"vfmadd\w*ps\s+[^\n]*\{1to16\}[^\n]*%zmm", code)
-    assert not re.search(r"vfmadd\w*ss", code)  # no scalar multiply-adds: the sums stayed in vector registers
+    for broadcast in (r"vbroadcastsd", r"vbroadcastf32x4", r"vbroadcastf(32x8|64x4)"):
+        assert re.search(rf"{broadcast}\s+[^\n]*\((%\w+)?(,%\w+)*(,\d)?\), (%zmm\d+)\n(.*\n){{0,3}}.*{zmm_fma}", code)
+    assert not re.search(r"vfmadd\w*ss|vinsertps", code)  # no scalar sums, no elements inserted one by one
+
+
+@pytest.fixture
+def outer_product_for_every_query(monkeypatch):
+    monkeypatch.setattr(single_query, "_LANES_MIN_QUERY_VECTORS", dict.fromkeys(single_query._STORED_TYPES, 1))
+
+
+@pytest.mark.usefixtures("outer_product_for_every_query")
+@pytest.mark.parametrize("storage", STORAGES)
+def test_every_lane_grouping_and_candidates_per_step_equal_the_torch_kernel(candidates, query, storage):
+    # r_q 1..16: slots P = 1, 2, 4, 8, 16 of G = 16, 8, 4, 2, 1 lanes; r_c 1, 2, 3, 4, 5: 8, 4, 2, 2, 1
+    # candidates per step (3 padded to 4, 5 to 8); 300 candidates: the last step holds fewer candidates.
+    blocks = stored_blocks(candidates, storage)
+    for num_query_vectors in range(1, 17):
+        for num_candidate_vectors in (1, 2, 3, 4, 5, 7, 8, 12, 64):
+            scores = single_query.single_query_scores(query[:num_query_vectors], blocks, num_candidate_vectors)
+            expected = late_interaction_scores(query[None, :num_query_vectors], blocks, None, num_candidate_vectors)
+            torch.testing.assert_close(scores, expected[0], atol=2e-6, rtol=0)
+
+
+@pytest.mark.usefixtures("outer_product_for_every_query")
+@pytest.mark.parametrize("storage", ["float32", "int4"])
+def test_lane_groups_narrow_where_they_do_not_divide_the_dimension(storage):
+    # D = 20: G = 16 and 8 do not divide it, so one query vector takes 4 lanes (P = 4 slots, three empty).
+    candidates = unit_vectors(40, 8, 20, seed=5)
+    assert single_query._query_lanes(numpy.ones((1, 20), dtype=numpy.float32)).shape == (5, 16)
+    blocks = stored_blocks(candidates, storage)
+    for num_query_vectors, num_candidate_vectors in [(1, 1), (1, 8), (2, 4), (5, 3)]:
+        query = unit_vectors(num_query_vectors, 20, seed=6)
+        scores = single_query.single_query_scores(query, blocks, num_candidate_vectors)
+        expected = late_interaction_scores(query[None], blocks, None, num_candidate_vectors)[0]
+        torch.testing.assert_close(scores, expected, atol=2e-6, rtol=0)
+
+
+def test_query_lanes_hold_each_slots_consecutive_elements():
+    query = numpy.arange(3 * 32, dtype=numpy.float32).reshape(3, 32)
+    lanes = single_query._query_lanes(query)  # r_q 3: P = 4 slots of G = 4 lanes
+    assert lanes.shape == (8, 16)
+    for row, slot, offset in [(0, 0, 0), (2, 1, 3), (7, 2, 1)]:
+        assert lanes[row, slot * 4 + offset] == query[slot, row * 4 + offset]
+    assert not lanes[:, 12:].any()  # the fourth slot: a zero vector
+
+
+@pytest.mark.usefixtures("outer_product_for_every_query")
+@pytest.mark.parametrize("storage", ["float32", "float16", "int8", "residual4"])
+@pytest.mark.parametrize("num_query_vectors, num_candidate_vectors", [(1, 1), (2, 4), (3, 3), (8, 2), (4, 16)])
+def test_rows_and_thread_split_with_several_candidates_per_step(
+    candidates, query, monkeypatch, storage, num_query_vectors, num_candidate_vectors
+):
+    # Shortlists of any length and order share steps as the whole collection does; each part of a thread split
+    # ends with a step of fewer candidates.
+    blocks = stored_blocks(candidates, storage)
+    everything = single_query.single_query_scores(query[:num_query_vectors], blocks, num_candidate_vectors)
+    for rows in (torch.tensor([299, 0, 7, 7, 150, 1, 3, 3, 200, 9, 11]), torch.tensor([5]), torch.arange(299, 0, -2)):
+        found = single_query.single_query_scores(query[:num_query_vectors], blocks, num_candidate_vectors, rows)
+        assert torch.equal(found, everything[rows])
+    monkeypatch.setattr(single_query, "_MIN_CANDIDATES_PER_THREAD", 1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)  # parts of 100 candidates: 12 steps of 8 and one of 4 at r_c 1
+        split = single_query.single_query_scores(query[:num_query_vectors], blocks, num_candidate_vectors)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(split, everything)
 
 
 @pytest.mark.parametrize("storage", ["float16", "residual4"])

@@ -1,6 +1,6 @@
 """The LLVM code generation the one-query kernel needs that numba has no public API for (numba and llvmlite
-internals, isolated here; tests/test_single_query.py fails loudly when they drift): a fixed-size array on the
-stack, which LLVM keeps in registers, 512-bit vectors for one function, and a prefetch."""
+internals, isolated here; tests/test_single_query.py fails loudly when they drift): the outer product's dots
+written out as LLVM vector code (512-bit vectors), and a prefetch."""
 
 from __future__ import annotations
 
@@ -9,39 +9,10 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-# LLVM's x86 backend uses 256-bit vectors on AVX-512 machines unless a function asks for more (its default
-# guards against the clock slowdown of 512-bit instructions on old Xeons; the outer-product kernel gains 2x).
-_PREFER_512_BIT = '"prefer-vector-width"="512"'
-
-
-@intrinsic
-def stack_array(typingctx, size):
-    """A float32 pointer to `size` (a literal) elements on the caller's stack: wrap with `numba.carray`. Unlike
-    `numpy.empty`, its elements become registers once its indices are constants (after unrolling)."""
-    if not isinstance(size, types.IntegerLiteral):
-        return None
-    count = size.literal_value
-
-    def codegen(context, builder, signature, arguments):
-        return cgutils.alloca_once(builder, context.get_value_type(types.float32), size=count)
-
-    return types.CPointer(types.float32)(size), codegen
-
-
-@intrinsic
-def wide_vectors(typingctx):
-    """Let LLVM vectorise the calling function with 512-bit registers where the machine has them (no effect
-    elsewhere), and keep it out of line so that callers compiled for 256 bits do not absorb it."""
-
-    def codegen(context, builder, signature, arguments):
-        attributes = builder.function.attributes
-        # llvmlite accepts only the attributes it knows; LLVM reads this string attribute per function.
-        attributes._known = attributes._known | {_PREFER_512_BIT}
-        attributes.add(_PREFER_512_BIT)
-        attributes.add("noinline")
-        return context.get_dummy_value()
-
-    return types.none(), codegen
+# LLVM's x86 backend splits 512-bit vectors in two on AVX-512 machines unless a function asks for them (its default
+# guards against the clock slowdown of 512-bit instructions on old Xeons; the outer product gains 2x with them).
+# This attribute makes them legal for the function holding the outer product, leaving its vectoriser's choices.
+_LEGAL_512_BIT = '"min-legal-vector-width"="512"'
 
 
 @intrinsic
@@ -51,15 +22,191 @@ def prefetch(typingctx, address):
         return None
 
     def codegen(context, builder, signature, arguments):
-        pointer_type = llvm_ir.IntType(8).as_pointer()
-        flag = llvm_ir.IntType(32)
-        function = cgutils.get_or_insert_function(
-            builder.module,
-            llvm_ir.FunctionType(llvm_ir.VoidType(), [pointer_type, flag, flag, flag]),
-            "llvm.prefetch.p0i8",
-        )
-        # a read, to be kept in all cache levels, of data
-        builder.call(function, [builder.inttoptr(arguments[0], pointer_type), flag(0), flag(3), flag(1)])
+        _emit_prefetch(builder, arguments[0])
         return context.get_dummy_value()
 
     return types.none(address), codegen
+
+
+def _emit_prefetch(builder, address) -> None:
+    byte_pointer, flag = llvm_ir.IntType(8).as_pointer(), llvm_ir.IntType(32)
+    function = cgutils.get_or_insert_function(
+        builder.module, llvm_ir.FunctionType(llvm_ir.VoidType(), [byte_pointer, flag, flag, flag]), "llvm.prefetch.p0i8"
+    )
+    # a read, to be kept in all cache levels, of data
+    builder.call(function, [builder.inttoptr(address, byte_pointer), flag(0), flag(3), flag(1)])
+
+
+_LANES = 16  # float32 lanes of a 512-bit register
+_GROUPS = (1, 2, 4, 8, 16)  # query elements per lane group: 16 / (query vectors padded to a power of two)
+
+
+def _row_pointer(context, builder, array_type, array, row):
+    """A float pointer to row `row` of a 2D float32 numba array, and the array's row stride in elements."""
+    structure = context.make_array(array_type)(context, builder, array)
+    row_stride = builder.sdiv(cgutils.unpack_tuple(builder, structure.strides, 2)[0], row.type(4))
+    data = builder.bitcast(structure.data, llvm_ir.FloatType().as_pointer())
+    return builder.gep(data, [builder.mul(row, row_stride)]), row_stride
+
+
+@intrinsic
+def grouped_dots(typingctx, out, query_lanes, vectors, first, per_step, fold_max, ahead, lines):
+    """The dots of `per_step` (a literal) float32 vectors `vectors[first:first + per_step]` (`[w, D]`) with the
+    query vectors packed in float32 `query_lanes` `[D / G, 16]` (G = D / its rows, one of 1, 2, 4, 8, 16; lane
+    `slot * G + t` of row k holds element `k * G + t` of query vector `slot`). Each step loads one query row and,
+    per vector, its G elements there broadcast to every slot (a broadcast load), multiply-added into sixteen-lane
+    sums that stay in registers; after D / G steps log2(G) shuffle-adds (lane ^ 1, lane ^ 2, ...) fold each
+    slot's G lanes, leaving the dot in every lane of its slot (no horizontal sum per dot). `fold_max` (a literal
+    bool) True: `out[0] = max(out[0], the vectors' dots)` lane by lane; False: `out[v] = vector first + v's dots`.
+    Step k < `lines` also prefetches the line at address `ahead + 64 k`. numba's vectoriser does not give this
+    code (it gathers the G elements lane by lane), hence LLVM IR written out, a loop per G."""
+    if not isinstance(per_step, types.IntegerLiteral) or not isinstance(fold_max, types.BooleanLiteral):
+        return None
+    vector_count, keep_max = per_step.literal_value, fold_max.literal_value
+
+    def codegen(context, builder, signature, arguments):
+        index_type = llvm_ir.IntType(64)
+        first_row, ahead_address, line_count = (
+            context.cast(builder, arguments[position], signature.args[position], types.int64) for position in (3, 6, 7)
+        )
+        out_pointer, _ = _row_pointer(context, builder, signature.args[0], arguments[0], index_type(0))
+        query_pointer, _ = _row_pointer(context, builder, signature.args[1], arguments[1], index_type(0))
+        vector_pointer, row_stride = _row_pointer(context, builder, signature.args[2], arguments[2], first_row)
+        steps = cgutils.unpack_tuple(
+            builder, context.make_array(signature.args[1])(context, builder, arguments[1]).shape, 2
+        )[0]
+        dim = cgutils.unpack_tuple(
+            builder, context.make_array(signature.args[2])(context, builder, arguments[2]).shape, 2
+        )[1]
+        group = builder.sdiv(dim, steps)
+        pointers = (builder.bitcast(out_pointer, _lane_vector().as_pointer()), query_pointer, vector_pointer)
+        exit_block = builder.append_basic_block("grouped.exit")
+        switch = builder.switch(group, exit_block)  # other groups: the caller's packing rules them out
+        for group_size in _GROUPS:
+            block = builder.append_basic_block(f"grouped.{group_size}")
+            switch.add_case(index_type(group_size), block)
+            builder.position_at_end(block)
+            _emit_grouped_dots(
+                builder, pointers, row_stride, steps, group_size, vector_count, keep_max, ahead_address, line_count
+            )
+            builder.branch(exit_block)
+        builder.position_at_end(exit_block)
+        attributes = builder.function.attributes
+        # llvmlite accepts only the attributes it knows; LLVM reads this string attribute per function.
+        attributes._known = attributes._known | {_LEGAL_512_BIT}
+        attributes.add(_LEGAL_512_BIT)
+        return context.get_dummy_value()
+
+    return types.none(out, query_lanes, vectors, first, per_step, fold_max, ahead, lines), codegen
+
+
+def _lane_vector() -> llvm_ir.VectorType:
+    return llvm_ir.VectorType(llvm_ir.FloatType(), _LANES)
+
+
+def _lane_mask(sources: list[int]) -> llvm_ir.Constant:
+    """A shufflevector mask: lane i takes lane sources[i]."""
+    return llvm_ir.Constant(llvm_ir.VectorType(llvm_ir.IntType(32), _LANES), sources)
+
+
+def _emit_grouped_dots(builder, pointers, row_stride, steps, group_size, vector_count, keep_max, ahead, lines):
+    out_pointer, query_pointer, vector_pointer = pointers
+    lane_vector, index_type = _lane_vector(), llvm_ir.IntType(64)
+    group_vector = llvm_ir.VectorType(llvm_ir.FloatType(), group_size)
+    fma = cgutils.get_or_insert_function(
+        builder.module, llvm_ir.FunctionType(lane_vector, [lane_vector] * 3), f"llvm.fma.v{_LANES}f32"
+    )
+    broadcast_mask = _lane_mask([lane % group_size for lane in range(_LANES)])
+    entry = builder.basic_block
+    loop = builder.append_basic_block(f"grouped.{group_size}.loop")
+    builder.branch(loop)
+    builder.position_at_end(loop)
+    step = builder.phi(index_type)
+    step.add_incoming(index_type(0), entry)
+    sums = []
+    for _ in range(vector_count):
+        sums.append(builder.phi(lane_vector))
+        sums[-1].add_incoming(llvm_ir.Constant(lane_vector, None), entry)
+    query_row = builder.gep(query_pointer, [builder.mul(step, index_type(_LANES))])
+    query_row = builder.load(builder.bitcast(query_row, lane_vector.as_pointer()), align=4)
+    element = builder.mul(step, index_type(group_size))
+    updated = []
+    for vector, total in enumerate(sums):
+        address = builder.gep(vector_pointer, [builder.add(builder.mul(index_type(vector), row_stride), element)])
+        loaded = builder.load(builder.bitcast(address, group_vector.as_pointer()), align=4)
+        broadcast = builder.shuffle_vector(loaded, llvm_ir.Constant(group_vector, None), broadcast_mask)
+        updated.append(builder.call(fma, [query_row, broadcast, total]))
+    with builder.if_then(builder.icmp_signed("<", step, lines), likely=False):
+        _emit_prefetch(builder, builder.add(ahead, builder.mul(step, index_type(64))))
+    latch = builder.basic_block
+    following = builder.add(step, index_type(1))
+    step.add_incoming(following, latch)
+    for phi, total in zip(sums, updated):
+        phi.add_incoming(total, latch)
+    done = builder.append_basic_block(f"grouped.{group_size}.done")
+    builder.cbranch(builder.icmp_signed("<", following, steps), loop, done)
+    builder.position_at_end(done)
+    folded = []
+    for total in updated:
+        shift = 1
+        while shift < group_size:
+            total = builder.fadd(
+                total, builder.shuffle_vector(total, total, _lane_mask([lane ^ shift for lane in range(_LANES)]))
+            )
+            shift *= 2
+        folded.append(total)
+    if keep_max:
+        best = builder.load(out_pointer, align=4)
+        for total in folded:
+            best = builder.select(builder.fcmp_ordered(">", total, best), total, best)
+        builder.store(best, out_pointer, align=4)
+    else:
+        for vector, total in enumerate(folded):
+            builder.store(total, builder.gep(out_pointer, [index_type(vector)]), align=4)
+
+
+def _arrays_only(value) -> bool:
+    if isinstance(value, types.BaseTuple):
+        return all(_arrays_only(element) for element in value.types)
+    return isinstance(value, types.Array)
+
+
+@intrinsic
+def unowned(typingctx, value):
+    """`value` (an array, or a tuple of arrays and such tuples) without its owner: the same data, shape and strides,
+    no reference count. numba counts a reference for every array an inlined helper receives (atomic operations,
+    which cost more than the one-query kernel's own work per candidate at small budgets); through these views it
+    counts none. The caller keeps the owners alive while the views are in use (`keep_alive`)."""
+    if not _arrays_only(value):
+        return None
+
+    def codegen(context, builder, signature, arguments):
+        def strip(value_type, value):
+            if isinstance(value_type, types.BaseTuple):
+                elements = [
+                    strip(element_type, builder.extract_value(value, position))
+                    for position, element_type in enumerate(value_type.types)
+                ]
+                return context.make_tuple(builder, value_type, elements)
+            structure = context.make_array(value_type)(context, builder, value)
+            view = context.make_array(value_type)(context, builder)
+            for field in ("nitems", "itemsize", "data", "shape", "strides"):
+                setattr(view, field, getattr(structure, field))
+            view.meminfo = cgutils.get_null_value(view.meminfo.type)
+            view.parent = cgutils.get_null_value(view.parent.type)
+            return view._getvalue()
+
+        return strip(value, arguments[0])
+
+    return value(value), codegen
+
+
+@intrinsic
+def keep_alive(typingctx, value):
+    """A use of `value`: numba releases an array after its last use, so an owner used here outlives its
+    `unowned` views used before."""
+
+    def codegen(context, builder, signature, arguments):
+        return context.get_dummy_value()
+
+    return types.none(value), codegen

@@ -6,15 +6,17 @@ BLAS it reads the stored vectors slower than the machine can (its GEMM kernels a
 float16 / int8 / 4-bit storage pay an extra pass to upcast every chunk. Here each candidate is read once: its
 first r_c vectors are decoded from their stored type (float16 bits, int8 or 4-bit codes times the vector's scale,
 residual4's mean added) into a small buffer that stays in the L1 cache, and their dots with the query vectors go
-straight into a running max. From `_LANES_MIN_QUERY_VECTORS` query vectors up, the dots are an outer product with
-the query vectors across the 16 lanes of a vector register (the query transposed, `[D, 16]`): each step adds one
-decoded element of eight candidate vectors, broadcast, times one row of it, so no dot ends in a horizontal sum
-and the max over a candidate's vectors is lane by lane; meanwhile the next candidate's stored vectors are
-requested from memory. Fewer query vectors would leave most lanes empty: their dots run along D instead
-(`block_max`). Scores are float32 and accumulate in float32 (with a different summation
-order than torch's kernel: equal to float32 rounding). Candidates are split across `torch.get_num_threads()`
-threads (the kernels release the GIL); a call shares no state with another, so servers may search from several
-threads at once.
+straight into a running max. From `_LANES_MIN_QUERY_VECTORS` query vectors up (on AVX-512 machines), the dots are
+an outer product with the query vectors across the 16 lanes of a vector register: r_q padded to P slots (1, 2, 4,
+8 or 16) of G = 16 / P lanes, each lane a query vector's share of G consecutive elements (`_query_lanes`). Each
+step multiplies one row of it by G decoded elements of eight candidate vectors, broadcast to every slot, and adds
+into sums held in registers; after D / G steps log2(G) shuffle-adds fold each slot's lanes, so no dot ends in a
+horizontal sum and the max over a candidate's vectors is lane by lane. Below r_c = 8 several candidates share a
+step (a candidate's vectors padded to 1, 2 or 4). Meanwhile the next candidate's stored vectors are requested from
+memory. With fewer query vectors the dots run along D instead (`block_max`). Scores are float32 and accumulate in
+float32 (with a different summation order than torch's kernel: equal to float32 rounding). Candidates are split
+across `torch.get_num_threads()` threads (the kernels release the GIL); a call shares no state with another, so
+servers may search from several threads at once.
 """
 
 from __future__ import annotations
@@ -34,13 +36,14 @@ from scoring_metaembed import PrefixBlocks
 _STORED_TYPES = (torch.float32, torch.float16, torch.int8, torch.uint8)
 # Below this many candidates per thread, splitting costs more than it saves.
 _MIN_CANDIDATES_PER_THREAD = 2048
-# The lanes of the outer-product kernel (query vectors, zero-padded: 16 float32 fill a 512-bit register) and its
-# candidate vectors per step (a candidate's r_c vectors are padded to a multiple by repeating its first one).
+# The lanes of the outer-product kernel (16 float32 fill a 512-bit register) and its candidate vectors per step (a
+# candidate's r_c vectors are padded to a multiple, or to 1, 2 or 4, by repeating its first one).
 _LANES, _VECTORS_PER_STEP = 16, 8
-# From this many query vectors up (and r_c >= 8) the outer-product kernel is the faster one, measured on one
-# thread: 1.1-2.2x the dots along D at r_q = 16; at r_q = 12 1.1-1.3x for float32 and float16, 0.9-1.2x for
-# int8 and 4-bit; at r_q = 8 0.8x (float16 0.8-1.3x, varying with the load of the machine).
-_LANES_MIN_QUERY_VECTORS = {torch.float32: 10, torch.float16: 10, torch.int8: 13, torch.uint8: 13}
+# From this many query vectors up the outer product is the faster one (any r_c: below 8 several candidates share a
+# step), measured on one thread against the dots along D at r_c 1, 4 and 16 (8k candidates, D 128): float16, int8
+# and 4-bit 1.1-2.1x from r_q = 2, at r_q = 1 1.1-1.2x at r_c = 1 (the (1, 1) budget), 0.87-0.98x at r_c = 4,
+# 1.0-1.06x at r_c = 16; float32 1.0-1.2x from r_q = 3, 0.8-1.1x at r_q = 2, 0.8-0.97x at r_q = 1.
+_LANES_MIN_QUERY_VECTORS = {torch.float32: 3, torch.float16: 1, torch.int8: 1, torch.uint8: 1}
 
 
 def available() -> bool:
@@ -104,14 +107,8 @@ def single_query_scores(
         query = query * numpy.float32(2.0**112)
     selected = _NO_ROWS if rows is None else _as_array(rows.to(torch.int64))
     query_lanes = _NO_QUERY_LANES
-    if (
-        len(query) >= _LANES_MIN_QUERY_VECTORS[dtype]
-        and num_candidate_vectors >= _VECTORS_PER_STEP
-        and _has_512_bit_vectors()
-    ):
-        query_lanes = numpy.zeros((query.shape[1], _LANES), dtype=numpy.float32)
-        query_lanes[:, : len(query)] = query.T
-        query_lanes = _read_only(query_lanes)
+    if len(query) >= _LANES_MIN_QUERY_VECTORS[dtype] and _has_512_bit_vectors():
+        query_lanes = _query_lanes(query)
     storage = {torch.float32: "float32", torch.float16: "float16", torch.int8: "int8", torch.uint8: "four_bit"}[dtype]
     kernel = getattr(kernels, storage + ("_lanes" if len(query_lanes) else ""))
     arguments = (
@@ -137,6 +134,20 @@ def single_query_scores(
         for future in futures:
             future.result()
     return torch.from_numpy(scores)
+
+
+def _query_lanes(query: numpy.ndarray) -> numpy.ndarray:
+    """float32 `[r_q, D]` packed for the outer product, `[D / G, 16]`: r_q padded with zero vectors to P slots (a
+    power of two) of G = 16 / P lanes each (fewer where G does not divide D), lane `slot * G + t` of row k holding
+    element `k * G + t` of query vector `slot`; G = 1 is the query transposed."""
+    num_query_vectors, dim = query.shape
+    group = _LANES // (1 << (num_query_vectors - 1).bit_length())
+    while dim % group != 0:
+        group //= 2
+    padded = numpy.zeros((_LANES // group, dim), dtype=numpy.float32)
+    padded[:num_query_vectors] = query
+    packed = padded.reshape(_LANES // group, dim // group, group).transpose(1, 0, 2).reshape(dim // group, _LANES)
+    return _read_only(numpy.ascontiguousarray(packed))
 
 
 def _read_only(array: numpy.ndarray) -> numpy.ndarray:
@@ -182,15 +193,13 @@ class _Kernels:
 
 @cache
 def _kernels() -> _Kernels:
-    """Compile (or load from numba's cache) the four kernels, one per stored type (and the outer product they
-    share, for tests to inspect)."""
+    """Compile (or load from numba's cache) the kernels: two per stored type (dots along D, outer product)."""
     import numba
 
-    from ._numba_codegen import prefetch, stack_array, wide_vectors
+    from ._numba_codegen import grouped_dots, keep_alive, prefetch, unowned
 
     options = {"nogil": True, "cache": True, "fastmath": {"reassoc", "contract"}, "boundscheck": False}
     lanes, per_step = _LANES, _VECTORS_PER_STEP
-    accumulators = lanes * per_step
 
     @numba.njit(**options)
     def _widest(widths):  # rows of the decode buffer for the dots along D
@@ -240,37 +249,42 @@ def _kernels() -> _Kernels:
                 row += 1
             column += 2
 
-    # Only "contract": with "reassoc" LLVM vectorises the loop over elements (a reduction) instead of the lanes.
-    @numba.njit(nogil=True, cache=True, fastmath={"contract"}, boundscheck=False)
-    def lanes_max(query_lanes, vectors, running, ahead, row_bytes):
-        """running[lane] = max(running[lane], max_j <query_lanes[:, lane], vectors[j]>) for float32
-        `query_lanes [D, 16]`, `vectors [w, D]` (w a multiple of 8): eight vectors at a time, each step one load
-        of a query row and eight broadcast multiply-adds into sixteen-lane sums held in registers. `ahead`: the
-        address of the next candidate's stored copy of these vectors (0: none), `row_bytes` a vector's there,
-        read into the cache meanwhile, a line per step (the hardware's prefetchers miss these short runs)."""
-        wide_vectors()
-        sums = numba.carray(stack_array(accumulators), (per_step, lanes))
-        dim = query_lanes.shape[0]
+    # Inlined, with no array slices: a call or a slice per candidate costs atomic reference counts (measured: most
+    # of the time at r_c = 1).
+    @numba.njit(**options, inline="always")
+    def lanes_max(query_lanes, vectors, count, running, ahead, row_bytes):
+        """running[0, lane] = max(running[0, lane], dot of lane's query vector with vectors[j]) over j < count (a
+        multiple of 8), the dot in every lane of its slot (see `_query_lanes`), for float32 `vectors [w, D]`: eight
+        vectors at a time (`grouped_dots`). `ahead`: the address of the next candidate's stored copy of these
+        vectors (0: none), `row_bytes` a vector's there, read into the cache meanwhile, a line per step (the
+        hardware's prefetchers miss these short runs)."""
+        steps = query_lanes.shape[0]
         group_lines = -(-per_step * row_bytes // 64) if ahead != 0 else 0
-        for first in range(0, vectors.shape[0], per_step):
+        for first in range(0, count, per_step):
             group = ahead + first * row_bytes
-            for vector in range(per_step):
-                for lane in range(lanes):
-                    sums[vector, lane] = 0.0
-            for element in range(dim):
-                if element < group_lines:
-                    prefetch(group + 64 * element)
-                for lane in range(lanes):
-                    weight = query_lanes[element, lane]
-                    for vector in range(per_step):
-                        sums[vector, lane] += weight * vectors[first + vector, element]
-            for line in range(dim, group_lines):
+            grouped_dots(running, query_lanes, vectors, first, per_step, True, group, group_lines)
+            for line in range(steps, group_lines):
                 prefetch(group + 64 * line)
-            for lane in range(lanes):
-                best = running[lane]
-                for vector in range(per_step):
-                    best = max(best, sums[vector, lane])
-                running[lane] = best
+
+    @numba.njit(**options, inline="always")
+    def lanes_score(dots, row, num_query_vectors, group):
+        """The sum over query vectors of dots[row, lane of its slot]."""
+        total = numpy.float32(0.0)
+        for slot in range(num_query_vectors):
+            total += dots[row, slot * group]
+        return total
+
+    @numba.njit(**options, inline="always")
+    def candidate_rows(widths):
+        """Buffer rows per candidate when several candidates share a step of 8 vectors (r_c < 8, padded to 1,
+        2 or 4); 0 when each candidate takes whole steps of its own."""
+        count = widths.sum()
+        if count >= per_step:
+            return 0
+        rows = 1
+        while rows < count:
+            rows *= 2
+        return rows
 
     @numba.njit(**options, inline="always")
     def ahead(block, rows, item, end):
@@ -281,22 +295,56 @@ def _kernels() -> _Kernels:
         return numpy.int64(block.ctypes.data + following * block.strides[0]), block.strides[1]
 
     @numba.njit(**options, inline="always")
-    def lanes_fold(query_lanes, vectors, pending, blocks, widths, number, rows, item, end, running):
+    def repeat_first(vectors, first_row, start, stop):
+        """vectors[start:stop] = vectors[first_row] (a candidate's padding: repeats change no max)."""
+        for row in range(start, stop):
+            for element in range(vectors.shape[1]):
+                vectors[row, element] = vectors[first_row, element]
+
+    @numba.njit(**options, inline="always")
+    def lanes_fold(query_lanes, vectors, pending, blocks, widths, number, rows, item, end, state, scores):
         """Fold the decoded `vectors[: pending + widths[number]]` (the pending ones, then block `number`'s) into
-        the running maxima by the outer product, eight at a time, reading the next candidate's block ahead;
-        returns how many stay pending: a rest waits for the next block, or after the last one is padded by
-        repeating the first vector (repeats change no max)."""
+        the scores by the outer product, reading the next candidate's block ahead; returns how many rows stay
+        pending. One candidate per step (r_c >= 8): eight vectors at a time into its running maxima, a rest
+        waiting for the next block, after the last one padded by repeating the first vector (repeats change no
+        max). Several (r_c < 8): each candidate's vectors padded to its rows (a power of two) the same way, the
+        step taken once 8 rows (or the range's last candidate) are in, each candidate's max taken over its own rows;
+        no read-ahead there (the hardware's prefetchers follow the contiguous runs of a whole collection).
+        `state`: (running maxima [1, 16], dots [8, 16], rows per candidate (0: one per step), query vectors, G):
+        no integer division per candidate (tens of cycles each)."""
+        running, dots, rows_per_candidate, num_query_vectors, group = state
         count = pending + widths[number]
+        last = number == len(widths) - 1
+        if rows_per_candidate > 0:
+            if not last:
+                return count
+            first_row = (count - 1) & -rows_per_candidate  # a power of two
+            padded = first_row + rows_per_candidate
+            repeat_first(vectors, first_row, count, padded)
+            if padded < per_step and item + 1 < end:
+                return padded
+            repeat_first(vectors, 0, padded, per_step)  # the range's end: slots of no candidate, ignored
+            grouped_dots(dots, query_lanes, vectors, 0, per_step, False, 0, 0)
+            held = padded // rows_per_candidate
+            for slot in range(held):
+                for vector in range(slot * rows_per_candidate + 1, (slot + 1) * rows_per_candidate):
+                    for lane in range(lanes):
+                        dots[slot * rows_per_candidate, lane] = max(
+                            dots[slot * rows_per_candidate, lane], dots[vector, lane]
+                        )
+                scores[item - held + 1 + slot] = lanes_score(dots, slot * rows_per_candidate, num_query_vectors, group)
+            return 0
         if count % per_step != 0:
-            if number < len(widths) - 1:
+            if not last:
                 return count
             padded = count + per_step - count % per_step
-            for row in range(count, padded):
-                for element in range(vectors.shape[1]):
-                    vectors[row, element] = vectors[0, element]
+            repeat_first(vectors, 0, count, padded)
             count = padded
         address, row_bytes = ahead(blocks[number], rows, item, end)
-        lanes_max(query_lanes, vectors[:count], running, address, row_bytes)
+        lanes_max(query_lanes, vectors, count, running, address, row_bytes)
+        if last:
+            scores[item] = lanes_score(running, 0, num_query_vectors, group)
+            running[0, :] = -numpy.inf
         return 0
 
     # Decoders: a candidate's first `width` stored vectors of one block, as float32, into `vectors[first:]`.
@@ -352,39 +400,61 @@ def _kernels() -> _Kernels:
     # (`lanes_max`, eight vectors at a time: float32 reads whole groups of 8 in place).
     @numba.njit(**options)
     def float32(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
-        running = numpy.empty(query.shape[0], dtype=numpy.float32)
+        owner = numpy.empty(query.shape[0], dtype=numpy.float32)
+        running = unowned(owner)
+        query, blocks, scales, rows, scores = unowned((query, blocks, scales, rows, scores))
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
             running[:] = -numpy.inf
             for number in range(len(widths)):
                 block_max(query, blocks[number][candidate, : widths[number]], running)
             scores[item] = running.sum()
+        keep_alive(owner)
+
+    @numba.njit(**options)
+    def lanes_buffers(query, widths):
+        """The running maxima `[1, 16]` and dots `[8, 16]` of `lanes_fold`, and a decode buffer of 32-bit
+        elements."""
+        running = numpy.full((1, lanes), -numpy.inf, dtype=numpy.float32)
+        dots = numpy.empty((per_step, lanes), dtype=numpy.float32)
+        return running, dots, numpy.empty((_buffer_rows(widths), query.shape[1]), dtype=numpy.uint32)
 
     @numba.njit(**options)
     def float32_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
-        running = numpy.empty(lanes, dtype=numpy.float32)
-        vectors = numpy.empty((_buffer_rows(widths), query.shape[1]), dtype=numpy.float32)
+        owners = lanes_buffers(query, widths)
+        arrays = unowned((owners, query_lanes, blocks, scales, widths, rows, scores))
+        (running, dots, bits), query_lanes, blocks, scales, widths, rows, scores = arrays
+        state = (running, dots, candidate_rows(widths), query.shape[0], query.shape[1] // query_lanes.shape[0])
+        vectors = bits.view(numpy.float32)
+        pending = 0
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
-            running[:] = -numpy.inf
-            pending = 0
             for number in range(len(widths)):
-                stored = blocks[number][candidate, : widths[number]]
+                stored = blocks[number][candidate]
                 if pending == 0 and widths[number] % per_step == 0:
                     address, row_bytes = ahead(blocks[number], rows, item, end)
-                    lanes_max(query_lanes, stored, running, address, row_bytes)
+                    lanes_max(query_lanes, stored, widths[number], running, address, row_bytes)
+                    if number == len(widths) - 1:
+                        scores[item] = lanes_score(running, 0, state[3], state[4])
+                        running[0, :] = -numpy.inf
                     continue
                 for position in range(widths[number]):  # the small blocks, gathered
                     for element in range(stored.shape[1]):
                         vectors[pending + position, element] = stored[position, element]
-                pending = lanes_fold(query_lanes, vectors, pending, blocks, widths, number, rows, item, end, running)
-            scores[item] = running[: query.shape[0]].sum()
+                pending = lanes_fold(
+                    query_lanes, vectors, pending, blocks, widths, number, rows, item, end, state, scores
+                )
+        keep_alive(owners)
 
     @numba.njit(**options)
     def float16(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
-        running = numpy.empty(query.shape[0], dtype=numpy.float32)
-        bits = numpy.empty((_widest(widths), query.shape[1]), dtype=numpy.uint32)
+        owners = (
+            numpy.empty(query.shape[0], dtype=numpy.float32),
+            numpy.empty((_widest(widths), query.shape[1]), dtype=numpy.uint32),
+        )
+        running, bits = unowned(owners)
         vectors = bits.view(numpy.float32)
+        query, blocks, scales, rows, scores = unowned((query, blocks, scales, rows, scores))
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
             running[:] = -numpy.inf
@@ -392,11 +462,16 @@ def _kernels() -> _Kernels:
                 decode_float16(blocks[number][candidate], widths[number], bits, 0)
                 block_max(query, vectors[: widths[number]], running)
             scores[item] = running.sum()
+        keep_alive(owners)
 
     @numba.njit(**options)
     def int8(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
-        running = numpy.empty(query.shape[0], dtype=numpy.float32)
-        vectors = numpy.empty((_widest(widths), query.shape[1]), dtype=numpy.float32)
+        owners = (
+            numpy.empty(query.shape[0], dtype=numpy.float32),
+            numpy.empty((_widest(widths), query.shape[1]), dtype=numpy.float32),
+        )
+        running, vectors = unowned(owners)
+        query, blocks, scales, rows, scores = unowned((query, blocks, scales, rows, scores))
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
             running[:] = -numpy.inf
@@ -404,13 +479,20 @@ def _kernels() -> _Kernels:
                 decode_int8(blocks[number][candidate], scales[number][candidate], widths[number], vectors, 0)
                 block_max(query, vectors[: widths[number]], running)
             scores[item] = running.sum()
+        keep_alive(owners)
 
     @numba.njit(**options)
     def four_bit(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
-        running = numpy.empty(query.shape[0], dtype=numpy.float32)
-        vectors = numpy.empty((_widest(widths), query.shape[1]), dtype=numpy.float32)
-        offset_bits = numpy.zeros(query.shape[1], dtype=numpy.uint32)
+        owners = (
+            numpy.empty(query.shape[0], dtype=numpy.float32),
+            numpy.empty((_widest(widths), query.shape[1]), dtype=numpy.float32),
+        )
+        running, vectors = unowned(owners)
+        offset_owner = numpy.zeros(query.shape[1], dtype=numpy.uint32)
+        offset_bits = unowned(offset_owner)
         offset = offset_bits.view(numpy.float32)
+        code_values, offsets = unowned((code_values, offsets))
+        query, blocks, scales, rows, scores = unowned((query, blocks, scales, rows, scores))
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
             running[:] = -numpy.inf
@@ -421,55 +503,71 @@ def _kernels() -> _Kernels:
                 decode_four_bit(codes, vector_scales, widths[number], vectors, 0, code_values, offset)
                 block_max(query, vectors[: widths[number]], running)
             scores[item] = running.sum()
+        keep_alive(owners)
+        keep_alive(offset_owner)
 
     # One outer-product kernel per decoded type: a single one branching on the type measured 1.3-1.5x slower.
     @numba.njit(**options)
     def float16_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
-        running = numpy.empty(lanes, dtype=numpy.float32)
-        bits = numpy.empty((_buffer_rows(widths), query.shape[1]), dtype=numpy.uint32)
+        owners = lanes_buffers(query, widths)
+        arrays = unowned((owners, query_lanes, blocks, scales, widths, rows, scores))
+        (running, dots, bits), query_lanes, blocks, scales, widths, rows, scores = arrays
+        state = (running, dots, candidate_rows(widths), query.shape[0], query.shape[1] // query_lanes.shape[0])
         vectors = bits.view(numpy.float32)
+        pending = 0
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
-            running[:] = -numpy.inf
-            pending = 0
             for number in range(len(widths)):
                 decode_float16(blocks[number][candidate], widths[number], bits, pending)
-                pending = lanes_fold(query_lanes, vectors, pending, blocks, widths, number, rows, item, end, running)
-            scores[item] = running[: query.shape[0]].sum()
+                pending = lanes_fold(
+                    query_lanes, vectors, pending, blocks, widths, number, rows, item, end, state, scores
+                )
+        keep_alive(owners)
 
     @numba.njit(**options)
     def int8_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
-        running = numpy.empty(lanes, dtype=numpy.float32)
-        vectors = numpy.empty((_buffer_rows(widths), query.shape[1]), dtype=numpy.float32)
+        owners = lanes_buffers(query, widths)
+        arrays = unowned((owners, query_lanes, blocks, scales, widths, rows, scores))
+        (running, dots, bits), query_lanes, blocks, scales, widths, rows, scores = arrays
+        state = (running, dots, candidate_rows(widths), query.shape[0], query.shape[1] // query_lanes.shape[0])
+        vectors = bits.view(numpy.float32)
+        pending = 0
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
-            running[:] = -numpy.inf
-            pending = 0
             for number in range(len(widths)):
                 codes, vector_scales = blocks[number][candidate], scales[number][candidate]
                 decode_int8(codes, vector_scales, widths[number], vectors, pending)
-                pending = lanes_fold(query_lanes, vectors, pending, blocks, widths, number, rows, item, end, running)
-            scores[item] = running[: query.shape[0]].sum()
+                pending = lanes_fold(
+                    query_lanes, vectors, pending, blocks, widths, number, rows, item, end, state, scores
+                )
+        keep_alive(owners)
 
     @numba.njit(**options)
     def four_bit_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
-        running = numpy.empty(lanes, dtype=numpy.float32)
-        vectors = numpy.empty((_buffer_rows(widths), query.shape[1]), dtype=numpy.float32)
-        offset_bits = numpy.zeros(query.shape[1], dtype=numpy.uint32)
+        owners = lanes_buffers(query, widths)
+        arrays = unowned((owners, query_lanes, blocks, scales, widths, rows, scores))
+        (running, dots, bits), query_lanes, blocks, scales, widths, rows, scores = arrays
+        state = (running, dots, candidate_rows(widths), query.shape[0], query.shape[1] // query_lanes.shape[0])
+        vectors = bits.view(numpy.float32)
+        code_values, offsets = unowned((code_values, offsets))
+        offset_owner = numpy.zeros(query.shape[1], dtype=numpy.uint32)
+        offset_bits = unowned(offset_owner)
         offset = offset_bits.view(numpy.float32)
+        pending = 0
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
-            running[:] = -numpy.inf
             if offsets.shape[0] > 0:
                 decode_offset(offsets, candidate, offset_bits, offset)
-            pending = 0
             for number in range(len(widths)):
                 codes, vector_scales = blocks[number][candidate], scales[number][candidate]
                 decode_four_bit(codes, vector_scales, widths[number], vectors, pending, code_values, offset)
-                pending = lanes_fold(query_lanes, vectors, pending, blocks, widths, number, rows, item, end, running)
-            scores[item] = running[: query.shape[0]].sum()
+                pending = lanes_fold(
+                    query_lanes, vectors, pending, blocks, widths, number, rows, item, end, state, scores
+                )
+        keep_alive(owners)
+        keep_alive(offset_owner)
 
-    kernels = (float32, float16, int8, four_bit, float32_lanes, float16_lanes, int8_lanes, four_bit_lanes, lanes_max)
+    kernels = (float32, float16, int8, four_bit, float32_lanes, float16_lanes, int8_lanes, four_bit_lanes)
     return _Kernels(**{kernel.py_func.__name__: kernel for kernel in kernels})
 
 
