@@ -79,8 +79,62 @@ def single_query_scores(
     Returns:
         float32 `[N]`, or `[n]` for `rows`.
     """
+    dtype = candidates.blocks[0].dtype
+    outer_product = (
+        len(query) >= _LANES_MIN_QUERY_VECTORS[dtype]
+        and num_candidate_vectors >= _VECTORS_PER_STEP
+        and _has_512_bit_vectors()
+    )
+    return _scores(query[None], candidates, num_candidate_vectors, rows, outer_product)[0]
+
+
+def batch_supports(candidates: PrefixBlocks, num_queries: int, num_candidate_vectors: int) -> bool:
+    """`batch_scores` handles these blocks (float32, float16, int8 or 4-bit codes on CPU, AVX-512) and is the
+    faster choice for this many queries: r_c >= 8 (below, padding each candidate to eight vectors wastes the
+    work that torch's GEMM does not)."""
+    block = candidates.blocks[0]
+    return (
+        num_queries >= 2
+        and block.device.type == "cpu"
+        and block.dtype in _STORED_TYPES
+        and num_candidate_vectors >= _VECTORS_PER_STEP
+        and _has_512_bit_vectors()
+    )
+
+
+def batch_scores(
+    queries: torch.Tensor, candidates: PrefixBlocks, num_candidate_vectors: int, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """MaxSim scores of a batch of queries against the stored candidates by the outer product: all the queries'
+    vectors side by side in the lanes (in groups of sixteen), each candidate decoded once for the whole batch.
+    A query's scores do not depend on the rest of the batch (its lanes' sums and maxima are computed alike
+    wherever they sit), nor on the thread split.
+
+    Args:
+        queries: float `[Q, r_q, D]`, the query vectors taking part (any r_q).
+        candidates: the stored prefix blocks (see `batch_supports`).
+        num_candidate_vectors: r_c, the leading stored vectors per candidate taking part (validated by the caller).
+        rows: None, or int64 `[n]` positions in `candidates` (valid: checked by the caller).
+
+    Returns:
+        float32 `[Q, N]`, or `[Q, n]` for `rows`.
+    """
+    return _scores(queries, candidates, num_candidate_vectors, rows, True)
+
+
+def _scores(
+    queries: torch.Tensor,
+    candidates: PrefixBlocks,
+    num_candidate_vectors: int,
+    rows: torch.Tensor | None,
+    outer_product: bool,
+) -> torch.Tensor:
+    """float32 `[Q, N]` (or `[Q, n]`) scores of `queries [Q, r_q, D]`: by the outer product, or (one query) by
+    the dots along D."""
     kernels = _kernels()
-    query = numpy.ascontiguousarray(query.detach().to(torch.float32).cpu().numpy())
+    num_queries = len(queries)
+    # All the queries' vectors, one query after another.
+    query = numpy.ascontiguousarray(queries.detach().to(torch.float32).cpu().flatten(0, 1).numpy())
     dtype = candidates.blocks[0].dtype
     widths, blocks, scales = [], [], []
     remaining = num_candidate_vectors
@@ -104,16 +158,14 @@ def single_query_scores(
         query = query * numpy.float32(2.0**112)
     selected = _NO_ROWS if rows is None else _as_array(rows.to(torch.int64))
     query_lanes = _NO_QUERY_LANES
-    if (
-        len(query) >= _LANES_MIN_QUERY_VECTORS[dtype]
-        and num_candidate_vectors >= _VECTORS_PER_STEP
-        and _has_512_bit_vectors()
-    ):
-        query_lanes = numpy.zeros((query.shape[1], _LANES), dtype=numpy.float32)
-        query_lanes[:, : len(query)] = query.T
-        query_lanes = _read_only(query_lanes)
+    if outer_product:
+        # [groups, D, 16]: the query vectors transposed, sixteen per group, the last group zero-padded.
+        groups = -(-len(query) // _LANES)
+        padded = numpy.zeros((groups * _LANES, query.shape[1]), dtype=numpy.float32)
+        padded[: len(query)] = query
+        query_lanes = _read_only(numpy.ascontiguousarray(padded.reshape(groups, _LANES, -1).transpose(0, 2, 1)))
     storage = {torch.float32: "float32", torch.float16: "float16", torch.int8: "int8", torch.uint8: "four_bit"}[dtype]
-    kernel = getattr(kernels, storage + ("_lanes" if len(query_lanes) else ""))
+    kernel = getattr(kernels, storage + ("_lanes" if outer_product else ""))
     arguments = (
         query,
         query_lanes,
@@ -125,14 +177,16 @@ def single_query_scores(
         selected,
     )
     count = len(candidates) if rows is None else len(rows)
-    scores = numpy.empty(count, dtype=numpy.float32)
+    scores = numpy.empty((num_queries, count), dtype=numpy.float32)
+    # The dots along D write one query's scores [N].
+    output = scores if outer_product else scores[0]
     parts = max(1, min(torch.get_num_threads(), count // _MIN_CANDIDATES_PER_THREAD))
     bounds = [count * part // parts for part in range(parts + 1)]
     if parts == 1:
-        kernel(*arguments, 0, count, scores)
+        kernel(*arguments, 0, count, output)
     else:
         futures = [
-            _executor().submit(kernel, *arguments, start, end, scores) for start, end in itertools.pairwise(bounds)
+            _executor().submit(kernel, *arguments, start, end, output) for start, end in itertools.pairwise(bounds)
         ]
         for future in futures:
             future.result()
@@ -148,7 +202,7 @@ _NO_SCALES = _read_only(numpy.zeros((0, 0), dtype=numpy.float32))
 _NO_CODE_VALUES = _read_only(numpy.zeros(0, dtype=numpy.float32))
 _NO_OFFSETS = _read_only(numpy.zeros((0, 0), dtype=numpy.uint16))
 _NO_ROWS = _read_only(numpy.zeros(0, dtype=numpy.int64))
-_NO_QUERY_LANES = _read_only(numpy.zeros((0, _LANES), dtype=numpy.float32))
+_NO_QUERY_LANES = _read_only(numpy.zeros((0, 0, _LANES), dtype=numpy.float32))
 
 
 def _as_array(tensor: torch.Tensor) -> numpy.ndarray:
@@ -281,6 +335,23 @@ def _kernels() -> _Kernels:
         return numpy.int64(block.ctypes.data + following * block.strides[0]), block.strides[1]
 
     @numba.njit(**options, inline="always")
+    def groups_max(query_lanes, vectors, running, address, row_bytes):
+        """The outer product of every group of sixteen query lanes (`query_lanes [G, D, 16]`) with the same
+        decoded `vectors` (decoded once for all groups; they stay in the L1 cache), into `running [G, 16]`; the
+        first group reads the next candidate ahead."""
+        for group in range(query_lanes.shape[0]):
+            lanes_max(query_lanes[group], vectors, running[group], address if group == 0 else 0, row_bytes)
+
+    @numba.njit(**options, inline="always")
+    def lanes_scores(query, running, item, scores):
+        """scores[q, item] = the sum of query q's lanes' maxima: `query` holds the queries' vectors one query
+        after another, `running [G, 16]` their maxima in the same order."""
+        per_query = query.shape[0] // scores.shape[0]
+        maxima = running.reshape(running.size)
+        for number in range(scores.shape[0]):
+            scores[number, item] = maxima[number * per_query : (number + 1) * per_query].sum()
+
+    @numba.njit(**options, inline="always")
     def lanes_fold(query_lanes, vectors, pending, blocks, widths, number, rows, item, end, running):
         """Fold the decoded `vectors[: pending + widths[number]]` (the pending ones, then block `number`'s) into
         the running maxima by the outer product, eight at a time, reading the next candidate's block ahead;
@@ -296,7 +367,7 @@ def _kernels() -> _Kernels:
                     vectors[row, element] = vectors[0, element]
             count = padded
         address, row_bytes = ahead(blocks[number], rows, item, end)
-        lanes_max(query_lanes, vectors[:count], running, address, row_bytes)
+        groups_max(query_lanes, vectors[:count], running, address, row_bytes)
         return 0
 
     # Decoders: a candidate's first `width` stored vectors of one block, as float32, into `vectors[first:]`.
@@ -362,7 +433,7 @@ def _kernels() -> _Kernels:
 
     @numba.njit(**options)
     def float32_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
-        running = numpy.empty(lanes, dtype=numpy.float32)
+        running = numpy.empty((query_lanes.shape[0], lanes), dtype=numpy.float32)
         vectors = numpy.empty((_buffer_rows(widths), query.shape[1]), dtype=numpy.float32)
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
@@ -372,13 +443,13 @@ def _kernels() -> _Kernels:
                 stored = blocks[number][candidate, : widths[number]]
                 if pending == 0 and widths[number] % per_step == 0:
                     address, row_bytes = ahead(blocks[number], rows, item, end)
-                    lanes_max(query_lanes, stored, running, address, row_bytes)
+                    groups_max(query_lanes, stored, running, address, row_bytes)
                     continue
                 for position in range(widths[number]):  # the small blocks, gathered
                     for element in range(stored.shape[1]):
                         vectors[pending + position, element] = stored[position, element]
                 pending = lanes_fold(query_lanes, vectors, pending, blocks, widths, number, rows, item, end, running)
-            scores[item] = running[: query.shape[0]].sum()
+            lanes_scores(query, running, item, scores)
 
     @numba.njit(**options)
     def float16(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
@@ -425,7 +496,7 @@ def _kernels() -> _Kernels:
     # One outer-product kernel per decoded type: a single one branching on the type measured 1.3-1.5x slower.
     @numba.njit(**options)
     def float16_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
-        running = numpy.empty(lanes, dtype=numpy.float32)
+        running = numpy.empty((query_lanes.shape[0], lanes), dtype=numpy.float32)
         bits = numpy.empty((_buffer_rows(widths), query.shape[1]), dtype=numpy.uint32)
         vectors = bits.view(numpy.float32)
         for item in range(start, end):
@@ -435,11 +506,11 @@ def _kernels() -> _Kernels:
             for number in range(len(widths)):
                 decode_float16(blocks[number][candidate], widths[number], bits, pending)
                 pending = lanes_fold(query_lanes, vectors, pending, blocks, widths, number, rows, item, end, running)
-            scores[item] = running[: query.shape[0]].sum()
+            lanes_scores(query, running, item, scores)
 
     @numba.njit(**options)
     def int8_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
-        running = numpy.empty(lanes, dtype=numpy.float32)
+        running = numpy.empty((query_lanes.shape[0], lanes), dtype=numpy.float32)
         vectors = numpy.empty((_buffer_rows(widths), query.shape[1]), dtype=numpy.float32)
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
@@ -449,11 +520,11 @@ def _kernels() -> _Kernels:
                 codes, vector_scales = blocks[number][candidate], scales[number][candidate]
                 decode_int8(codes, vector_scales, widths[number], vectors, pending)
                 pending = lanes_fold(query_lanes, vectors, pending, blocks, widths, number, rows, item, end, running)
-            scores[item] = running[: query.shape[0]].sum()
+            lanes_scores(query, running, item, scores)
 
     @numba.njit(**options)
     def four_bit_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
-        running = numpy.empty(lanes, dtype=numpy.float32)
+        running = numpy.empty((query_lanes.shape[0], lanes), dtype=numpy.float32)
         vectors = numpy.empty((_buffer_rows(widths), query.shape[1]), dtype=numpy.float32)
         offset_bits = numpy.zeros(query.shape[1], dtype=numpy.uint32)
         offset = offset_bits.view(numpy.float32)
@@ -467,7 +538,7 @@ def _kernels() -> _Kernels:
                 codes, vector_scales = blocks[number][candidate], scales[number][candidate]
                 decode_four_bit(codes, vector_scales, widths[number], vectors, pending, code_values, offset)
                 pending = lanes_fold(query_lanes, vectors, pending, blocks, widths, number, rows, item, end, running)
-            scores[item] = running[: query.shape[0]].sum()
+            lanes_scores(query, running, item, scores)
 
     kernels = (float32, float16, int8, four_bit, float32_lanes, float16_lanes, int8_lanes, four_bit_lanes, lanes_max)
     return _Kernels(**{kernel.py_func.__name__: kernel for kernel in kernels})
