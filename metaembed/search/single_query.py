@@ -326,6 +326,42 @@ def _kernels() -> _Kernels:
                     best = max(best, sums[vector, lane])
                 running[lane] = best
 
+    # A batch's groups two at a time: each broadcast element of a candidate vector feeds both groups' lanes
+    # (sixteen multiply-adds per query row pair and eight broadcasts, where one group alone does eight per load:
+    # there the loads, not the multiply-adds, set the pace).
+    @numba.njit(nogil=True, cache=True, fastmath={"contract"}, boundscheck=False)
+    def pair_max(first_lanes, second_lanes, vectors, first_running, second_running, ahead, row_bytes):
+        """`lanes_max` for two groups of query lanes at once (`first_lanes`, `second_lanes` `[D, 16]`, into
+        `first_running`, `second_running` `[16]`)."""
+        wide_vectors()
+        sums = numba.carray(stack_array(accumulators), (per_step, lanes))
+        others = numba.carray(stack_array(accumulators), (per_step, lanes))
+        dim = first_lanes.shape[0]
+        group_lines = -(-per_step * row_bytes // 64) if ahead != 0 else 0
+        for first in range(0, vectors.shape[0], per_step):
+            group = ahead + first * row_bytes
+            for vector in range(per_step):
+                for lane in range(lanes):
+                    sums[vector, lane] = 0.0
+                    others[vector, lane] = 0.0
+            for element in range(dim):
+                if element < group_lines:
+                    prefetch(group + 64 * element)
+                for lane in range(lanes):
+                    weight, other = first_lanes[element, lane], second_lanes[element, lane]
+                    for vector in range(per_step):
+                        value = vectors[first + vector, element]
+                        sums[vector, lane] += weight * value
+                        others[vector, lane] += other * value
+            for line in range(dim, group_lines):
+                prefetch(group + 64 * line)
+            for lane in range(lanes):
+                best, other_best = first_running[lane], second_running[lane]
+                for vector in range(per_step):
+                    best = max(best, sums[vector, lane])
+                    other_best = max(other_best, others[vector, lane])
+                first_running[lane], second_running[lane] = best, other_best
+
     @numba.njit(**options, inline="always")
     def ahead(block, rows, item, end):
         """(address, bytes per vector) of the next candidate's vectors in `block` (0: none)."""
@@ -339,8 +375,20 @@ def _kernels() -> _Kernels:
         """The outer product of every group of sixteen query lanes (`query_lanes [G, D, 16]`) with the same
         decoded `vectors` (decoded once for all groups; they stay in the L1 cache), into `running [G, 16]`; the
         first group reads the next candidate ahead."""
-        for group in range(query_lanes.shape[0]):
-            lanes_max(query_lanes[group], vectors, running[group], address if group == 0 else 0, row_bytes)
+        groups = query_lanes.shape[0]
+        for group in range(0, groups - 1, 2):
+            reading = address if group == 0 else 0
+            pair_max(
+                query_lanes[group],
+                query_lanes[group + 1],
+                vectors,
+                running[group],
+                running[group + 1],
+                reading,
+                row_bytes,
+            )
+        if groups % 2 == 1:
+            lanes_max(query_lanes[groups - 1], vectors, running[groups - 1], address if groups == 1 else 0, row_bytes)
 
     @numba.njit(**options, inline="always")
     def lanes_scores(query, running, item, scores):
@@ -540,5 +588,16 @@ def _kernels() -> _Kernels:
                 pending = lanes_fold(query_lanes, vectors, pending, blocks, widths, number, rows, item, end, running)
             lanes_scores(query, running, item, scores)
 
-    kernels = (float32, float16, int8, four_bit, float32_lanes, float16_lanes, int8_lanes, four_bit_lanes, lanes_max)
+    kernels = (
+        float32,
+        float16,
+        int8,
+        four_bit,
+        float32_lanes,
+        float16_lanes,
+        int8_lanes,
+        four_bit_lanes,
+        lanes_max,
+        pair_max,
+    )
     return _Kernels(**{kernel.py_func.__name__: kernel for kernel in kernels})
