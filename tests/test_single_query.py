@@ -186,3 +186,97 @@ def test_two_stage_reranks_in_place_as_torch_does(candidates, storage, monkeypat
         monkeypatch.delenv("METAEMBED_NUMBA")
         assert torch.equal(found.indices, reference.indices)
         torch.testing.assert_close(found.scores, reference.scores, atol=2e-6, rtol=0)
+
+
+# Batches: every query's vectors side by side in the lanes of the outer product (single_query.batch_scores).
+
+
+@pytest.fixture(scope="module")
+def queries():
+    return unit_vectors(32, 16, DIM, seed=5)
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("num_queries", [1, 2, 3, 17, 32])
+def test_batch_scores_equal_the_torch_kernel_and_each_query_alone(candidates, queries, storage, num_queries):
+    # r_q * Q lanes: groups of sixteen shared by several queries (r_q 3), a query across two groups (r_q 11), an
+    # odd number of groups (one left after the pairs); r_c 1 and 4 are padded to eight vectors, 9 and 33 padded
+    # after blocks of 8 and 16.
+    blocks = stored_blocks(candidates, storage)
+    budgets = [(1, 1), (2, 4), (3, 9), (4, 8), (8, 16), (11, 33), (16, 64)]
+    batch = queries[:num_queries]
+    for r_q, r_c in budgets:
+        scores = single_query.batch_scores(batch[:, :r_q], blocks, r_c)
+        expected = late_interaction_scores(batch[:, :r_q], blocks, None, r_c)
+        assert scores.dtype == torch.float32 and scores.shape == (num_queries, len(candidates))
+        torch.testing.assert_close(scores, expected, atol=2e-6, rtol=0)
+        for row in {0, num_queries // 2, num_queries - 1}:
+            alone = single_query.batch_scores(batch[row : row + 1, :r_q], blocks, r_c)
+            assert torch.equal(scores[row], alone[0])
+
+
+@pytest.mark.parametrize("storage", ["float32", "int4"])
+def test_batch_thread_split_and_rows_give_identical_scores(candidates, queries, monkeypatch, storage):
+    blocks = stored_blocks(candidates, storage)
+    alone = single_query.batch_scores(queries[:5, :7], blocks, 16)
+    rows = torch.tensor([299, 0, 7, 7, 150, 1])  # any order, repeats allowed
+    assert torch.equal(single_query.batch_scores(queries[:5, :7], blocks, 16, rows), alone[:, rows])
+    monkeypatch.setattr(single_query, "_MIN_CANDIDATES_PER_THREAD", 1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        split = single_query.batch_scores(queries[:5, :7], blocks, 16)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(split, alone)
+
+
+def test_batch_supports_only_what_was_measured_faster(candidates):
+    assert single_query.batch_supports(stored_blocks(candidates, "int8"), 32, 8)
+    assert single_query.batch_supports(stored_blocks(candidates, "residual4"), 2, 64)
+    assert not single_query.batch_supports(stored_blocks(candidates, "float16"), 32, 4)  # torch's GEMM
+    assert not single_query.batch_supports(stored_blocks(candidates, "float32"), 1, 64)  # the one-query kernel
+    assert not single_query.batch_supports(PrefixBlocks([candidates.to(torch.bfloat16)]), 32, 64)
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_index_searches_batches_with_the_kernel_as_torch_does(candidates, queries, storage, monkeypatch, tmp_path):
+    index = MetaEmbedIndex(DIM, NUM_VECTORS, storage=storage)
+    index.add(candidates[:170])
+    index.add(candidates[170:])  # two shards
+    index.save(str(tmp_path))
+    loaded = MetaEmbedIndex.load(str(tmp_path))  # memory-mapped, read-only arrays
+    # Chunks of 3 * 17 scores: candidates tied across chunk and shard borders still rank lower index first.
+    monkeypatch.setattr("metaembed.search.index._BATCH_CHUNK_SCORES", 3 * 17)
+    batch = torch.cat([queries[:16], queries[:1]])  # the last query repeats the first: the same results
+    calls = []
+    kernel = single_query.batch_scores
+    monkeypatch.setattr(single_query, "batch_scores", lambda *arguments: calls.append(1) or kernel(*arguments))
+    for r_q, r_c in MMR_BUDGETS:
+        calls.clear()
+        found = loaded.search(batch, r_q, r_c, top_k=7, shortlist_size=None)
+        assert len(calls) == (0 if r_c < 8 else -(-170 // 3) + -(-130 // 3))  # torch's GEMM below 8
+        monkeypatch.setenv("METAEMBED_NUMBA", "0")
+        reference = loaded.search(batch, r_q, r_c, top_k=7, shortlist_size=None)
+        monkeypatch.delenv("METAEMBED_NUMBA")
+        assert torch.equal(found.indices, reference.indices) and found.ids == reference.ids
+        torch.testing.assert_close(found.scores, reference.scores, atol=2e-6, rtol=0)
+        assert torch.equal(found.scores[-1], found.scores[0]) and torch.equal(found.indices[-1], found.indices[0])
+
+
+def test_concurrent_batch_searches_equal_sequential(candidates):
+    index = MetaEmbedIndex(DIM, NUM_VECTORS, storage="int8")
+    index.add(candidates)
+    batches = [unit_vectors(3 + seed, 16, DIM, seed=seed) for seed in range(8)]
+    budgets = [(4, 8), (8, 16), (16, 64), (11, 33)]
+    expected = [
+        index.search(batch, *budgets[slot % 4], top_k=5, shortlist_size=None) for slot, batch in enumerate(batches)
+    ]
+    results = run_concurrently(
+        [
+            lambda batch=batch, budget=budgets[slot % 4]: index.search(batch, *budget, top_k=5, shortlist_size=None)
+            for slot, batch in enumerate(batches)
+        ]
+    )
+    for got, want in zip(results, expected):
+        assert torch.equal(got.indices, want.indices) and torch.equal(got.scores, want.scores)
