@@ -164,6 +164,12 @@ def test_outer_product_compiles_to_512_bit_broadcast_multiply_adds(candidates, q
     code = "\n".join(lanes_max.inspect_asm(signature) for signature in lanes_max.signatures)
     assert re.search(r"vfmadd\w*ps\s+[^\n]*\{1to16\}[^\n]*%zmm", code)
     assert not re.search(r"vfmadd\w*ss", code)  # no scalar multiply-adds: the sums stayed in vector registers
+    # A batch's two groups per step: each broadcast element feeds both (in a register, not a memory operand).
+    single_query.batch_scores(torch.stack([query, query]), stored_blocks(candidates, "float32"), 64)
+    groups_step_max = single_query._kernels().groups_step_max
+    code = "\n".join(groups_step_max.inspect_asm(signature) for signature in groups_step_max.signatures)
+    assert re.search(r"vbroadcastss[^\n]*%zmm", code) and re.search(r"vfmadd\w*ps\s+%zmm", code)
+    assert not re.search(r"vfmadd\w*ss", code)
 
 
 @pytest.mark.parametrize("storage", ["float16", "residual4"])

@@ -37,6 +37,10 @@ _MIN_CANDIDATES_PER_THREAD = 2048
 # The lanes of the outer-product kernel (query vectors, zero-padded: 16 float32 fill a 512-bit register) and its
 # candidate vectors per step (a candidate's r_c vectors are padded to a multiple by repeating its first one).
 _LANES, _VECTORS_PER_STEP = 16, 8
+# A batch's groups of sixteen query lanes per step of the outer product: two, measured on one thread at 10k
+# candidates and 32 queries, reach the square-matmul rate at (16, 64) (167 against 137 GFLOP/s for one group
+# at a time, 151 for three: 24 sums and three query rows crowd the 32 registers).
+_GROUPS_PER_STEP = 2
 # From this many query vectors up (and r_c >= 8) the outer-product kernel is the faster one, measured on one
 # thread: 1.1-2.2x the dots along D at r_q = 16; at r_q = 12 1.1-1.3x for float32 and float16, 0.9-1.2x for
 # int8 and 4-bit; at r_q = 8 0.8x (float16 0.8-1.3x, varying with the load of the machine).
@@ -243,8 +247,9 @@ def _kernels() -> _Kernels:
     from ._numba_codegen import prefetch, stack_array, wide_vectors
 
     options = {"nogil": True, "cache": True, "fastmath": {"reassoc", "contract"}, "boundscheck": False}
-    lanes, per_step = _LANES, _VECTORS_PER_STEP
+    lanes, per_step, groups_per_step = _LANES, _VECTORS_PER_STEP, _GROUPS_PER_STEP
     accumulators = lanes * per_step
+    step_accumulators = groups_per_step * accumulators
 
     @numba.njit(**options)
     def _widest(widths):  # rows of the decode buffer for the dots along D
@@ -326,41 +331,38 @@ def _kernels() -> _Kernels:
                     best = max(best, sums[vector, lane])
                 running[lane] = best
 
-    # A batch's groups two at a time: each broadcast element of a candidate vector feeds both groups' lanes
-    # (sixteen multiply-adds per query row pair and eight broadcasts, where one group alone does eight per load:
-    # there the loads, not the multiply-adds, set the pace).
+    # A batch's groups `groups_per_step` at a time: each broadcast element of a candidate vector feeds every
+    # group's lanes (with one group, eight multiply-adds per nine loads: there the loads set the pace).
     @numba.njit(nogil=True, cache=True, fastmath={"contract"}, boundscheck=False)
-    def pair_max(first_lanes, second_lanes, vectors, first_running, second_running, ahead, row_bytes):
-        """`lanes_max` for two groups of query lanes at once (`first_lanes`, `second_lanes` `[D, 16]`, into
-        `first_running`, `second_running` `[16]`)."""
+    def groups_step_max(query_lanes, first_group, vectors, running, ahead, row_bytes):
+        """`lanes_max` for the `groups_per_step` groups of query lanes from `first_group` of `query_lanes
+        [G, D, 16]` at once, into their rows of `running [G, 16]`."""
         wide_vectors()
-        sums = numba.carray(stack_array(accumulators), (per_step, lanes))
-        others = numba.carray(stack_array(accumulators), (per_step, lanes))
-        dim = first_lanes.shape[0]
+        sums = numba.carray(stack_array(step_accumulators), (groups_per_step, per_step, lanes))
+        dim = query_lanes.shape[1]
         group_lines = -(-per_step * row_bytes // 64) if ahead != 0 else 0
         for first in range(0, vectors.shape[0], per_step):
             group = ahead + first * row_bytes
-            for vector in range(per_step):
-                for lane in range(lanes):
-                    sums[vector, lane] = 0.0
-                    others[vector, lane] = 0.0
+            for step_group in range(groups_per_step):
+                for vector in range(per_step):
+                    for lane in range(lanes):
+                        sums[step_group, vector, lane] = 0.0
             for element in range(dim):
                 if element < group_lines:
                     prefetch(group + 64 * element)
                 for lane in range(lanes):
-                    weight, other = first_lanes[element, lane], second_lanes[element, lane]
-                    for vector in range(per_step):
-                        value = vectors[first + vector, element]
-                        sums[vector, lane] += weight * value
-                        others[vector, lane] += other * value
+                    for step_group in range(groups_per_step):
+                        weight = query_lanes[first_group + step_group, element, lane]
+                        for vector in range(per_step):
+                            sums[step_group, vector, lane] += weight * vectors[first + vector, element]
             for line in range(dim, group_lines):
                 prefetch(group + 64 * line)
-            for lane in range(lanes):
-                best, other_best = first_running[lane], second_running[lane]
-                for vector in range(per_step):
-                    best = max(best, sums[vector, lane])
-                    other_best = max(other_best, others[vector, lane])
-                first_running[lane], second_running[lane] = best, other_best
+            for step_group in range(groups_per_step):
+                for lane in range(lanes):
+                    best = running[first_group + step_group, lane]
+                    for vector in range(per_step):
+                        best = max(best, sums[step_group, vector, lane])
+                    running[first_group + step_group, lane] = best
 
     @numba.njit(**options, inline="always")
     def ahead(block, rows, item, end):
@@ -376,19 +378,11 @@ def _kernels() -> _Kernels:
         decoded `vectors` (decoded once for all groups; they stay in the L1 cache), into `running [G, 16]`; the
         first group reads the next candidate ahead."""
         groups = query_lanes.shape[0]
-        for group in range(0, groups - 1, 2):
-            reading = address if group == 0 else 0
-            pair_max(
-                query_lanes[group],
-                query_lanes[group + 1],
-                vectors,
-                running[group],
-                running[group + 1],
-                reading,
-                row_bytes,
-            )
-        if groups % 2 == 1:
-            lanes_max(query_lanes[groups - 1], vectors, running[groups - 1], address if groups == 1 else 0, row_bytes)
+        stepped = groups - groups % groups_per_step
+        for group in range(0, stepped, groups_per_step):
+            groups_step_max(query_lanes, group, vectors, running, address if group == 0 else 0, row_bytes)
+        for group in range(stepped, groups):  # the rest one by one
+            lanes_max(query_lanes[group], vectors, running[group], address if group == 0 else 0, row_bytes)
 
     @numba.njit(**options, inline="always")
     def lanes_scores(query, running, item, scores):
@@ -598,6 +592,6 @@ def _kernels() -> _Kernels:
         int8_lanes,
         four_bit_lanes,
         lanes_max,
-        pair_max,
+        groups_step_max,
     )
     return _Kernels(**{kernel.py_func.__name__: kernel for kernel in kernels})
