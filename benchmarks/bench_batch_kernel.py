@@ -19,41 +19,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bench_index import best_time, machine_limits, stored_bytes
 from synthetic import make_collection
 
 from metaembed.search.index import MetaEmbedIndex
-
-
-def best_cpu_time(function, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.process_time()
-        function()
-        best = min(best, time.process_time() - start)
-    return best
-
-
-def one_thread_limits(repeats: int) -> tuple[float, float]:
-    """(fp32 FLOP/s of a 2048^2 matmul, bytes/s of a sum over 1 GiB) on one thread."""
-    left, right = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    torch.mm(left, right)
-    gemm = 2 * 2048**3 / best_cpu_time(lambda: torch.mm(left, right), repeats)
-    big = torch.ones(2**28)
-    read = big.numel() * 4 / best_cpu_time(lambda: big.sum(), repeats)
-    return gemm, read
-
-
-def stored_bytes(candidates, num_candidate_vectors: int) -> int:
-    """Bytes the budget reads: the first r_c vectors of each candidate in the prefix blocks, their scales, and
-    residual4's per-candidate offsets."""
-    total, remaining = 0, num_candidate_vectors
-    for block, scales in zip(candidates.blocks, candidates.scales):
-        width = min(block.shape[1], remaining)
-        remaining -= width
-        total += block[:, :width].numel() * block.element_size()
-        total += 0 if scales is None else scales[:, :width].numel() * scales.element_size()
-    offsets = candidates.offsets
-    return total + (0 if offsets is None else offsets.numel() * 2)
 
 
 def main() -> None:
@@ -66,7 +35,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     candidates, queries, _ = make_collection(args.num_candidates, args.num_queries)
-    gemm, read = one_thread_limits(args.repeats)
+    gemm, read = machine_limits(args.repeats, time.process_time)
     print(f"one thread: matmul {gemm / 1e9:.0f} GFLOP/s, read {read / 1e9:.1f} GB/s; load {os.getloadavg()[0]:.2f}")
     print("| storage | r_q, r_c | torch ms | kernel ms | torch / kernel | torch share of bound | kernel share |")
     print("|---|---|---|---|---|---|---|")
@@ -75,7 +44,7 @@ def main() -> None:
         index.add(candidates)
         for budget in args.budgets:
             r_q, r_c = (int(part) for part in budget.split(","))
-            stored = stored_bytes(index._shards[0].candidates(), r_c)
+            stored = stored_bytes(storage, len(candidates), r_c, candidates.shape[2])
             flops = 2 * len(queries) * r_q * r_c * candidates.shape[2] * len(candidates)
             bound = max(flops / gemm, stored / read)
 
@@ -86,7 +55,7 @@ def main() -> None:
             for numba in ("0", "1"):
                 os.environ["METAEMBED_NUMBA"] = numba
                 search()  # compiles
-                times[numba] = best_cpu_time(search, args.repeats)
+                times[numba] = best_time(search, args.repeats, time.process_time)
             os.environ.pop("METAEMBED_NUMBA")
             old, new = times["0"], times["1"]
             print(

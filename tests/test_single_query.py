@@ -52,6 +52,26 @@ def stored_blocks(candidates, storage):
     return PrefixBlocks(blocks, scales, code_values(storage), stored.offsets)
 
 
+def saved_two_shard_index(candidates, storage, path):
+    index = MetaEmbedIndex(DIM, NUM_VECTORS, storage=storage)
+    index.add(candidates[:170])
+    index.add(candidates[170:])  # two shards
+    index.save(str(path))
+    return MetaEmbedIndex.load(str(path))  # memory-mapped, read-only arrays
+
+
+def on_three_threads(monkeypatch, call):
+    """`call()` with the candidates split across three threads (each part's last candidate has no next one to read
+    ahead)."""
+    monkeypatch.setattr(single_query, "_MIN_CANDIDATES_PER_THREAD", 1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        return call()
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("storage", STORAGES)
 @pytest.mark.parametrize("num_query_vectors", [1, 3, 4, 8, 11, 14, 16])
 def test_scores_equal_the_torch_kernel_for_every_storage_and_budget(candidates, query, storage, num_query_vectors):
@@ -80,23 +100,15 @@ def test_thread_split_gives_identical_scores(candidates, query, monkeypatch, sto
     # Each part's last candidate has no next one to read ahead: the same scores all the same.
     blocks = stored_blocks(candidates, storage)
     alone = single_query.single_query_scores(query[:num_query_vectors], blocks, 64)
-    monkeypatch.setattr(single_query, "_MIN_CANDIDATES_PER_THREAD", 1)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(3)
-        split = single_query.single_query_scores(query[:num_query_vectors], blocks, 64)
-    finally:
-        torch.set_num_threads(threads)
+    split = on_three_threads(
+        monkeypatch, lambda: single_query.single_query_scores(query[:num_query_vectors], blocks, 64)
+    )
     assert torch.equal(split, alone)
 
 
 @pytest.mark.parametrize("storage", STORAGES)
 def test_index_uses_the_kernel_for_one_query_and_torch_otherwise(candidates, query, storage, monkeypatch, tmp_path):
-    index = MetaEmbedIndex(DIM, NUM_VECTORS, storage=storage)
-    index.add(candidates[:170])
-    index.add(candidates[170:])  # two shards
-    index.save(str(tmp_path))
-    loaded = MetaEmbedIndex.load(str(tmp_path))  # memory-mapped, read-only arrays
+    loaded = saved_two_shard_index(candidates, storage, tmp_path)
     calls = []
     kernel = single_query.single_query_scores
 
@@ -227,13 +239,7 @@ def test_batch_thread_split_and_rows_give_identical_scores(candidates, queries, 
     alone = single_query.batch_scores(queries[:5, :7], blocks, 16)
     rows = torch.tensor([299, 0, 7, 7, 150, 1])  # any order, repeats allowed
     assert torch.equal(single_query.batch_scores(queries[:5, :7], blocks, 16, rows), alone[:, rows])
-    monkeypatch.setattr(single_query, "_MIN_CANDIDATES_PER_THREAD", 1)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(3)
-        split = single_query.batch_scores(queries[:5, :7], blocks, 16)
-    finally:
-        torch.set_num_threads(threads)
+    split = on_three_threads(monkeypatch, lambda: single_query.batch_scores(queries[:5, :7], blocks, 16))
     assert torch.equal(split, alone)
 
 
@@ -247,11 +253,7 @@ def test_batch_supports_only_what_was_measured_faster(candidates):
 
 @pytest.mark.parametrize("storage", STORAGES)
 def test_index_searches_batches_with_the_kernel_as_torch_does(candidates, queries, storage, monkeypatch, tmp_path):
-    index = MetaEmbedIndex(DIM, NUM_VECTORS, storage=storage)
-    index.add(candidates[:170])
-    index.add(candidates[170:])  # two shards
-    index.save(str(tmp_path))
-    loaded = MetaEmbedIndex.load(str(tmp_path))  # memory-mapped, read-only arrays
+    loaded = saved_two_shard_index(candidates, storage, tmp_path)
     # Chunks of 3 * 17 scores: candidates tied across chunk and shard borders still rank lower index first.
     monkeypatch.setattr("metaembed.search.index._BATCH_CHUNK_SCORES", 3 * 17)
     batch = torch.cat([queries[:16], queries[:1]])  # the last query repeats the first: the same results

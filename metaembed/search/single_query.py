@@ -11,10 +11,12 @@ the query vectors across the 16 lanes of a vector register (the query transposed
 decoded element of eight candidate vectors, broadcast, times one row of it, so no dot ends in a horizontal sum
 and the max over a candidate's vectors is lane by lane; meanwhile the next candidate's stored vectors are
 requested from memory. Fewer query vectors would leave most lanes empty: their dots run along D instead
-(`block_max`). Scores are float32 and accumulate in float32 (with a different summation
-order than torch's kernel: equal to float32 rounding). Candidates are split across `torch.get_num_threads()`
-threads (the kernels release the GIL); a call shares no state with another, so servers may search from several
-threads at once.
+(`block_max`). A batch of queries (`batch_scores`) fills the lanes with all its queries' vectors, in groups of
+sixteen taken two at a time, over each candidate decoded once for the whole batch (quantised storage pays its
+decoding once per candidate, not once per query or per chunk as torch's path does). Scores are float32 and
+accumulate in float32 (with a different summation order than torch's kernel: equal to float32 rounding).
+Candidates are split across `torch.get_num_threads()` threads (the kernels release the GIL); a call shares no
+state with another, so servers may search from several threads at once.
 """
 
 from __future__ import annotations
