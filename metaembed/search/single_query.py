@@ -25,7 +25,7 @@ import importlib.util
 import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
-from functools import cache
+from functools import cache, partial
 from typing import Any
 
 import numpy
@@ -91,7 +91,7 @@ def single_query_scores(
         and num_candidate_vectors >= _VECTORS_PER_STEP
         and _has_512_bit_vectors()
     )
-    return _scores(query[None], candidates, num_candidate_vectors, rows, outer_product)[0]
+    return _scores(query[None], candidates, num_candidate_vectors, rows, "lanes" if outer_product else "dots")[0]
 
 
 def batch_supports(candidates: PrefixBlocks, num_queries: int, num_candidate_vectors: int) -> bool:
@@ -125,7 +125,7 @@ def batch_scores(
     Returns:
         float32 `[Q, N]`, or `[Q, n]` for `rows`.
     """
-    return _scores(queries, candidates, num_candidate_vectors, rows, True)
+    return _scores(queries, candidates, num_candidate_vectors, rows, "batch")
 
 
 def _scores(
@@ -133,10 +133,10 @@ def _scores(
     candidates: PrefixBlocks,
     num_candidate_vectors: int,
     rows: torch.Tensor | None,
-    outer_product: bool,
+    kind: str,
 ) -> torch.Tensor:
-    """float32 `[Q, N]` (or `[Q, n]`) scores of `queries [Q, r_q, D]`: by the outer product, or (one query) by
-    the dots along D."""
+    """float32 `[Q, N]` (or `[Q, n]`) scores of `queries [Q, r_q, D]` by the kernels of `kind`: "batch" (the
+    outer product over tiles of candidates), or for one query "lanes" (its outer product) or "dots" (along D)."""
     kernels = _kernels()
     num_queries = len(queries)
     # All the queries' vectors, one query after another.
@@ -164,14 +164,18 @@ def _scores(
         query = query * numpy.float32(2.0**112)
     selected = _NO_ROWS if rows is None else _as_array(rows.to(torch.int64))
     query_lanes = _NO_QUERY_LANES
-    if outer_product:
+    if kind != "dots":
         # [groups, D, 16]: the query vectors transposed, sixteen per group, the last group zero-padded.
         groups = -(-len(query) // _LANES)
         padded = numpy.zeros((groups * _LANES, query.shape[1]), dtype=numpy.float32)
         padded[: len(query)] = query
         query_lanes = _read_only(numpy.ascontiguousarray(padded.reshape(groups, _LANES, -1).transpose(0, 2, 1)))
     storage = {torch.float32: "float32", torch.float16: "float16", torch.int8: "int8", torch.uint8: "four_bit"}[dtype]
-    kernel = getattr(kernels, storage + ("_lanes" if outer_product else ""))
+    if kind == "batch":
+        kernel = partial(kernels.batch_lanes, getattr(kernels, storage + "_candidate"))
+    else:
+        kernel = getattr(kernels, storage + ("_lanes" if kind == "lanes" else ""))
+        query_lanes = query_lanes[0]  # one query: one group of lanes (or none)
     arguments = (
         query,
         query_lanes,
@@ -184,8 +188,7 @@ def _scores(
     )
     count = len(candidates) if rows is None else len(rows)
     scores = numpy.empty((num_queries, count), dtype=numpy.float32)
-    # The dots along D write one query's scores [N].
-    output = scores if outer_product else scores[0]
+    output = scores if kind == "batch" else scores[0]  # the one-query kernels write [N]
     parts = max(1, min(torch.get_num_threads(), count // _MIN_CANDIDATES_PER_THREAD))
     bounds = [count * part // parts for part in range(parts + 1)]
     if parts == 1:
@@ -208,7 +211,7 @@ _NO_SCALES = _read_only(numpy.zeros((0, 0), dtype=numpy.float32))
 _NO_CODE_VALUES = _read_only(numpy.zeros(0, dtype=numpy.float32))
 _NO_OFFSETS = _read_only(numpy.zeros((0, 0), dtype=numpy.uint16))
 _NO_ROWS = _read_only(numpy.zeros(0, dtype=numpy.int64))
-_NO_QUERY_LANES = _read_only(numpy.zeros((0, 0, _LANES), dtype=numpy.float32))
+_NO_QUERY_LANES = _read_only(numpy.zeros((1, 0, _LANES), dtype=numpy.float32))
 
 
 def _as_array(tensor: torch.Tensor) -> numpy.ndarray:
@@ -333,39 +336,6 @@ def _kernels() -> _Kernels:
                     best = max(best, sums[vector, lane])
                 running[lane] = best
 
-    # A batch's groups `groups_per_step` at a time: each broadcast element of a candidate vector feeds every
-    # group's lanes (with one group, eight multiply-adds per nine loads: there the loads set the pace).
-    @numba.njit(nogil=True, cache=True, fastmath={"contract"}, boundscheck=False)
-    def groups_step_max(query_lanes, first_group, vectors, running, ahead, row_bytes):
-        """`lanes_max` for the `groups_per_step` groups of query lanes from `first_group` of `query_lanes
-        [G, D, 16]` at once, into their rows of `running [G, 16]`."""
-        wide_vectors()
-        sums = numba.carray(stack_array(step_accumulators), (groups_per_step, per_step, lanes))
-        dim = query_lanes.shape[1]
-        group_lines = -(-per_step * row_bytes // 64) if ahead != 0 else 0
-        for first in range(0, vectors.shape[0], per_step):
-            group = ahead + first * row_bytes
-            for step_group in range(groups_per_step):
-                for vector in range(per_step):
-                    for lane in range(lanes):
-                        sums[step_group, vector, lane] = 0.0
-            for element in range(dim):
-                if element < group_lines:
-                    prefetch(group + 64 * element)
-                for lane in range(lanes):
-                    for step_group in range(groups_per_step):
-                        weight = query_lanes[first_group + step_group, element, lane]
-                        for vector in range(per_step):
-                            sums[step_group, vector, lane] += weight * vectors[first + vector, element]
-            for line in range(dim, group_lines):
-                prefetch(group + 64 * line)
-            for step_group in range(groups_per_step):
-                for lane in range(lanes):
-                    best = running[first_group + step_group, lane]
-                    for vector in range(per_step):
-                        best = max(best, sums[step_group, vector, lane])
-                    running[first_group + step_group, lane] = best
-
     @numba.njit(**options, inline="always")
     def ahead(block, rows, item, end):
         """(address, bytes per vector) of the next candidate's vectors in `block` (0: none)."""
@@ -373,27 +343,6 @@ def _kernels() -> _Kernels:
             return 0, 0
         following = rows[item + 1] if rows.shape[0] > 0 else item + 1
         return numpy.int64(block.ctypes.data + following * block.strides[0]), block.strides[1]
-
-    @numba.njit(**options, inline="always")
-    def groups_max(query_lanes, vectors, running, address, row_bytes):
-        """The outer product of every group of sixteen query lanes (`query_lanes [G, D, 16]`) with the same
-        decoded `vectors` (decoded once for all groups; they stay in the L1 cache), into `running [G, 16]`; the
-        first group reads the next candidate ahead."""
-        groups = query_lanes.shape[0]
-        stepped = groups - groups % groups_per_step
-        for group in range(0, stepped, groups_per_step):
-            groups_step_max(query_lanes, group, vectors, running, address if group == 0 else 0, row_bytes)
-        for group in range(stepped, groups):  # the rest one by one
-            lanes_max(query_lanes[group], vectors, running[group], address if group == 0 else 0, row_bytes)
-
-    @numba.njit(**options, inline="always")
-    def lanes_scores(query, running, item, scores):
-        """scores[q, item] = the sum of query q's lanes' maxima: `query` holds the queries' vectors one query
-        after another, `running [G, 16]` their maxima in the same order."""
-        per_query = query.shape[0] // scores.shape[0]
-        maxima = running.reshape(running.size)
-        for number in range(scores.shape[0]):
-            scores[number, item] = maxima[number * per_query : (number + 1) * per_query].sum()
 
     @numba.njit(**options, inline="always")
     def lanes_fold(query_lanes, vectors, pending, blocks, widths, number, rows, item, end, running):
@@ -411,7 +360,7 @@ def _kernels() -> _Kernels:
                     vectors[row, element] = vectors[0, element]
             count = padded
         address, row_bytes = ahead(blocks[number], rows, item, end)
-        groups_max(query_lanes, vectors[:count], running, address, row_bytes)
+        lanes_max(query_lanes, vectors[:count], running, address, row_bytes)
         return 0
 
     # Decoders: a candidate's first `width` stored vectors of one block, as float32, into `vectors[first:]`.
@@ -477,7 +426,7 @@ def _kernels() -> _Kernels:
 
     @numba.njit(**options)
     def float32_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
-        running = numpy.empty((query_lanes.shape[0], lanes), dtype=numpy.float32)
+        running = numpy.empty(lanes, dtype=numpy.float32)
         vectors = numpy.empty((_buffer_rows(widths), query.shape[1]), dtype=numpy.float32)
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
@@ -487,13 +436,13 @@ def _kernels() -> _Kernels:
                 stored = blocks[number][candidate, : widths[number]]
                 if pending == 0 and widths[number] % per_step == 0:
                     address, row_bytes = ahead(blocks[number], rows, item, end)
-                    groups_max(query_lanes, stored, running, address, row_bytes)
+                    lanes_max(query_lanes, stored, running, address, row_bytes)
                     continue
                 for position in range(widths[number]):  # the small blocks, gathered
                     for element in range(stored.shape[1]):
                         vectors[pending + position, element] = stored[position, element]
                 pending = lanes_fold(query_lanes, vectors, pending, blocks, widths, number, rows, item, end, running)
-            lanes_scores(query, running, item, scores)
+            scores[item] = running[: query.shape[0]].sum()
 
     @numba.njit(**options)
     def float16(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
@@ -540,7 +489,7 @@ def _kernels() -> _Kernels:
     # One outer-product kernel per decoded type: a single one branching on the type measured 1.3-1.5x slower.
     @numba.njit(**options)
     def float16_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
-        running = numpy.empty((query_lanes.shape[0], lanes), dtype=numpy.float32)
+        running = numpy.empty(lanes, dtype=numpy.float32)
         bits = numpy.empty((_buffer_rows(widths), query.shape[1]), dtype=numpy.uint32)
         vectors = bits.view(numpy.float32)
         for item in range(start, end):
@@ -550,11 +499,11 @@ def _kernels() -> _Kernels:
             for number in range(len(widths)):
                 decode_float16(blocks[number][candidate], widths[number], bits, pending)
                 pending = lanes_fold(query_lanes, vectors, pending, blocks, widths, number, rows, item, end, running)
-            lanes_scores(query, running, item, scores)
+            scores[item] = running[: query.shape[0]].sum()
 
     @numba.njit(**options)
     def int8_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
-        running = numpy.empty((query_lanes.shape[0], lanes), dtype=numpy.float32)
+        running = numpy.empty(lanes, dtype=numpy.float32)
         vectors = numpy.empty((_buffer_rows(widths), query.shape[1]), dtype=numpy.float32)
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
@@ -564,11 +513,11 @@ def _kernels() -> _Kernels:
                 codes, vector_scales = blocks[number][candidate], scales[number][candidate]
                 decode_int8(codes, vector_scales, widths[number], vectors, pending)
                 pending = lanes_fold(query_lanes, vectors, pending, blocks, widths, number, rows, item, end, running)
-            lanes_scores(query, running, item, scores)
+            scores[item] = running[: query.shape[0]].sum()
 
     @numba.njit(**options)
     def four_bit_lanes(query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores):
-        running = numpy.empty((query_lanes.shape[0], lanes), dtype=numpy.float32)
+        running = numpy.empty(lanes, dtype=numpy.float32)
         vectors = numpy.empty((_buffer_rows(widths), query.shape[1]), dtype=numpy.float32)
         offset_bits = numpy.zeros(query.shape[1], dtype=numpy.uint32)
         offset = offset_bits.view(numpy.float32)
@@ -582,18 +531,158 @@ def _kernels() -> _Kernels:
                 codes, vector_scales = blocks[number][candidate], scales[number][candidate]
                 decode_four_bit(codes, vector_scales, widths[number], vectors, pending, code_values, offset)
                 pending = lanes_fold(query_lanes, vectors, pending, blocks, widths, number, rows, item, end, running)
-            lanes_scores(query, running, item, scores)
+            scores[item] = running[: query.shape[0]].sum()
+
+    # Batches: every query's vectors in the lanes, `groups_per_step` groups of sixteen at a time (one group
+    # alone does eight multiply-adds per nine loads: there the loads, not the multiply-adds, set the pace), over
+    # a tile of candidates decoded once for the whole batch, so that a pair of groups' query rows is read from
+    # the L2 cache once per tile rather than once per candidate.
+    @numba.njit(nogil=True, cache=True, fastmath={"contract"}, boundscheck=False)
+    def groups_step_max(query_lanes, first_group, vectors, rows_per_candidate, running):
+        """`lanes_max` for the `groups_per_step` groups of query lanes from `first_group` of `query_lanes
+        [G, D, 16]` at once, over the decoded vectors of a tile of candidates (`vectors [n * rows_per_candidate,
+        D]`, `rows_per_candidate` a multiple of 8), into `running [n, G, 16]`."""
+        wide_vectors()
+        sums = numba.carray(stack_array(step_accumulators), (groups_per_step, per_step, lanes))
+        dim = query_lanes.shape[1]
+        for first in range(0, vectors.shape[0], per_step):
+            tile_candidate = first // rows_per_candidate
+            for step_group in range(groups_per_step):
+                for vector in range(per_step):
+                    for lane in range(lanes):
+                        sums[step_group, vector, lane] = 0.0
+            for element in range(dim):
+                for lane in range(lanes):
+                    for step_group in range(groups_per_step):
+                        weight = query_lanes[first_group + step_group, element, lane]
+                        for vector in range(per_step):
+                            sums[step_group, vector, lane] += weight * vectors[first + vector, element]
+            for step_group in range(groups_per_step):
+                for lane in range(lanes):
+                    best = running[tile_candidate, first_group + step_group, lane]
+                    for vector in range(per_step):
+                        best = max(best, sums[step_group, vector, lane])
+                    running[tile_candidate, first_group + step_group, lane] = best
+
+    # A candidate's first r_c vectors decoded into `vectors [rows, D]` (float32), padded to a multiple of 8 by
+    # repeating the first one (repeats change no max); `offset_bits [D]`: scratch for residual4's offsets.
+    @numba.njit(**options, inline="always")
+    def pad(vectors, count):
+        for row in range(count, vectors.shape[0]):
+            for element in range(vectors.shape[1]):
+                vectors[row, element] = vectors[0, element]
+
+    @numba.njit(**options)
+    def float32_candidate(blocks, scales, code_values, offsets, widths, candidate, vectors, offset_bits):
+        count = 0
+        for number in range(len(widths)):
+            stored = blocks[number][candidate]
+            for position in range(widths[number]):
+                for element in range(stored.shape[1]):
+                    vectors[count + position, element] = stored[position, element]
+            count += widths[number]
+        pad(vectors, count)
+
+    @numba.njit(**options)
+    def float16_candidate(blocks, scales, code_values, offsets, widths, candidate, vectors, offset_bits):
+        bits, count = vectors.view(numpy.uint32), 0
+        for number in range(len(widths)):
+            decode_float16(blocks[number][candidate], widths[number], bits, count)
+            count += widths[number]
+        pad(vectors, count)
+
+    @numba.njit(**options)
+    def int8_candidate(blocks, scales, code_values, offsets, widths, candidate, vectors, offset_bits):
+        count = 0
+        for number in range(len(widths)):
+            decode_int8(blocks[number][candidate], scales[number][candidate], widths[number], vectors, count)
+            count += widths[number]
+        pad(vectors, count)
+
+    @numba.njit(**options)
+    def four_bit_candidate(blocks, scales, code_values, offsets, widths, candidate, vectors, offset_bits):
+        offset = offset_bits.view(numpy.float32)
+        if offsets.shape[0] > 0:
+            decode_offset(offsets, candidate, offset_bits, offset)
+        count = 0
+        for number in range(len(widths)):
+            codes, vector_scales = blocks[number][candidate], scales[number][candidate]
+            decode_four_bit(codes, vector_scales, widths[number], vectors, count, code_values, offset)
+            count += widths[number]
+        pad(vectors, count)
+
+    @numba.njit(**options)
+    def batch_lanes(
+        decode_candidate, query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores
+    ):
+        """scores[q, item] for the queries whose vectors are `query [Q * r_q, D]` (one query after another;
+        `query_lanes [G, D, 16]` the same, transposed, zero-padded), their sum of their lanes' maxima; each
+        candidate decoded once by `decode_candidate` (one of the `*_candidate` above)."""
+        groups, dim = query_lanes.shape[0], query_lanes.shape[1]
+        rows_per_candidate = -(-widths.sum() // per_step) * per_step
+        # A tile of candidates fills about 16 KiB of the L1 cache, beside the query rows of a pair of groups.
+        tile = max(1, 4096 // (rows_per_candidate * dim))
+        vectors = numpy.empty((tile * rows_per_candidate, dim), dtype=numpy.float32)
+        running = numpy.empty((tile, groups, lanes), dtype=numpy.float32)
+        offset_bits = numpy.zeros(dim, dtype=numpy.uint32)
+        per_query = query.shape[0] // scores.shape[0]
+        stepped = groups - groups % groups_per_step
+        for first in range(start, end, tile):
+            count = min(tile, end - first)
+            for slot in range(count):
+                candidate = rows[first + slot] if rows.shape[0] > 0 else first + slot
+                decoded = vectors[slot * rows_per_candidate : (slot + 1) * rows_per_candidate]
+                decode_candidate(blocks, scales, code_values, offsets, widths, candidate, decoded, offset_bits)
+            running[:] = -numpy.inf
+            tiled = vectors[: count * rows_per_candidate]
+            for group in range(0, stepped, groups_per_step):
+                groups_step_max(query_lanes, group, tiled, rows_per_candidate, running)
+            for group in range(stepped, groups):  # the last group alone
+                for slot in range(count):
+                    decoded = vectors[slot * rows_per_candidate : (slot + 1) * rows_per_candidate]
+                    lanes_max(query_lanes[group], decoded, running[slot, group], 0, 0)
+            for slot in range(count):
+                maxima = running[slot].reshape(groups * lanes)
+                for number in range(scores.shape[0]):
+                    scores[number, first + slot] = maxima[number * per_query : (number + 1) * per_query].sum()
 
     kernels = (
-        float32,
-        float16,
-        int8,
-        four_bit,
-        float32_lanes,
-        float16_lanes,
-        int8_lanes,
-        four_bit_lanes,
-        lanes_max,
-        groups_step_max,
+        *(float32, float16, int8, four_bit, float32_lanes, float16_lanes, int8_lanes, four_bit_lanes, lanes_max),
+        *(batch_lanes, groups_step_max, float32_candidate, float16_candidate, int8_candidate, four_bit_candidate),
     )
     return _Kernels(**{kernel.py_func.__name__: kernel for kernel in kernels})
+
+
+def top_k_columns(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `k` best of float32 `scores` `[n]` (k <= n), best first, equal scores by the lower column first (the
+    order `merge_top_k` keeps): `(scores [k], columns [k] int64)`. One pass that keeps a sorted run of k, in
+    place of torch's top-k and the sorts that settle its ties: a one-query search spends less time around the
+    kernel than in it."""
+    best_scores = numpy.empty(k, dtype=numpy.float32)
+    best_columns = numpy.empty(k, dtype=numpy.int64)
+    _top_k_kernel()(scores.numpy(), best_scores, best_columns)
+    return torch.from_numpy(best_scores), torch.from_numpy(best_columns)
+
+
+@cache
+def _top_k_kernel() -> Any:
+    import numba
+
+    @numba.njit(nogil=True, cache=True, boundscheck=False)
+    def top_k(scores, best_scores, best_columns):
+        k = best_scores.shape[0]
+        for column in range(scores.shape[0]):
+            score = scores[column]
+            filled = min(column, k)
+            # A later column enters only ahead of strictly lower scores: ties keep the lower column first.
+            if filled == k and not score > best_scores[k - 1]:
+                continue
+            place = filled if filled < k else k - 1
+            while place > 0 and score > best_scores[place - 1]:
+                best_scores[place] = best_scores[place - 1]
+                best_columns[place] = best_columns[place - 1]
+                place -= 1
+            best_scores[place] = score
+            best_columns[place] = column
+
+    return top_k
