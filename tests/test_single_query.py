@@ -218,10 +218,10 @@ def queries():
 @pytest.mark.parametrize("num_queries", [1, 2, 3, 17, 32])
 def test_batch_scores_equal_the_torch_kernel_and_each_query_alone(candidates, queries, storage, num_queries):
     # r_q * Q lanes: groups of sixteen shared by several queries (r_q 3), a query across two groups (r_q 11), an
-    # odd number of groups (one left after the pairs); r_c 1 and 4 are padded to eight vectors, 9 and 33 padded
-    # after blocks of 8 and 16.
+    # odd number of groups (padded with an empty one); r_c 1, 2 and 4 share a step of eight vectors among
+    # candidates (3 is padded to 4), 9 and 33 are padded after blocks of 8 and 16; tiles end part-filled.
     blocks = stored_blocks(candidates, storage)
-    budgets = [(1, 1), (2, 4), (3, 9), (4, 8), (8, 16), (11, 33), (16, 64)]
+    budgets = [(1, 1), (5, 2), (7, 3), (2, 4), (3, 9), (4, 8), (8, 16), (11, 33), (16, 64)]
     batch = queries[:num_queries]
     for r_q, r_c in budgets:
         scores = single_query.batch_scores(batch[:, :r_q], blocks, r_c)

@@ -167,6 +167,8 @@ def _scores(
     if kind != "dots":
         # [groups, D, 16]: the query vectors transposed, sixteen per group, the last group zero-padded.
         groups = -(-len(query) // _LANES)
+        if kind == "batch":  # its groups go `_GROUPS_PER_STEP` at a time
+            groups = -(-groups // _GROUPS_PER_STEP) * _GROUPS_PER_STEP
         padded = numpy.zeros((groups * _LANES, query.shape[1]), dtype=numpy.float32)
         padded[: len(query)] = query
         query_lanes = _read_only(numpy.ascontiguousarray(padded.reshape(groups, _LANES, -1).transpose(0, 2, 1)))
@@ -540,13 +542,13 @@ def _kernels() -> _Kernels:
     @numba.njit(nogil=True, cache=True, fastmath={"contract"}, boundscheck=False)
     def groups_step_max(query_lanes, first_group, vectors, rows_per_candidate, running):
         """`lanes_max` for the `groups_per_step` groups of query lanes from `first_group` of `query_lanes
-        [G, D, 16]` at once, over the decoded vectors of a tile of candidates (`vectors [n * rows_per_candidate,
-        D]`, `rows_per_candidate` a multiple of 8), into `running [n, G, 16]`."""
+        [G, D, 16]` at once, over the decoded vectors of a tile of candidates (`vectors [8 * steps, D]`, each
+        candidate's `rows_per_candidate` in a row: a multiple of 8, or 1, 2 or 4 for several candidates per
+        step), into `running [tile, G, 16]`."""
         wide_vectors()
         sums = numba.carray(stack_array(step_accumulators), (groups_per_step, per_step, lanes))
         dim = query_lanes.shape[1]
         for first in range(0, vectors.shape[0], per_step):
-            tile_candidate = first // rows_per_candidate
             for step_group in range(groups_per_step):
                 for vector in range(per_step):
                     for lane in range(lanes):
@@ -558,11 +560,10 @@ def _kernels() -> _Kernels:
                         for vector in range(per_step):
                             sums[step_group, vector, lane] += weight * vectors[first + vector, element]
             for step_group in range(groups_per_step):
-                for lane in range(lanes):
-                    best = running[tile_candidate, first_group + step_group, lane]
-                    for vector in range(per_step):
-                        best = max(best, sums[step_group, vector, lane])
-                    running[tile_candidate, first_group + step_group, lane] = best
+                for vector in range(per_step):
+                    maxima = running[(first + vector) // rows_per_candidate, first_group + step_group]
+                    for lane in range(lanes):
+                        maxima[lane] = max(maxima[lane], sums[step_group, vector, lane])
 
     # A candidate's first r_c vectors decoded into `vectors [rows, D]` (float32), padded to a multiple of 8 by
     # repeating the first one (repeats change no max); `offset_bits [D]`: scratch for residual4's offsets.
@@ -616,17 +617,21 @@ def _kernels() -> _Kernels:
         decode_candidate, query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores
     ):
         """scores[q, item] for the queries whose vectors are `query [Q * r_q, D]` (one query after another;
-        `query_lanes [G, D, 16]` the same, transposed, zero-padded), their sum of their lanes' maxima; each
-        candidate decoded once by `decode_candidate` (one of the `*_candidate` above)."""
+        `query_lanes [G, D, 16]` the same, transposed, zero-padded to an even G), the sum of their lanes' maxima;
+        each candidate decoded once by `decode_candidate` (one of the `*_candidate` above)."""
         groups, dim = query_lanes.shape[0], query_lanes.shape[1]
-        rows_per_candidate = -(-widths.sum() // per_step) * per_step
+        # A candidate's decoded rows: r_c padded to 1, 2 or 4 (several candidates per step) or a multiple of 8.
+        rows_per_candidate = 1
+        while rows_per_candidate < min(widths.sum(), per_step):
+            rows_per_candidate *= 2
+        rows_per_candidate = -(-widths.sum() // rows_per_candidate) * rows_per_candidate
+        per_step_candidates = max(1, per_step // rows_per_candidate)
         # A tile of candidates fills about 16 KiB of the L1 cache, beside the query rows of a pair of groups.
-        tile = max(1, 4096 // (rows_per_candidate * dim))
-        vectors = numpy.empty((tile * rows_per_candidate, dim), dtype=numpy.float32)
+        tile = max(1, 4096 // (rows_per_candidate * dim) // per_step_candidates) * per_step_candidates
+        vectors = numpy.zeros((tile * rows_per_candidate, dim), dtype=numpy.float32)
         running = numpy.empty((tile, groups, lanes), dtype=numpy.float32)
         offset_bits = numpy.zeros(dim, dtype=numpy.uint32)
         per_query = query.shape[0] // scores.shape[0]
-        stepped = groups - groups % groups_per_step
         for first in range(start, end, tile):
             count = min(tile, end - first)
             for slot in range(count):
@@ -634,13 +639,10 @@ def _kernels() -> _Kernels:
                 decoded = vectors[slot * rows_per_candidate : (slot + 1) * rows_per_candidate]
                 decode_candidate(blocks, scales, code_values, offsets, widths, candidate, decoded, offset_bits)
             running[:] = -numpy.inf
-            tiled = vectors[: count * rows_per_candidate]
-            for group in range(0, stepped, groups_per_step):
+            # Whole steps: the rows after a last tile's candidates are left from before (their maxima unread).
+            tiled = vectors[: -(-count * rows_per_candidate // per_step) * per_step]
+            for group in range(0, groups, groups_per_step):
                 groups_step_max(query_lanes, group, tiled, rows_per_candidate, running)
-            for group in range(stepped, groups):  # the last group alone
-                for slot in range(count):
-                    decoded = vectors[slot * rows_per_candidate : (slot + 1) * rows_per_candidate]
-                    lanes_max(query_lanes[group], decoded, running[slot, group], 0, 0)
             for slot in range(count):
                 maxima = running[slot].reshape(groups * lanes)
                 for number in range(scores.shape[0]):
