@@ -415,9 +415,9 @@ class MetaEmbedIndex:
         # The kernel reads each shard's prefix blocks as stored (only those r_c reaches), upcasting or
         # dequantising an 8 MiB chunk at a time for all queries at once. One query (the serving case) is a thin
         # product that torch's BLAS reads slowly: with numba installed, a kernel made for it reads each stored
-        # vector once in its own type (see single_query.py). A batch goes through the same kernel's outer product
-        # (each candidate decoded once for all queries), a chunk of candidates at a time so that its scores stay
-        # within `_BATCH_CHUNK_SCORES`.
+        # vector once in its own type (see single_query.py). A batch goes through the batch outer product (each
+        # candidate decoded once for all queries) where `single_query.batch_supports` measured it faster, a chunk
+        # of candidates at a time so that its scores stay within `_BATCH_CHUNK_SCORES`.
         best_scores = best_indices = None
         start = 0
         for shard in self._shards:
