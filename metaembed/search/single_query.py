@@ -39,9 +39,9 @@ _MIN_CANDIDATES_PER_THREAD = 2048
 # The lanes of the outer-product kernel (query vectors, zero-padded: 16 float32 fill a 512-bit register) and its
 # candidate vectors per step (a candidate's r_c vectors are padded to a multiple by repeating its first one).
 _LANES, _VECTORS_PER_STEP = 16, 8
-# A batch's groups of sixteen query lanes per step of the outer product: two, measured on one thread at 10k
-# candidates and 32 queries, reach the square-matmul rate at (16, 64) (167 against 137 GFLOP/s for one group
-# at a time, 151 for three: 24 sums and three query rows crowd the 32 registers).
+# A batch's groups of sixteen query lanes per step of the outer product: measured on one thread at 10k
+# candidates, 32 queries, (16, 64), one candidate at a time, two groups ran at 167 GFLOP/s (the square-matmul
+# rate), one at 137, three at 151 (24 sums and three query rows crowd the 32 registers).
 _GROUPS_PER_STEP = 2
 # From this many query vectors up (and r_c >= 8) the outer-product kernel is the faster one, measured on one
 # thread: 1.1-2.2x the dots along D at r_q = 16; at r_q = 12 1.1-1.3x for float32 and float16, 0.9-1.2x for
