@@ -561,11 +561,22 @@ def _kernels() -> _Kernels:
                         weight = query_lanes[first_group + step_group, element, lane]
                         for vector in range(per_step):
                             sums[step_group, vector, lane] += weight * vectors[first + vector, element]
+            # (The loops over a step's vectors stay innermost: unrolled, they index the sums by constants, which
+            # keeps them in registers.)
+            slot = first // rows_per_candidate
             for step_group in range(groups_per_step):
-                for vector in range(per_step):
-                    maxima = running[(first + vector) // rows_per_candidate, first_group + step_group]
+                group = first_group + step_group
+                if rows_per_candidate >= per_step:  # one candidate's vectors
                     for lane in range(lanes):
-                        maxima[lane] = max(maxima[lane], sums[step_group, vector, lane])
+                        best = running[slot, group, lane]
+                        for vector in range(per_step):
+                            best = max(best, sums[step_group, vector, lane])
+                        running[slot, group, lane] = best
+                    continue
+                for lane in range(lanes):
+                    for vector in range(per_step):
+                        owner = (first + vector) // rows_per_candidate
+                        running[owner, group, lane] = max(running[owner, group, lane], sums[step_group, vector, lane])
 
     # A candidate's first r_c vectors decoded into `vectors [rows, D]` (float32), padded to a multiple of 8 by
     # repeating the first one (repeats change no max); `offset_bits [D]`: scratch for residual4's offsets.
