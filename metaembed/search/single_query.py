@@ -96,16 +96,18 @@ def single_query_scores(
 
 def batch_supports(candidates: PrefixBlocks, num_queries: int, num_candidate_vectors: int) -> bool:
     """`batch_scores` handles these blocks (float32, float16, int8 or 4-bit codes on CPU, AVX-512) and is the
-    faster choice: for two queries or more, and r_c that fills whole steps of eight vectors unpadded (2, 4 or a
-    multiple of 8). Measured on one thread, 10k candidates, 32 queries, against torch's kernel: 1.0-1.8x at
-    r_c = 2, 4, 8, 16, 64 for every storage; 0.7-1.1x at r_c = 3 (padded to 4) and 0.6-1.0x at r_c = 1 (the
-    query vectors outnumber the work per candidate there)."""
+    faster choice: for two queries or more, at r_c a multiple of 8, and for int8 / 4-bit codes also at r_c 2 and
+    4 (several candidates per step). Measured on one thread, 10k candidates, 32 queries, against torch's kernel
+    (which decodes a chunk at a time): 1.1-1.7x at r_c 8, 16 and 64 for every storage; at r_c 2 and 4 1.1-1.6x
+    for int8 and 4-bit, 0.8-1.2x for float32 and float16 (kept on torch); at r_c 3 (padded to 4) 0.7-1.1x and
+    at r_c 1 0.6-1.0x."""
     block = candidates.blocks[0]
+    small = num_candidate_vectors in (2, 4) and block.dtype in (torch.int8, torch.uint8)
     return (
         num_queries >= 2
         and block.device.type == "cpu"
         and block.dtype in _STORED_TYPES
-        and (num_candidate_vectors in (2, 4) or num_candidate_vectors % _VECTORS_PER_STEP == 0)
+        and (num_candidate_vectors % _VECTORS_PER_STEP == 0 or small)
         and _has_512_bit_vectors()
     )
 
