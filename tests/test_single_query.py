@@ -14,7 +14,7 @@ from metaembed.search import single_query
 from metaembed.search.index import MetaEmbedIndex
 from metaembed.search.storage import code_values, prefix_blocks, quantize
 from metaembed.testing import run_concurrently
-from scoring_metaembed import MMR_BUDGETS, PrefixBlocks, late_interaction_scores
+from scoring_metaembed import MMR_BUDGETS, PrefixBlocks, late_interaction_scores, merge_top_k
 
 pytest.importorskip("numba")
 
@@ -204,6 +204,21 @@ def test_two_stage_reranks_in_place_as_torch_does(candidates, storage, monkeypat
         monkeypatch.delenv("METAEMBED_NUMBA")
         assert torch.equal(found.indices, reference.indices)
         torch.testing.assert_close(found.scores, reference.scores, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("k", [1, 3, 10, 50])
+def test_top_k_columns_is_the_merge_order_ties_included(k):
+    generator = torch.Generator().manual_seed(k)
+    # Few distinct values: ties everywhere, at the k-th place too; -inf, the lowest score, among them.
+    scores = torch.randint(0, 6, (50,), generator=generator).float() / 4
+    scores[torch.randperm(50, generator=generator)[:3]] = float("-inf")
+    expected_scores, expected_columns = merge_top_k(None, None, scores.unsqueeze(0), 0, k)
+    found_scores, found_columns = single_query.top_k_columns(scores, k)
+    assert found_columns.dtype == torch.int64 and found_scores.dtype == torch.float32
+    assert torch.equal(found_columns, expected_columns[0]) and torch.equal(found_scores, expected_scores[0])
+    # A plain reference: sort by (score descending, column ascending).
+    reference = sorted(range(50), key=lambda column: (-float(scores[column]), column))[:k]
+    assert found_columns.tolist() == reference
 
 
 # Batches: every query's vectors side by side in the lanes of the outer product (single_query.batch_scores).

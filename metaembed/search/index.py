@@ -264,6 +264,8 @@ class MetaEmbedIndex:
 
     def _split_positions(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(shard number, position within the shard) of each of the valid int64 `positions`."""
+        if len(self._shards) == 1:  # the common case, spared the lookup on every search
+            return torch.zeros_like(positions), positions
         sizes = torch.tensor([len(shard.ids) for shard in self._shards])
         ends = sizes.cumsum(0)
         shard_numbers = torch.searchsorted(ends, positions, right=True)
@@ -421,25 +423,31 @@ class MetaEmbedIndex:
         best_scores = best_indices = None
         start = 0
         for shard in self._shards:
-            for scores, first in self._shard_scores(queries, shard.candidates(), num_candidate_vectors, top_k):
-                best_scores, best_indices = merge_top_k(best_scores, best_indices, scores, start + first, top_k)
+            for top_scores, positions in self._shard_top_k(queries, shard.candidates(), num_candidate_vectors, top_k):
+                top_indices = positions + start
+                if best_scores is None:  # the first top-k is already in merge order
+                    best_scores, best_indices = top_scores, top_indices
+                else:
+                    best_scores, best_indices = merge_top_k(best_scores, best_indices, top_scores, top_indices, top_k)
             start += len(shard.ids)
         return best_scores, best_indices
 
     @staticmethod
-    def _shard_scores(
+    def _shard_top_k(
         queries: torch.Tensor, candidates: PrefixBlocks, num_candidate_vectors: int, top_k: int
-    ) -> Iterator[tuple[torch.Tensor, int | torch.Tensor]]:
-        """One shard's scores `[Q, n]` for `merge_top_k`, block by block, each with its candidates' positions in
-        the shard (an int offset or `[Q, n]` positions)."""
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One shard's best `[Q, <= top_k]` (scores, positions in the shard), in merge order, block by block."""
         numba = single_query.available()
         if numba and len(queries) == 1 and single_query.supports(candidates, queries.shape[1], num_candidate_vectors):
-            yield single_query.single_query_scores(queries[0], candidates, num_candidate_vectors).unsqueeze(0), 0
+            scores = single_query.single_query_scores(queries[0], candidates, num_candidate_vectors)
+            top_scores, top_columns = single_query.top_k_columns(scores, min(top_k, len(scores)))
+            yield top_scores.unsqueeze(0), top_columns.unsqueeze(0)
         elif numba and single_query.batch_supports(candidates, len(queries), num_candidate_vectors):
             chunk = max(1, _BATCH_CHUNK_SCORES // len(queries))
             for first in range(0, len(candidates), chunk):
                 rows = torch.arange(first, min(first + chunk, len(candidates)))
-                yield single_query.batch_scores(queries, candidates, num_candidate_vectors, rows), first
+                scores = single_query.batch_scores(queries, candidates, num_candidate_vectors, rows)
+                yield merge_top_k(None, None, scores, first, top_k)
         else:
             top = late_interaction_scores(queries, candidates, None, num_candidate_vectors, top_k=top_k)
             yield top.scores, top.indices
@@ -470,11 +478,10 @@ class MetaEmbedIndex:
                 continue  # nothing found: the row stays padded
             if in_place:
                 shortlist_scores = self._score_rows(queries[row], shard_candidates, shortlist, num_candidate_vectors)
-                top_scores, top_indices = merge_top_k(
-                    None, None, shortlist_scores.unsqueeze(0), shortlist.unsqueeze(0), min(top_k, len(shortlist))
-                )
-                found = top_scores.shape[1]
-                scores[row, :found], indices[row, :found] = top_scores[0], top_indices[0]
+                # The shortlist ascends, so its lower columns are its lower positions (ties: merge order).
+                top_scores, top_columns = single_query.top_k_columns(shortlist_scores, min(top_k, len(shortlist)))
+                found = len(top_scores)
+                scores[row, :found], indices[row, :found] = top_scores, shortlist[top_columns]
                 continue
             candidates = self._gather_stored(shortlist, num_candidate_vectors)
             top = late_interaction_scores(queries[row : row + 1], candidates, top_k=min(top_k, len(shortlist)))
