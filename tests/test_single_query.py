@@ -53,6 +53,26 @@ def stored_blocks(candidates, storage):
     return PrefixBlocks(blocks, scales, code_values(storage), stored.offsets)
 
 
+def saved_two_shard_index(candidates, storage, path):
+    index = MetaEmbedIndex(DIM, NUM_VECTORS, storage=storage)
+    index.add(candidates[:170])
+    index.add(candidates[170:])  # two shards
+    index.save(str(path))
+    return MetaEmbedIndex.load(str(path))  # memory-mapped, read-only arrays
+
+
+def on_three_threads(monkeypatch, call):
+    """`call()` with the candidates split across three threads (each part's last candidate has no next one to read
+    ahead)."""
+    monkeypatch.setattr(single_query, "_MIN_CANDIDATES_PER_THREAD", 1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        return call()
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("storage", STORAGES)
 @pytest.mark.parametrize("num_query_vectors", [1, 3, 4, 8, 11, 14, 16])
 def test_scores_equal_the_torch_kernel_for_every_storage_and_budget(candidates, query, storage, num_query_vectors):
@@ -82,23 +102,15 @@ def test_thread_split_gives_identical_scores(candidates, query, monkeypatch, sto
     # Each part's last candidate has no next one to read ahead: the same scores all the same.
     blocks = stored_blocks(candidates, storage)
     alone = single_query.single_query_scores(query[:num_query_vectors], blocks, 64)
-    monkeypatch.setattr(single_query, "_MIN_CANDIDATES_PER_THREAD", 1)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(3)
-        split = single_query.single_query_scores(query[:num_query_vectors], blocks, 64)
-    finally:
-        torch.set_num_threads(threads)
+    split = on_three_threads(
+        monkeypatch, lambda: single_query.single_query_scores(query[:num_query_vectors], blocks, 64)
+    )
     assert torch.equal(split, alone)
 
 
 @pytest.mark.parametrize("storage", STORAGES)
 def test_index_uses_the_kernel_for_one_query_and_torch_otherwise(candidates, query, storage, monkeypatch, tmp_path):
-    index = MetaEmbedIndex(DIM, NUM_VECTORS, storage=storage)
-    index.add(candidates[:170])
-    index.add(candidates[170:])  # two shards
-    index.save(str(tmp_path))
-    loaded = MetaEmbedIndex.load(str(tmp_path))  # memory-mapped, read-only arrays
+    loaded = saved_two_shard_index(candidates, storage, tmp_path)
     calls = []
     kernel = single_query.single_query_scores
 
@@ -117,7 +129,7 @@ def test_index_uses_the_kernel_for_one_query_and_torch_otherwise(candidates, que
         assert torch.equal(found.indices, reference.indices) and found.ids == reference.ids
         torch.testing.assert_close(found.scores, reference.scores, atol=2e-6, rtol=0)
     calls.clear()
-    loaded.search(torch.stack([query, query]), 2, 4, shortlist_size=None)  # a batch: torch's GEMM
+    loaded.search(torch.stack([query, query]), 2, 4, shortlist_size=None)  # a batch: not the one-query kernel
     assert calls == []
 
 
@@ -172,6 +184,12 @@ def test_outer_product_compiles_to_512_bit_multiply_adds_fed_by_broadcast_loads(
     for broadcast in (r"vbroadcastsd", r"vbroadcastf32x4", r"vbroadcastf(32x8|64x4)"):
         assert re.search(rf"{broadcast}\s+[^\n]*\((%\w+)?(,%\w+)*(,\d)?\), (%zmm\d+)\n(.*\n){{0,3}}.*{zmm_fma}", code)
     assert not re.search(r"vfmadd\w*ss|vinsertps", code)  # no scalar sums, no elements inserted one by one
+    # A batch's two groups per step: each broadcast element feeds both (in a register, not a memory operand).
+    single_query.batch_scores(torch.stack([query, query]), stored_blocks(candidates, "float32"), 64)
+    groups_step_max = single_query._kernels().groups_step_max
+    code = "\n".join(groups_step_max.inspect_asm(signature) for signature in groups_step_max.signatures)
+    assert re.search(r"vbroadcastss[^\n]*%zmm", code) and re.search(r"vfmadd\w*ps\s+%zmm", code)
+    assert not re.search(r"vfmadd\w*ss", code)
 
 
 @pytest.fixture
@@ -273,3 +291,92 @@ def test_top_k_columns_is_the_merge_order_ties_included(k):
     # A plain reference: sort by (score descending, column ascending).
     reference = sorted(range(50), key=lambda column: (-float(scores[column]), column))[:k]
     assert found_columns.tolist() == reference
+
+
+# Batches: every query's vectors side by side in the lanes of the outer product (single_query.batch_scores).
+
+
+@pytest.fixture(scope="module")
+def queries():
+    return unit_vectors(32, 16, DIM, seed=5)
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("num_queries", [1, 2, 3, 17, 32])
+def test_batch_scores_equal_the_torch_kernel_and_each_query_alone(candidates, queries, storage, num_queries):
+    # r_q * Q lanes: groups of sixteen shared by several queries (r_q 3), a query across two groups (r_q 11), an
+    # odd number of groups (padded with an empty one); r_c 1, 2 and 4 share a step of eight vectors among
+    # candidates (3 is padded to 4), 9 and 33 are padded after blocks of 8 and 16; tiles end part-filled.
+    blocks = stored_blocks(candidates, storage)
+    budgets = [(1, 1), (5, 2), (7, 3), (2, 4), (3, 9), (4, 8), (8, 16), (11, 33), (16, 64)]
+    batch = queries[:num_queries]
+    for r_q, r_c in budgets:
+        scores = single_query.batch_scores(batch[:, :r_q], blocks, r_c)
+        expected = late_interaction_scores(batch[:, :r_q], blocks, None, r_c)
+        assert scores.dtype == torch.float32 and scores.shape == (num_queries, len(candidates))
+        torch.testing.assert_close(scores, expected, atol=2e-6, rtol=0)
+        for row in {0, num_queries // 2, num_queries - 1}:
+            alone = single_query.batch_scores(batch[row : row + 1, :r_q], blocks, r_c)
+            assert torch.equal(scores[row], alone[0])
+
+
+@pytest.mark.parametrize("storage", ["float32", "int4"])
+def test_batch_thread_split_and_rows_give_identical_scores(candidates, queries, monkeypatch, storage):
+    blocks = stored_blocks(candidates, storage)
+    alone = single_query.batch_scores(queries[:5, :7], blocks, 16)
+    rows = torch.tensor([299, 0, 7, 7, 150, 1])  # any order, repeats allowed
+    assert torch.equal(single_query.batch_scores(queries[:5, :7], blocks, 16, rows), alone[:, rows])
+    split = on_three_threads(monkeypatch, lambda: single_query.batch_scores(queries[:5, :7], blocks, 16))
+    assert torch.equal(split, alone)
+
+
+def test_batch_supports_only_what_was_measured_faster(candidates):
+    assert single_query.batch_supports(stored_blocks(candidates, "int8"), 32, 8)
+    assert single_query.batch_supports(stored_blocks(candidates, "residual4"), 2, 64)
+    assert single_query.batch_supports(stored_blocks(candidates, "int4"), 32, 2)
+    assert single_query.batch_supports(stored_blocks(candidates, "float32"), 32, 24)
+    assert not single_query.batch_supports(stored_blocks(candidates, "float16"), 32, 4)  # as fast as torch's GEMM
+    for padded in (1, 3, 5, 9, 33):  # torch's GEMM: no padded vectors
+        assert not single_query.batch_supports(stored_blocks(candidates, "int8"), 32, padded)
+    assert not single_query.batch_supports(stored_blocks(candidates, "float32"), 1, 64)  # the one-query kernel
+    assert not single_query.batch_supports(PrefixBlocks([candidates.to(torch.bfloat16)]), 32, 64)
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_index_searches_batches_with_the_kernel_as_torch_does(candidates, queries, storage, monkeypatch, tmp_path):
+    loaded = saved_two_shard_index(candidates, storage, tmp_path)
+    # Chunks of 3 * 17 scores: candidates tied across chunk and shard borders still rank lower index first.
+    monkeypatch.setattr("metaembed.search.index._BATCH_CHUNK_SCORES", 3 * 17)
+    batch = torch.cat([queries[:16], queries[:1]])  # the last query repeats the first: the same results
+    calls = []
+    kernel = single_query.batch_scores
+    monkeypatch.setattr(single_query, "batch_scores", lambda *arguments: calls.append(1) or kernel(*arguments))
+    for r_q, r_c in MMR_BUDGETS:
+        calls.clear()
+        found = loaded.search(batch, r_q, r_c, top_k=7, shortlist_size=None)
+        kernel_used = r_c >= 8 or (r_c > 1 and storage not in ("float32", "float16"))
+        assert len(calls) == (-(-170 // 3) + -(-130 // 3) if kernel_used else 0)
+        monkeypatch.setenv("METAEMBED_NUMBA", "0")
+        reference = loaded.search(batch, r_q, r_c, top_k=7, shortlist_size=None)
+        monkeypatch.delenv("METAEMBED_NUMBA")
+        assert torch.equal(found.indices, reference.indices) and found.ids == reference.ids
+        torch.testing.assert_close(found.scores, reference.scores, atol=2e-6, rtol=0)
+        assert torch.equal(found.scores[-1], found.scores[0]) and torch.equal(found.indices[-1], found.indices[0])
+
+
+def test_concurrent_batch_searches_equal_sequential(candidates):
+    index = MetaEmbedIndex(DIM, NUM_VECTORS, storage="int8")
+    index.add(candidates)
+    batches = [unit_vectors(3 + seed, 16, DIM, seed=seed) for seed in range(8)]
+    budgets = [(4, 8), (8, 16), (16, 64), (11, 33)]
+    expected = [
+        index.search(batch, *budgets[slot % 4], top_k=5, shortlist_size=None) for slot, batch in enumerate(batches)
+    ]
+    results = run_concurrently(
+        [
+            lambda batch=batch, budget=budgets[slot % 4]: index.search(batch, *budget, top_k=5, shortlist_size=None)
+            for slot, batch in enumerate(batches)
+        ]
+    )
+    for got, want in zip(results, expected):
+        assert torch.equal(got.indices, want.indices) and torch.equal(got.scores, want.scores)

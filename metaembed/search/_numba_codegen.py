@@ -1,6 +1,7 @@
 """The LLVM code generation the one-query kernel needs that numba has no public API for (numba and llvmlite
 internals, isolated here; tests/test_single_query.py fails loudly when they drift): the outer product's dots
-written out as LLVM vector code (512-bit vectors), and a prefetch."""
+written out as LLVM vector code (512-bit vectors), and a prefetch; for the batch kernel, a fixed-size array on the
+stack, which LLVM keeps in registers, and 512-bit vectors preferred by its vectoriser for one function."""
 
 from __future__ import annotations
 
@@ -13,6 +14,42 @@ from numba.extending import intrinsic
 # guards against the clock slowdown of 512-bit instructions on old Xeons; the outer product gains 2x with them).
 # This attribute makes them legal for the function holding the outer product, leaving its vectoriser's choices.
 _LEGAL_512_BIT = '"min-legal-vector-width"="512"'
+# For the batch kernel, written as plain loops: LLVM's vectoriser picks 512-bit vectors only where asked.
+_PREFER_512_BIT = '"prefer-vector-width"="512"'
+
+
+@intrinsic
+def stack_array(typingctx, size):
+    """A float32 pointer to `size` (a literal) elements on the caller's stack: wrap with `numba.carray`. Unlike
+    `numpy.empty`, its elements become registers once its indices are constants (after unrolling)."""
+    if not isinstance(size, types.IntegerLiteral):
+        return None
+    count = size.literal_value
+
+    def codegen(context, builder, signature, arguments):
+        return cgutils.alloca_once(builder, context.get_value_type(types.float32), size=count)
+
+    return types.CPointer(types.float32)(size), codegen
+
+
+@intrinsic
+def wide_vectors(typingctx):
+    """Let LLVM vectorise the calling function with 512-bit registers where the machine has them (no effect
+    elsewhere), and keep it out of line so that callers compiled for 256 bits do not absorb it."""
+
+    def codegen(context, builder, signature, arguments):
+        _add_function_attributes(builder, _PREFER_512_BIT, "noinline")
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+def _add_function_attributes(builder, *names: str) -> None:
+    attributes = builder.function.attributes
+    # llvmlite accepts only the attributes it knows; LLVM reads string attributes such as these per function.
+    attributes._known = attributes._known | set(names)
+    for name in names:
+        attributes.add(name)
 
 
 @intrinsic
@@ -91,10 +128,7 @@ def grouped_dots(typingctx, out, query_lanes, vectors, first, per_step, fold_max
             )
             builder.branch(exit_block)
         builder.position_at_end(exit_block)
-        attributes = builder.function.attributes
-        # llvmlite accepts only the attributes it knows; LLVM reads this string attribute per function.
-        attributes._known = attributes._known | {_LEGAL_512_BIT}
-        attributes.add(_LEGAL_512_BIT)
+        _add_function_attributes(builder, _LEGAL_512_BIT)
         return context.get_dummy_value()
 
     return types.none(out, query_lanes, vectors, first, per_step, fold_max, ahead, lines), codegen

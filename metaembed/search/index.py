@@ -36,6 +36,8 @@ AUTO_SHORTLIST = 100
 AUTO_ANN_QUERY_VECTORS = 4
 # Candidate vectors dequantised at a time for the ANN index: bounds its extra memory.
 _ANN_BLOCK_ELEMENTS = 2**24
+# Scores of a batch through the outer-product kernel held at once (8 MiB), as torch's kernel chunks.
+_BATCH_CHUNK_SCORES = 2**21
 
 
 class SearchResults(NamedTuple):
@@ -415,28 +417,40 @@ class MetaEmbedIndex:
         # The kernel reads each shard's prefix blocks as stored (only those r_c reaches), upcasting or
         # dequantising an 8 MiB chunk at a time for all queries at once. One query (the serving case) is a thin
         # product that torch's BLAS reads slowly: with numba installed, a kernel made for it reads each stored
-        # vector once in its own type (see single_query.py).
+        # vector once in its own type (see single_query.py). A batch goes through the batch outer product (each
+        # candidate decoded once for all queries) where `single_query.batch_supports` measured it faster, a chunk
+        # of candidates at a time so that its scores stay within `_BATCH_CHUNK_SCORES`.
         best_scores = best_indices = None
         start = 0
         for shard in self._shards:
-            candidates = shard.candidates()
-            if (
-                len(queries) == 1
-                and single_query.available()
-                and single_query.supports(candidates, queries.shape[1], num_candidate_vectors)
-            ):
-                scores = single_query.single_query_scores(queries[0], candidates, num_candidate_vectors)
-                top_scores, top_columns = single_query.top_k_columns(scores, min(top_k, len(scores)))
-                top_scores, top_indices = top_scores.unsqueeze(0), top_columns.unsqueeze(0) + start
-            else:
-                top = late_interaction_scores(queries, candidates, None, num_candidate_vectors, top_k=top_k)
-                top_scores, top_indices = top.scores, top.indices + start
-            if best_scores is None:  # the first shard's top-k is already in merge order
-                best_scores, best_indices = top_scores, top_indices
-            else:
-                best_scores, best_indices = merge_top_k(best_scores, best_indices, top_scores, top_indices, top_k)
+            for top_scores, positions in self._shard_top_k(queries, shard.candidates(), num_candidate_vectors, top_k):
+                top_indices = positions + start
+                if best_scores is None:  # the first top-k is already in merge order
+                    best_scores, best_indices = top_scores, top_indices
+                else:
+                    best_scores, best_indices = merge_top_k(best_scores, best_indices, top_scores, top_indices, top_k)
             start += len(shard.ids)
         return best_scores, best_indices
+
+    @staticmethod
+    def _shard_top_k(
+        queries: torch.Tensor, candidates: PrefixBlocks, num_candidate_vectors: int, top_k: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One shard's best `[Q, <= top_k]` (scores, positions in the shard), in merge order, block by block."""
+        numba = single_query.available()
+        if numba and len(queries) == 1 and single_query.supports(candidates, queries.shape[1], num_candidate_vectors):
+            scores = single_query.single_query_scores(queries[0], candidates, num_candidate_vectors)
+            top_scores, top_columns = single_query.top_k_columns(scores, min(top_k, len(scores)))
+            yield top_scores.unsqueeze(0), top_columns.unsqueeze(0)
+        elif numba and single_query.batch_supports(candidates, len(queries), num_candidate_vectors):
+            chunk = max(1, _BATCH_CHUNK_SCORES // len(queries))
+            for first in range(0, len(candidates), chunk):
+                rows = torch.arange(first, min(first + chunk, len(candidates)))
+                scores = single_query.batch_scores(queries, candidates, num_candidate_vectors, rows)
+                yield merge_top_k(None, None, scores, first, top_k)
+        else:
+            top = late_interaction_scores(queries, candidates, None, num_candidate_vectors, top_k=top_k)
+            yield top.scores, top.indices
 
     def _search_two_stage(
         self,
