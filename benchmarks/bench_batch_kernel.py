@@ -55,7 +55,7 @@ def main() -> None:
             for numba in ("0", "1"):
                 os.environ["METAEMBED_NUMBA"] = numba
                 first = best_time(search, 1, time.process_time)  # compiles
-                # Short searches are repeated for about a second (the best of them).
+                # Short searches are repeated for about half a second (the best of them).
                 repeats = max(args.repeats, int(0.5 / max(first, 1e-4)))
                 times[numba] = best_time(search, repeats, time.process_time)
             os.environ.pop("METAEMBED_NUMBA")

@@ -246,13 +246,10 @@ def test_rows_and_thread_split_with_several_candidates_per_step(
     for rows in (torch.tensor([299, 0, 7, 7, 150, 1, 3, 3, 200, 9, 11]), torch.tensor([5]), torch.arange(299, 0, -2)):
         found = single_query.single_query_scores(query[:num_query_vectors], blocks, num_candidate_vectors, rows)
         assert torch.equal(found, everything[rows])
-    monkeypatch.setattr(single_query, "_MIN_CANDIDATES_PER_THREAD", 1)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(3)  # parts of 100 candidates: 12 steps of 8 and one of 4 at r_c 1
-        split = single_query.single_query_scores(query[:num_query_vectors], blocks, num_candidate_vectors)
-    finally:
-        torch.set_num_threads(threads)
+    # Parts of 100 candidates: 12 steps of 8 and one of 4 at r_c 1.
+    split = on_three_threads(
+        monkeypatch, lambda: single_query.single_query_scores(query[:num_query_vectors], blocks, num_candidate_vectors)
+    )
     assert torch.equal(split, everything)
 
 
@@ -293,6 +290,24 @@ def test_top_k_columns_is_the_merge_order_ties_included(k):
     assert found_columns.tolist() == reference
 
 
+@pytest.mark.parametrize("k", [1, 2, 5, 100])
+def test_top_k_columns_ranks_nan_first_as_torch_does_and_checks_k(k):
+    # NaN (from an overflow) anywhere, the first columns included, above every number as in torch's top-k, and
+    # NaNs among themselves by the lower column; k = 100 takes torch's top-k (above 64), whose NaNs tie arbitrarily.
+    scores = torch.tensor([1.0, float("nan"), 3.0, 3.0, float("nan"), -2.0, 0.5] * 20)
+    found_scores, found_columns = single_query.top_k_columns(scores, k)
+    reference = sorted(range(140), key=lambda c: (not scores[c].isnan(), -float(scores[c].nan_to_num()), c))[:k]
+    numbers = [column for column in reference if not scores[column].isnan()]
+    if k <= single_query._MAX_ONE_PASS_TOP_K:
+        assert found_columns.tolist() == reference
+    else:
+        assert sorted(found_columns[:40].tolist()) == reference[:40] and found_columns[40:].tolist() == numbers
+    torch.testing.assert_close(found_scores, scores[found_columns], equal_nan=True, atol=0, rtol=0)
+    for bad in (0, 141):
+        with pytest.raises(ValueError, match=r"k must lie in 1\.\.140"):
+            single_query.top_k_columns(scores, bad)
+
+
 # Batches: every query's vectors side by side in the lanes of the outer product (single_query.batch_scores).
 
 
@@ -318,6 +333,30 @@ def test_batch_scores_equal_the_torch_kernel_and_each_query_alone(candidates, qu
         for row in {0, num_queries // 2, num_queries - 1}:
             alone = single_query.batch_scores(batch[row : row + 1, :r_q], blocks, r_c)
             assert torch.equal(scores[row], alone[0])
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_a_query_in_a_batch_scores_as_the_one_query_kernel_from_nine_query_vectors(candidates, queries, storage):
+    # From r_q 9 one query takes one lane per query vector (G = 1), as a batch does: the same dots, maxima and
+    # sums in the same order, so a search's scores do not depend on how many queries came with it. (Below 9 the
+    # one-query kernel folds G lanes per query vector: equal to float32 rounding.)
+    blocks = stored_blocks(candidates, storage)
+    for r_q in (9, 12, 16):
+        for r_c in (4, 8, 16, 64):
+            batch = single_query.batch_scores(queries[:3, :r_q], blocks, r_c)
+            for row in range(3):
+                assert torch.equal(batch[row], single_query.single_query_scores(queries[row, :r_q], blocks, r_c))
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_machines_without_avx512_take_the_dots_along_d_with_the_same_scores(candidates, query, storage, monkeypatch):
+    monkeypatch.setattr(single_query, "_has_512_bit_vectors", lambda: False)
+    blocks = stored_blocks(candidates, storage)
+    assert not single_query.batch_supports(blocks, 32, 64)
+    for r_q, r_c in [(1, 1), (2, 4), (5, 3), (8, 16), (16, 64)]:
+        scores = single_query.single_query_scores(query[:r_q], blocks, r_c)
+        expected = late_interaction_scores(query[None, :r_q], blocks, None, r_c)[0]
+        torch.testing.assert_close(scores, expected, atol=2e-6, rtol=0)
 
 
 @pytest.mark.parametrize("storage", ["float32", "int4"])

@@ -1,7 +1,9 @@
 """The LLVM code generation the one-query kernel needs that numba has no public API for (numba and llvmlite
 internals, isolated here; tests/test_single_query.py fails loudly when they drift): the outer product's dots
-written out as LLVM vector code (512-bit vectors), and a prefetch; for the batch kernel, a fixed-size array on the
-stack, which LLVM keeps in registers, and 512-bit vectors preferred by its vectoriser for one function."""
+written out as LLVM vector code (512-bit vectors), a prefetch, and views of arrays without numba's reference
+counts (`unowned`, whose owners `keep_alive` holds until the views' last use: numba counts references atomically,
+per inlined helper and candidate); for the batch kernel, a fixed-size array on the stack, which LLVM keeps in
+registers, and 512-bit vectors preferred by its vectoriser for one function."""
 
 from __future__ import annotations
 

@@ -1,20 +1,20 @@
 """Exhaustive MaxSim of one query over an index's stored prefix blocks, compiled with numba (the `[search]`
 extra; without it the index uses `late_interaction_scores`).
 
-One query is a thin matrix product: r_q <= 16 query vectors against millions of stored vectors. Through torch's
-BLAS it reads the stored vectors slower than the machine can (its GEMM kernels are tuned for wide matrices), and
-float16 / int8 / 4-bit storage pay an extra pass to upcast every chunk. Here each candidate is read once: its
-first r_c vectors are decoded from their stored type (float16 bits, int8 or 4-bit codes times the vector's scale,
-residual4's mean added) into a small buffer that stays in the L1 cache, and their dots with the query vectors go
-straight into a running max. From `_LANES_MIN_QUERY_VECTORS` query vectors up (on AVX-512 machines), the dots are
-an outer product with the query vectors across the 16 lanes of a vector register: r_q padded to P slots (1, 2, 4,
-8 or 16) of G = 16 / P lanes, each lane a query vector's share of G consecutive elements (`_query_lanes`). Each
-step multiplies one row of it by G decoded elements of eight candidate vectors, broadcast to every slot, and adds
-into sums held in registers; after D / G steps log2(G) shuffle-adds fold each slot's lanes, so no dot ends in a
-horizontal sum and the max over a candidate's vectors is lane by lane. Below r_c = 8 several candidates share a
-step (a candidate's vectors padded to 1, 2 or 4). Meanwhile the next candidate's stored vectors are requested from
-memory. With fewer query vectors the dots run along D instead (`block_max`). Scores are float32 and accumulate in
-float32 (with a different summation order than torch's kernel: equal to float32 rounding). Candidates are split
+One query is a thin matrix product: r_q <= 16 query vectors against millions of stored vectors. Through torch's BLAS
+it reads the stored vectors slower than the machine can (its GEMM kernels are tuned for wide matrices), and float16
+/ int8 / 4-bit storage pay an extra pass to upcast every chunk. Here each candidate is read once: its first r_c
+vectors are decoded from their stored type (float16 bits, int8 or 4-bit codes times the vector's scale, residual4's
+mean added) into a small buffer that stays in the L1 cache, and their dots with the query vectors go straight into a
+running max. From `_LANES_MIN_QUERY_VECTORS` query vectors up (on AVX-512 machines), the dots are an outer product
+with the query vectors across the 16 lanes of a vector register: r_q padded to P slots (1, 2, 4, 8 or 16) of G = 16
+/ P lanes, each lane a query vector's share of G consecutive elements (`_query_lanes`). Each step multiplies one row
+of it by G decoded elements of eight candidate vectors, broadcast to every slot, and adds into sums held in
+registers; after D / G steps log2(G) shuffle-adds fold each slot's lanes, so no dot ends in a horizontal sum and the
+max over a candidate's vectors is lane by lane. Below r_c = 8 several candidates share a step (a candidate's vectors
+padded to 1, 2 or 4; 5 to 7 take a step of their own). Meanwhile the next candidate's stored vectors are requested
+from memory. With fewer query vectors the dots run along D instead (`block_max`). Scores are float32 and accumulate
+in float32 (with a different summation order than torch's kernel: equal to float32 rounding). Candidates are split
 across `torch.get_num_threads()` threads (the kernels release the GIL); a call shares no state with another, so
 servers may search from several threads at once.
 
@@ -35,7 +35,7 @@ from typing import Any
 import numpy
 import torch
 
-from scoring_metaembed import PrefixBlocks
+from scoring_metaembed import PrefixBlocks, merge_top_k
 
 _STORED_TYPES = (torch.float32, torch.float16, torch.int8, torch.uint8)
 # Below this many candidates per thread, splitting costs more than it saves.
@@ -267,7 +267,8 @@ class _Kernels:
 
 @cache
 def _kernels() -> _Kernels:
-    """Compile (or load from numba's cache) the kernels: two per stored type (dots along D, outer product)."""
+    """Compile (or load from numba's cache) the kernels: for one query two per stored type (dots along D, outer
+    product); for batches `batch_lanes` with one candidate decoder per stored type."""
     import numba
 
     from ._numba_codegen import grouped_dots, keep_alive, prefetch, stack_array, unowned, wide_vectors
@@ -281,8 +282,8 @@ def _kernels() -> _Kernels:
         return max(1, widths.max())
 
     @numba.njit(**options)
-    def _buffer_rows(widths):  # for the outer product: a block after up to per_step - 1 pending vectors, padded
-        return -(-(widths.max() + per_step - 1) // per_step) * per_step
+    def _buffer_rows(widths):  # for the outer product: every block of a candidate pending at once, padded to a step
+        return -(-widths.sum() // per_step) * per_step + per_step
 
     @numba.njit(**options, inline="always")
     def block_max(query, vectors, running):
@@ -351,8 +352,8 @@ def _kernels() -> _Kernels:
 
     @numba.njit(**options, inline="always")
     def candidate_rows(widths):
-        """Buffer rows per candidate when several candidates share a step of 8 vectors (r_c < 8, padded to 1,
-        2 or 4); 0 when each candidate takes whole steps of its own."""
+        """Buffer rows per candidate below 8 vectors (r_c padded to 1, 2 or 4, several candidates per step; 5 to 7
+        padded to 8); 0 when each candidate takes whole steps of its own."""
         count = widths.sum()
         if count >= per_step:
             return 0
@@ -649,9 +650,9 @@ def _kernels() -> _Kernels:
     @numba.njit(nogil=True, cache=True, fastmath={"contract"}, boundscheck=False)
     def groups_step_max(query_lanes, first_group, vectors, rows_per_candidate, running):
         """`lanes_max` for the `groups_per_step` groups of query lanes from `first_group` of `query_lanes
-        [G, D, 16]` at once, over the decoded vectors of a tile of candidates (`vectors [8 * steps, D]`, each
+        [groups, D, 16]` at once, over the decoded vectors of a tile of candidates (`vectors [8 * steps, D]`, each
         candidate's `rows_per_candidate` in a row: a multiple of 8, or 1, 2 or 4 for several candidates per
-        step), into `running [tile, G, 16]`."""
+        step), into `running [tile, groups, 16]`."""
         wide_vectors()
         sums = numba.carray(stack_array(step_accumulators), (groups_per_step, per_step, lanes))
         dim = query_lanes.shape[1]
@@ -685,12 +686,6 @@ def _kernels() -> _Kernels:
 
     # A candidate's first r_c vectors decoded into `vectors [rows, D]` (float32), padded to a multiple of 8 by
     # repeating the first one (repeats change no max); `offset_bits [D]`: scratch for residual4's offsets.
-    @numba.njit(**options, inline="always")
-    def pad(vectors, count):
-        for row in range(count, vectors.shape[0]):
-            for element in range(vectors.shape[1]):
-                vectors[row, element] = vectors[0, element]
-
     @numba.njit(**options)
     def float32_candidate(blocks, scales, code_values, offsets, widths, candidate, vectors, offset_bits):
         count = 0
@@ -700,7 +695,7 @@ def _kernels() -> _Kernels:
                 for element in range(stored.shape[1]):
                     vectors[count + position, element] = stored[position, element]
             count += widths[number]
-        pad(vectors, count)
+        repeat_first(vectors, 0, count, vectors.shape[0])
 
     @numba.njit(**options)
     def float16_candidate(blocks, scales, code_values, offsets, widths, candidate, vectors, offset_bits):
@@ -708,7 +703,7 @@ def _kernels() -> _Kernels:
         for number in range(len(widths)):
             decode_float16(blocks[number][candidate], widths[number], bits, count)
             count += widths[number]
-        pad(vectors, count)
+        repeat_first(vectors, 0, count, vectors.shape[0])
 
     @numba.njit(**options)
     def int8_candidate(blocks, scales, code_values, offsets, widths, candidate, vectors, offset_bits):
@@ -716,7 +711,7 @@ def _kernels() -> _Kernels:
         for number in range(len(widths)):
             decode_int8(blocks[number][candidate], scales[number][candidate], widths[number], vectors, count)
             count += widths[number]
-        pad(vectors, count)
+        repeat_first(vectors, 0, count, vectors.shape[0])
 
     @numba.njit(**options)
     def four_bit_candidate(blocks, scales, code_values, offsets, widths, candidate, vectors, offset_bits):
@@ -728,21 +723,20 @@ def _kernels() -> _Kernels:
             codes, vector_scales = blocks[number][candidate], scales[number][candidate]
             decode_four_bit(codes, vector_scales, widths[number], vectors, count, code_values, offset)
             count += widths[number]
-        pad(vectors, count)
+        repeat_first(vectors, 0, count, vectors.shape[0])
 
     @numba.njit(**options)
     def batch_lanes(
         decode_candidate, query, query_lanes, blocks, scales, code_values, offsets, widths, rows, start, end, scores
     ):
         """scores[q, item] for the queries whose vectors are `query [Q * r_q, D]` (one query after another;
-        `query_lanes [G, D, 16]` the same, transposed, zero-padded to an even G), the sum of their lanes' maxima;
-        each candidate decoded once by `decode_candidate` (one of the `*_candidate` above)."""
+        `query_lanes [groups, D, 16]` the same, transposed, zero-padded to an even number of groups), the sum of
+        their lanes' maxima; each candidate decoded once by `decode_candidate` (one of the `*_candidate` above)."""
         groups, dim = query_lanes.shape[0], query_lanes.shape[1]
         # A candidate's decoded rows: r_c padded to 1, 2 or 4 (several candidates per step) or a multiple of 8.
-        rows_per_candidate = 1
-        while rows_per_candidate < min(widths.sum(), per_step):
-            rows_per_candidate *= 2
-        rows_per_candidate = -(-widths.sum() // rows_per_candidate) * rows_per_candidate
+        rows_per_candidate = candidate_rows(widths)
+        if rows_per_candidate == 0:
+            rows_per_candidate = -(-widths.sum() // per_step) * per_step
         per_step_candidates = max(1, per_step // rows_per_candidate)
         # A tile of candidates fills about 16 KiB of the L1 cache, beside the query rows of a pair of groups.
         tile = max(1, 4096 // (rows_per_candidate * dim) // per_step_candidates) * per_step_candidates
@@ -764,7 +758,12 @@ def _kernels() -> _Kernels:
             for slot in range(count):
                 maxima = running[slot].reshape(groups * lanes)
                 for number in range(scores.shape[0]):
-                    scores[number, first + slot] = maxima[number * per_query : (number + 1) * per_query].sum()
+                    # In order, as `lanes_score` adds one query's maxima: from 9 query vectors up (G = 1) a query's
+                    # score in a batch equals its score alone to the bit.
+                    total = numpy.float32(0.0)
+                    for lane in range(number * per_query, (number + 1) * per_query):
+                        total += maxima[lane]
+                    scores[number, first + slot] = total
 
     kernels = (
         *(float32, float16, int8, four_bit, float32_lanes, float16_lanes, int8_lanes, four_bit_lanes),
@@ -773,11 +772,20 @@ def _kernels() -> _Kernels:
     return _Kernels(**{kernel.py_func.__name__: kernel for kernel in kernels})
 
 
+# Above this k the one-pass top-k (k steps per insertion at worst) gives way to torch's top-k and sorts.
+_MAX_ONE_PASS_TOP_K = 64
+
+
 def top_k_columns(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `k` best of float32 `scores` `[n]` (k <= n), best first, equal scores by the lower column first (the
-    order `merge_top_k` keeps): `(scores [k], columns [k] int64)`. One pass that keeps a sorted run of k, in
-    place of torch's top-k and the sorts that settle its ties: a one-query search spends less time around the
-    kernel than in it."""
+    """The `k` best of float32 `scores` `[n]` (0 < k <= n), best first, equal scores by the lower column first and
+    NaN above every number (the order `merge_top_k` keeps): `(scores [k], columns [k] int64)`. Up to
+    `_MAX_ONE_PASS_TOP_K`, one pass that keeps a sorted run of k, in place of torch's top-k and the sorts that
+    settle its ties: a one-query search spends less time around the kernel than in it."""
+    if not 0 < k <= len(scores):
+        raise ValueError(f"k must lie in 1..{len(scores)}, got {k}")
+    if k > _MAX_ONE_PASS_TOP_K:
+        best_scores, best_columns = merge_top_k(None, None, scores.unsqueeze(0), 0, k)
+        return best_scores[0], best_columns[0]
     best_scores = numpy.empty(k, dtype=numpy.float32)
     best_columns = numpy.empty(k, dtype=numpy.int64)
     _top_k_kernel()(scores.numpy(), best_scores, best_columns)
@@ -788,6 +796,10 @@ def top_k_columns(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
 def _top_k_kernel() -> Any:
     import numba
 
+    @numba.njit(nogil=True, cache=True, boundscheck=False, inline="always")
+    def above(score, other):  # strictly better; NaN ranks above every number, as in torch's top-k
+        return score > other or (score != score and other == other)
+
     @numba.njit(nogil=True, cache=True, boundscheck=False)
     def top_k(scores, best_scores, best_columns):
         k = best_scores.shape[0]
@@ -795,10 +807,10 @@ def _top_k_kernel() -> Any:
             score = scores[column]
             filled = min(column, k)
             # A later column enters only ahead of strictly lower scores: ties keep the lower column first.
-            if filled == k and not score > best_scores[k - 1]:
+            if filled == k and not above(score, best_scores[k - 1]):
                 continue
             place = filled if filled < k else k - 1
-            while place > 0 and score > best_scores[place - 1]:
+            while place > 0 and above(score, best_scores[place - 1]):
                 best_scores[place] = best_scores[place - 1]
                 best_columns[place] = best_columns[place - 1]
                 place -= 1
