@@ -64,7 +64,7 @@ def saved_two_shard_index(candidates, storage, path):
 def on_three_threads(monkeypatch, call):
     """`call()` with the candidates split across three threads (each part's last candidate has no next one to read
     ahead)."""
-    monkeypatch.setattr(single_query, "_MIN_CANDIDATES_PER_THREAD", 1)
+    monkeypatch.setattr(single_query, "_MIN_VECTORS_PER_THREAD", 1)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(3)
@@ -419,3 +419,30 @@ def test_concurrent_batch_searches_equal_sequential(candidates):
     )
     for got, want in zip(results, expected):
         assert torch.equal(got.indices, want.indices) and torch.equal(got.scores, want.scores)
+
+
+def test_threads_split_by_candidate_vectors_so_a_short_rerank_at_a_large_budget_is_shared(
+    candidates, query, monkeypatch
+):
+    # 300 candidates: below 2,048 candidates, but at r_c 64 19,200 vectors, worth two threads; at r_c 1 not.
+    submitted = []
+    executor = single_query._executor()
+
+    class CountingExecutor:
+        def submit(self, function, *arguments):
+            submitted.append(arguments[-3:-1])  # (start, end)
+            return executor.submit(function, *arguments)
+
+    monkeypatch.setattr(single_query, "_executor", CountingExecutor)
+    blocks = stored_blocks(candidates, "float16")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        alone = single_query.single_query_scores(query, blocks, 64)
+        assert submitted == [(0, 150), (150, 300)]
+        submitted.clear()
+        single_query.single_query_scores(query, blocks, 1)
+        assert submitted == []
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(alone, late_interaction_scores(query[None], blocks, None, 64)[0], atol=2e-6, rtol=0)

@@ -38,8 +38,9 @@ import torch
 from scoring_metaembed import PrefixBlocks, merge_top_k
 
 _STORED_TYPES = (torch.float32, torch.float16, torch.int8, torch.uint8)
-# Below this many candidates per thread, splitting costs more than it saves.
-_MIN_CANDIDATES_PER_THREAD = 2048
+# Below this many candidate vectors (candidates x r_c) per thread, splitting costs more than it saves: a one-query
+# search over all of 2,048 candidates at (1, 1), or a two-stage rerank of 400 shortlisted candidates at (16, 64).
+_MIN_VECTORS_PER_THREAD = 2048
 # The lanes of the outer-product kernel (16 float32 fill a 512-bit register) and its candidate vectors per step (a
 # candidate's r_c vectors are padded to a multiple, or to 1, 2 or 4, by repeating its first one).
 _LANES, _VECTORS_PER_STEP = 16, 8
@@ -197,7 +198,7 @@ def _scores(
     count = len(candidates) if rows is None else len(rows)
     scores = numpy.empty((num_queries, count), dtype=numpy.float32)
     output = scores if kind == "batch" else scores[0]  # the one-query kernels write [N]
-    parts = max(1, min(torch.get_num_threads(), count // _MIN_CANDIDATES_PER_THREAD))
+    parts = max(1, min(torch.get_num_threads(), count * num_candidate_vectors // _MIN_VECTORS_PER_THREAD))
     bounds = [count * part // parts for part in range(parts + 1)]
     if parts == 1:
         kernel(*arguments, 0, count, output)
