@@ -165,7 +165,7 @@ def _scores(
             code_values = _as_array(candidates.code_values)
         if candidates.offsets is not None:
             offsets = _as_array(candidates.offsets.to(torch.float16).view(torch.uint16))
-    elif dtype == torch.float16:  # the kernel reads halves 2**112 too small (see there)
+    elif dtype == torch.float16 and kind == "dots":  # that kernel reads halves 2**112 too small (see there)
         query = query * numpy.float32(2.0**112)
     selected = _NO_ROWS if rows is None else _as_array(rows.to(torch.int64))
     query_lanes = _NO_QUERY_LANES
@@ -271,7 +271,7 @@ def _kernels() -> _Kernels:
     product); for batches `batch_lanes` with one candidate decoder per stored type."""
     import numba
 
-    from ._numba_codegen import grouped_dots, keep_alive, prefetch, stack_array, unowned, wide_vectors
+    from ._numba_codegen import grouped_dots, keep_alive, prefetch, stack_array, unowned, wide_vectors, widen_halves
 
     options = {"nogil": True, "cache": True, "fastmath": {"reassoc", "contract"}, "boundscheck": False}
     lanes, per_step, groups_per_step = _LANES, _VECTORS_PER_STEP, _GROUPS_PER_STEP
@@ -424,11 +424,12 @@ def _kernels() -> _Kernels:
         return 0
 
     # Decoders: a candidate's first `width` stored vectors of one block, as float32, into `vectors[first:]`.
+    # float16 in the outer-product kernels: `widen_halves` (vcvtph2ps, on every AVX-512 machine); here, for the dots
+    # along D, which any machine runs, half bits h -> float32 bits (h & 0x8000) << 16 | (h & 0x7FFF) << 13: the same
+    # sign and digits with the exponent 112 lower, for normal and subnormal halves alike; the query comes scaled by
+    # 2**112 to match (powers of two: the products round as the plain ones do).
     @numba.njit(**options, inline="always")
     def decode_float16(halves, width, bits, first):
-        # Half bits h -> float32 bits (h & 0x8000) << 16 | (h & 0x7FFF) << 13: the same sign and digits with the
-        # exponent 112 lower, for normal and subnormal halves alike; the query comes scaled by 2**112 to match
-        # (powers of two: the products round as the plain ones do).
         for position in range(width):
             for element in range(halves.shape[1]):
                 value = numpy.uint32(halves[position, element])
@@ -594,7 +595,7 @@ def _kernels() -> _Kernels:
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
             for number in range(len(widths)):
-                decode_float16(blocks[number][candidate], widths[number], bits, pending)
+                widen_halves(blocks[number][candidate], widths[number], bits, pending)
                 pending = lanes_fold(
                     query_lanes, vectors, pending, blocks, widths, number, rows, item, end, state, scores
                 )
@@ -699,9 +700,9 @@ def _kernels() -> _Kernels:
 
     @numba.njit(**options)
     def float16_candidate(blocks, scales, code_values, offsets, widths, candidate, vectors, offset_bits):
-        bits, count = vectors.view(numpy.uint32), 0
+        count = 0
         for number in range(len(widths)):
-            decode_float16(blocks[number][candidate], widths[number], bits, count)
+            widen_halves(blocks[number][candidate], widths[number], vectors, count)
             count += widths[number]
         repeat_first(vectors, 0, count, vectors.shape[0])
 
