@@ -95,14 +95,14 @@ def widen_halves(typingctx, halves, count, vectors, first):
         structure = context.make_array(signature.args[0])(context, builder, arguments[0])
         dim = cgutils.unpack_tuple(builder, structure.shape, 2)[1]
         source = builder.bitcast(structure.data, half.as_pointer())
-        target, row_stride = _row_pointer(context, builder, signature.args[2], arguments[2], first_row)
+        target, _ = _row_pointer(context, builder, signature.args[2], arguments[2], first_row)
         total = builder.mul(row_count, dim)
         whole = builder.and_(total, index_type(-_LANES))
+        halves_vector, lane_vector = llvm_ir.VectorType(half, _LANES), _lane_vector()
         with cgutils.for_range_slice(builder, index_type(0), whole, index_type(_LANES)) as (element, _):
-            halves_vector = llvm_ir.VectorType(half, _LANES)
             loaded = builder.load(builder.bitcast(builder.gep(source, [element]), halves_vector.as_pointer()), align=2)
-            widened = builder.fpext(loaded, _lane_vector())
-            builder.store(widened, builder.bitcast(builder.gep(target, [element]), _lane_vector().as_pointer()), align=4)
+            widened = builder.fpext(loaded, lane_vector)
+            builder.store(widened, builder.bitcast(builder.gep(target, [element]), lane_vector.as_pointer()), align=4)
         with cgutils.for_range_slice(builder, whole, total, index_type(1)) as (element, _):
             widened = builder.fpext(builder.load(builder.gep(source, [element]), align=2), llvm_ir.FloatType())
             builder.store(widened, builder.gep(target, [element]), align=4)
