@@ -197,6 +197,13 @@ def test_outer_product_compiles_to_512_bit_multiply_adds_fed_by_broadcast_loads(
     kernel = single_query._kernels().float16_lanes
     code = "\n".join(kernel.inspect_asm(signature) for signature in kernel.signatures)
     assert re.search(r"vcvtph2psx?\s+[^\n]*, %zmm\d+", code) and not re.search(r"vpslld\s+\$13", code)
+    # 4-bit: sixteen codes looked up at once in the code values held in a register (`widen_nibbles`): vpermps, or
+    # vpermd, the same lookup in the integer domain.
+    for storage in ("int4", "residual4"):
+        single_query.single_query_scores(query, stored_blocks(candidates, storage), 64)
+    kernel = single_query._kernels().four_bit_lanes
+    code = "\n".join(kernel.inspect_asm(signature) for signature in kernel.signatures)
+    assert re.search(r"vperm(ps|d)\s+[^\n]*%zmm\d+, %zmm\d+, %zmm\d+", code)
     # A batch's two groups per step: each broadcast element feeds both (in a register, not a memory operand).
     single_query.batch_scores(torch.stack([query, query]), stored_blocks(candidates, "float32"), 64)
     groups_step_max = single_query._kernels().groups_step_max
@@ -236,6 +243,22 @@ def test_lane_groups_narrow_where_they_do_not_divide_the_dimension(storage):
         scores = single_query.single_query_scores(query, blocks, num_candidate_vectors)
         expected = late_interaction_scores(query[None], blocks, None, num_candidate_vectors)[0]
         torch.testing.assert_close(scores, expected, atol=2e-6, rtol=0)
+
+
+@pytest.mark.usefixtures("outer_product_for_every_query")
+@pytest.mark.parametrize("storage", ["float16", "int4", "residual4"])
+def test_decoders_sixteen_at_a_time_then_one_by_one(storage):
+    # D = 40: a vector's 40 halves or 20 bytes of 4-bit codes are decoded sixteen at a time, then one by one.
+    candidates = unit_vectors(40, 8, 40, seed=7)
+    blocks = stored_blocks(candidates, storage)
+    for num_query_vectors, num_candidate_vectors in [(1, 1), (3, 2), (8, 8), (16, 5)]:
+        query = unit_vectors(num_query_vectors, 40, seed=8)
+        scores = single_query.single_query_scores(query, blocks, num_candidate_vectors)
+        expected = late_interaction_scores(query[None], blocks, None, num_candidate_vectors)[0]
+        torch.testing.assert_close(scores, expected, atol=2e-6, rtol=0)
+        batch = single_query.batch_scores(torch.stack([query, query.flip(0)]), blocks, num_candidate_vectors)
+        expected = late_interaction_scores(torch.stack([query, query.flip(0)]), blocks, None, num_candidate_vectors)
+        torch.testing.assert_close(batch, expected, atol=2e-6, rtol=0)
 
 
 def test_query_lanes_hold_each_slots_consecutive_elements():

@@ -112,6 +112,95 @@ def widen_halves(typingctx, halves, count, vectors, first):
     return types.none(halves, count, vectors, first), codegen
 
 
+@intrinsic
+def widen_nibbles(typingctx, codes, count, scales, table, offset, vectors, first):
+    """`vectors[first + r] = table[code] * scales[r] + offset` for the 4-bit codes of `codes[:count]` (uint8
+    `[w, D / 2]`, C-contiguous rows, two codes a byte: low nibbles the even elements, high nibbles the odd ones,
+    written as [even elements, odd elements]), float32 `scales [w]`, `table [16]` (the code values), `offset [D]`
+    (zeros: none) and a float32 or uint32 (its bits) buffer `vectors [rows, D]`. Sixteen codes at a time: the
+    table held in a register, looked up by vpermps (a scalar load per element otherwise), a multiply-add.
+    AVX-512 only (the outer-product kernels)."""
+    arrays = (codes, scales, table, offset, vectors)
+    if not all(isinstance(array, types.Array) for array in arrays) or codes.dtype != types.uint8:
+        return None
+    if vectors.dtype not in (types.float32, types.uint32):
+        return None
+
+    def codegen(context, builder, signature, arguments):
+        index_type, byte, word, single = (
+            llvm_ir.IntType(64),
+            llvm_ir.IntType(8),
+            llvm_ir.IntType(32),
+            llvm_ir.FloatType(),
+        )
+        lane_vector, index_vector = _lane_vector(), llvm_ir.VectorType(word, _LANES)
+        row_count, first_row = (
+            context.cast(builder, arguments[position], signature.args[position], types.int64) for position in (1, 6)
+        )
+        code_array = context.make_array(signature.args[0])(context, builder, arguments[0])
+        pairs = cgutils.unpack_tuple(builder, code_array.shape, 2)[1]
+        code_pointer = builder.bitcast(code_array.data, byte.as_pointer())
+        scale_pointer, table_pointer, offset_pointer = (
+            builder.bitcast(
+                context.make_array(signature.args[position])(context, builder, arguments[position]).data,
+                single.as_pointer(),
+            )
+            for position in (2, 3, 4)
+        )
+        target, row_stride = _row_pointer(context, builder, signature.args[5], arguments[5], first_row)
+        permute = cgutils.get_or_insert_function(
+            builder.module,
+            llvm_ir.FunctionType(lane_vector, [lane_vector, index_vector]),
+            "llvm.x86.avx512.permvar.sf.512",
+        )
+        fma = cgutils.get_or_insert_function(
+            builder.module, llvm_ir.FunctionType(lane_vector, [lane_vector] * 3), f"llvm.fma.v{_LANES}f32"
+        )
+        scalar_fma = cgutils.get_or_insert_function(
+            builder.module, llvm_ir.FunctionType(single, [single] * 3), "llvm.fma.f32"
+        )
+        values = builder.load(builder.bitcast(table_pointer, lane_vector.as_pointer()), align=4)
+        whole = builder.and_(pairs, index_type(-_LANES))
+        with cgutils.for_range(builder, row_count) as row_loop:
+            row = row_loop.index
+            scale = builder.load(builder.gep(scale_pointer, [row]))
+            scale_vector = builder.shuffle_vector(
+                builder.insert_element(llvm_ir.Constant(lane_vector, None), scale, word(0)),
+                llvm_ir.Constant(lane_vector, None),
+                _lane_mask([0] * _LANES),
+            )
+            source = builder.gep(code_pointer, [builder.mul(row, pairs)])
+            output = builder.gep(target, [builder.mul(row, row_stride)])
+            with cgutils.for_range_slice(builder, index_type(0), whole, index_type(_LANES)) as (pair, _):
+                loaded = builder.load(
+                    builder.bitcast(builder.gep(source, [pair]), llvm_ir.VectorType(byte, _LANES).as_pointer()), align=1
+                )
+                widened = builder.zext(loaded, index_vector)
+                halves = (
+                    (builder.and_(widened, llvm_ir.Constant(index_vector, [15] * _LANES)), pair),
+                    (builder.lshr(widened, llvm_ir.Constant(index_vector, [4] * _LANES)), builder.add(pairs, pair)),
+                )
+                for indices, element in halves:
+                    shift = builder.load(
+                        builder.bitcast(builder.gep(offset_pointer, [element]), lane_vector.as_pointer()), align=4
+                    )
+                    decoded = builder.call(fma, [builder.call(permute, [values, indices]), scale_vector, shift])
+                    builder.store(
+                        decoded, builder.bitcast(builder.gep(output, [element]), lane_vector.as_pointer()), align=4
+                    )
+            with cgutils.for_range_slice(builder, whole, pairs, index_type(1)) as (pair, _):
+                code = builder.zext(builder.load(builder.gep(source, [pair])), word)
+                halves = ((builder.and_(code, word(15)), pair), (builder.lshr(code, word(4)), builder.add(pairs, pair)))
+                for index, element in halves:
+                    value = builder.load(builder.gep(table_pointer, [index]))
+                    shift = builder.load(builder.gep(offset_pointer, [element]))
+                    builder.store(builder.call(scalar_fma, [value, scale, shift]), builder.gep(output, [element]))
+        _add_function_attributes(builder, _LEGAL_512_BIT)
+        return context.get_dummy_value()
+
+    return types.none(codes, count, scales, table, offset, vectors, first), codegen
+
+
 _LANES = 16  # float32 lanes of a 512-bit register
 _GROUPS = (1, 2, 4, 8, 16)  # query elements per lane group: 16 / (query vectors padded to a power of two)
 

@@ -163,6 +163,8 @@ def _scores(
         query = numpy.ascontiguousarray(numpy.concatenate([query[:, 0::2], query[:, 1::2]], axis=1))
         if candidates.code_values is not None:
             code_values = _as_array(candidates.code_values)
+        elif kind != "dots":  # int4's codes in the outer products: looked up like residual4's (`widen_nibbles`)
+            code_values = _INT4_CODE_VALUES
         if candidates.offsets is not None:
             offsets = _as_array(candidates.offsets.to(torch.float16).view(torch.uint16))
     elif dtype == torch.float16 and kind == "dots":  # that kernel reads halves 2**112 too small (see there)
@@ -231,6 +233,7 @@ def _read_only(array: numpy.ndarray) -> numpy.ndarray:
 
 _NO_SCALES = _read_only(numpy.zeros((0, 0), dtype=numpy.float32))
 _NO_CODE_VALUES = _read_only(numpy.zeros(0, dtype=numpy.float32))
+_INT4_CODE_VALUES = _read_only(numpy.arange(-8, 8, dtype=numpy.float32))  # int4: a code c stands for c - 8
 _NO_OFFSETS = _read_only(numpy.zeros((0, 0), dtype=numpy.uint16))
 _NO_ROWS = _read_only(numpy.zeros(0, dtype=numpy.int64))
 _NO_QUERY_LANES = _read_only(numpy.zeros((0, _LANES), dtype=numpy.float32))
@@ -271,7 +274,16 @@ def _kernels() -> _Kernels:
     product); for batches `batch_lanes` with one candidate decoder per stored type."""
     import numba
 
-    from ._numba_codegen import grouped_dots, keep_alive, prefetch, stack_array, unowned, wide_vectors, widen_halves
+    from ._numba_codegen import (
+        grouped_dots,
+        keep_alive,
+        prefetch,
+        stack_array,
+        unowned,
+        wide_vectors,
+        widen_halves,
+        widen_nibbles,
+    )
 
     options = {"nogil": True, "cache": True, "fastmath": {"reassoc", "contract"}, "boundscheck": False}
     lanes, per_step, groups_per_step = _LANES, _VECTORS_PER_STEP, _GROUPS_PER_STEP
@@ -445,7 +457,8 @@ def _kernels() -> _Kernels:
     # 4-bit: element = code_values[code] * scale (int4, without code values: (code - 8) * scale), plus the
     # candidate's offset for residual4 (its float16 mean, read as bits like float16 storage, then rescaled as it
     # is added). The low nibbles of a vector's D / 2 bytes are its even elements, the high nibbles its odd ones;
-    # they are decoded as [even elements, odd elements], and the query comes reordered the same way.
+    # they are decoded as [even elements, odd elements], and the query comes reordered the same way. The outer
+    # products decode codes by `widen_nibbles` (the code values in a register, vpermps), the dots along D here.
     @numba.njit(**options, inline="always")
     def decode_offset(offsets, candidate, offset_bits, offset):
         pairs = offset.shape[0] // 2
@@ -637,7 +650,7 @@ def _kernels() -> _Kernels:
                 decode_offset(offsets, candidate, offset_bits, offset)
             for number in range(len(widths)):
                 codes, vector_scales = blocks[number][candidate], scales[number][candidate]
-                decode_four_bit(codes, vector_scales, widths[number], vectors, pending, code_values, offset)
+                widen_nibbles(codes, widths[number], vector_scales, code_values, offset, vectors, pending)
                 pending = lanes_fold(
                     query_lanes, vectors, pending, blocks, widths, number, rows, item, end, state, scores
                 )
@@ -722,7 +735,7 @@ def _kernels() -> _Kernels:
         count = 0
         for number in range(len(widths)):
             codes, vector_scales = blocks[number][candidate], scales[number][candidate]
-            decode_four_bit(codes, vector_scales, widths[number], vectors, count, code_values, offset)
+            widen_nibbles(codes, widths[number], vector_scales, code_values, offset, vectors, count)
             count += widths[number]
         repeat_first(vectors, 0, count, vectors.shape[0])
 
