@@ -231,34 +231,23 @@ def test_every_lane_grouping_and_candidates_per_step_equal_the_torch_kernel(cand
 
 
 @pytest.mark.usefixtures("outer_product_for_every_query")
-@pytest.mark.parametrize("storage", ["float32", "float16", "int4"])
-def test_lane_groups_narrow_where_they_do_not_divide_the_dimension(storage):
-    # D = 20: G = 16 and 8 do not divide it, so one query vector takes 4 lanes (P = 4 slots, three empty); float16
-    # halves are widened sixteen at a time, then one by one (20 per vector at r_c 1).
-    candidates = unit_vectors(40, 8, 20, seed=5)
+@pytest.mark.parametrize("storage", ["float32", "float16", "int4", "residual4"])
+@pytest.mark.parametrize("dim", [20, 40])
+def test_lane_groups_narrow_and_decoders_finish_one_by_one_where_sixteen_do_not_divide(storage, dim):
+    # D = 20: G = 16 and 8 do not divide it, so one query vector takes 4 lanes (P = 4 slots, three empty). A
+    # vector's D halves or D / 2 bytes of 4-bit codes are decoded sixteen at a time, then one by one (D 40: both).
+    candidates = unit_vectors(40, 8, dim, seed=5)
     assert single_query._query_lanes(numpy.ones((1, 20), dtype=numpy.float32)).shape == (5, 16)
     blocks = stored_blocks(candidates, storage)
-    for num_query_vectors, num_candidate_vectors in [(1, 1), (1, 8), (2, 4), (5, 3)]:
-        query = unit_vectors(num_query_vectors, 20, seed=6)
+    for num_query_vectors, num_candidate_vectors in [(1, 1), (1, 8), (2, 4), (5, 3), (8, 8), (16, 5)]:
+        query = unit_vectors(num_query_vectors, dim, seed=6)
         scores = single_query.single_query_scores(query, blocks, num_candidate_vectors)
         expected = late_interaction_scores(query[None], blocks, None, num_candidate_vectors)[0]
         torch.testing.assert_close(scores, expected, atol=2e-6, rtol=0)
-
-
-@pytest.mark.usefixtures("outer_product_for_every_query")
-@pytest.mark.parametrize("storage", ["float16", "int4", "residual4"])
-def test_decoders_sixteen_at_a_time_then_one_by_one(storage):
-    # D = 40: a vector's 40 halves or 20 bytes of 4-bit codes are decoded sixteen at a time, then one by one.
-    candidates = unit_vectors(40, 8, 40, seed=7)
-    blocks = stored_blocks(candidates, storage)
-    for num_query_vectors, num_candidate_vectors in [(1, 1), (3, 2), (8, 8), (16, 5)]:
-        query = unit_vectors(num_query_vectors, 40, seed=8)
-        scores = single_query.single_query_scores(query, blocks, num_candidate_vectors)
-        expected = late_interaction_scores(query[None], blocks, None, num_candidate_vectors)[0]
+        batch = torch.stack([query, query.flip(0)])
+        scores = single_query.batch_scores(batch, blocks, num_candidate_vectors)
+        expected = late_interaction_scores(batch, blocks, None, num_candidate_vectors)
         torch.testing.assert_close(scores, expected, atol=2e-6, rtol=0)
-        batch = single_query.batch_scores(torch.stack([query, query.flip(0)]), blocks, num_candidate_vectors)
-        expected = late_interaction_scores(torch.stack([query, query.flip(0)]), blocks, None, num_candidate_vectors)
-        torch.testing.assert_close(batch, expected, atol=2e-6, rtol=0)
 
 
 def test_query_lanes_hold_each_slots_consecutive_elements():
