@@ -198,12 +198,13 @@ def test_outer_product_compiles_to_512_bit_multiply_adds_fed_by_broadcast_loads(
     code = "\n".join(kernel.inspect_asm(signature) for signature in kernel.signatures)
     assert re.search(r"vcvtph2psx?\s+[^\n]*, %zmm\d+", code) and not re.search(r"vpslld\s+\$13", code)
     # 4-bit: sixteen codes looked up at once in the code values held in a register (`widen_nibbles`): vpermps, or
-    # vpermd, the same lookup in the integer domain.
+    # vpermd, the same lookup in the integer domain; residual4's float16 offsets widened by vcvtph2ps too.
     for storage in ("int4", "residual4"):
         single_query.single_query_scores(query, stored_blocks(candidates, storage), 64)
     kernel = single_query._kernels().four_bit_lanes
     code = "\n".join(kernel.inspect_asm(signature) for signature in kernel.signatures)
     assert re.search(r"vperm(ps|d)\s+[^\n]*%zmm\d+, %zmm\d+, %zmm\d+", code)
+    assert re.search(r"vcvtph2psx?\s+[^\n]*, %zmm\d+", code) and not re.search(r"vpslld\s+\$13", code)
     # A batch's two groups per step: each broadcast element feeds both (in a register, not a memory operand).
     single_query.batch_scores(torch.stack([query, query]), stored_blocks(candidates, "float32"), 64)
     groups_step_max = single_query._kernels().groups_step_max

@@ -113,6 +113,50 @@ def widen_halves(typingctx, halves, count, vectors, first):
 
 
 @intrinsic
+def widen_offset(typingctx, halves, offset):
+    """`offset = halves` as float32, even elements first, then odd ones (the order 4-bit codes are decoded in),
+    for float16 bits `halves` (uint16 `[D]`, contiguous) and a float32 or uint32 (its bits) `offset [D]`: 32 at a
+    time by `fpext` (vcvtph2ps) and two shuffles, then one by one. Needs F16C (the outer-product kernels only)."""
+    if not (isinstance(halves, types.Array) and halves.dtype == types.uint16 and isinstance(offset, types.Array)):
+        return None
+    if offset.dtype not in (types.float32, types.uint32):
+        return None
+
+    def codegen(context, builder, signature, arguments):
+        index_type, half, single = llvm_ir.IntType(64), llvm_ir.HalfType(), llvm_ir.FloatType()
+        structure = context.make_array(signature.args[0])(context, builder, arguments[0])
+        dim = cgutils.unpack_tuple(builder, structure.shape, 1)[0]
+        source = builder.bitcast(structure.data, half.as_pointer())
+        target = _float_pointer(context, builder, signature, arguments, 1)
+        pairs = builder.ashr(dim, index_type(1))
+        whole = builder.and_(dim, index_type(-2 * _LANES))
+        pair_vector = llvm_ir.VectorType(half, 2 * _LANES)
+        with cgutils.for_range_slice(builder, index_type(0), whole, index_type(2 * _LANES)) as (element, _):
+            loaded = builder.load(builder.bitcast(builder.gep(source, [element]), pair_vector.as_pointer()), align=2)
+            widened = builder.fpext(loaded, llvm_ir.VectorType(single, 2 * _LANES))
+            pair = builder.ashr(element, index_type(1))
+            for parity, first in ((0, pair), (1, builder.add(pairs, pair))):
+                split = builder.shuffle_vector(
+                    widened, widened, _lane_mask([2 * lane + parity for lane in range(_LANES)])
+                )
+                builder.store(split, builder.bitcast(builder.gep(target, [first]), _lane_vector().as_pointer()), 4)
+        with cgutils.for_range_slice(builder, whole, dim, index_type(1)) as (element, _):
+            widened = builder.fpext(builder.load(builder.gep(source, [element]), align=2), single)
+            parity = builder.and_(element, index_type(1))
+            place = builder.add(builder.mul(parity, pairs), builder.ashr(element, index_type(1)))
+            builder.store(widened, builder.gep(target, [place]), align=4)
+        _add_function_attributes(builder, _LEGAL_512_BIT)
+        return context.get_dummy_value()
+
+    return types.none(halves, offset), codegen
+
+
+def _float_pointer(context, builder, signature, arguments, position):
+    array = context.make_array(signature.args[position])(context, builder, arguments[position])
+    return builder.bitcast(array.data, llvm_ir.FloatType().as_pointer())
+
+
+@intrinsic
 def widen_nibbles(typingctx, codes, count, scales, table, offset, vectors, first):
     """`vectors[first + r] = table[code] * scales[r] + offset` for the 4-bit codes of `codes[:count]` (uint8
     `[w, D / 2]`, C-contiguous rows, two codes a byte: low nibbles the even elements, high nibbles the odd ones,

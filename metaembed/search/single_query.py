@@ -283,6 +283,7 @@ def _kernels() -> _Kernels:
         wide_vectors,
         widen_halves,
         widen_nibbles,
+        widen_offset,
     )
 
     options = {"nogil": True, "cache": True, "fastmath": {"reassoc", "contract"}, "boundscheck": False}
@@ -458,7 +459,8 @@ def _kernels() -> _Kernels:
     # candidate's offset for residual4 (its float16 mean, read as bits like float16 storage, then rescaled as it
     # is added). The low nibbles of a vector's D / 2 bytes are its even elements, the high nibbles its odd ones;
     # they are decoded as [even elements, odd elements], and the query comes reordered the same way. The outer
-    # products decode codes by `widen_nibbles` (the code values in a register, vpermps), the dots along D here.
+    # products decode codes by `widen_nibbles` (the code values in a register, vpermps) and offsets by
+    # `widen_offset` (vcvtph2ps), the dots along D here.
     @numba.njit(**options, inline="always")
     def decode_offset(offsets, candidate, offset_bits, offset):
         pairs = offset.shape[0] // 2
@@ -647,7 +649,7 @@ def _kernels() -> _Kernels:
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
             if offsets.shape[0] > 0:
-                decode_offset(offsets, candidate, offset_bits, offset)
+                widen_offset(offsets[candidate], offset)
             for number in range(len(widths)):
                 codes, vector_scales = blocks[number][candidate], scales[number][candidate]
                 widen_nibbles(codes, widths[number], vector_scales, code_values, offset, vectors, pending)
@@ -731,7 +733,7 @@ def _kernels() -> _Kernels:
     def four_bit_candidate(blocks, scales, code_values, offsets, widths, candidate, vectors, offset_bits):
         offset = offset_bits.view(numpy.float32)
         if offsets.shape[0] > 0:
-            decode_offset(offsets, candidate, offset_bits, offset)
+            widen_offset(offsets[candidate], offset)
         count = 0
         for number in range(len(widths)):
             codes, vector_scales = blocks[number][candidate], scales[number][candidate]
