@@ -87,14 +87,22 @@ def test_scores_equal_the_torch_kernel_for_every_storage_and_budget(candidates, 
         torch.testing.assert_close(scores, expected, atol=2e-6, rtol=0)
 
 
-def test_float16_bits_are_decoded_exactly_subnormals_included(candidates):
-    # One-hot queries read single stored elements back: every float16 value, subnormal or signed zero, exactly.
+@pytest.mark.parametrize("kernel", ["outer product", "batch", "dots along D"])
+def test_float16_bits_are_decoded_exactly_subnormals_included(candidates, monkeypatch, kernel):
+    # One-hot queries read single stored elements back: every float16 value, subnormal or signed zero, exactly,
+    # through each decoder (vcvtph2ps in the outer products, the bit trick and a scaled query along D).
+    if kernel == "dots along D":
+        monkeypatch.setattr(single_query, "_has_512_bit_vectors", lambda: False)
     blocks = stored_blocks(candidates, "float16")
     halves = blocks.blocks[0][:, 0].float()  # [N, D] the first vector of each candidate, as stored
     for element in (0, 1, 2, 3, 4, 5, 7):
         one_hot = torch.zeros(1, DIM)
         one_hot[0, element] = 1.0
-        assert torch.equal(single_query.single_query_scores(one_hot, blocks, 1), halves[:, element])
+        if kernel == "batch":
+            scores = single_query.batch_scores(torch.stack([one_hot, one_hot]), blocks, 1)[1]
+        else:
+            scores = single_query.single_query_scores(one_hot, blocks, 1)
+        assert torch.equal(scores, halves[:, element])
 
 
 @pytest.mark.parametrize("storage, num_query_vectors", [("int8", 4), ("int8", 16), ("float32", 16)])
@@ -184,6 +192,19 @@ def test_outer_product_compiles_to_512_bit_multiply_adds_fed_by_broadcast_loads(
     for broadcast in (r"vbroadcastsd", r"vbroadcastf32x4", r"vbroadcastf(32x8|64x4)"):
         assert re.search(rf"{broadcast}\s+[^\n]*\((%\w+)?(,%\w+)*(,\d)?\), (%zmm\d+)\n(.*\n){{0,3}}.*{zmm_fma}", code)
     assert not re.search(r"vfmadd\w*ss|vinsertps", code)  # no scalar sums, no elements inserted one by one
+    # float16: sixteen halves widened by one instruction (`widen_halves`), not the bit trick's shifts and masks.
+    single_query.single_query_scores(query, stored_blocks(candidates, "float16"), 64)
+    kernel = single_query._kernels().float16_lanes
+    code = "\n".join(kernel.inspect_asm(signature) for signature in kernel.signatures)
+    assert re.search(r"vcvtph2psx?\s+[^\n]*, %zmm\d+", code) and not re.search(r"vpslld\s+\$13", code)
+    # 4-bit: sixteen codes looked up at once in the code values held in a register (`widen_nibbles`): vpermps, or
+    # vpermd, the same lookup in the integer domain; residual4's float16 offsets widened by vcvtph2ps too.
+    for storage in ("int4", "residual4"):
+        single_query.single_query_scores(query, stored_blocks(candidates, storage), 64)
+    kernel = single_query._kernels().four_bit_lanes
+    code = "\n".join(kernel.inspect_asm(signature) for signature in kernel.signatures)
+    assert re.search(r"vperm(ps|d)\s+[^\n]*%zmm\d+, %zmm\d+, %zmm\d+", code)
+    assert re.search(r"vcvtph2psx?\s+[^\n]*, %zmm\d+", code) and not re.search(r"vpslld\s+\$13", code)
     # A batch's two groups per step: each broadcast element feeds both (in a register, not a memory operand).
     single_query.batch_scores(torch.stack([query, query]), stored_blocks(candidates, "float32"), 64)
     groups_step_max = single_query._kernels().groups_step_max
@@ -211,16 +232,22 @@ def test_every_lane_grouping_and_candidates_per_step_equal_the_torch_kernel(cand
 
 
 @pytest.mark.usefixtures("outer_product_for_every_query")
-@pytest.mark.parametrize("storage", ["float32", "int4"])
-def test_lane_groups_narrow_where_they_do_not_divide_the_dimension(storage):
-    # D = 20: G = 16 and 8 do not divide it, so one query vector takes 4 lanes (P = 4 slots, three empty).
-    candidates = unit_vectors(40, 8, 20, seed=5)
+@pytest.mark.parametrize("storage", ["float32", "float16", "int4", "residual4"])
+@pytest.mark.parametrize("dim", [20, 40])
+def test_lane_groups_narrow_and_decoders_finish_one_by_one_where_sixteen_do_not_divide(storage, dim):
+    # D = 20: G = 16 and 8 do not divide it, so one query vector takes 4 lanes (P = 4 slots, three empty). A
+    # vector's D halves or D / 2 bytes of 4-bit codes are decoded sixteen at a time, then one by one (D 40: both).
+    candidates = unit_vectors(40, 8, dim, seed=5)
     assert single_query._query_lanes(numpy.ones((1, 20), dtype=numpy.float32)).shape == (5, 16)
     blocks = stored_blocks(candidates, storage)
-    for num_query_vectors, num_candidate_vectors in [(1, 1), (1, 8), (2, 4), (5, 3)]:
-        query = unit_vectors(num_query_vectors, 20, seed=6)
+    for num_query_vectors, num_candidate_vectors in [(1, 1), (1, 8), (2, 4), (5, 3), (8, 8), (16, 5)]:
+        query = unit_vectors(num_query_vectors, dim, seed=6)
         scores = single_query.single_query_scores(query, blocks, num_candidate_vectors)
         expected = late_interaction_scores(query[None], blocks, None, num_candidate_vectors)[0]
+        torch.testing.assert_close(scores, expected, atol=2e-6, rtol=0)
+        batch = torch.stack([query, query.flip(0)])
+        scores = single_query.batch_scores(batch, blocks, num_candidate_vectors)
+        expected = late_interaction_scores(batch, blocks, None, num_candidate_vectors)
         torch.testing.assert_close(scores, expected, atol=2e-6, rtol=0)
 
 

@@ -76,12 +76,181 @@ def _emit_prefetch(builder, address) -> None:
     builder.call(function, [builder.inttoptr(address, byte_pointer), flag(0), flag(3), flag(1)])
 
 
+@intrinsic
+def widen_halves(typingctx, halves, count, vectors, first):
+    """`vectors[first:first + count] = halves[:count]` as float32, for float16 bits `halves` (uint16, `[w, D]`,
+    C-contiguous rows) and a float32 or uint32 (its bits) buffer `vectors [rows, D]`: sixteen at a time by
+    `fpext <16 x half>` (vcvtph2ps: exact, subnormals included, one instruction where the bit trick takes five
+    and a query scaled by 2**112). Needs F16C (every AVX-512 machine has it: the outer-product kernels only)."""
+    if not (isinstance(halves, types.Array) and halves.dtype == types.uint16 and isinstance(vectors, types.Array)):
+        return None
+    if vectors.dtype not in (types.float32, types.uint32):
+        return None
+
+    def codegen(context, builder, signature, arguments):
+        index_type, half = llvm_ir.IntType(64), llvm_ir.HalfType()
+        row_count, first_row = (
+            context.cast(builder, arguments[position], signature.args[position], types.int64) for position in (1, 3)
+        )
+        structure = context.make_array(signature.args[0])(context, builder, arguments[0])
+        dim = cgutils.unpack_tuple(builder, structure.shape, 2)[1]
+        source = builder.bitcast(structure.data, half.as_pointer())
+        target, _ = _row_pointer(context, builder, signature.args[2], arguments[2], first_row)
+        total = builder.mul(row_count, dim)
+        whole = builder.and_(total, index_type(-_LANES))
+        halves_vector, lane_vector = llvm_ir.VectorType(half, _LANES), _lane_vector()
+        with cgutils.for_range_slice(builder, index_type(0), whole, index_type(_LANES)) as (element, _):
+            loaded = builder.load(builder.bitcast(builder.gep(source, [element]), halves_vector.as_pointer()), align=2)
+            widened = builder.fpext(loaded, lane_vector)
+            builder.store(widened, builder.bitcast(builder.gep(target, [element]), lane_vector.as_pointer()), align=4)
+        with cgutils.for_range_slice(builder, whole, total, index_type(1)) as (element, _):
+            widened = builder.fpext(builder.load(builder.gep(source, [element]), align=2), llvm_ir.FloatType())
+            builder.store(widened, builder.gep(target, [element]), align=4)
+        _add_function_attributes(builder, _LEGAL_512_BIT)
+        return context.get_dummy_value()
+
+    return types.none(halves, count, vectors, first), codegen
+
+
+@intrinsic
+def widen_offset(typingctx, halves, offset):
+    """`offset = halves` as float32, even elements first, then odd ones (the order 4-bit codes are decoded in),
+    for float16 bits `halves` (uint16 `[D]`, contiguous) and a float32 or uint32 (its bits) `offset [D]`: 32 at a
+    time by `fpext` (vcvtph2ps) and two shuffles, then one by one. Needs F16C (the outer-product kernels only)."""
+    if not (isinstance(halves, types.Array) and halves.dtype == types.uint16 and isinstance(offset, types.Array)):
+        return None
+    if offset.dtype not in (types.float32, types.uint32):
+        return None
+
+    def codegen(context, builder, signature, arguments):
+        index_type, half, single = llvm_ir.IntType(64), llvm_ir.HalfType(), llvm_ir.FloatType()
+        structure = context.make_array(signature.args[0])(context, builder, arguments[0])
+        dim = cgutils.unpack_tuple(builder, structure.shape, 1)[0]
+        source = builder.bitcast(structure.data, half.as_pointer())
+        target = _float_pointer(context, builder, signature, arguments, 1)
+        pairs = builder.ashr(dim, index_type(1))
+        whole = builder.and_(dim, index_type(-2 * _LANES))
+        pair_vector = llvm_ir.VectorType(half, 2 * _LANES)
+        with cgutils.for_range_slice(builder, index_type(0), whole, index_type(2 * _LANES)) as (element, _):
+            loaded = builder.load(builder.bitcast(builder.gep(source, [element]), pair_vector.as_pointer()), align=2)
+            widened = builder.fpext(loaded, llvm_ir.VectorType(single, 2 * _LANES))
+            pair = builder.ashr(element, index_type(1))
+            for parity, first in ((0, pair), (1, builder.add(pairs, pair))):
+                split = builder.shuffle_vector(
+                    widened, widened, _lane_mask([2 * lane + parity for lane in range(_LANES)])
+                )
+                builder.store(split, builder.bitcast(builder.gep(target, [first]), _lane_vector().as_pointer()), 4)
+        with cgutils.for_range_slice(builder, whole, dim, index_type(1)) as (element, _):
+            widened = builder.fpext(builder.load(builder.gep(source, [element]), align=2), single)
+            parity = builder.and_(element, index_type(1))
+            place = builder.add(builder.mul(parity, pairs), builder.ashr(element, index_type(1)))
+            builder.store(widened, builder.gep(target, [place]), align=4)
+        _add_function_attributes(builder, _LEGAL_512_BIT)
+        return context.get_dummy_value()
+
+    return types.none(halves, offset), codegen
+
+
+def _float_pointer(context, builder, signature, arguments, position):
+    array = context.make_array(signature.args[position])(context, builder, arguments[position])
+    return builder.bitcast(array.data, llvm_ir.FloatType().as_pointer())
+
+
+@intrinsic
+def widen_nibbles(typingctx, codes, count, scales, table, offset, vectors, first):
+    """`vectors[first + r] = table[code] * scales[r] + offset` for the 4-bit codes of `codes[:count]` (uint8
+    `[w, D / 2]`, C-contiguous rows, two codes a byte: low nibbles the even elements, high nibbles the odd ones,
+    written as [even elements, odd elements]), float32 `scales [w]`, `table [16]` (the code values), `offset [D]`
+    (zeros: none) and a float32 or uint32 (its bits) buffer `vectors [rows, D]`. Sixteen codes at a time: the
+    table held in a register, looked up by vpermps (a scalar load per element otherwise), a multiply-add.
+    AVX-512 only (the outer-product kernels)."""
+    arrays = (codes, scales, table, offset, vectors)
+    if not all(isinstance(array, types.Array) for array in arrays) or codes.dtype != types.uint8:
+        return None
+    if vectors.dtype not in (types.float32, types.uint32):
+        return None
+
+    def codegen(context, builder, signature, arguments):
+        index_type, byte, word, single = (
+            llvm_ir.IntType(64),
+            llvm_ir.IntType(8),
+            llvm_ir.IntType(32),
+            llvm_ir.FloatType(),
+        )
+        lane_vector, index_vector = _lane_vector(), llvm_ir.VectorType(word, _LANES)
+        row_count, first_row = (
+            context.cast(builder, arguments[position], signature.args[position], types.int64) for position in (1, 6)
+        )
+        code_array = context.make_array(signature.args[0])(context, builder, arguments[0])
+        pairs = cgutils.unpack_tuple(builder, code_array.shape, 2)[1]
+        code_pointer = builder.bitcast(code_array.data, byte.as_pointer())
+        scale_pointer, table_pointer, offset_pointer = (
+            builder.bitcast(
+                context.make_array(signature.args[position])(context, builder, arguments[position]).data,
+                single.as_pointer(),
+            )
+            for position in (2, 3, 4)
+        )
+        target, row_stride = _row_pointer(context, builder, signature.args[5], arguments[5], first_row)
+        permute = cgutils.get_or_insert_function(
+            builder.module,
+            llvm_ir.FunctionType(lane_vector, [lane_vector, index_vector]),
+            "llvm.x86.avx512.permvar.sf.512",
+        )
+        fma = cgutils.get_or_insert_function(
+            builder.module, llvm_ir.FunctionType(lane_vector, [lane_vector] * 3), f"llvm.fma.v{_LANES}f32"
+        )
+        scalar_fma = cgutils.get_or_insert_function(
+            builder.module, llvm_ir.FunctionType(single, [single] * 3), "llvm.fma.f32"
+        )
+        values = builder.load(builder.bitcast(table_pointer, lane_vector.as_pointer()), align=4)
+        whole = builder.and_(pairs, index_type(-_LANES))
+        with cgutils.for_range(builder, row_count) as row_loop:
+            row = row_loop.index
+            scale = builder.load(builder.gep(scale_pointer, [row]))
+            scale_vector = builder.shuffle_vector(
+                builder.insert_element(llvm_ir.Constant(lane_vector, None), scale, word(0)),
+                llvm_ir.Constant(lane_vector, None),
+                _lane_mask([0] * _LANES),
+            )
+            source = builder.gep(code_pointer, [builder.mul(row, pairs)])
+            output = builder.gep(target, [builder.mul(row, row_stride)])
+            with cgutils.for_range_slice(builder, index_type(0), whole, index_type(_LANES)) as (pair, _):
+                loaded = builder.load(
+                    builder.bitcast(builder.gep(source, [pair]), llvm_ir.VectorType(byte, _LANES).as_pointer()), align=1
+                )
+                widened = builder.zext(loaded, index_vector)
+                halves = (
+                    (builder.and_(widened, llvm_ir.Constant(index_vector, [15] * _LANES)), pair),
+                    (builder.lshr(widened, llvm_ir.Constant(index_vector, [4] * _LANES)), builder.add(pairs, pair)),
+                )
+                for indices, element in halves:
+                    shift = builder.load(
+                        builder.bitcast(builder.gep(offset_pointer, [element]), lane_vector.as_pointer()), align=4
+                    )
+                    decoded = builder.call(fma, [builder.call(permute, [values, indices]), scale_vector, shift])
+                    builder.store(
+                        decoded, builder.bitcast(builder.gep(output, [element]), lane_vector.as_pointer()), align=4
+                    )
+            with cgutils.for_range_slice(builder, whole, pairs, index_type(1)) as (pair, _):
+                code = builder.zext(builder.load(builder.gep(source, [pair])), word)
+                halves = ((builder.and_(code, word(15)), pair), (builder.lshr(code, word(4)), builder.add(pairs, pair)))
+                for index, element in halves:
+                    value = builder.load(builder.gep(table_pointer, [index]))
+                    shift = builder.load(builder.gep(offset_pointer, [element]))
+                    builder.store(builder.call(scalar_fma, [value, scale, shift]), builder.gep(output, [element]))
+        _add_function_attributes(builder, _LEGAL_512_BIT)
+        return context.get_dummy_value()
+
+    return types.none(codes, count, scales, table, offset, vectors, first), codegen
+
+
 _LANES = 16  # float32 lanes of a 512-bit register
 _GROUPS = (1, 2, 4, 8, 16)  # query elements per lane group: 16 / (query vectors padded to a power of two)
 
 
 def _row_pointer(context, builder, array_type, array, row):
-    """A float pointer to row `row` of a 2D float32 numba array, and the array's row stride in elements."""
+    """A float pointer to row `row` of a 2D numba array of 32-bit elements, and its row stride in elements."""
     structure = context.make_array(array_type)(context, builder, array)
     row_stride = builder.sdiv(cgutils.unpack_tuple(builder, structure.strides, 2)[0], row.type(4))
     data = builder.bitcast(structure.data, llvm_ir.FloatType().as_pointer())

@@ -164,9 +164,11 @@ def _scores(
         query = numpy.ascontiguousarray(numpy.concatenate([query[:, 0::2], query[:, 1::2]], axis=1))
         if candidates.code_values is not None:
             code_values = _as_array(candidates.code_values)
+        elif kind != "dots":  # int4's codes in the outer products: looked up like residual4's (`widen_nibbles`)
+            code_values = _INT4_CODE_VALUES
         if candidates.offsets is not None:
             offsets = _as_array(candidates.offsets.to(torch.float16).view(torch.uint16))
-    elif dtype == torch.float16:  # the kernel reads halves 2**112 too small (see there)
+    elif dtype == torch.float16 and kind == "dots":  # that kernel reads halves 2**112 too small (see there)
         query = query * numpy.float32(2.0**112)
     selected = _NO_ROWS if rows is None else _as_array(rows.to(torch.int64))
     query_lanes = _NO_QUERY_LANES
@@ -232,6 +234,7 @@ def _read_only(array: numpy.ndarray) -> numpy.ndarray:
 
 _NO_SCALES = _read_only(numpy.zeros((0, 0), dtype=numpy.float32))
 _NO_CODE_VALUES = _read_only(numpy.zeros(0, dtype=numpy.float32))
+_INT4_CODE_VALUES = _read_only(numpy.arange(-8, 8, dtype=numpy.float32))  # int4: a code c stands for c - 8
 _NO_OFFSETS = _read_only(numpy.zeros((0, 0), dtype=numpy.uint16))
 _NO_ROWS = _read_only(numpy.zeros(0, dtype=numpy.int64))
 _NO_QUERY_LANES = _read_only(numpy.zeros((0, _LANES), dtype=numpy.float32))
@@ -272,7 +275,17 @@ def _kernels() -> _Kernels:
     product); for batches `batch_lanes` with one candidate decoder per stored type."""
     import numba
 
-    from ._numba_codegen import grouped_dots, keep_alive, prefetch, stack_array, unowned, wide_vectors
+    from ._numba_codegen import (
+        grouped_dots,
+        keep_alive,
+        prefetch,
+        stack_array,
+        unowned,
+        wide_vectors,
+        widen_halves,
+        widen_nibbles,
+        widen_offset,
+    )
 
     options = {"nogil": True, "cache": True, "fastmath": {"reassoc", "contract"}, "boundscheck": False}
     lanes, per_step, groups_per_step = _LANES, _VECTORS_PER_STEP, _GROUPS_PER_STEP
@@ -425,11 +438,12 @@ def _kernels() -> _Kernels:
         return 0
 
     # Decoders: a candidate's first `width` stored vectors of one block, as float32, into `vectors[first:]`.
+    # float16 in the outer-product kernels: `widen_halves` (vcvtph2ps, on every AVX-512 machine); here, for the dots
+    # along D, which any machine runs, half bits h -> float32 bits (h & 0x8000) << 16 | (h & 0x7FFF) << 13: the same
+    # sign and digits with the exponent 112 lower, for normal and subnormal halves alike; the query comes scaled by
+    # 2**112 to match (powers of two: the products round as the plain ones do).
     @numba.njit(**options, inline="always")
     def decode_float16(halves, width, bits, first):
-        # Half bits h -> float32 bits (h & 0x8000) << 16 | (h & 0x7FFF) << 13: the same sign and digits with the
-        # exponent 112 lower, for normal and subnormal halves alike; the query comes scaled by 2**112 to match
-        # (powers of two: the products round as the plain ones do).
         for position in range(width):
             for element in range(halves.shape[1]):
                 value = numpy.uint32(halves[position, element])
@@ -445,7 +459,9 @@ def _kernels() -> _Kernels:
     # 4-bit: element = code_values[code] * scale (int4, without code values: (code - 8) * scale), plus the
     # candidate's offset for residual4 (its float16 mean, read as bits like float16 storage, then rescaled as it
     # is added). The low nibbles of a vector's D / 2 bytes are its even elements, the high nibbles its odd ones;
-    # they are decoded as [even elements, odd elements], and the query comes reordered the same way.
+    # they are decoded as [even elements, odd elements], and the query comes reordered the same way. The outer
+    # products decode codes by `widen_nibbles` (the code values in a register, vpermps) and offsets by
+    # `widen_offset` (vcvtph2ps), the dots along D here.
     @numba.njit(**options, inline="always")
     def decode_offset(offsets, candidate, offset_bits, offset):
         pairs = offset.shape[0] // 2
@@ -595,7 +611,7 @@ def _kernels() -> _Kernels:
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
             for number in range(len(widths)):
-                decode_float16(blocks[number][candidate], widths[number], bits, pending)
+                widen_halves(blocks[number][candidate], widths[number], bits, pending)
                 pending = lanes_fold(
                     query_lanes, vectors, pending, blocks, widths, number, rows, item, end, state, scores
                 )
@@ -634,10 +650,10 @@ def _kernels() -> _Kernels:
         for item in range(start, end):
             candidate = rows[item] if rows.shape[0] > 0 else item
             if offsets.shape[0] > 0:
-                decode_offset(offsets, candidate, offset_bits, offset)
+                widen_offset(offsets[candidate], offset)
             for number in range(len(widths)):
                 codes, vector_scales = blocks[number][candidate], scales[number][candidate]
-                decode_four_bit(codes, vector_scales, widths[number], vectors, pending, code_values, offset)
+                widen_nibbles(codes, widths[number], vector_scales, code_values, offset, vectors, pending)
                 pending = lanes_fold(
                     query_lanes, vectors, pending, blocks, widths, number, rows, item, end, state, scores
                 )
@@ -700,9 +716,9 @@ def _kernels() -> _Kernels:
 
     @numba.njit(**options)
     def float16_candidate(blocks, scales, code_values, offsets, widths, candidate, vectors, offset_bits):
-        bits, count = vectors.view(numpy.uint32), 0
+        count = 0
         for number in range(len(widths)):
-            decode_float16(blocks[number][candidate], widths[number], bits, count)
+            widen_halves(blocks[number][candidate], widths[number], vectors, count)
             count += widths[number]
         repeat_first(vectors, 0, count, vectors.shape[0])
 
@@ -718,11 +734,11 @@ def _kernels() -> _Kernels:
     def four_bit_candidate(blocks, scales, code_values, offsets, widths, candidate, vectors, offset_bits):
         offset = offset_bits.view(numpy.float32)
         if offsets.shape[0] > 0:
-            decode_offset(offsets, candidate, offset_bits, offset)
+            widen_offset(offsets[candidate], offset)
         count = 0
         for number in range(len(widths)):
             codes, vector_scales = blocks[number][candidate], scales[number][candidate]
-            decode_four_bit(codes, vector_scales, widths[number], vectors, count, code_values, offset)
+            widen_nibbles(codes, widths[number], vector_scales, code_values, offset, vectors, count)
             count += widths[number]
         repeat_first(vectors, 0, count, vectors.shape[0])
 
