@@ -192,9 +192,10 @@ def test_saved_folder_loads_where_the_package_cannot_be_imported(installed, tmp_
     torch.testing.assert_close(outputs["st_c"], saving_process["c"], rtol=0, atol=1e-6)
 
 
-# Search from the installed wheel, the checkout off sys.path: the one-query kernel (numba) and torch's kernel.
+# Search from the installed wheel, the checkout off sys.path: the one-query and batch kernels (numba) and torch's
+# kernel.
 SEARCH_WITH_INSTALL = """
-import os, sys
+import itertools, os, sys
 sys.path[:] = [{target!r}] + [entry for entry in sys.path if entry not in ("", ".", {root!r})]
 import torch
 from safetensors.torch import save_file
@@ -204,7 +205,7 @@ assert single_query.__file__.startswith({target!r}), single_query.__file__
 assert single_query.available()
 generator = torch.Generator().manual_seed(0)
 candidates = torch.nn.functional.normalize(torch.randn(300, 16, 32, generator=generator), dim=-1)
-query = torch.nn.functional.normalize(torch.randn(1, 16, 32, generator=generator), dim=-1)
+queries = torch.nn.functional.normalize(torch.randn(3, 16, 32, generator=generator), dim=-1)
 outputs = {{}}
 for storage in ("float16", "int8", "residual4"):
     index = MetaEmbedIndex(32, 16, storage=storage)
@@ -215,18 +216,19 @@ for storage in ("float16", "int8", "residual4"):
     loaded = MetaEmbedIndex.load(os.path.join({folder!r}, storage))
     for kernel in ("1", "0"):
         os.environ["METAEMBED_NUMBA"] = kernel
-        # r_q 8: the dots along D; r_q 16: the outer product (AVX-512 machines), its numba internals included
-        for num_query_vectors in (8, 16):
+        # On AVX-512 machines, the numba internals of both kernels: one query in lane groups of G = 2 (r_q 8) and
+        # G = 1 (r_q 16); three queries exhaustively through the batch kernel (two-stage reranks each alone).
+        for count, num_query_vectors in itertools.product((1, 3), (8, 16)):
             for name, shortlist in (("exhaustive", None), ("two_stage", 40)):
-                found = loaded.search(query, num_query_vectors, 16, top_k=10, shortlist_size=shortlist)
-                key = f"{{storage}}_{{name}}_{{num_query_vectors}}_{{kernel}}"
+                found = loaded.search(queries[:count], num_query_vectors, 16, top_k=10, shortlist_size=shortlist)
+                key = f"{{storage}}_{{name}}_{{count}}_{{num_query_vectors}}_{{kernel}}"
                 outputs[key + "_indices"] = found.indices
                 outputs[key + "_scores"] = found.scores
 save_file(outputs, {outputs!r})
 """
 
 
-def test_installed_package_searches_with_the_one_query_kernel_as_with_torch(installed, tmp_path):
+def test_installed_package_searches_with_the_numba_kernels_as_with_torch(installed, tmp_path):
     pytest.importorskip("numba")
     pytest.importorskip("faiss")
     script = SEARCH_WITH_INSTALL.format(
@@ -241,10 +243,11 @@ def test_installed_package_searches_with_the_one_query_kernel_as_with_torch(inst
     )
     assert result.returncode == 0, result.stderr[-3000:]
     found = load_file(tmp_path / "found.safetensors")
-    assert len(found) == 48
-    for storage, name, num_query_vectors in itertools.product(
-        ("float16", "int8", "residual4"), ("exhaustive", "two_stage"), (8, 16)
+    assert len(found) == 96
+    for storage, name, count, num_query_vectors in itertools.product(
+        ("float16", "int8", "residual4"), ("exhaustive", "two_stage"), (1, 3), (8, 16)
     ):
-        numba_run, torch_run = (f"{storage}_{name}_{num_query_vectors}_{kernel}" for kernel in ("1", "0"))
-        assert torch.equal(found[f"{numba_run}_indices"], found[f"{torch_run}_indices"]), (storage, name)
+        numba_run, torch_run = (f"{storage}_{name}_{count}_{num_query_vectors}_{kernel}" for kernel in ("1", "0"))
+        assert found[f"{numba_run}_indices"].shape == (count, 10)
+        assert torch.equal(found[f"{numba_run}_indices"], found[f"{torch_run}_indices"]), (storage, name, count)
         torch.testing.assert_close(found[f"{numba_run}_scores"], found[f"{torch_run}_scores"], atol=2e-6, rtol=0)
